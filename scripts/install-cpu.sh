@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs sglang-helix with SGLang 0.5.23 on a CPU-only machine (PyPI only).
+# GPU users: `pip install "sglang==0.5.23" && pip install -e .` instead (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+# CUDA build of torch: PyPI's torchvision (imported by SGLang) needs it; it runs fine on CPU.
+$PY -m pip install -q torch==2.14.1 torchvision==0.29.1
+# SGLang without its CUDA-only extras (flashinfer, deep-gemm, ...: ~10 GB we cannot use here).
+$PY -m pip install -q --no-deps sglang==0.5.23
+$PY -m pip install -q -r requirements-cpu.txt
+$PY -m pip install -q --no-deps -e .
+$PY -c "import torch, triton, sglang_helix; print('torch', torch.__version__, 'triton', triton.__version__, 'sglang_helix ok')"
