@@ -1,35 +1,279 @@
 """Partial decode attention (out, lse) and the LSE merge: validated entry points + dispatch.
 
-`impl` picks the implementation: "reference" (fp32 loop), and more added by kernels/.
+`impl` picks the implementation:
+- "auto": a GPU library (flashinfer / FlashMLA) if available for these inputs, else Triton on
+  CUDA, else the torch fast path on CPU;
+- "reference": fp32 loop from kernels/reference.py (slow, the ground truth);
+- "torch": vectorised torch path (kernels/torch_decode.py), any device;
+- "triton": Triton kernels; on CPU only under TRITON_INTERPRET=1 (tests);
+- "flashinfer": flashinfer library kernels (CUDA; not verified on GPU yet).
+
+Every impl returns out in the query's dtype and lse fp32 natural log; rows with no local token
+give out 0 and lse -inf. Validation runs on every call and syncs the host once (capacity check);
+in production these checks belong to plan time, once per decode step.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
-from .kernels import reference
+from .kernels import gpu, reference, torch_decode
+
+IMPLS = ("auto", "reference", "torch", "triton", "flashinfer")
+MERGE_IMPLS = ("auto", "reference", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def partial_attention_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, impl="reference"):
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "") -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32 (cast with .to())")
+    if like is not None and t.dtype != like.dtype:
+        raise TypeError(
+            f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; "
+            f"cast {name} to {like.dtype} (the kernels take one compute dtype)"
+        )
+
+
+def _check_index(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; use int32 or int64 (e.g. {name}.to(torch.int32))")
+
+
+def _check_last_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{name} must have a contiguous last dim (stride(-1) == 1), got stride {t.stride()}; "
+            f"pass {name}.contiguous()"
+        )
+
+
+def _check_devices(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {listed}; move them with .to(device)")
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python float (e.g. head_dim ** -0.5), got {scale!r}")
+
+
+def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, page_size: int, q_name: str) -> None:
+    """page_table [B, max_pages], seq_lens [B], and every length fits in the table."""
+    _check_tensor("page_table", page_table, 2, "[B, max_pages]")
+    _check_tensor("seq_lens", seq_lens, 1, "[B]")
+    _check_index("page_table", page_table)
+    _check_index("seq_lens", seq_lens)
+    if page_table.shape[0] != bsz:
+        raise ValueError(
+            f"page_table has {page_table.shape[0]} rows but {q_name} has batch size B={bsz}; "
+            f"one page-table row per request"
+        )
+    if seq_lens.shape[0] != bsz:
+        raise ValueError(f"seq_lens has shape {tuple(seq_lens.shape)} but {q_name} has B={bsz}; need [B]")
+    if bsz == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(seq_lens))  # host sync: plan-time check in production
+    if lo < 0:
+        raise ValueError(f"seq_lens must be >= 0, got min {lo}")
+    capacity = page_table.shape[1] * page_size
+    if hi > capacity:
+        raise ValueError(
+            f"seq_lens max {hi} exceeds page_table capacity max_pages x page_size = "
+            f"{page_table.shape[1]} x {page_size} = {capacity}; widen page_table to "
+            f">= {-(-hi // page_size)} columns"
+        )
+
+
+def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale) -> None:
+    _check_tensor("q", q, 3, "[B, Hq, D]")
+    _check_tensor("k_cache", k_cache, 4, "[num_pages, P, Kh, D]")
+    _check_tensor("v_cache", v_cache, 4, "[num_pages, P, Kh, Dv]")
+    _check_float("q", q)
+    _check_float("k_cache", k_cache, q, "q")
+    _check_float("v_cache", v_cache, q, "q")
+    bsz, hq, d = q.shape
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must agree on "
+            f"[num_pages, P, Kh]"
+        )
+    kh = k_cache.shape[2]
+    if kh == 0 or hq % kh:
+        raise ValueError(
+            f"q has Hq={hq} heads, not divisible by Kh={kh} KV heads of k_cache; each query head "
+            f"group must map to one KV head (Hq = group x Kh)"
+        )
+    if k_cache.shape[3] != d:
+        raise ValueError(f"q head dim D={d} != k_cache head dim {k_cache.shape[3]}; they must match")
+    _check_scale(scale)
+    _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_last_contiguous(name, t)
+    _check_table(page_table, seq_lens, bsz, k_cache.shape[1], "q")
+
+
+def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale) -> None:
+    _check_tensor("q_latent", q_latent, 3, "[B, H, R]")
+    _check_tensor("q_rope", q_rope, 3, "[B, H, Dr]")
+    _check_tensor("kv_cache", kv_cache, 3, "[num_pages, P, R + Dr]")
+    _check_float("q_latent", q_latent)
+    _check_float("q_rope", q_rope, q_latent, "q_latent")
+    _check_float("kv_cache", kv_cache, q_latent, "q_latent")
+    bsz, heads, rank_r = q_latent.shape
+    if q_rope.shape[:2] != (bsz, heads):
+        raise ValueError(
+            f"q_rope shape {tuple(q_rope.shape)} must match q_latent's [B, H] = [{bsz}, {heads}]"
+        )
+    width = rank_r + q_rope.shape[2]
+    if kv_cache.shape[2] != width:
+        raise ValueError(
+            f"kv_cache last dim {kv_cache.shape[2]} != R + Dr = {rank_r} + {q_rope.shape[2]} = {width} "
+            f"(latent c_kv then rotary k_pe)"
+        )
+    _check_scale(scale)
+    _check_devices(q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, page_table=page_table, seq_lens=seq_lens)
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
+        _check_last_contiguous(name, t)
+    _check_table(page_table, seq_lens, bsz, kv_cache.shape[1], "q_latent")
+
+
+def _validate_merge(outs, lses) -> None:
+    _check_tensor("outs", outs, 4, "[S, B, H, Dv]")
+    _check_tensor("lses", lses, 3, "[S, B, H]")
+    _check_float("outs", outs)
+    _check_float("lses", lses)
+    if lses.shape != outs.shape[:3]:
+        raise ValueError(
+            f"lses shape {tuple(lses.shape)} must equal outs' [S, B, H] = {tuple(outs.shape[:3])}"
+        )
+    if outs.shape[0] < 1:
+        raise ValueError("outs must hold at least one partial (S >= 1)")
+    _check_devices(outs=outs, lses=lses)
+    _check_last_contiguous("outs", outs)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _check_impl(impl, choices) -> None:
+    if impl not in choices:
+        raise ValueError(f"impl={impl!r} is unknown; choose one of {', '.join(map(repr, choices))}")
+
+
+def _triton_ok(device: torch.device) -> None:
+    """Raise unless Triton can run on `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if device.type == "cuda":
+        return
+    from .kernels import triton_decode  # noqa: PLC0415 - import only when Triton is asked for
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' on {device} needs TRITON_INTERPRET=1 (interpreter, tests only); "
+            f"use impl='torch' on CPU"
+        )
+    if not triton_decode.INTERPRETED:
+        raise ValueError(
+            "impl='triton' on CPU: TRITON_INTERPRET=1 must be set before sglang_helix.kernels "
+            "is first imported (triton.jit reads it at decoration)"
+        )
+
+
+def _resolve(impl: str, device: torch.device, gpu_ok: bool) -> str:
+    if impl != "auto":
+        return impl
+    if gpu_ok:
+        return "flashinfer"
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def partial_attention_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto"):
     """Partial GQA decode attention over this rank's pages.
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv];
-    page_table: [B, max_pages] int32; seq_lens: [B] int32 local lengths.
-    Returns out [B, Hq, Dv] and lse [B, Hq] fp32 natural log (-inf, out 0 for empty shards).
+    page_table: [B, max_pages] int32/int64; seq_lens: [B] int32/int64 local lengths.
+    Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (-inf, out 0 for empty).
     """
-    return reference.gqa_partial_ref(q, k_cache, v_cache, page_table, seq_lens, scale)
+    _check_impl(impl, IMPLS)
+    _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale)
+    args = (q, k_cache, v_cache, page_table, seq_lens, scale)
+    chosen = _resolve(impl, q.device, gpu.flashinfer_gqa_available(q, k_cache, v_cache))
+    if chosen == "reference":
+        out, lse = reference.gqa_partial_ref(*args)
+        return out.to(q.dtype), lse
+    if chosen == "torch":
+        return torch_decode.gqa_partial_torch(*args)
+    if chosen == "triton":
+        _triton_ok(q.device)
+        from .kernels.triton_decode import gqa_partial_triton  # noqa: PLC0415
+
+        return gqa_partial_triton(*args)
+    if not gpu.flashinfer_gqa_available(q, k_cache, v_cache):
+        raise ValueError(
+            "impl='flashinfer' needs CUDA tensors, flashinfer installed, fp16/bf16, Dv == D in "
+            "(64, 128, 256); use impl='triton' or 'auto'"
+        )
+    return gpu.gqa_partial_flashinfer(*args)
 
 
-def partial_attention_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="reference"):
+def partial_attention_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto"):
     """Partial absorbed-MLA decode attention over this rank's pages.
 
-    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr].
-    Returns out [B, H, R] and lse [B, H] fp32.
+    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
+    page_table: [B, max_pages]; seq_lens: [B].
+    Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
     """
-    return reference.mla_partial_ref(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+    _check_impl(impl, IMPLS)
+    _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+    args = (q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+    fi_ok = gpu.flashinfer_mla_available(q_latent, q_rope, kv_cache)
+    if impl == "auto" and not fi_ok and gpu.flashmla_available(q_latent, q_rope, kv_cache):
+        return gpu.mla_partial_flashmla(*args)
+    chosen = _resolve(impl, q_latent.device, fi_ok)
+    if chosen == "reference":
+        out, lse = reference.mla_partial_ref(*args)
+        return out.to(q_latent.dtype), lse
+    if chosen == "torch":
+        return torch_decode.mla_partial_torch(*args)
+    if chosen == "triton":
+        _triton_ok(q_latent.device)
+        from .kernels.triton_decode import mla_partial_triton  # noqa: PLC0415
+
+        return mla_partial_triton(*args)
+    if not fi_ok:
+        raise ValueError(
+            "impl='flashinfer' needs CUDA tensors, flashinfer installed, fp16/bf16, R=512, Dr=64; "
+            "use impl='triton' or 'auto'"
+        )
+    return gpu.mla_partial_flashinfer(*args)
 
 
-def merge_partials(outs: torch.Tensor, lses: torch.Tensor, impl="reference"):
-    """outs [S, B, H, Dv], lses [S, B, H] -> out [B, H, Dv] (outs' dtype), lse [B, H] fp32."""
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor, impl="auto"):
+    """LSE-weighted merge. outs [S, B, H, Dv], lses [S, B, H] natural log ->
+    out [B, H, Dv] (outs' dtype), lse [B, H] fp32. All-empty rows give 0 / -inf."""
+    _check_impl(impl, MERGE_IMPLS)
+    _validate_merge(outs, lses)
+    chosen = impl if impl != "auto" else ("triton" if outs.is_cuda else "torch")
+    if chosen == "triton":
+        _triton_ok(outs.device)
+        from .kernels.triton_merge import merge_triton  # noqa: PLC0415
+
+        return merge_triton(outs, lses)
+    # merge_ref is already vectorised; "torch" and "reference" share it.
     out, lse = reference.merge_ref(outs, lses)
     return out.to(outs.dtype), lse

@@ -1,0 +1,31 @@
+"""Attention dimensions of real models, for the single-layer benchmark (from their public configs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # 1 for MLA
+    head_dim: int  # GQA head dim; MLA: kv_lora_rank (the latent value dim)
+    rope_dim: int = 0  # MLA only: qk_rope_head_dim
+    mla: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        """Cached elements per token per KV head."""
+        return self.head_dim + self.rope_dim if self.mla else 2 * self.head_dim
+
+
+MODELS = {
+    # DeepSeek-V3 / R1: 61 layers, 128 heads, kv_lora_rank 512, qk_rope_head_dim 64
+    "deepseek-v3": AttentionSpec("deepseek-v3", 61, 128, 1, 512, 64, mla=True),
+    # DeepSeek-V3-Lite as TensorRT-LLM's benchmark uses it (DeepSeek-V2-Lite dims): 27 layers, 16 heads
+    "deepseek-v3-lite": AttentionSpec("deepseek-v3-lite", 27, 16, 1, 512, 64, mla=True),
+    # Llama-3-70B: 80 layers, 64 query heads, 8 KV heads, head dim 128
+    "llama-70b": AttentionSpec("llama-70b", 80, 64, 8, 128),
+}

@@ -1,0 +1,124 @@
+"""HelixAttention: one rank's decode attention = partial attention over its pages + exchange.
+
+Rank g = tpa_rank * KVP + kvp_rank (config.py). Its TPA group computes H/TPA query heads
+(GQA: the K/TPA KV heads it stores; MLA: TPA = 1, all H heads against the one latent head).
+After the exchange the rank holds query-head slice g of H/N heads, merged over all KVP shards:
+[B, H/N, Dv], ready for a row-parallel o_proj with TP = N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .attention import partial_attention_gqa, partial_attention_mla
+from .comm import make_exchange
+from .config import HelixConfig, HelixConfigError
+from .hopb import run_hopb
+from .metadata import HelixDecodeMetadata
+
+
+class HelixAttention:
+    """Helix decode attention of global attention rank `rank`.
+
+    group: the KVP process group of this rank, ordered as cfg.kvp_group_ranks(tpa_rank) (so
+        group rank == KVP rank); None allowed only when cfg.kvp == 1.
+    max_batch, max_local_pages: capacity of the preallocated metadata buffers.
+    impl: partial-attention implementation handed to attention.py.
+    """
+
+    def __init__(
+        self,
+        cfg: HelixConfig,
+        rank: int,
+        group,
+        *,
+        max_batch: int,
+        max_local_pages: int,
+        impl: str = "auto",
+        device="cpu",
+    ):
+        self.cfg, self.rank, self.impl = cfg, rank, impl
+        self.kvp_rank, self.tpa_rank = cfg.kvp_rank(rank), cfg.tpa_rank(rank)
+        _check_group(cfg, self.kvp_rank, group)
+        self.exchange = make_exchange(cfg.comm_backend, group, cfg.kvp)
+        self.meta = HelixDecodeMetadata(
+            cfg.kvp,
+            self.kvp_rank,
+            cfg.page_size,
+            max_batch=max_batch,
+            max_local_pages=max_local_pages,
+            hopb_slices=cfg.hopb_slices,
+            device=device,
+        )
+
+    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor) -> None:
+        """seq_lens [B] logical lengths; local_page_table [B, pages] this rank's pages."""
+        self.meta.plan(seq_lens, local_page_table)
+
+    def forward_gqa(self, q, k_cache, v_cache, scale: float) -> torch.Tensor:
+        """q [B, H/TPA, D]; k_cache [pages, P, K/TPA, D]; v_cache [pages, P, K/TPA, Dv].
+
+        Returns [B, H/N, Dv] in q's dtype: query heads [g*H/N, (g+1)*H/N).
+        """
+        if self.cfg.mla:
+            raise HelixConfigError("forward_gqa called on an MLA HelixConfig; use forward_mla")
+        self._check_q(q, self.cfg.heads_per_tpa)
+        if k_cache.dim() != 4 or k_cache.shape[2] != self.cfg.kv_heads_per_tpa:
+            raise ValueError(f"k_cache must be [pages, P, K/TPA={self.cfg.kv_heads_per_tpa}, D], "
+                             f"got {tuple(k_cache.shape)}")
+        meta = self.meta
+
+        def partial(start: int, stop: int):
+            out, lse = partial_attention_gqa(
+                q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
+                meta.seq_lens[start:stop], scale, impl=self.impl,
+            )
+            return _for_exchange(out, lse, q.dtype)
+
+        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
+
+    def forward_mla(self, q_latent, q_rope, kv_cache, scale: float) -> torch.Tensor:
+        """q_latent [B, H, R] (absorbed); q_rope [B, H, Dr]; kv_cache [pages, P, R + Dr].
+
+        Returns [B, H/N, R] latent outputs (before W_UV) in q_latent's dtype.
+        """
+        if not self.cfg.mla:
+            raise HelixConfigError("forward_mla called on a GQA HelixConfig; use forward_gqa")
+        self._check_q(q_latent, self.cfg.num_heads)
+        meta = self.meta
+
+        def partial(start: int, stop: int):
+            out, lse = partial_attention_mla(
+                q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
+                meta.seq_lens[start:stop], scale, impl=self.impl,
+            )
+            return _for_exchange(out, lse, q_latent.dtype)
+
+        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
+
+    def _check_q(self, q: torch.Tensor, heads: int) -> None:
+        if q.dim() != 3 or q.shape[1] != heads:
+            raise ValueError(f"q must be [B, {heads}, D] on rank {self.rank}, got {tuple(q.shape)}")
+        if q.shape[0] != self.meta.batch_size:
+            raise ValueError(f"q has batch {q.shape[0]} but plan() was called for "
+                             f"{self.meta.batch_size} requests")
+
+
+def _for_exchange(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """Partials travel in the activation dtype (as on a real model); the LSE stays fp32."""
+    return out.to(dtype).contiguous(), lse.to(torch.float32).contiguous()
+
+
+def _check_group(cfg: HelixConfig, kvp_rank: int, group) -> None:
+    if group is None:
+        if cfg.kvp > 1:
+            raise HelixConfigError(f"kvp={cfg.kvp} needs this rank's KVP process group, got None")
+        return
+    if dist.get_world_size(group) != cfg.kvp:
+        raise HelixConfigError(f"KVP group has {dist.get_world_size(group)} ranks, kvp={cfg.kvp}")
+    if dist.get_rank(group) != kvp_rank:
+        raise HelixConfigError(
+            f"group rank {dist.get_rank(group)} != KVP rank {kvp_rank}: build the group from "
+            f"cfg.kvp_group_ranks(tpa_rank) so that head slice d lands on KVP rank d"
+        )

@@ -1,0 +1,102 @@
+"""Decode metadata for one KVP rank: allocate once, plan per batch, layers read views.
+
+`plan` is the only place with host syncs (validating lengths against the page table, the max local
+length a kernel may want for its grid). Buffers never move, so a captured CUDA graph that reads
+`seq_lens_buf` / `page_table_buf` stays valid across plans.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hopb import slice_bounds
+from .layout import local_seq_len
+
+
+class HelixDecodeMetadata:
+    """Per-rank decode metadata for a batch of up to `max_batch` requests.
+
+    Buffers: seq_lens_buf [max_batch] int32 (local KV lengths on this rank),
+             page_table_buf [max_batch, max_local_pages] int32 (physical page of local page i).
+    After plan(): batch_size, seq_lens [B] and page_table [B, max_local_pages] views,
+             max_local_len (int), slices (HOP-B [start, stop) bounds, non-empty).
+    """
+
+    def __init__(
+        self,
+        kvp: int,
+        kvp_rank: int,
+        page_size: int,
+        *,
+        max_batch: int,
+        max_local_pages: int,
+        hopb_slices: int = 1,
+        device="cpu",
+    ):
+        if max_batch < 1 or max_local_pages < 1:
+            raise ValueError(f"max_batch={max_batch} and max_local_pages={max_local_pages} "
+                             f"must be >= 1")
+        self.kvp, self.kvp_rank, self.page_size = kvp, kvp_rank, page_size
+        self.hopb_slices = hopb_slices
+        self.seq_lens_buf = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.page_table_buf = torch.zeros(
+            max_batch, max_local_pages, dtype=torch.int32, device=device
+        )
+        self.batch_size = 0
+        self.max_local_len = 0
+        self.slices: list[tuple[int, int]] = []
+
+    @property
+    def max_batch(self) -> int:
+        return self.seq_lens_buf.shape[0]
+
+    @property
+    def max_local_pages(self) -> int:
+        return self.page_table_buf.shape[1]
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """[B] int32 local KV lengths of the planned batch (a view of seq_lens_buf)."""
+        return self.seq_lens_buf[: self.batch_size]
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """[B, max_local_pages] int32 local page table of the planned batch (a view)."""
+        return self.page_table_buf[: self.batch_size]
+
+    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor) -> None:
+        """Fill the buffers for a batch.
+
+        seq_lens: [B] logical (whole-sequence) lengths; local_page_table: [B, pages] this rank's
+        page table (layout.local_page_table of the logical one), pages <= max_local_pages.
+        """
+        bsz = self._check_shapes(seq_lens, local_page_table)
+        local = local_seq_len(seq_lens.to(torch.int64), self.kvp_rank, self.page_size, self.kvp)
+        needed = (local + self.page_size - 1) // self.page_size
+        if bsz and int(needed.max()) > local_page_table.shape[1]:
+            raise ValueError(
+                f"local_page_table has {local_page_table.shape[1]} columns but a request needs "
+                f"{int(needed.max())} local pages on KVP rank {self.kvp_rank}"
+            )
+        self.seq_lens_buf[:bsz].copy_(local.to(torch.int32))
+        self.page_table_buf[:bsz].zero_()  # stale entries past a request's pages: point at page 0
+        self.page_table_buf[:bsz, : local_page_table.shape[1]].copy_(local_page_table)
+        self.batch_size = bsz
+        self.max_local_len = int(local.max()) if bsz else 0
+        self.slices = slice_bounds(bsz, self.hopb_slices)
+
+    def _check_shapes(self, seq_lens: torch.Tensor, table: torch.Tensor) -> int:
+        if seq_lens.dim() != 1 or table.dim() != 2 or table.shape[0] != seq_lens.shape[0]:
+            raise ValueError(
+                f"expected seq_lens [B] and local_page_table [B, pages], got "
+                f"{tuple(seq_lens.shape)} and {tuple(table.shape)}"
+            )
+        bsz = seq_lens.shape[0]
+        if bsz > self.max_batch:
+            raise ValueError(f"batch {bsz} > max_batch={self.max_batch}")
+        if table.shape[1] > self.max_local_pages:
+            raise ValueError(f"local_page_table has {table.shape[1]} columns > max_local_pages="
+                             f"{self.max_local_pages}")
+        if bsz and int(seq_lens.min()) < 0:
+            raise ValueError("seq_lens must be >= 0")
+        return bsz

@@ -1,0 +1,294 @@
+"""SGLang plugin entry point (`sglang.srt.plugins`: helix = "sglang_helix.plugin:register").
+
+What `register()` does (SGLang calls it from `load_plugins()` in every process it starts):
+
+1. AFTER hook on `sglang.srt.server_args.ServerArgs.add_cli_args`: adds the "Helix" argument
+   group (`--enable-helix`, `--helix-kvp-size`, ... see `sglang_helix.args`), so the flags parse
+   and show in `python -m sglang.launch_server --help` / `sglang serve --help`.
+2. AROUND hook on `sglang.srt.server_args.prepare_server_args`: when the command line (or a
+   `--config` YAML, or SGLANG_HELIX) mentions Helix, parses the Helix flags with SGLang's own
+   parser and stores a `HelixServerArgs` as `server_args._helix_args`. ServerArgs is a msgspec
+   Struct with `dict=True` whose `__reduce__` carries `__dict__`, so the attribute reaches the
+   scheduler ranks. Without Helix flags nothing is stored.
+3. Resolution hooks (`sglang.srt.arg_groups.resolution_hooks.register_resolution_hook`), both
+   wrapping the built-in step and running it first:
+   - `validate_prefill_cp_platform` (early; before model-path resolution, downloads and the dummy
+     model short-cut): flag-only refusals, hook liveness, CPU multi-rank env.
+   - `handle_other_validations` (late; attention backend, speculative settings and page size are
+     resolved, the HF config is loaded but no weights): model-dependent refusals, logs the layout
+     once, then stops with `HelixNotImplementedError` (serving inside SGLang's model runner is a
+     later issue; see docs/sglang-integration.md).
+4. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, the import-only stand-in
+   (`sglang_helix.sgl_kernel_cpu_stub`) is put on `sys.path` so the CPU engine imports.
+
+`sglang.Engine(...)` users: ServerArgs rejects unknown keyword arguments, so Helix is requested
+through the environment with the same flags as the CLI:
+
+    SGLANG_HELIX="--enable-helix --helix-kvp-size 2" python my_script.py
+
+(on the CLI path SGLANG_HELIX is prepended to argv, so explicit flags win).
+
+Without `--enable-helix` / SGLANG_HELIX the plugin changes no SGLang behaviour: the hooks pass
+through, nothing is stored or validated. Hook failures never raise for non-Helix users; when Helix
+is requested, `verify_hooks_live()` raises `HelixHookError` naming any hook SGLang failed to apply
+(SGLang's HookRegistry only logs such failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import sgl_kernel_cpu_stub
+from .args import (
+    ENV_VAR,
+    HelixServerArgs,
+    ModelInfo,
+    ServerLayout,
+    add_helix_group,
+    check_server_compat,
+    describe,
+    helix_args_from_namespace,
+    parse_helix_env,
+    resolve_helix_args,
+)
+from .config import HelixConfigError
+from .cpu_env import apply_cpu_env
+
+logger = logging.getLogger(__name__)
+
+ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
+PREPARE_TARGET = "sglang.srt.server_args.prepare_server_args"
+EARLY_STEP = "validate_prefill_cp_platform"
+LATE_STEP = "handle_other_validations"
+HELIX_ATTR = "_helix_args"
+LAYOUT_ATTR = "_helix_layout"
+SUPPORTED_SGLANG = ">=0.5.23,<0.5.24"
+
+_registered = False
+
+
+class HelixHookError(RuntimeError):
+    """A Helix hook is not live in this process (SGLang only logged why)."""
+
+
+class HelixNotImplementedError(NotImplementedError):
+    """--enable-helix validated, but serving inside SGLang's model runner is not there yet."""
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register() -> None:
+    """Entry point for `sglang.srt.plugins`; idempotent."""
+    global _registered
+    if _registered:
+        return
+    _install_cpu_stub()
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(ADD_CLI_ARGS_TARGET, _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(PREPARE_TARGET, _around_prepare_server_args, HookType.AROUND)
+    register_resolution_hook(EARLY_STEP)(_early_validation)
+    register_resolution_hook(LATE_STEP)(_late_validation)
+    _registered = True
+
+
+def _install_cpu_stub() -> None:
+    try:
+        sgl_kernel_cpu_stub.install()
+    except OSError as exc:  # never break SGLang start-up over the stand-in
+        logger.warning("sglang_helix: could not install the sgl_kernel CPU stand-in: %s", exc)
+
+
+# ---------------------------------------------------------------- liveness
+
+
+def verify_hooks_live() -> None:
+    """Raise HelixHookError naming every Helix hook that is not applied in this process."""
+    missing = [name for name, is_live in _liveness_checks() if not is_live()]
+    if missing:
+        raise HelixHookError(
+            f"sglang_helix: hook(s) not live: {', '.join(missing)}. SGLang logs why at start-up "
+            "('Failed to apply hooks to ...'). Check that the plugin is installed "
+            "(entry point sglang.srt.plugins: helix), that SGLANG_PLUGINS (if set) includes "
+            f"'helix', and that sglang is {SUPPORTED_SGLANG} (hook targets are internal paths)."
+        )
+
+
+def _liveness_checks() -> list[tuple[str, Callable[[], bool]]]:
+    return [
+        (f"AFTER {ADD_CLI_ARGS_TARGET}", _add_cli_args_live),
+        (f"AROUND {PREPARE_TARGET}", _prepare_live),
+        (f"resolution hook {EARLY_STEP}",
+         lambda: _resolution_hook_live(EARLY_STEP, _early_validation)),
+        (f"resolution hook {LATE_STEP}",
+         lambda: _resolution_hook_live(LATE_STEP, _late_validation)),
+    ]
+
+
+def _add_cli_args_live() -> bool:
+    from sglang.srt.server_args import ServerArgs
+
+    return _chain_has(ServerArgs.add_cli_args, _after_add_cli_args)
+
+
+def _prepare_live() -> bool:
+    import sglang.srt.server_args as server_args_module
+
+    live = server_args_module.prepare_server_args
+    if not _chain_has(live, _around_prepare_server_args):
+        return False
+    original = _innermost(live)
+    return not any(  # no module kept a stale `from ... import prepare_server_args` binding
+        _module_vars(module).get("prepare_server_args") is original
+        for module in list(sys.modules.values())
+    )
+
+
+def _module_vars(module: Any) -> dict:
+    try:
+        return vars(module)
+    except TypeError:
+        return {}
+
+
+def _resolution_hook_live(step: str, hook: Callable) -> bool:
+    from sglang.srt.arg_groups import resolution_hooks
+
+    return hook in resolution_hooks._HOOKS.get(step, ())
+
+
+def _chain_has(fn: Any, hook: Callable) -> bool:
+    """True if `hook` is closed over by `fn` or by any function it wraps (HookRegistry wrappers)."""
+    seen = 0
+    while fn is not None and seen < 32:
+        cells = getattr(fn, "__closure__", None) or ()
+        if any(_cell_value(cell) is hook for cell in cells):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        seen += 1
+    return False
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # empty cell
+        return None
+
+
+def _innermost(fn: Any) -> Any:
+    while getattr(fn, "__wrapped__", None) is not None:
+        fn = fn.__wrapped__
+    return fn
+
+
+# ---------------------------------------------------------------- CLI hooks
+
+
+def _after_add_cli_args(
+    result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any
+) -> None:
+    try:
+        add_helix_group(parser)
+    except argparse.ArgumentError as exc:  # another plugin owns a flag name; keep SGLang alive
+        logger.warning("sglang_helix: could not add the Helix flags: %s", exc)
+
+
+def _around_prepare_server_args(
+    original: Callable, argv: Sequence[str], *args: Any, **kwargs: Any
+) -> Any:
+    server_args = original(argv, *args, **kwargs)
+    helix = helix_args_from_cli(list(argv), os.environ.get(ENV_VAR))
+    if helix is not None and helix.enable_helix:
+        verify_hooks_live()
+        setattr(server_args, HELIX_ATTR, helix)
+    return server_args
+
+
+def helix_args_from_cli(argv: list[str], env_value: str | None) -> HelixServerArgs | None:
+    """Helix flags from argv (+ --config YAML, + SGLANG_HELIX prepended); None if none given."""
+    if "--config" in argv:
+        argv = _merge_config(argv)
+    env_argv = shlex.split(env_value) if env_value else []
+    if not env_argv and not any("helix" in item for item in argv):
+        return None
+    if not _add_cli_args_live():
+        verify_hooks_live()
+    namespace, _ = _full_parser().parse_known_args(env_argv + argv)
+    return helix_args_from_namespace(namespace)
+
+
+def _full_parser() -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="sglang serve")
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def _merge_config(argv: list[str]) -> list[str]:
+    from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+    return ConfigArgumentMerger(_full_parser()).merge_config_with_args(argv)
+
+
+# ---------------------------------------------------------------- resolution hooks
+
+
+def helix_args_of(server_args: Any) -> HelixServerArgs | None:
+    """The Helix request of a ServerArgs: CLI attribute first, else SGLANG_HELIX."""
+    stored = getattr(server_args, HELIX_ATTR, None)
+    if stored is not None:
+        return stored
+    return parse_helix_env(os.environ.get(ENV_VAR))
+
+
+def _early_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
+    previous(server_args)
+    helix = helix_args_of(server_args)
+    if helix is None or not helix.enable_helix:
+        return
+    verify_hooks_live()
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    cfg = resolving_view(server_args)
+    check_server_compat(helix, ServerLayout.of(cfg))
+    if str(cfg.model_path).lower() in ("none", "dummy"):
+        raise HelixConfigError(
+            "Helix: --enable-helix needs a real --model-path (its config.json gives the heads "
+            "Helix shards); drop --enable-helix for a model-less server"
+        )
+    _apply_cpu_env_if_cpu(cfg)
+
+
+def _apply_cpu_env_if_cpu(cfg: Any) -> None:
+    if cfg.device == "cpu" or sgl_kernel_cpu_stub.cpu_engine_requested():
+        changed = apply_cpu_env(int(cfg.tp_size) * int(cfg.pp_size) * int(cfg.dp_size or 1))
+        if changed:
+            logger.info("sglang_helix: set CPU multi-rank environment %s", changed)
+
+
+def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
+    previous(server_args)
+    helix = helix_args_of(server_args)
+    if helix is None or not helix.enable_helix:
+        return
+    from sglang.srt.arg_groups.overrides import model_config_of, resolving_view
+
+    model_info = ModelInfo.from_hf_config(model_config_of(server_args).hf_config.to_dict())
+    layout = resolve_helix_args(helix, resolving_view(server_args), model_info)
+    setattr(server_args, LAYOUT_ATTR, layout)
+    logger.info("sglang_helix: validated Helix layout: %s", describe(layout))
+    raise HelixNotImplementedError(
+        "Helix serving inside SGLang's model runner is not implemented yet in this version "
+        f"of sglang-helix; validated layout: {describe(layout)}. Drop --enable-helix (and unset "
+        f"{ENV_VAR}) to serve without Helix."
+    )
