@@ -7,7 +7,11 @@ whole layer's attention on one rank, KVP=2 splits the KV by page over two ranks 
         --kvp 1 2 --backend a2a ag_rs
 
 Prints a table (context, partial-attention ms, exchange ms, merge ms, step ms, bytes sent per
-rank, projected TPOT = step x layers) and writes CSV + PNG into --out-dir.
+rank per step, projected TPOT = step x layers) and writes CSV + PNG into --out-dir.
+Times are medians over --iters steps; attention and step take the slowest rank, exchange the
+fastest (the rank arriving last at the collective waits only for the communication itself).
+With HOP-B slices > 1 the phases interleave, so only the step time is reported. "x-only" is one
+exchange + merge timed alone after a barrier (no attention skew), slowest rank.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Row:
     exchange_ms: float
     merge_ms: float
     step_ms: float
+    exch_only_ms: float
     bytes_per_rank: int
     tpot_ms: float
 
@@ -135,11 +140,21 @@ def time_step(spec, cfg, exchange, tensors, table, seq_lens, batch, group) -> tu
     return t1 - t0, t2 - t1, t3 - t2, t3 - t0
 
 
+def time_exchange_only(exchange, out, lse, group) -> float:
+    """Seconds for one exchange (start + wait + merge) with all ranks released together."""
+    import torch.distributed as dist
+
+    if group is not None:
+        dist.barrier(group=group)
+    t0 = time.perf_counter()
+    exchange(out, lse)
+    return time.perf_counter() - t0
+
+
 def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
     """Runs every (ctx, backend, slices) case for one KVP size; returns rank-local medians."""
     import torch.distributed as dist
 
-    torch.set_num_threads(opts["threads_per_rank"])
     spec = MODELS[opts["model"]]
     group = dist.group.WORLD if world_size > 1 else None
     results = []
@@ -157,9 +172,12 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
         exchange.stats.bytes_sent = exchange.stats.calls = 0
         samples = [time_step(spec, cfg, exchange, tensors, table, seq_lens, opts["batch"], group)
                    for _ in range(opts["iters"])]
-        medians = [statistics.median(s[i] for s in samples) for i in range(4)]
+        bytes_per_step = exchange.stats.bytes_sent // opts["iters"]
+        out, lse = partial(spec, tensors, table, seq_lens, 0, opts["batch"])
+        exch_only = statistics.median(time_exchange_only(exchange, out, lse, group) for _ in range(opts["iters"]))
+        medians = [statistics.median(s[i] for s in samples) for i in range(4)] + [exch_only]
         results.append(dict(ctx_len=ctx, backend=backend, hopb_slices=slices, seconds=medians,
-                            bytes_per_call=exchange.stats.bytes_sent // max(1, exchange.stats.calls)))
+                            bytes_per_step=bytes_per_step))
         if bar:
             bar.update(1)
     if bar:
@@ -184,26 +202,30 @@ def run_kvp(args, kvp: int) -> list[Row]:
     opts = dict(model=args.model, kvp=kvp, tpa=args.tpa, batch=args.batch, page_size=args.page_size,
                 dtype=args.dtype, iters=args.iters, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
                 ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices)
-    per_rank = run_ranks(rank_worker, world, args=(opts,), timeout=args.timeout)
+    per_rank = run_ranks(rank_worker, world, args=(opts,), timeout=args.timeout, threads=args.threads_per_rank)
     rows = []
     for i, case in enumerate(per_rank[0]):
-        # the slowest rank sets the step time
-        secs = [max(r[i]["seconds"][j] for r in per_rank) for j in range(4)]
+        # The slowest rank sets attention and step time. The rank that reaches the exchange last
+        # waits least, so the smallest exchange time across ranks is the communication itself
+        # (the others also wait out the attention skew).
+        pick = (max, min, max, max, max)
+        secs = [pick[j](r[i]["seconds"][j] for r in per_rank) for j in range(5)]
         ms = [s * 1e3 for s in secs]
         rows.append(Row(args.model, case["ctx_len"], args.batch, kvp, args.tpa,
                         case["backend"] if kvp > 1 else "-", case["hopb_slices"], *ms,
-                        max(r[i]["bytes_per_call"] for r in per_rank), ms[3] * spec.num_layers))
+                        max(r[i]["bytes_per_step"] for r in per_rank), ms[3] * spec.num_layers))
     return rows
 
 
 def print_table(rows: list[Row]) -> None:
     head = f"{'ctx':>7} {'kvp':>3} {'tpa':>3} {'backend':>7} {'hopb':>4} {'attn ms':>9} {'exch ms':>8} " \
-           f"{'merge ms':>8} {'step ms':>9} {'bytes/rank':>10} {'TPOT ms':>9}"
+           f"{'merge ms':>8} {'step ms':>9} {'x-only ms':>9} {'bytes/rank':>10} {'TPOT ms':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r.ctx_len:>7} {r.kvp:>3} {r.tpa:>3} {r.backend:>7} {r.hopb_slices:>4} {r.attn_ms:>9.2f} "
-              f"{r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} {r.bytes_per_rank:>10} {r.tpot_ms:>9.1f}")
+              f"{r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} {r.exch_only_ms:>9.3f} "
+              f"{r.bytes_per_rank:>10} {r.tpot_ms:>9.1f}")
 
 
 def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -231,6 +253,7 @@ def _plot(rows: list[Row], path: Path) -> None:
         label = f"KVP={kvp}" + (f" {backend}" if kvp > 1 else "") + (f" HOP-B {slices}" if slices > 1 else "")
         ax.plot([r.ctx_len for r in sel], [r.step_ms for r in sel], marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("single-layer decode step (ms)")
     ax.set_title(f"{rows[0].model}, batch {rows[0].batch}, one CPU core per rank")

@@ -9,8 +9,8 @@
 - "flashinfer": flashinfer library kernels (CUDA; not verified on GPU yet).
 
 Every impl returns out in the query's dtype and lse fp32 natural log; rows with no local token
-give out 0 and lse -inf. Validation runs on every call and syncs the host once (capacity check);
-in production these checks belong to plan time, once per decode step.
+give out 0 and lse -inf. Validation runs on every call; its one host sync (lengths vs page-table capacity) is skipped
+with check_lengths=False by callers that validated at plan time, as HelixAttention does.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def _check_scale(scale) -> None:
         raise TypeError(f"scale must be a finite Python float (e.g. head_dim ** -0.5), got {scale!r}")
 
 
-def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, page_size: int, q_name: str) -> None:
-    """page_table [B, max_pages], seq_lens [B], and every length fits in the table."""
+def _check_table(
+    page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, page_size: int, q_name: str, lengths: bool
+) -> None:
+    """page_table [B, max_pages], seq_lens [B], and (if `lengths`) every length fits the table."""
     _check_tensor("page_table", page_table, 2, "[B, max_pages]")
     _check_tensor("seq_lens", seq_lens, 1, "[B]")
     _check_index("page_table", page_table)
@@ -86,7 +88,7 @@ def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, pag
         )
     if seq_lens.shape[0] != bsz:
         raise ValueError(f"seq_lens has shape {tuple(seq_lens.shape)} but {q_name} has B={bsz}; need [B]")
-    if bsz == 0:
+    if bsz == 0 or not lengths:
         return
     lo, hi = (int(x) for x in torch.aminmax(seq_lens))  # host sync: plan-time check in production
     if lo < 0:
@@ -100,7 +102,7 @@ def _check_table(page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, pag
         )
 
 
-def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale) -> None:
+def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, lengths: bool) -> None:
     _check_tensor("q", q, 3, "[B, Hq, D]")
     _check_tensor("k_cache", k_cache, 4, "[num_pages, P, Kh, D]")
     _check_tensor("v_cache", v_cache, 4, "[num_pages, P, Kh, Dv]")
@@ -125,10 +127,10 @@ def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale) -> None:
     _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _check_last_contiguous(name, t)
-    _check_table(page_table, seq_lens, bsz, k_cache.shape[1], "q")
+    _check_table(page_table, seq_lens, bsz, k_cache.shape[1], "q", lengths)
 
 
-def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale) -> None:
+def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, lengths: bool) -> None:
     _check_tensor("q_latent", q_latent, 3, "[B, H, R]")
     _check_tensor("q_rope", q_rope, 3, "[B, H, Dr]")
     _check_tensor("kv_cache", kv_cache, 3, "[num_pages, P, R + Dr]")
@@ -150,7 +152,7 @@ def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale) -> No
     _check_devices(q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, page_table=page_table, seq_lens=seq_lens)
     for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
         _check_last_contiguous(name, t)
-    _check_table(page_table, seq_lens, bsz, kv_cache.shape[1], "q_latent")
+    _check_table(page_table, seq_lens, bsz, kv_cache.shape[1], "q_latent", lengths)
 
 
 def _validate_merge(outs, lses) -> None:
@@ -202,15 +204,19 @@ def _resolve(impl: str, device: torch.device, gpu_ok: bool) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def partial_attention_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto"):
+def partial_attention_gqa(
+    q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True
+):
     """Partial GQA decode attention over this rank's pages.
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv];
     page_table: [B, max_pages] int32/int64; seq_lens: [B] int32/int64 local lengths.
     Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (-inf, out 0 for empty).
+    check_lengths=False skips the one host-syncing check (lengths vs page-table capacity) for
+    callers that validated the batch at plan time (HelixDecodeMetadata.plan).
     """
     _check_impl(impl, IMPLS)
-    _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale)
+    _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, check_lengths)
     args = (q, k_cache, v_cache, page_table, seq_lens, scale)
     chosen = _resolve(impl, q.device, gpu.flashinfer_gqa_available(q, k_cache, v_cache))
     if chosen == "reference":
@@ -231,15 +237,18 @@ def partial_attention_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, impl
     return gpu.gqa_partial_flashinfer(*args)
 
 
-def partial_attention_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto"):
+def partial_attention_mla(
+    q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True
+):
     """Partial absorbed-MLA decode attention over this rank's pages.
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
     page_table: [B, max_pages]; seq_lens: [B].
     Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
+    check_lengths: as in partial_attention_gqa.
     """
     _check_impl(impl, IMPLS)
-    _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+    _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, check_lengths)
     args = (q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
     fi_ok = gpu.flashinfer_mla_available(q_latent, q_rope, kv_cache)
     if impl == "auto" and not fi_ok and gpu.flashmla_available(q_latent, q_rope, kv_cache):
