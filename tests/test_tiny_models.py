@@ -1,0 +1,92 @@
+"""Fast checks of sglang_helix.tiny_models (no SGLang): determinism, config fields, tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_helix import tiny_models as tm
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return {kind: tm.build_tiny_model(kind, base / kind) for kind in tm.KINDS}
+
+
+def _config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def test_build_is_deterministic_by_seed(built, tmp_path):
+    again = tm.build_tiny_model("mla", tmp_path / "again")
+    other = tm.build_tiny_model("mla", tmp_path / "other", seed=1)
+    weights = (built["mla"] / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights
+    assert (other / "model.safetensors").read_bytes() != weights
+    assert (again / "tokenizer.json").read_bytes() == (built["mla"] / "tokenizer.json").read_bytes()
+
+
+def test_gqa_config(built):
+    cfg = _config(built["gqa"])
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (8, 2, 16)
+    assert cfg["torch_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("kind", ["mla", "mla-compat"])
+def test_mla_config_has_what_sglang_needs(built, kind):
+    cfg = _config(built[kind])
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert cfg["moe_layer_freq"] == 1 and cfg["first_k_dense_replace"] == 1
+    assert cfg["topk_method"] == "noaux_tc" and cfg["scoring_func"] == "sigmoid"
+    assert cfg["q_lora_rank"] and cfg["n_shared_experts"] >= 1 and cfg["n_routed_experts"] > 2
+    assert cfg["rope_scaling"]["type"] == "yarn" == cfg["rope_parameters"]["rope_type"]
+
+
+def test_mla_realistic_proportions_really_differ(built):
+    real, compat = _config(built["mla"]), _config(built["mla-compat"])
+    assert real["kv_lora_rank"] != real["qk_nope_head_dim"]
+    assert real["kv_lora_rank"] > real["qk_nope_head_dim"] > real["qk_rope_head_dim"]
+    assert compat["kv_lora_rank"] == compat["qk_nope_head_dim"]
+
+
+def test_router_bias_is_nonzero(built):
+    from safetensors.torch import load_file
+
+    weights = load_file(built["mla"] / "model.safetensors")
+    bias = [v for k, v in weights.items() if k.endswith("e_score_correction_bias")]
+    assert bias and all(b.abs().sum() > 0 for b in bias)
+
+
+def test_tokenizer_round_trip_and_chat_template(built):
+    tok = tm.load_tokenizer(built["gqa"])
+    assert 256 < len(tok) <= tm.TOKENIZER_VOCAB == _config(built["gqa"])["vocab_size"]
+    text = "Helix shards pages; ünïcode ✓ 42!"
+    assert tok.decode(tok.encode(text)) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == "<|bos|><|user|>Hi<|end|><|assistant|>"
+
+
+def test_ensure_tiny_model_caches(tmp_path, monkeypatch):
+    first = tm.ensure_tiny_model("gqa", tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(tm, "build_tiny_model", lambda *a, **k: calls.append(a))
+    assert tm.ensure_tiny_model("gqa", tmp_path) == first and not calls
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert first.name.startswith("gqa-") and first.parent == tmp_path
+
+
+def test_unknown_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown tiny model kind"):
+        tm.build_tiny_model("moe", tmp_path / "x")
+
+
+def test_reference_greedy_shapes(built):
+    tok = tm.load_tokenizer(built["mla"])
+    out = tm.reference_greedy(built["mla"], [tok.encode("Hello"), tok.encode("The cat")], 3)
+    assert [len(r.tokens) for r in out] == [3, 3]
+    assert all(r.min_margin >= 0 and all(lp <= 0 for lp in r.logprobs) for r in out)
