@@ -228,15 +228,30 @@ def print_table(rows: list[Row]) -> None:
               f"{r.bytes_per_rank:>10} {r.tpot_ms:>9.1f}")
 
 
-def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> tuple[Path, Path]:
+def markdown_table(rows: list[Row]) -> str:
+    """The printed table as Markdown, for docs/results.md."""
+    lines = ["| ctx | KVP | backend | HOP-B | attn ms | exch ms | merge ms | step ms | exch-only ms "
+             "| bytes/rank/step | step vs KVP=1 |", "|" + "---|" * 11]
+    base = {(r.ctx_len, r.batch): r.step_ms for r in rows if r.kvp == 1}
+    for r in rows:
+        ratio = r.step_ms / base[(r.ctx_len, r.batch)] if (r.ctx_len, r.batch) in base else float("nan")
+        lines.append(f"| {r.ctx_len} | {r.kvp} | {r.backend} | {r.hopb_slices} | {r.attn_ms:.2f} | "
+                     f"{r.exchange_ms:.3f} | {r.merge_ms:.3f} | {r.step_ms:.2f} | {r.exch_only_ms:.3f} | "
+                     f"{r.bytes_per_rank} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> list[Path]:
+    """CSV, Markdown table and PNG plot of the rows; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
+    csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
+    md_path.write_text(markdown_table(rows))
     _plot(rows, png_path)
-    return csv_path, png_path
+    return [csv_path, md_path, png_path]
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -273,8 +288,8 @@ def main(argv=None) -> int:
         rows += run_kvp(args, kvp)
     print_table(rows)
     stem = f"bench_layer_{args.model}_b{args.batch}"
-    csv_path, png_path = write_outputs(rows, args.out_dir, stem)
-    print(f"wrote {csv_path} and {png_path}")
+    paths = write_outputs(rows, args.out_dir, stem)
+    print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
