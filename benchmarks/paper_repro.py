@@ -1,0 +1,189 @@
+"""Reproduce the Helix paper's headline ratios with the analytic model, and calibrate it on CPU.
+
+    python benchmarks/paper_repro.py [--no-calibration] [--out-dir docs]
+
+1. Sweeps DeepSeek-R1 and Llama-3.1-405B at 1M context, FP4, GB200 NVL72, 1..64 GPUs, every
+   TP / PP / EP / KVP / Helix layout x a dense batch grid; prints the paper's claims next to the
+   simulator's numbers (also with collective latency set to 0) and writes
+   docs/paper_pareto_deepseek_r1.png and docs/paper_pareto_llama405b.png.
+2. Calibration: with the measured "cpu" profile (sglang_helix/perf/probe.py), predicts
+   benchmarks/bench_layer.py's DeepSeek-V3 single-layer step (bf16, batch 1, one core per rank)
+   for KVP 1 and KVP 2 (a2a) and compares with benchmarks/out/bench_layer_deepseek-v3_b1.csv if
+   present, else with the reference constants below.
+
+Metric definitions ("up to" = the maximum over the swept range):
+- TTL at fixed batch: for each batch size, best baseline TTL / best Helix TTL; max over batches.
+- users (throughput) at the same latency: Helix tok/s/GPU / baseline tok/s/GPU, both the best
+  frontier point with tok/s/user >= x; max over x within the baseline's range.
+- interactivity: max Helix tok/s/user / max baseline tok/s/user.
+- HOP-B off: 1 - TTL(HOP-B) / TTL(HOP-B off) over the Helix frontier points; max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sglang_helix.perf import plan as P  # noqa: E402
+from sglang_helix.perf.layouts import Layout, all_layouts  # noqa: E402
+from sglang_helix.perf.model import Setting, attention_layer_time  # noqa: E402
+from sglang_helix.perf.specs import get_hardware, get_model  # noqa: E402
+
+CONTEXT = 1 << 20
+MAX_GPUS = 64
+# Paper (arXiv 2507.07120) headline claims, GB200 NVL72, FP4, 1M context.
+PAPER = {
+    ("deepseek-r1", "ttl_fixed_batch"): 1.5,
+    ("deepseek-r1", "users_same_latency"): 32.0,
+    ("llama-405b", "interactivity"): 1.13,
+    ("llama-405b", "users_same_latency"): 4.0,
+    ("llama-405b", "hopb_off_loss"): 0.12,
+    ("deepseek-r1", "hopb_off_loss"): 0.01,
+}
+LABELS = {
+    "ttl_fixed_batch": "TTL reduction at fixed batch (up to)",
+    "users_same_latency": "tok/s/GPU at same tok/s/user (up to)",
+    "interactivity": "max tok/s/user ratio",
+    "hopb_off_loss": "tok/s/user lost with HOP-B off (max)",
+}
+# bench_layer.py DeepSeek-V3 b1 figures (quiet machine) from the brief: ctx -> step ms.
+REFERENCE_BENCH = {
+    1: {8192: 35.07, 16384: 72.47, 32768: 139.68, 65536: 278.12, 131072: 575.88},
+    2: {8192: 21.15, 16384: 38.39, 32768: 76.37, 65536: 150.71, 131072: 355.68},
+}
+
+
+def run_sweep(model: str, latency_scale: float = 1.0) -> P.Sweep:
+    st = Setting(get_model(model), get_hardware("gb200"), CONTEXT, "fp4", latency_scale)
+    return P.sweep(st, all_layouts(st.model, MAX_GPUS), P.batch_grid(8192, per_octave=8))
+
+
+def metrics(sw: P.Sweep) -> dict:
+    """The four ratios defined in the module docstring."""
+    helix, base = P.split_families(sw)
+    fh, fb = P.pareto(helix), P.pareto(base)
+    fixed = [base.ttl[base.batch == b].min() / helix.ttl[helix.batch == b].min()
+             for b in np.unique(sw.batch) if (base.batch == b).any() and (helix.batch == b).any()]
+    xs = np.unique(np.concatenate([helix.tok_s_user[fh], base.tok_s_user[fb]]))
+    xs = xs[xs <= base.tok_s_user.max()]
+    users = P.best_gpu_at(helix, fh, xs) / P.best_gpu_at(base, fb, xs)
+    loss = 1.0 - helix.ttl[fh] / helix.hopb_off_ttl[fh]
+    return {
+        "ttl_fixed_batch": max(fixed),
+        "users_same_latency": float(users.max()),
+        "interactivity": float(helix.tok_s_user.max() / base.tok_s_user.max()),
+        "hopb_off_loss": float(loss.max()),
+    }
+
+
+def print_paper_table(results: dict, zero_lat: dict) -> None:
+    print("| model | claim | paper | simulator | sim / paper | within +-20% | simulator, latency 0 |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: |")
+    for (model, key), paper in PAPER.items():
+        sim, sim0 = results[model][key], zero_lat[model][key]
+        ok = "yes" if abs(sim / paper - 1) <= 0.2 else "no"
+        fmt = (lambda v: f"{v * 100:.1f}%") if key == "hopb_off_loss" else (lambda v: f"{v:.2f}x")
+        print(f"| {model} | {LABELS[key]} | {fmt(paper)} | {fmt(sim)} | {sim / paper:.2f} | {ok} | {fmt(sim0)} |")
+
+
+def plot(sw: P.Sweep, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    styles = {"helix": ("Helix", "k", "-"), "tp": ("TP", "C0", "--"), "pp": ("PP", "C1", "--"),
+              "ep": ("EP (DP attention)", "C2", "--"), "kvp": ("KVP (Medha-style)", "C3", "--")}
+    for kind, (label, color, ls) in styles.items():
+        fam = sw.kinds((kind,))
+        f = P.pareto(fam)
+        if len(f):
+            ax.plot(fam.tok_s_user[f], fam.tok_s_gpu[f], ls, color=color, marker=".", label=label,
+                    lw=2.2 if kind == "helix" else 1.2, drawstyle="steps-post")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s/user (1 / TTL)")
+    ax.set_ylabel("tokens/s/GPU")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measured_bench() -> tuple[dict, str]:
+    """{kvp: {ctx: step ms}} from bench_layer's CSV (a2a, 1 slice) if present, else the constants."""
+    path = ROOT / "benchmarks" / "out" / "bench_layer_deepseek-v3_b1.csv"
+    if not path.exists():
+        return REFERENCE_BENCH, "reference constants (quiet machine, from the brief)"
+    out: dict = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            if row["backend"] in ("-", "a2a") and row["hopb_slices"] == "1" and row["tpa"] == "1":
+                out.setdefault(int(row["kvp"]), {})[int(row["ctx_len"])] = float(row["step_ms"])
+    return out, f"{path.relative_to(ROOT)}"
+
+
+def calibration(refresh: bool) -> None:
+    from sglang_helix.perf.probe import cpu_hardware
+
+    hw = cpu_hardware(refresh=refresh)
+    st0 = Setting(get_model("deepseek-r1"), hw, 8192, "bf16")
+    print(f"\nCalibration: cpu profile = {hw.source}: fp32 matmul {hw.flops['fp32'] / 1e9:.1f} GFLOP/s, "
+          f"copy {hw.hbm_bw / 1e9:.1f} GB/s, gloo a2a {hw.link_latency * 1e6:.0f} us + "
+          f"{hw.link_bw / 1e9:.2f} GB/s")
+    sets = [measured_bench()]
+    if sets[0][0] is not REFERENCE_BENCH:
+        sets.append((REFERENCE_BENCH, "reference constants (quiet machine, from the brief)"))
+    for meas, source in sets:
+        print(f"\nDeepSeek-V3 single layer, bf16, batch 1, one core per rank; measured = {source}")
+        print("| ctx | KVP | predicted ms | measured ms | predicted / measured |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for kvp in (1, 2):
+            for ctx, ms in sorted(meas.get(kvp, {}).items()):
+                st = Setting(st0.model, hw, ctx, "bf16")
+                pred = attention_layer_time(st, Layout("helix", kvp=kvp, tpf=kvp), 1)["step"] * 1e3
+                print(f"| {ctx} | {kvp} | {pred:.2f} | {ms:.2f} | {pred / ms:.2f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--refresh-probe", action="store_true", help="re-measure the cpu profile")
+    args = ap.parse_args(argv)
+    results, zero_lat, total = {}, {}, 0
+    for model, png, title in (("deepseek-r1", "paper_pareto_deepseek_r1.png", "DeepSeek-R1"),
+                              ("llama-405b", "paper_pareto_llama405b.png", "Llama-3.1-405B")):
+        sw = run_sweep(model)
+        total += sw.evaluated
+        results[model] = metrics(sw)
+        zero_lat[model] = metrics(run_sweep(model, latency_scale=0.0))
+        plot(sw, f"{title}, 1M context, FP4, GB200 NVL72, <= {MAX_GPUS} GPUs (simulated)", args.out_dir / png)
+        _print_best(model, sw)
+    print(f"\nswept {total} (layout, batch) configurations per latency setting; wrote PNGs to {args.out_dir}\n")
+    print_paper_table(results, zero_lat)
+    if not args.no_calibration:
+        calibration(args.refresh_probe)
+    return 0
+
+
+def _print_best(model: str, sw: P.Sweep) -> None:
+    helix, base = P.split_families(sw)
+    for name, fam in (("Helix", helix), ("baseline", base)):
+        i = P.choose(fam, None)
+        print(f"{model} fastest {name}: {fam.layout(i).label()}, batch {int(fam.batch[i])}, "
+              f"TTL {fam.ttl[i] * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
