@@ -15,10 +15,17 @@ What `register()` does (SGLang calls it from `load_plugins()` in every process i
    - `validate_prefill_cp_platform` (early; before model-path resolution, downloads and the dummy
      model short-cut): flag-only refusals, hook liveness, CPU multi-rank env.
    - `handle_other_validations` (late; attention backend, speculative settings and page size are
-     resolved, the HF config is loaded but no weights): model-dependent refusals, logs the layout
-     once, then stops with `HelixNotImplementedError` (serving inside SGLang's model runner is a
-     later issue; see docs/sglang-integration.md).
-4. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, the import-only stand-in
+     resolved, the HF config is loaded but no weights): model-dependent refusals (page size 1,
+     HiCache, PD, architectures without a model hook), stores the HelixConfig as
+     `server_args._helix_layout`, declares `prefill/decode_attention_backend = "helix"` and logs
+     the resolved layout once.
+4. Serving hooks: the Helix KV pool + colored allocator (`sglang_pool.install_pool_hooks`), the
+   KVP groups and the TPA-sharded attention layers (`sglang_model.install_model_hooks`), the
+   "helix" attention backend (`sglang_backend.register_helix_backend`), Helix state in
+   /server_info (AFTER hook on the scheduler's internal-state `_add_memory_usage`), and the MLA
+   side (`sglang_mla.install_mla_hooks`, `install_cpu_absorbed_mla` on the CPU engine) when that
+   module is installed.
+5. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, the import-only stand-in
    (`sglang_helix.sgl_kernel_cpu_stub`) is put on `sys.path` so the CPU engine imports.
 
 `sglang.Engine(...)` users: ServerArgs rejects unknown keyword arguments, so Helix is requested
@@ -77,8 +84,9 @@ class HelixHookError(RuntimeError):
     """A Helix hook is not live in this process (SGLang only logged why)."""
 
 
-class HelixNotImplementedError(NotImplementedError):
-    """--enable-helix validated, but serving inside SGLang's model runner is not there yet."""
+INTERNAL_STATE_TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
+                         "SchedulerInternalStateController._add_memory_usage")
+SERVER_INFO_KEY = "helix"
 
 
 # ---------------------------------------------------------------- registration
@@ -97,7 +105,25 @@ def register() -> None:
     HookRegistry.register(PREPARE_TARGET, _around_prepare_server_args, HookType.AROUND)
     register_resolution_hook(EARLY_STEP)(_early_validation)
     register_resolution_hook(LATE_STEP)(_late_validation)
+    _register_serving_hooks(HookRegistry, HookType)
     _registered = True
+
+
+def _register_serving_hooks(registry: Any, hook_type: Any) -> None:
+    """Pool, model, backend, server-info and (if installed) MLA hooks; all pass through
+    unless a ServerArgs carries `_helix_layout`."""
+    from .sglang_backend import register_helix_backend
+    from .sglang_mla import install_cpu_absorbed_mla, install_mla_hooks
+    from .sglang_model import install_model_hooks
+    from .sglang_pool import install_pool_hooks
+
+    install_pool_hooks()
+    install_model_hooks()
+    register_helix_backend()
+    registry.register(INTERNAL_STATE_TARGET, _after_add_memory_usage, hook_type.AFTER)
+    install_mla_hooks()
+    if sgl_kernel_cpu_stub.cpu_engine_requested():
+        install_cpu_absorbed_mla()
 
 
 def _install_cpu_stub() -> None:
@@ -130,7 +156,46 @@ def _liveness_checks() -> list[tuple[str, Callable[[], bool]]]:
          lambda: _resolution_hook_live(EARLY_STEP, _early_validation)),
         (f"resolution hook {LATE_STEP}",
          lambda: _resolution_hook_live(LATE_STEP, _late_validation)),
+        ("AROUND KVCacheConfigurator pool/allocator/capacity hooks", _pool_hooks_live),
+        ("model hooks (initialize_model_parallel, LlamaAttention.__init__)", _model_hooks_live),
+        ("MLA model hooks (DeepseekV2AttentionMLA)", _mla_hooks_live),
+        ('attention backend "helix" in ATTENTION_BACKENDS', _backend_live),
+        (f"AFTER {INTERNAL_STATE_TARGET}", _server_info_live),
     ]
+
+
+def _pool_hooks_live() -> bool:
+    from .sglang_pool import pool_hooks_live
+
+    return not pool_hooks_live()
+
+
+def _model_hooks_live() -> bool:
+    from .sglang_model import model_hooks_live
+
+    return not model_hooks_live()
+
+
+def _mla_hooks_live() -> bool:
+    from .sglang_mla import cpu_absorbed_mla_live, mla_hooks_live
+
+    cpu_fix_ok = not sgl_kernel_cpu_stub.cpu_engine_requested() or cpu_absorbed_mla_live()
+    return not mla_hooks_live() and cpu_fix_ok
+
+
+def _backend_live() -> bool:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from .sglang_backend import BACKEND_NAME, create_helix_backend
+
+    return ATTENTION_BACKENDS.get(BACKEND_NAME) is create_helix_backend
+
+
+def _server_info_live() -> bool:
+    import pkgutil
+
+    owner, name = INTERNAL_STATE_TARGET.rsplit(".", 1)
+    return _chain_has(getattr(pkgutil.resolve_name(owner), name), _after_add_memory_usage)
 
 
 def _add_cli_args_live() -> bool:
@@ -281,14 +346,54 @@ def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
     helix = helix_args_of(server_args)
     if helix is None or not helix.enable_helix:
         return
-    from sglang.srt.arg_groups.overrides import model_config_of, resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution, model_config_of, resolving_view
 
-    model_info = ModelInfo.from_hf_config(model_config_of(server_args).hf_config.to_dict())
-    layout = resolve_helix_args(helix, resolving_view(server_args), model_info)
+    hf = model_config_of(server_args).hf_config.to_dict()
+    model_info = ModelInfo.from_hf_config(hf)
+    cfg = resolving_view(server_args)
+    layout = resolve_helix_args(helix, cfg, model_info)
+    check_serving_support(cfg)
     setattr(server_args, LAYOUT_ATTR, layout)
-    logger.info("sglang_helix: validated Helix layout: %s", describe(layout))
-    raise HelixNotImplementedError(
-        "Helix serving inside SGLang's model runner is not implemented yet in this version "
-        f"of sglang-helix; validated layout: {describe(layout)}. Drop --enable-helix (and unset "
-        f"{ENV_VAR}) to serve without Helix."
-    )
+    declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
+                       decode_attention_backend="helix")
+    logger.info("sglang_helix: Helix layout %s", describe_serving(layout, hf))
+
+
+def check_serving_support(cfg: Any) -> None:
+    """Refuse what validates as a layout but has no Helix serving path yet (flag + fix)."""
+    if int(cfg.page_size or 1) < 2:
+        raise HelixConfigError(
+            f"Helix: --page-size {cfg.page_size}: the Helix allocator colors whole pages by KVP "
+            "owner and SGLang's page-size-1 path allocates without positions; use --page-size 16 "
+            "(or any >= 2)")
+    if getattr(cfg, "enable_hierarchical_cache", False):
+        raise HelixConfigError("Helix: --enable-hierarchical-cache (HiCache) copies KV by loc "
+                               "across ranks' pools; drop --enable-hierarchical-cache")
+    if str(getattr(cfg, "disaggregation_mode", "null") or "null") != "null":
+        raise HelixConfigError(f"Helix: --disaggregation-mode {cfg.disaggregation_mode}: PD "
+                               "transfer of Helix pools is not implemented; drop "
+                               "--disaggregation-mode")
+    if getattr(cfg, "enable_mixed_chunk", False):
+        raise HelixConfigError("Helix: --enable-mixed-chunk mixes decode rows into extend "
+                               "batches, which the helix backend plans separately; drop "
+                               "--enable-mixed-chunk")
+
+
+def describe_serving(layout: Any, hf: dict) -> str:
+    """The layout line logged once: N, KVP, TPA, FFN TP/EP, page size, backend."""
+    n = layout.world_size
+    experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or 0
+    ffn = f"MoE TP x EP = {n} ({int(experts)} experts)" if experts else f"dense TP = {n}"
+    return (f"{describe(layout)}; N={n} = KVP {layout.kvp} x TPA {layout.tpa}; FFN {ffn}; "
+            f"page_size={layout.page_size}; attention backend helix (prefill + decode)")
+
+
+def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: Any, **kwargs: Any) -> None:
+    """Adds state["helix"] (layout + per-KVP-rank KV usage) to /server_info's internal_states."""
+    allocator = getattr(getattr(controller, "scheduler", None), "token_to_kv_pool_allocator", None)
+    from .sglang_pool import helix_kv_state
+
+    info = helix_kv_state(allocator)
+    if info is not None:
+        state[SERVER_INFO_KEY] = info
+    return None

@@ -1,8 +1,7 @@
-"""The "helix" attention backend for SGLang 0.5.23: GQA decode over a Helix KV pool.
+"""The "helix" attention backend for SGLang 0.5.23: GQA decode and extend over a Helix KV pool.
 
-Contract with the model (the end-to-end work must make the model honour it; see
-docs/sglang-integration.md §5): on global rank g = tpa_rank * KVP + kvp_rank the attention layer
-hands the backend
+Contract with the model (sglang_helix.sglang_model makes LlamaAttention honour it): on global
+rank g = tpa_rank * KVP + kvp_rank the attention layer hands the backend
     q [T, H/TPA * D]   the query heads of its TPA group,
     k [T, K/TPA, D], v [T, K/TPA, Dv]   the new tokens' KV of its TPA group's heads,
 and receives [T, H/N * Dv], query heads [g*H/N, (g+1)*H/N) — what a row-parallel o_proj with
@@ -10,20 +9,31 @@ TP = N expects on rank g.
 
 Decode (per layer): write k/v through the Helix pool (only this KVP rank's pages keep them),
 partial attention over this rank's pages, one exchange in the KVP group, LSE merge
-(sglang_helix.helix.HelixAttention). Metadata (local page tables, local lengths) is built once
-per batch in init_forward_metadata. Extend (prefill) supports chunks without a cached prefix
-(every rank has the chunk's K/V of its heads; no exchange); a cached prefix would need its pages
-from the other KVP ranks and is refused with the fix.
+(sglang_helix.helix.HelixAttention; HOP-B slices when --helix-hopb-slices > 1).
+
+Extend (prefill, chunked prefill, cached radix prefix): every rank has the chunk's K/V of its
+TPA heads, but a cached prefix lives on its KVP owners. Each query token is a row with its
+request's local page table and local *prefix* length; partial attention over the local prefix
+pages, one exchange (T rows) gives each rank its H/N heads' partials from every KVP rank; these
+are LSE-merged with the rank's own causal attention over the chunk (computed with its LSE).
+No prefix KV moves between ranks. The per-batch tables are built once in
+init_forward_metadata.
+
+The KVP group comes from sglang_helix.sglang_model.runtime() (created collectively right after
+SGLang's initialize_model_parallel); the constructor runs no collective.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from .attention import merge_partials, partial_attention_gqa
+from .comm import make_exchange
 from .config import HelixConfig, HelixConfigError
 from .helix import HelixAttention
 from .sglang_pool import LAYOUT_ATTR, HelixMHATokenToKVPool, HelixPoolError
@@ -56,14 +66,29 @@ def _base():
     return AttentionBackend
 
 
+@dataclass
+class HelixExtendMetadata:
+    """Per-batch extend plan (shared by all layers).
+
+    lens: [B] chunk lengths (host ints); prefix_rows: True when some request has a cached prefix;
+    row_table [T, pages] int32 local page slots of each query token's request; row_lens [T]
+    int32 local prefix length of each query token's request.
+    """
+
+    lens: list
+    prefix_rows: bool
+    row_table: Optional[torch.Tensor] = None
+    row_lens: Optional[torch.Tensor] = None
+
+
 class HelixAttnBackend(_base()):
     """SGLang attention backend of one Helix rank (GQA).
 
     model_runner: needs .device, .req_to_token_pool (.req_to_token [reqs, ctx]),
         .token_to_kv_pool (a HelixMHATokenToKVPool), .server_args (with `_helix_layout`) and
         .model_config.context_len.
-    rank: global attention rank g (default: SGLang's attn_tp_rank).
-    kvp_group: this rank's KVP group (default: create_kvp_groups, collective).
+    rank: global attention rank g (default: the Helix runtime's, else SGLang's attn_tp_rank).
+    kvp_group: this rank's KVP group (default: sglang_helix.sglang_model.runtime().kvp_group).
     impl: partial-attention implementation (sglang_helix.attention).
     """
 
@@ -71,38 +96,57 @@ class HelixAttnBackend(_base()):
         super().__init__()
         self.cfg = _layout_of(model_runner)
         if self.cfg.mla:
-            raise HelixConfigError("the helix backend serves GQA models; MLA goes through the "
-                                   "DeepSeek attention path (not implemented yet)")
+            raise HelixConfigError("the helix GQA backend got an MLA layout; MLA pools dispatch to "
+                                   "sglang_helix.sglang_mla (create_helix_backend)")
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.pool = _helix_pool_of(model_runner)
-        self.rank = _attn_rank() if rank is None else rank
+        self.rank, group = _rank_and_group(self.cfg, rank, kvp_group)
         if self.cfg.kvp_rank(self.rank) != self.pool.kvp_rank:
             raise HelixPoolError(f"pool holds KVP rank {self.pool.kvp_rank} but rank {self.rank} is KVP "
                                  f"rank {self.cfg.kvp_rank(self.rank)}")
-        group = kvp_group if kvp_group is not None else create_kvp_groups(self.cfg, self.rank)
-        max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
-        self.max_pages = max_pages
+        self.max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
         self.helix = HelixAttention(
             self.cfg, self.rank, group, max_batch=self.req_to_token_pool.req_to_token.shape[0],
-            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)), impl=impl, device=self.device,
+            max_local_pages=max(1, math.ceil(self.max_pages / self.cfg.kvp)), impl=impl, device=self.device,
         )
+        self.impl = impl
+        # extend needs the received partials (LSE included); ag_rs reduces in flight
+        self.extend_exchange = (self.helix.exchange if self.cfg.comm_backend != "ag_rs"
+                                else make_exchange("a2a", group, self.cfg.kvp))
         self.forward_metadata = None
+        self.extend_metadata: Optional[HelixExtendMetadata] = None
 
     # ---- metadata ---------------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         """Decode: this rank's local page table [B, pages/KVP] and local lengths, planned once
-        for all layers. Extend: nothing (refused later if a prefix is cached)."""
-        if not forward_batch.forward_mode.is_decode():
-            self.forward_metadata = None
+        for all layers. Extend: per-query-token local prefix tables (HelixExtendMetadata)."""
+        if forward_batch.forward_mode.is_decode():
+            self.extend_metadata = None
+            seq_lens = forward_batch.seq_lens
+            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+            pages = -(-int(seq_lens.max()) // self.cfg.page_size) if seq_lens.numel() else 1
+            table, _ = self.pool.local_decode_tables(rows, seq_lens, max_pages=pages)
+            self.helix.plan(seq_lens, table)
+            self.forward_metadata = self.helix.meta
             return
-        seq_lens = forward_batch.seq_lens
+        self.forward_metadata = None
+        self.extend_metadata = self._plan_extend(forward_batch)
+
+    def _plan_extend(self, forward_batch: Any) -> HelixExtendMetadata:
+        lens = [int(x) for x in forward_batch.extend_seq_lens_cpu]
+        prefix_cpu = forward_batch.extend_prefix_lens_cpu
+        prefix = [int(x) for x in prefix_cpu] if prefix_cpu is not None else [0] * len(lens)
+        if not any(prefix):
+            return HelixExtendMetadata(lens, False)
+        prefix_t = torch.tensor(prefix, dtype=torch.int64, device=self.device)
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
-        pages = -(-int(seq_lens.max()) // self.cfg.page_size) if seq_lens.numel() else 1
-        table, _ = self.pool.local_decode_tables(rows, seq_lens, max_pages=pages)
-        self.helix.plan(seq_lens, table)
-        self.forward_metadata = self.helix.meta
+        pages = max(1, -(-max(prefix) // self.cfg.page_size))
+        table, local = self.pool.local_decode_tables(rows, prefix_t, max_pages=pages)
+        repeat = torch.tensor(lens, dtype=torch.int64, device=self.device)
+        return HelixExtendMetadata(lens, True, table.repeat_interleave(repeat, dim=0).contiguous(),
+                                   local.repeat_interleave(repeat, dim=0).contiguous())
 
     # ---- forward ----------------------------------------------------------------
 
@@ -119,35 +163,83 @@ class HelixAttnBackend(_base()):
         return out.reshape(out.shape[0], -1)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
-        """Prefill without a cached prefix: causal attention over the chunk for this rank's H/N
-        heads (every rank has the chunk's KV of its TPA heads). Returns [T, H/N * Dv]."""
-        prefix = forward_batch.extend_prefix_lens_cpu
-        if prefix is not None and any(int(x) for x in prefix):
-            raise HelixPoolError("helix extend over a cached prefix needs that prefix's KV from the "
-                                 "other KVP ranks (not implemented yet); use --disable-radix-cache "
-                                 "and no chunked prefill (--chunked-prefill-size -1)")
+        """Prefill chunk: q [T, H/TPA * D], k [T, K/TPA, D], v [T, K/TPA, Dv] -> [T, H/N * Dv].
+
+        Causal attention over the chunk for this rank's H/N heads, LSE-merged with the cached
+        prefix's partials (local pages, exchanged across KVP ranks) when there is a prefix.
+        """
+        meta = self.extend_metadata
+        if meta is None:
+            meta = self.extend_metadata = self._plan_extend(forward_batch)
         if save_kv_cache and k is not None and v is not None:
             self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         q3 = q.reshape(q.shape[0], self.cfg.heads_per_tpa, -1)
-        return self._chunk_attention(q3, k, v, layer.scaling, forward_batch.extend_seq_lens_cpu)
+        out, lse = self._chunk_attention(q3, k, v, layer.scaling, meta.lens)
+        if meta.prefix_rows:
+            outs, lses = self._prefix_partials(q3, layer, meta)
+            outs = torch.cat([outs.float(), out.unsqueeze(0)])
+            lses = torch.cat([lses, lse.unsqueeze(0)])
+            out = merge_partials(outs, lses)[0]
+        return out.to(q.dtype).reshape(q.shape[0], -1)
 
-    def _chunk_attention(self, q, k, v, scale: float, lens) -> torch.Tensor:
-        """q [T, H/TPA, D], k [T, K/TPA, D], v [T, K/TPA, Dv] -> [T, H/N * Dv] (own head slice)."""
+    def _prefix_partials(self, q3, layer, meta: HelixExtendMetadata):
+        """Partials of every KVP rank over the cached prefix for this rank's heads:
+        outs [KVP, T, H/N, Dv], lses [KVP, T, H/N] fp32 (-inf where a rank has no prefix token)."""
+        k_cache, v_cache = self.pool.get_paged_kv(layer.layer_id)
+        out, lse = partial_attention_gqa(q3, k_cache, v_cache, meta.row_table, meta.row_lens,
+                                         layer.scaling, impl=self.impl, check_lengths=False)
+        return self.extend_exchange.start(out.to(q3.dtype).contiguous(), lse.float().contiguous()).partials()
+
+    def _chunk_attention(self, q, k, v, scale: float, lens):
+        """Causal attention within each request's chunk for this rank's H/N heads.
+
+        q [T, H/TPA, D], k [T, K/TPA, D], v [T, K/TPA, Dv] -> (out [T, H/N, Dv] fp32,
+        lse [T, H/N] fp32 natural log).
+        """
         hn, local = self.cfg.heads_per_rank, self.cfg.kvp_rank(self.rank)
         group = self.cfg.heads_per_tpa // self.cfg.kv_heads_per_tpa
-        q = q[:, local * hn : (local + 1) * hn]
+        q = q[:, local * hn : (local + 1) * hn].float()
         kv_idx = torch.arange(local * hn, (local + 1) * hn, device=q.device) // group
-        outs, start = [], 0
-        for n in (int(x) for x in lens):
-            qs, ks, vs = (t[start : start + n].transpose(0, 1) for t in (q, k[:, kv_idx], v[:, kv_idx]))
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qs.float(), ks.float(), vs.float(), is_causal=True, scale=scale)
-            outs.append(o.transpose(0, 1).to(q.dtype))
+        k, v = k[:, kv_idx].float(), v[:, kv_idx].float()
+        outs, lses, start = [], [], 0
+        for n in lens:
+            o, l = causal_attention_lse(q[start : start + n], k[start : start + n], v[start : start + n], scale)
+            outs.append(o)
+            lses.append(l)
             start += n
-        return torch.cat(outs).reshape(q.shape[0], -1)
+        return torch.cat(outs), torch.cat(lses)
 
     def support_triton(self):
         return False
+
+
+def causal_attention_lse(q, k, v, scale: float):
+    """q [n, h, D], k [n, h, D], v [n, h, Dv] (fp32) -> out [n, h, Dv], lse [n, h] (natural log);
+    token t attends to tokens 0..t of the same chunk."""
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    n = q.shape[0]
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    s.masked_fill_(mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [h, n]
+    out = torch.einsum("hqk,khd->qhd", torch.exp(s - lse.unsqueeze(-1)), v)
+    return out, lse.transpose(0, 1)
+
+
+def _rank_and_group(cfg: HelixConfig, rank: Optional[int], kvp_group):
+    """(global attention rank, KVP group): explicit arguments win, else the Helix runtime."""
+    from .sglang_model import runtime
+
+    rt = runtime()
+    if rank is None:
+        rank = rt.rank if rt is not None else _attn_rank()
+    if kvp_group is None and cfg.kvp > 1:
+        if rt is None:
+            raise HelixConfigError(
+                "the helix backend needs its KVP group, created right after SGLang's "
+                "initialize_model_parallel by sglang_helix.sglang_model (is the plugin's AFTER hook "
+                "live? it is installed by sglang_helix.plugin.register())")
+        kvp_group = rt.kvp_group
+    return rank, kvp_group
 
 
 def _layout_of(model_runner: Any) -> HelixConfig:
@@ -172,8 +264,15 @@ def _attn_rank() -> int:
     return get_parallel().attn_tp_rank
 
 
-def create_helix_backend(model_runner: Any) -> HelixAttnBackend:
-    """Factory SGLang's attention registry calls for "helix"."""
+def create_helix_backend(model_runner: Any):
+    """Factory SGLang's attention registry calls for "helix": GQA here, MLA pools go to
+    sglang_helix.sglang_mla.create_helix_mla_backend."""
+    from .sglang_pool import HelixMLATokenToKVPool
+
+    if isinstance(model_runner.token_to_kv_pool, HelixMLATokenToKVPool):
+        from .sglang_mla import create_helix_mla_backend
+
+        return create_helix_mla_backend(model_runner)
     return HelixAttnBackend(model_runner)
 
 

@@ -38,6 +38,8 @@ CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 POOL_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool"
 ALLOCATOR_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool_allocator"
 CAPACITY_TARGET = f"{CONFIGURATOR}.logical_token_capacity"
+LEAK_CHECK_TARGET = ("sglang.srt.managers.scheduler_components.invariant_checker."
+                     "SchedulerInvariantChecker._check_full_pool")
 LAYOUT_ATTR = "_helix_layout"
 
 
@@ -614,10 +616,22 @@ def _around_logical_capacity(original: Callable, kvc: Any, *args: Any, **kwargs:
     return logical_size_for(kvc, layout, kwargs["max_total_num_tokens"])
 
 
+def _around_check_full_pool(original: Callable, checker: Any, ps: Any, *args: Any, **kwargs: Any):
+    """SGLang's leak check needs every free page (as it does for its own sharded allocator);
+    available_size() is the min-color admission floor, so swap in aggregate_free_size()."""
+    allocator = getattr(checker, "token_to_kv_pool_allocator", None)
+    if isinstance(allocator, HelixPagedAllocator):
+        import dataclasses
+
+        ps = dataclasses.replace(ps, full_available_size=allocator.aggregate_free_size())
+    return original(checker, ps, *args, **kwargs)
+
+
 POOL_HOOKS = (
     (POOL_TARGET, _around_build_pool),
     (ALLOCATOR_TARGET, _around_build_allocator),
     (CAPACITY_TARGET, _around_logical_capacity),
+    (LEAK_CHECK_TARGET, _around_check_full_pool),
 )
 
 
@@ -662,3 +676,38 @@ def _cell(cell: Any) -> Any:
         return cell.cell_contents
     except ValueError:
         return None
+
+
+# ----------------------------------------------------------------------------- server info
+
+
+def helix_kv_state(allocator: Any) -> Optional[dict]:
+    """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
+
+    Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
+    per_kvp_rank[c] = {"kvp_rank", "total_pages", "free_pages", "used_pages"} of color c, plus
+    the logical capacity, the rows of one rank's pool (padding page excluded) and, for
+    comparison, the rows a Helix-off pool of the same logical capacity would hold.
+    """
+    if not isinstance(allocator, HelixPagedAllocator):
+        return None
+    from .sglang_model import current_layout
+
+    layout = current_layout()
+    pool = allocator.get_kvcache()
+    counts = allocator.color_free_counts()
+    per = allocator.per_color
+    return {
+        "layout": None if layout is None else {
+            "kvp": layout.kvp, "tpa": layout.tpa, "world_size": layout.world_size,
+            "num_heads": layout.num_heads, "num_kv_heads": layout.num_kv_heads, "mla": layout.mla,
+            "page_size": layout.page_size, "comm_backend": layout.comm_backend,
+            "hopb_slices": layout.hopb_slices},
+        "page_size": allocator.page_size,
+        "logical_tokens": int(allocator.size),
+        "local_pool_rows": int(pool.size),
+        "helix_off_pool_rows": int(allocator.size),
+        "available_tokens": int(allocator.available_size()),
+        "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
+                         for c, n in enumerate(counts)],
+    }

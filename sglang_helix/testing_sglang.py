@@ -64,41 +64,6 @@ CPU_DEFAULT_ARGS = (
 # Variables that would switch Helix (or foreign plugins) on in the child without the caller asking.
 SCRUBBED_ENV = ("SGLANG_HELIX", "SGLANG_PLUGINS")
 
-# Workaround for SGLang 0.5.23's CPU MLA prefill (opt-in: `absorbed_mla=True`).
-# torch_native has no DeepSeek dispatch handler, so it falls back to Triton's: a prefill without
-# cached prefix takes the MHA path (forward_normal_core), and TorchNativeAttnBackend.forward_extend
-# then attends the per-head q (qk_nope + rope) against the pool's *latent* buffers
-# (kv_lora_rank + rope) instead of the decompressed k/v. That crashes when kv_lora_rank !=
-# qk_nope_head_dim and silently computes wrong attention when they are equal. Routing every
-# forward to the absorbed MLA path (as decode already does) is correct for any shape. Loaded via
-# sitecustomize in every SGLang process (spawned ranks included), applied right after SGLang's
-# attention_backend_handler module executes; it prints a marker line the log can be checked for.
-ABSORBED_MLA_MARKER = "sglang_helix.testing_sglang: torch_native MLA forced to the absorbed path"
-_ABSORBED_MLA_SITECUSTOMIZE = f'''
-import importlib.abc, importlib.util, sys
-_TARGET = "sglang.srt.models.deepseek_common.attention_backend_handler"
-
-class _AbsorbedMlaFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != _TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            module.AttentionBackendRegistry.register(
-                "torch_native", lambda attn, batch: module._dispatch_mla_subtype(attn, batch))
-            print("{ABSORBED_MLA_MARKER}", flush=True)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-sys.meta_path.insert(0, _AbsorbedMlaFinder())
-'''
-
-
 class ServerStartError(RuntimeError):
     """The SGLang server exited or did not answer /health before its deadline (log tail inside)."""
 
@@ -121,39 +86,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def child_env(
-    tp: int, env: Mapping[str, str] | None = None, *, absorbed_mla: bool = False
-) -> dict[str, str]:
+def child_env(tp: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for an SGLang child with `tp` CPU ranks.
 
     Starts from os.environ minus SCRUBBED_ENV, applies `env` (caller wins), then fills the CPU
-    multi-rank variables the caller did not set (`sglang_helix.cpu_env`). `absorbed_mla` puts
-    the MLA prefill workaround (see ABSORBED_MLA_MARKER) first on PYTHONPATH.
+    multi-rank variables the caller did not set (`sglang_helix.cpu_env`). SGLang's broken CPU MLA
+    prefill is fixed by the plugin itself (sglang_mla.install_cpu_absorbed_mla; opt out with
+    SGLANG_HELIX_CPU_MLA_FIX=0 in `env`).
     """
     out = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     out.update(env or {})
     out["PYTHONUNBUFFERED"] = "1"
     apply_cpu_env(tp, out)
-    if absorbed_mla:
-        paths = [absorbed_mla_dir(), out.get("PYTHONPATH", "")]
-        out["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return out
-
-
-_absorbed_mla_dir: str | None = None
-
-
-def absorbed_mla_dir() -> str:
-    """A private directory holding the workaround's sitecustomize.py (written once per process).
-
-    Note: it shadows any other sitecustomize module in the child (none in our environments).
-    """
-    global _absorbed_mla_dir
-    if _absorbed_mla_dir is None:
-        directory = tempfile.mkdtemp(prefix="sglang_helix_absorbed_mla_")
-        Path(directory, "sitecustomize.py").write_text(_ABSORBED_MLA_SITECUSTOMIZE)
-        _absorbed_mla_dir = directory
-    return _absorbed_mla_dir
 
 
 # ---------------------------------------------------------------- process tree
@@ -273,11 +218,9 @@ def launch_server(
     timeout: float = DEFAULT_START_TIMEOUT_S,
     env: Mapping[str, str] | None = None,
     log_dir: str | os.PathLike[str] | None = None,
-    absorbed_mla: bool = False,
 ) -> Iterator[Server]:
     """Start an SGLang server on a free port, wait for /health, yield it, always kill the tree.
 
-    `absorbed_mla=True` applies the CPU MLA prefill workaround (ABSORBED_MLA_MARKER).
     Raises ServerStartError (with the log tail) if the server exits or is not healthy within
     `timeout` seconds. The log goes to `log_dir` (default: a temp dir) as sglang-<port>.log.
     """
@@ -290,7 +233,7 @@ def launch_server(
         log.flush()
         popen = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env(tp, env, absorbed_mla=absorbed_mla), start_new_session=True,
+            env=child_env(tp, env), start_new_session=True,
             preexec_fn=_die_with_parent,
         )
     server = Server(f"http://127.0.0.1:{port}", port, tp, log_path, popen, argv=argv)
@@ -471,7 +414,6 @@ def run_engine(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = DEFAULT_START_TIMEOUT_S,
-    absorbed_mla: bool = False,
 ) -> list[list[int]]:
     """Greedy-generate with an offline `sglang.Engine` in a fresh subprocess; return output ids.
 
@@ -487,7 +429,7 @@ def run_engine(
         popen = subprocess.Popen(
             [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(spec)], stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env(tp, env, absorbed_mla=absorbed_mla),
+            env=child_env(tp, env),
             start_new_session=True,
         )
         try:

@@ -2,8 +2,10 @@
 
 Each rank builds its Helix pool + colored allocator (same op stream -> same locs everywhere), a
 HelixAttnBackend with its KVP group from create_kvp_groups, prefills a ragged batch through
-forward_extend and decodes several steps (crossing page boundaries, staggered append) through
-init_forward_metadata + forward_decode. Every output is compared with fp32 full attention over
+forward_extend, decodes several steps (crossing page boundaries, staggered append) through
+init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
+page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
+chunk's causal attention). Every output is compared with fp32 full attention over
 the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N).
 """
 
@@ -46,7 +48,7 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
 
     sgl_kernel_cpu_stub.install()
     from sglang_helix import sglang_pool as sp
-    from sglang_helix.sglang_backend import HelixAttnBackend
+    from sglang_helix.sglang_backend import HelixAttnBackend, create_kvp_groups
 
     cfg = HelixConfig(kvp=kvp, tpa=tpa, num_heads=H, num_kv_heads=K, page_size=P)
     kvp_rank, tpa_rank = cfg.kvp_rank(rank), cfg.tpa_rank(rank)
@@ -58,7 +60,7 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
     runner = SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=r2t),
                              token_to_kv_pool=pool, server_args=SimpleNamespace(_helix_layout=cfg),
                              model_config=SimpleNamespace(context_len=64))
-    backend = HelixAttnBackend(runner, rank=rank, impl="torch")
+    backend = HelixAttnBackend(runner, rank=rank, kvp_group=create_kvp_groups(cfg, rank), impl="torch")
     g = torch.Generator().manual_seed(0)  # identical on every rank: same model inputs
     scale, layer = D ** -0.5, SimpleNamespace(layer_id=0, scaling=D ** -0.5)
     heads = slice(rank * H // world, (rank + 1) * H // world)  # this rank's output heads
@@ -105,14 +107,51 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
             ref = _full(qd[i, heads], keys[i].repeat_interleave(group, 1)[:, heads],
                         vals[i].repeat_interleave(group, 1)[:, heads], scale)
             errs.append(float((out[i] - ref).abs().max()))
-    return max(errs), tuple(out.shape)
+    dec_shape = tuple(out.shape)
+    errs.append(_extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer))
+    return max(errs), dec_shape
 
 
-@pytest.mark.parametrize("kvp,tpa", [(2, 1), (1, 2)])
+NEW = [5, 3, 9, 1]  # chunk lengths appended after the cached (decoded) prefix
+
+
+def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer) -> float:
+    """A second prefill chunk per request over its cached prefix (lens, not page-aligned)."""
+    world, tpa_rank = cfg.world_size, cfg.tpa_rank(rank)
+    new = torch.tensor(NEW)
+    req_idx = torch.arange(len(NEW))
+    locs = alloc.alloc_extend(lens, lens, lens + new, lens + new, r2t[req_idx, lens - 1].to(torch.int64),
+                              int(new.sum()))
+    start = 0
+    for i, n in enumerate(NEW):
+        r2t[i, int(lens[i]) : int(lens[i]) + n] = locs[start : start + n].to(torch.int32)
+        start += n
+    qn = torch.randn(int(new.sum()), H, D, generator=g)
+    kn, vn = torch.randn(int(new.sum()), K, D, generator=g), torch.randn(int(new.sum()), K, DV, generator=g)
+    batch = SimpleNamespace(forward_mode=_Mode(False), out_cache_loc=locs, extend_prefix_lens_cpu=lens.clone(),
+                            extend_seq_lens_cpu=new, req_pool_indices=req_idx)
+    backend.init_forward_metadata(batch)
+    q_heads = slice(tpa_rank * H // cfg.tpa, (tpa_rank + 1) * H // cfg.tpa)
+    kv_heads = slice(tpa_rank * K // cfg.tpa, (tpa_rank + 1) * K // cfg.tpa)
+    out = backend.forward_extend(qn[:, q_heads].reshape(len(qn), -1), kn[:, kv_heads], vn[:, kv_heads],
+                                 layer, batch).view(len(qn), -1, DV)
+    heads, group, errs, start = slice(rank * H // world, (rank + 1) * H // world), H // K, [], 0
+    for i, n in enumerate(NEW):
+        k_all = torch.cat([keys[i], kn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
+        v_all = torch.cat([vals[i], vn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
+        for t in range(n):
+            stop = int(lens[i]) + t + 1
+            ref = _full(qn[start + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
+            errs.append(float((out[start + t] - ref).abs().max()))
+        start += n
+    return max(errs)
+
+
+@pytest.mark.parametrize("kvp,tpa", [(2, 1), (1, 2), (2, 2)])
 def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa):
     results = run_ranks(_rank_main, kvp * tpa, (kvp, tpa), timeout=150)
     for err, shape in results:
-        assert shape == (len(SEQS), H // (kvp * tpa), DV)
+        assert shape == (len(SEQS), H // (kvp * tpa), DV)  # decode; extend errors are in err
         assert err < 1e-5, results
 
 

@@ -161,12 +161,28 @@ def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
 
 
 @needs_sglang
-def test_valid_helix_launch_says_not_implemented_with_layout(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix")
+def test_helix_launch_refuses_page_size_1_naming_the_flag(tmp_path, tiny_llama):
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "1")
     assert proc.returncode != 0
-    assert "HelixNotImplementedError" in proc.stderr
-    assert "validated layout: GQA KVP=1 x TPA=2 (N=2), H=4, K=2" in proc.stderr
+    assert "Helix: --page-size 1" in proc.stderr and "use --page-size 16" in proc.stderr
     assert "Load weight" not in proc.stderr + proc.stdout
+
+
+@needs_sglang
+def test_helix_launch_refuses_hicache_naming_the_flag(tmp_path, tiny_llama):
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "4",
+                  "--enable-hierarchical-cache")
+    assert proc.returncode != 0
+    assert "drop --enable-hierarchical-cache" in proc.stderr
+    assert "Load weight" not in proc.stderr + proc.stdout
+
+
+@needs_sglang
+def test_helix_launch_refuses_mixed_chunk_naming_the_flag(tmp_path, tiny_llama):
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "4",
+                  "--enable-mixed-chunk")
+    assert proc.returncode != 0
+    assert "drop --enable-mixed-chunk" in proc.stderr
 
 
 # ------------------------------------------------------------------ sgl_kernel stand-in
@@ -176,10 +192,14 @@ def test_valid_helix_launch_says_not_implemented_with_layout(tmp_path, tiny_llam
 def clean_stub(monkeypatch):
     if stub.MODULE_NAME in sys.modules and not stub.is_stub_module(sys.modules[stub.MODULE_NAME]):
         pytest.skip("a real sgl_kernel is imported in this process")
+    was_installed = stub.MODULE_NAME in sys.modules or stub._installed_dir is not None
     stub._reset_for_tests()
     monkeypatch.setattr(sys, "path", list(sys.path))
     yield
     stub._reset_for_tests()
+    if was_installed:  # later tests in this process (e.g. the pool tests) import SGLang's CPU engine
+        monkeypatch.undo()
+        stub.install({"SGLANG_USE_CPU_ENGINE": "1"})
 
 
 def _child_imports_sgl_kernel(queue) -> None:

@@ -498,7 +498,7 @@ def test_install_pool_hooks_live_after_apply():
         "from sglang_helix import sglang_pool as sp\n"
         "from sglang.srt.plugins.hook_registry import HookRegistry\n"
         "sp.install_pool_hooks(); sp.install_pool_hooks()\n"
-        "assert len(sp.pool_hooks_live()) == 3\n"
+        "assert len(sp.pool_hooks_live()) == len(sp.POOL_HOOKS) == 4\n"
         "HookRegistry.apply_hooks()\n"
         "assert sp.pool_hooks_live() == [], sp.pool_hooks_live()\n"
         "print('OK')\n"

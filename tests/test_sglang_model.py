@@ -1,0 +1,111 @@
+"""sglang_helix.sglang_model without a server: attention re-shaping, CPU head-padding undo,
+pass-through when Helix is off, hook registration and liveness."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_helix import sglang_model as sm
+from sglang_helix.config import HelixConfig
+
+needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+
+
+def _attn(h=8, k=2, d=16, tp=2):
+    radix = SimpleNamespace(tp_q_head_num=h // tp, tp_k_head_num=max(1, k // tp),
+                            tp_v_head_num=max(1, k // tp), quant_method=None)
+    return SimpleNamespace(total_num_heads=h, total_num_kv_heads=k, head_dim=d, hidden_size=64,
+                           num_heads=h // tp, num_kv_heads=max(1, k // tp), q_size=0, kv_size=0,
+                           qkv_proj="stock", attn=radix)
+
+
+def test_apply_helix_heads_kvp1_keeps_stock_qkv_and_sets_tpa_heads():
+    layout = HelixConfig(kvp=1, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    attn = _attn()
+    sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="x.qkv_proj")
+    assert attn.qkv_proj == "stock"  # TP = N = TPA already shards QKV TPA ways
+    assert (attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size) == (4, 1, 64, 16)
+    assert (attn.attn.tp_q_head_num, attn.attn.tp_k_head_num, attn.attn.tp_v_head_num) == (4, 1, 1)
+
+
+def test_apply_helix_heads_kvp2_rebuilds_qkv_tpa_ways(monkeypatch):
+    layout = HelixConfig(kvp=2, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    built = []
+    monkeypatch.setattr(sm, "_tpa_qkv", lambda attn, lay, bias, qc, prefix: built.append((lay.kvp, prefix)) or "tpa")
+    attn = _attn(tp=4)
+    sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="m.qkv_proj")
+    assert attn.qkv_proj == "tpa" and built == [(2, "m.qkv_proj")]
+    assert (attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size) == (4, 1, 64, 16)
+
+
+def test_apply_helix_heads_refuses_mismatched_heads_and_quantized_kv():
+    layout = HelixConfig(kvp=1, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    with pytest.raises(sm.HelixModelError, match="H=16"):
+        sm.apply_helix_heads(_attn(h=16, k=4), layout, bias=False, quant_config=None, qkv_prefix="")
+    attn = _attn()
+    attn.attn.quant_method = object()
+    with pytest.raises(sm.HelixModelError, match="quantized attention"):
+        sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="")
+
+
+def test_init_hook_passes_through_without_helix(monkeypatch):
+    monkeypatch.setattr(sm, "current_layout", lambda: None)
+    calls = []
+    sm._around_gqa_attention_init(lambda self, *a, **k: calls.append((a, k)), SimpleNamespace(), 1, x=2)
+    assert calls == [((1,), {"x": 2})]
+    cfg = SimpleNamespace(num_attention_heads=16, num_key_value_heads=4)
+    assert sm._around_unaligned_cpu_tp(lambda c, *a: c, cfg, None, 4) is cfg
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (16, 4)
+
+
+def test_cpu_head_padding_is_undone_under_helix(monkeypatch):
+    layout = HelixConfig(kvp=2, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    monkeypatch.setattr(sm, "current_layout", lambda: layout)
+    hf = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
+    mc = SimpleNamespace(num_attention_heads=8, hf_config=hf, hf_text_config=hf)
+
+    def pad(c, load_config, tp):  # what SGLang's CPU engine does for K % TP != 0
+        for o in (c, c.hf_config):
+            o.num_attention_heads, o.num_key_value_heads = 16, 4
+        c.hf_config.intermediate_size = 132
+        return c
+
+    out = sm._around_unaligned_cpu_tp(pad, mc, None, 4)
+    assert (out.num_attention_heads, out.num_key_value_heads) == (8, 2)
+    assert (hf.num_attention_heads, hf.num_key_value_heads, hf.intermediate_size) == (8, 2, 132)
+
+
+def test_init_runtime_once(monkeypatch):
+    monkeypatch.setattr(sm, "_RUNTIME", None)
+    layout = HelixConfig(kvp=2, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    made = []
+    rt = sm.init_runtime(layout, 3, group_factory=lambda ranks: made.append(ranks) or tuple(ranks))
+    assert made == [[0, 1], [2, 3]] and rt.kvp_group == (2, 3) and sm.runtime() is rt
+    with pytest.raises(sm.HelixModelError, match="already"):
+        sm.init_runtime(layout, 3, group_factory=lambda ranks: None)
+
+
+@needs_sglang
+def test_model_hooks_register_and_apply_subprocess():
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"
+        "from sglang_helix import sgl_kernel_cpu_stub; sgl_kernel_cpu_stub.install()\n"
+        "from sglang_helix import sglang_model as sm\n"
+        "from sglang.srt.plugins.hook_registry import HookRegistry\n"
+        "sm.install_model_hooks(); sm.install_model_hooks()\n"
+        "before = sm.model_hooks_live()\n"
+        "HookRegistry.apply_hooks()\n"
+        "assert len(before) == len(sm.MODEL_HOOKS), before\n"
+        "assert sm.model_hooks_live() == [], sm.model_hooks_live()\n"
+        "import sglang.srt.distributed.bootstrap as b, sglang.srt.distributed.parallel_state as ps\n"
+        "assert b.initialize_model_parallel is ps.initialize_model_parallel\n"
+        "print('OK')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
