@@ -354,8 +354,11 @@ def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
     layout = resolve_helix_args(helix, cfg, model_info)
     check_serving_support(cfg)
     setattr(server_args, LAYOUT_ATTR, layout)
+    # The helix backends do not implement SGLang's CUDA-graph capture hooks yet (GPU only;
+    # CPU never captures), so graphs are switched off rather than captured wrongly.
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
-                       decode_attention_backend="helix")
+                       decode_attention_backend="helix", disable_decode_cuda_graph=True,
+                       disable_prefill_cuda_graph=True)
     logger.info("sglang_helix: Helix layout %s", describe_serving(layout, hf))
 
 

@@ -46,6 +46,7 @@ def test_launch_line_satisfies_helix_config(capsys, model, gpus, extra):
     assert line.startswith("python -m sglang.launch_server --model-path " + get_model(model).hf_id)
     argv = shlex.split(line)
     assert "--enable-helix" in argv, line  # 1M context: Helix wins on these models
+    assert int(argv[argv.index("--page-size") + 1]) >= 2  # the plugin refuses page size 1
     spec = get_model(model)
     info = ModelInfo(spec.architecture, spec.num_heads, spec.num_kv_heads, spec.mla)
     cfg = resolve_helix_args(parse_helix_argv(argv), _server_args(argv), info)

@@ -97,10 +97,26 @@ def _check_shared_prefix(server, prompts, follow_up, refs):
 
 
 class TestHelixTp2:
+    """Helix KVP 2 with HOP-B (2 batch slices: the 3 concurrent requests decode as 2 + 1)."""
+
     @pytest.fixture(scope="class")
     def server(self, model):
-        with _serve(model, ["--enable-helix"]) as server:
+        with _serve(model, ["--enable-helix", "--helix-hopb-slices", "2"]) as server:
             yield server
+
+    def test_openai_endpoints_and_helix_state(self, server, model):
+        ts.request_json(server.base_url + "/health")  # raises RequestError unless HTTP 200
+        done = ts.request_json(server.base_url + "/v1/completions", {
+            "model": str(model), "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert done["usage"]["completion_tokens"] >= 1
+        chat = ts.request_json(server.base_url + "/v1/chat/completions", {
+            "model": str(model), "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4, "temperature": 0})
+        assert chat["choices"][0]["message"]["role"] == "assistant"
+        state = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
+        assert state["layout"]["mla"] and state["layout"]["kvp"] == 2
+        assert state["layout"]["hopb_slices"] == 2
+        assert [r["kvp_rank"] for r in state["per_kvp_rank"]] == [0, 1]
 
     def test_helix_mla_path_is_live(self, server):
         log = server.log(10**7)

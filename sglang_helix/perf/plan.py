@@ -153,8 +153,9 @@ def launch_line(model, lay: Layout, batch: int) -> str:
     tail = f" --max-running-requests {batch}"
     if lay.kind == "helix":
         hop = min(lay.hopb, batch)
-        return (f"{head} --tp-size {lay.attn_group}{ep} --enable-helix --helix-kvp-size {lay.kvp} "
-                f"--helix-tpa-size {lay.tpa} --helix-hopb-slices {hop}{tail}")
+        # Helix colors whole pages (page size >= 2); 64 matches the single-layer benchmark.
+        return (f"{head} --tp-size {lay.attn_group}{ep} --page-size 64 --enable-helix "
+                f"--helix-kvp-size {lay.kvp} --helix-tpa-size {lay.tpa} --helix-hopb-slices {hop}{tail}")
     if lay.kind == "tp":
         return f"{head} --tp-size {lay.attn_group}{ep}{tail}"
     if lay.kind == "pp":
