@@ -26,7 +26,8 @@ LSE, which the Helix backend will wrap; unset means "let SGLang pick", checked a
   cpu:  torch_native, triton (TRITON_INTERPRET). Not intel_amx: it needs the real CPU sgl-kernel.
   cuda: triton, flashinfer, fa3 (MHA/GQA and MLA); flashmla, trtllm_mla (MLA only).
 Architectures with a Helix path: DeepSeek-V2/V3-style MLA (DeepseekV2ForCausalLM,
-DeepseekV3ForCausalLM) and Llama-style GQA (LlamaForCausalLM).
+DeepseekV3ForCausalLM) and GQA whose attention layer sglang_model hooks (LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ GROUP_DESCRIPTION = (
 ENV_VAR = "SGLANG_HELIX"
 
 MLA_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
-# Only architectures whose attention layer sglang_helix.sglang_model hooks (Qwen2/Qwen3/Mistral
-# attention classes are not hooked yet).
-GQA_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+# Exactly the architectures whose attention class sglang_helix.sglang_model hooks
+# (sglang_model.GQA_ATTENTION_CLASSES; a test keeps the two equal). MistralForCausalLM is
+# SGLang's LlamaForCausalLM subclass, so it builds the hooked LlamaAttention.
+GQA_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
 HELIX_ATTENTION_BACKENDS: Mapping[str, frozenset[str]] = {
     "cpu": frozenset({"torch_native", "triton"}),
     "cuda": frozenset({"triton", "flashinfer", "fa3", "flashmla", "trtllm_mla"}),

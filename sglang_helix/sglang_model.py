@@ -5,13 +5,16 @@ State (set once per scheduler process, read by the backend; nothing else is glob
     `parallel_state.initialize_model_parallel`, right after SGLang built its TP groups, on every
     rank in the same order (`create_kvp_groups` is collective). `runtime()` returns it.
 
-Model side (AROUND hook on `LlamaAttention.__init__`): under Helix the layer of global rank
+Model side (one AROUND hook on the __init__ of every class in GQA_ATTENTION_CLASSES: Llama's,
+Qwen2's and Qwen3's attention): under Helix the layer of global rank
 g = tpa_rank * KVP + kvp_rank computes
     q for its TPA group's H/TPA heads and k/v for K/TPA KV heads
       -> qkv_proj rebuilt as QKVParallelLinear sharded TPA ways (SGLang's
-         ReplicatedParallelGroup("tp", KVP): rank_in_group = g // KVP = tpa_rank, world = TPA),
+         ReplicatedParallelGroup(<the stock qkv_proj's group: "tp", Qwen3 "attn_tp">, KVP):
+         rank_in_group = g // KVP = tpa_rank, world = TPA; bias kept as the stock layer had it),
          so weight loading shards Q/K/V TPA ways with SGLang's own loaders;
-    RadixAttention with H/TPA query heads and K/TPA KV heads;
+    RadixAttention with H/TPA query heads and K/TPA KV heads (Qwen3's per-head q/k RMSNorm has
+      one [D] weight shared by all heads, so it runs unchanged on H/TPA and K/TPA heads);
     the backend returns [T, H/N * Dv] (heads [g*H/N, (g+1)*H/N)) for the unchanged o_proj
       (RowParallelLinear, TP = N).
 With KVP == 1 the stock TP = N sharding already is TPA-way, so nothing is rebuilt. Without a
@@ -33,9 +36,32 @@ logger = logging.getLogger(__name__)
 
 INIT_MP_TARGET = "sglang.srt.distributed.parallel_state.initialize_model_parallel"
 CPU_TP_PAD_TARGET = "sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp"
-GQA_ATTENTION_TARGETS = ("sglang.srt.models.llama.LlamaAttention.__init__",)
-# Architectures whose attention layer is one of the hooked classes (checked at validation).
-from .args import GQA_ARCHITECTURES  # noqa: E402,F401  (the architectures this module hooks)
+
+
+@dataclass(frozen=True)
+class GqaAttentionClass:
+    """One SGLang GQA attention class re-shaped for Helix by the AROUND hook on its __init__.
+
+    path: "module.Class"; architectures: the HF architectures whose SGLang model builds it
+    (their union is args.GQA_ARCHITECTURES, the architectures validation lets through).
+    """
+
+    path: str
+    architectures: tuple[str, ...]
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}.__init__"
+
+
+# SGLang 0.5.23: MistralForCausalLM is `class MistralForCausalLM(LlamaForCausalLM): pass`.
+GQA_ATTENTION_CLASSES = (
+    GqaAttentionClass("sglang.srt.models.llama.LlamaAttention",
+                      ("LlamaForCausalLM", "MistralForCausalLM")),
+    GqaAttentionClass("sglang.srt.models.qwen2.Qwen2Attention", ("Qwen2ForCausalLM",)),
+    GqaAttentionClass("sglang.srt.models.qwen3.Qwen3Attention", ("Qwen3ForCausalLM",)),
+)
+GQA_ATTENTION_TARGETS = tuple(cls.target for cls in GQA_ATTENTION_CLASSES)
 
 
 class HelixModelError(RuntimeError):
@@ -110,6 +136,16 @@ def _after_initialize_model_parallel(result: Any, *args: Any, **kwargs: Any) -> 
 # ---------------------------------------------------------------- attention layer
 
 
+def stock_qkv_group(qkv_proj: Any) -> str:
+    """The TP group the stock qkv_proj is sharded over: "tp" (Llama, Qwen2) or "attn_tp" (Qwen3)."""
+    group = getattr(qkv_proj, "parallel_group", None) or "tp"
+    if group not in ("tp", "attn_tp"):
+        raise HelixModelError(f"qkv_proj is built with parallel_group={group!r}; Helix can shard "
+                              "only a \"tp\" / \"attn_tp\" QKV projection TPA ways. Drop "
+                              "--enable-helix for this model")
+    return group
+
+
 def _tpa_qkv(attn: Any, layout: HelixConfig, bias: bool, quant_config: Any, prefix: str):
     """QKVParallelLinear holding this rank's TPA group's Q (H/TPA) and K/V (K/TPA) heads."""
     from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedParallelGroup
@@ -117,13 +153,13 @@ def _tpa_qkv(attn: Any, layout: HelixConfig, bias: bool, quant_config: Any, pref
     return QKVParallelLinear(
         attn.hidden_size, attn.head_dim, attn.total_num_heads, attn.total_num_kv_heads,
         bias=bias, quant_config=quant_config, prefix=prefix,
-        parallel_group=ReplicatedParallelGroup("tp", layout.kvp),
+        parallel_group=ReplicatedParallelGroup(stock_qkv_group(attn.qkv_proj), layout.kvp),
     )
 
 
 def apply_helix_heads(attn: Any, layout: HelixConfig, *, bias: bool, quant_config: Any,
                       qkv_prefix: str) -> None:
-    """Re-shape one GQA attention module (LlamaAttention-like) for Helix, in place.
+    """Re-shape one GQA attention module (any of GQA_ATTENTION_CLASSES) for Helix, in place.
 
     After: attn.num_heads = H/TPA, attn.num_kv_heads = K/TPA, q_size/kv_size to match,
     qkv_proj -> [T, (H/TPA + 2 K/TPA) * D], attn.attn (RadixAttention) H/TPA and K/TPA heads.
@@ -147,6 +183,10 @@ def apply_helix_heads(attn: Any, layout: HelixConfig, *, bias: bool, quant_confi
 
 
 def _around_gqa_attention_init(original: Callable, self: Any, *args: Any, **kwargs: Any) -> None:
+    """The one hook for every GQA_ATTENTION_CLASSES __init__: stock init, then Helix heads.
+
+    Reads only what all hooked classes share: the `quant_config` and `prefix` arguments, and the
+    built module's head counts, head_dim, hidden_size, qkv_proj (bias, group) and attn."""
     original(self, *args, **kwargs)
     layout = current_layout()
     if layout is None:

@@ -1,8 +1,12 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Three kinds (all fp32 by default, weights from transformers' own model classes, seeded):
+Five kinds (all fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
+- ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
+  zero init, so sharding the bias is exercised).
+- ``"qwen3"``: Qwen3ForCausalLM, the same as qwen2 without bias, with per-head q/k RMSNorm (random weights
+  around 1, not transformers' ones).
 - ``"mla"``: DeepSeek-V3-style MLA + MoE with *realistic proportions*: ``kv_lora_rank`` 48 !=
   ``qk_nope_head_dim`` 24 (DeepSeek-V3: 512 / 128), rope dim 8, ``q_lora_rank`` 32, first layer
   dense then MoE on every layer (``moe_layer_freq=1``), 4 routed experts in 2 groups (top-2, one
@@ -39,7 +43,8 @@ from typing import Any
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "mla", "mla-compat")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat")
+GQA_KINDS = ("gqa", "qwen2", "qwen3")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -103,6 +108,17 @@ def gqa_config(common: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def qwen_config(common: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2/Qwen3: H=8, K=2, D=16 as gqa_config, but hidden 128 = H x D (as in real Qwen
+    checkpoints): SGLang 0.5.23's Qwen2 layer takes D = hidden / H whenever the CPU engine set
+    `original_num_attention_heads` (TP > 1), ignoring `head_dim`. Full attention, no sliding window."""
+    cfg = {**gqa_config(common), "hidden_size": 128, "intermediate_size": 256,
+           "use_sliding_window": False, "sliding_window": None}
+    for key in ("attention_bias", "mlp_bias"):  # Qwen2: q/k/v bias always; Qwen3: none
+        cfg.pop(key)
+    return cfg
+
+
 def mla_config(common: dict[str, Any], *, kv_lora_rank: int, qk_nope_head_dim: int) -> dict[str, Any]:
     """DeepSeek-V3-style MLA + MoE; the fields SGLang 0.5.23 needs are set explicitly."""
     return {
@@ -134,6 +150,8 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     common = _common_config(vocab_size, bos_id, eos_id, pad_id)
     if kind == "gqa":
         return gqa_config(common)
+    if kind in ("qwen2", "qwen3"):
+        return qwen_config(common)
     if kind == "mla":
         return mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
@@ -184,30 +202,39 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 # ---------------------------------------------------------------- weights
 
 
+_MODEL_CLASSES = {
+    "gqa": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mla": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "mla-compat": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+}
+
+# Tensors transformers initialises to constants that real checkpoints learn; randomised so the
+# code paths using them are exercised: name suffix -> (offset, scale) of offset + scale * N(0, 1).
+_RANDOMIZED = {
+    "e_score_correction_bias": (0.0, 0.1),  # noaux_tc routing bias (zeros)
+    "q_proj.bias": (0.0, 0.1), "k_proj.bias": (0.0, 0.1), "v_proj.bias": (0.0, 0.1),  # Qwen2
+    "q_norm.weight": (1.0, 0.2), "k_norm.weight": (1.0, 0.2),  # Qwen3 per-head RMSNorm (ones)
+}
+
+
 def _model_class(kind: str) -> tuple[Any, Any]:
-    if kind == "gqa":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-        return LlamaConfig, LlamaForCausalLM
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    return DeepseekV3Config, DeepseekV3ForCausalLM
+    config_name, model_name = _MODEL_CLASSES[kind]
+    return getattr(transformers, config_name), getattr(transformers, model_name)
 
 
-def _randomize_router_bias(model: Any, generator: Any) -> None:
-    """Give noaux_tc's e_score_correction_bias non-zero values so routing exercises it.
-
-    transformers initialises it to zeros; real checkpoints carry a learned bias.
-    """
+def _randomize_constant_init(model: Any, generator: Any) -> None:
+    """Overwrite the constant-initialised tensors named in _RANDOMIZED (seeded, in place)."""
     import torch
 
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            buf.copy_(torch.randn(buf.shape, generator=generator) * 0.1)
-    for name, param in model.named_parameters():
-        if name.endswith("e_score_correction_bias"):
-            with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    tensors = [*model.named_buffers(), *model.named_parameters()]
+    for name, tensor in tensors:
+        for suffix, (offset, scale) in _RANDOMIZED.items():
+            if name.endswith(suffix):
+                tensor.data.copy_(offset + torch.randn(tensor.shape, generator=generator) * scale)
 
 
 def build_weights(kind: str, cfg: dict[str, Any], directory: Path, seed: int, dtype: str) -> None:
@@ -223,7 +250,7 @@ def build_weights(kind: str, cfg: dict[str, Any], directory: Path, seed: int, dt
     torch.manual_seed(seed)
     with torch.no_grad():
         model = model_cls(config).to(getattr(torch, dtype))
-        _randomize_router_bias(model, torch.Generator().manual_seed(seed + 1))
+        _randomize_constant_init(model, torch.Generator().manual_seed(seed + 1))
     model.eval()
     model.generation_config.do_sample = False
     model.save_pretrained(directory, safe_serialization=True)

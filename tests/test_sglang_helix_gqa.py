@@ -13,12 +13,14 @@ prefix: partial attention over local prefix pages + one exchange); chunked prefi
 TPA 1 runs with --chunked-prefill-size 16, so long prompts are prefilled in chunks over their own
 cached KV); Helix state in /server_info: per-rank pool = 1/KVP of the logical capacity (+-1
 page), free pages back to the start after finished and aborted requests and /flush_cache.
+A small pool (--max-total-tokens 256) forces radix-cache eviction (KVP 2 x TPA 1).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import threading
 import time
 import urllib.request
@@ -169,3 +171,37 @@ def test_kvp1_tpa2_tp2(model, prompts, references):
 
 def test_kvp2_tpa2_tp4(model, prompts, references):
     serve_and_check(model, prompts, references, kvp=2, tpa=2, page=4, abort=False)
+
+
+EVICT_TOTAL_TOKENS = 256
+EVICT_PROMPTS, EVICT_PROMPT_LEN = 8, 40
+
+
+def distinct_prompts(n: int, length: int) -> list[list[int]]:
+    """n seeded random prompts with distinct first tokens (no shared prefix in the radix tree)."""
+    rng = random.Random(0)
+    return [[20 + i] + [rng.randrange(20, 370) for _ in range(length - 1)] for i in range(n)]
+
+
+def test_kvp2_tpa1_radix_eviction_small_pool(model):
+    """8 distinct 50-token requests (40 prompt + 10 new), two at a time, through a 256-token
+    pool: finished requests stay in the radix cache until later ones need their pages, so the
+    oldest are evicted. Outputs match the reference; re-sent, the first prompt is recomputed
+    (cached_tokens 0) while the last one is still cached, both match; after /flush_cache every KVP rank's pages are all free."""
+    prompts = distinct_prompts(EVICT_PROMPTS, EVICT_PROMPT_LEN)
+    refs = reference_greedy(model, prompts, MAX_NEW)
+    args = helix_args(2, 1, 4, "--max-total-tokens", str(EVICT_TOTAL_TOKENS))
+    with ts.launch_server(model, args, tp=2, timeout=START_TIMEOUT_S) as server:
+        start = check_state_at_start(server, 2, 4)
+        assert sum(len(p) + MAX_NEW for p in prompts) > 1.5 * helix_state(server)["logical_tokens"]
+        for i in range(0, len(prompts), 2):
+            answers = ts.generate_concurrent(server.base_url, prompts[i:i + 2],
+                                             max_new_tokens=MAX_NEW, return_logprob=True)
+            assert_matches(answers, refs[i:i + 2], server.argv)
+        oldest, newest = (ts.generate(server.base_url, prompts[i], max_new_tokens=MAX_NEW,
+                                      return_logprob=True) for i in (0, -1))
+        assert oldest["meta_info"]["cached_tokens"] == 0  # evicted
+        assert newest["meta_info"]["cached_tokens"] >= EVICT_PROMPT_LEN - 4  # still cached
+        assert_matches([oldest, newest], [refs[0], refs[-1]], server.argv)
+        check_state_returns(server, start)
+        assert all(r["free_pages"] == r["total_pages"] for r in helix_state(server)["per_kvp_rank"])

@@ -1,14 +1,17 @@
-"""sglang_helix.sglang_model without a server: attention re-shaping, CPU head-padding undo,
-pass-through when Helix is off, hook registration and liveness."""
+"""sglang_helix.sglang_model without a server: attention re-shaping (one generic hook for the
+Llama, Qwen2 and Qwen3 attention classes), CPU head-padding undo, pass-through when Helix is off,
+hook registration and liveness."""
 
 from __future__ import annotations
 
 import importlib.util
-from types import SimpleNamespace
+import sys
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 from sglang_helix import sglang_model as sm
+from sglang_helix.args import GQA_ARCHITECTURES
 from sglang_helix.config import HelixConfig
 
 needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
@@ -49,6 +52,78 @@ def test_apply_helix_heads_refuses_mismatched_heads_and_quantized_kv():
     attn.attn.quant_method = object()
     with pytest.raises(sm.HelixModelError, match="quantized attention"):
         sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="")
+
+
+def test_hooked_classes_are_exactly_the_validated_architectures():
+    archs = [a for cls in sm.GQA_ATTENTION_CLASSES for a in cls.architectures]
+    assert len(archs) == len(set(archs)) and set(archs) == GQA_ARCHITECTURES
+    assert {c.path.rsplit(".", 1)[1] for c in sm.GQA_ATTENTION_CLASSES} == {
+        "LlamaAttention", "Qwen2Attention", "Qwen3Attention"}
+    hooked = {t for t, kind, hook in sm.MODEL_HOOKS if hook is sm._around_gqa_attention_init}
+    assert hooked == set(sm.GQA_ATTENTION_TARGETS) == {c.path + ".__init__" for c in sm.GQA_ATTENTION_CLASSES}
+    assert all(kind == "AROUND" for t, kind, _ in sm.MODEL_HOOKS if t in hooked)
+
+
+def test_stock_qkv_group():
+    assert sm.stock_qkv_group(SimpleNamespace(parallel_group=None)) == "tp"  # Llama, Qwen2
+    assert sm.stock_qkv_group(SimpleNamespace(parallel_group="attn_tp")) == "attn_tp"  # Qwen3
+    with pytest.raises(sm.HelixModelError, match="parallel_group='replicated'.*--enable-helix"):
+        sm.stock_qkv_group(SimpleNamespace(parallel_group="replicated"))
+
+
+@pytest.mark.parametrize("stock_group, bias", [(None, False), (None, True), ("attn_tp", False)])
+def test_tpa_qkv_replicates_the_stock_group_kvp_ways(monkeypatch, stock_group, bias):
+    """The rebuilt QKV keeps the stock layer's group ("attn_tp" for Qwen3), bias and prefix."""
+    fake = ModuleType("sglang.srt.layers.linear")
+    fake.ReplicatedParallelGroup = lambda group, replicas: (group, replicas)
+    fake.QKVParallelLinear = lambda *args, **kw: SimpleNamespace(args=args, **kw)
+    monkeypatch.setitem(sys.modules, "sglang.srt.layers.linear", fake)
+    layout = HelixConfig(kvp=2, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    attn = _attn(tp=4)
+    attn.qkv_proj = SimpleNamespace(parallel_group=stock_group)
+    qkv = sm._tpa_qkv(attn, layout, bias, "qc", "p.qkv_proj")
+    assert qkv.args == (64, 16, 8, 2) and (qkv.bias, qkv.quant_config, qkv.prefix) == (bias, "qc", "p.qkv_proj")
+    assert qkv.parallel_group == (stock_group or "tp", 2)
+
+
+def _llama_like_init(self, config, layer_id=0, quant_config=None, prefix="", bias=False):
+    _fill_stock(self, bias)
+
+
+def _qwen2_like_init(self, hidden_size, num_heads, num_kv_heads, head_dim=None, layer_id=0,
+                     quant_config=None, dual_chunk_attention_config=None, prefix=""):
+    _fill_stock(self, True)
+
+
+def _qwen3_like_init(self, hidden_size, num_heads, num_kv_heads, layer_id=0, quant_config=None,
+                     rms_norm_eps=None, attention_bias=False, prefix="", alt_stream=None):
+    _fill_stock(self, attention_bias)
+
+
+def _fill_stock(self, bias):
+    stock = _attn(tp=4)
+    stock.qkv_proj = SimpleNamespace(bias=object() if bias else None, parallel_group=None)
+    self.__dict__.update(stock.__dict__)
+
+
+@pytest.mark.parametrize("init, args, kwargs, bias", [
+    (_llama_like_init, ("cfg", 3, "qc"), {"prefix": "model.layers.3.self_attn"}, False),
+    (_qwen2_like_init, (64, 8, 2, 16, 3, "qc"), {"prefix": "model.layers.3.self_attn"}, True),
+    (_qwen3_like_init, (64, 8, 2), {"layer_id": 3, "quant_config": "qc", "attention_bias": True,
+                                    "prefix": "model.layers.3.self_attn"}, True),
+])
+def test_one_hook_reshapes_every_class_signature(monkeypatch, init, args, kwargs, bias):
+    """quant_config / prefix are found by name whatever the class's signature; bias comes from
+    the stock qkv_proj; heads become H/TPA, K/TPA."""
+    layout = HelixConfig(kvp=2, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
+    monkeypatch.setattr(sm, "current_layout", lambda: layout)
+    monkeypatch.setattr(sm, "_RUNTIME", None)
+    built = []
+    monkeypatch.setattr(sm, "_tpa_qkv", lambda attn, lay, b, qc, prefix: built.append((b, qc, prefix)) or "tpa")
+    attn = SimpleNamespace()
+    sm._around_gqa_attention_init(init, attn, *args, **kwargs)
+    assert built == [(bias, "qc", "model.layers.3.self_attn.qkv_proj")] and attn.qkv_proj == "tpa"
+    assert (attn.num_heads, attn.num_kv_heads, attn.attn.tp_q_head_num, attn.attn.tp_k_head_num) == (4, 1, 4, 1)
 
 
 def test_init_hook_passes_through_without_helix(monkeypatch):
@@ -98,11 +173,19 @@ def test_model_hooks_register_and_apply_subprocess():
         "from sglang_helix import sgl_kernel_cpu_stub; sgl_kernel_cpu_stub.install()\n"
         "from sglang_helix import sglang_model as sm\n"
         "from sglang.srt.plugins.hook_registry import HookRegistry\n"
+        "import inspect, pkgutil\n"
+        "classes = [pkgutil.resolve_name(c.path) for c in sm.GQA_ATTENTION_CLASSES]\n"
+        "stock = [c.__init__ for c in classes]\n"
+        "for init in stock:  # what the generic hook binds by name\n"
+        "    assert {'quant_config', 'prefix'} <= set(inspect.signature(init).parameters), init\n"
         "sm.install_model_hooks(); sm.install_model_hooks()\n"
         "before = sm.model_hooks_live()\n"
         "HookRegistry.apply_hooks()\n"
         "assert len(before) == len(sm.MODEL_HOOKS), before\n"
         "assert sm.model_hooks_live() == [], sm.model_hooks_live()\n"
+        "assert all(c.__init__ is not s for c, s in zip(classes, stock))\n"
+        "import sglang.srt.models.mistral as mi, sglang.srt.models.llama as ll\n"
+        "assert issubclass(mi.MistralForCausalLM, ll.LlamaForCausalLM)  # same LlamaAttention\n"
         "import sglang.srt.distributed.bootstrap as b, sglang.srt.distributed.parallel_state as ps\n"
         "assert b.initialize_model_parallel is ps.initialize_model_parallel\n"
         "print('OK')\n"

@@ -35,6 +35,28 @@ def test_gqa_config(built):
     assert cfg["torch_dtype"] == "float32"
 
 
+@pytest.mark.parametrize("kind, arch", [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_qwen_configs_match_gqa_shape(built, kind, arch):
+    cfg, gqa = _config(built[kind]), _config(built["gqa"])
+    assert cfg["architectures"] == [arch]
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "vocab_size"):
+        assert cfg[key] == gqa[key], key
+    assert cfg["hidden_size"] == cfg["num_attention_heads"] * cfg["head_dim"]  # SGLang CPU Qwen2
+    assert not cfg["use_sliding_window"] and cfg["sliding_window"] is None
+
+
+def test_qwen_constant_inits_are_randomized(built):
+    from safetensors.torch import load_file
+
+    qwen2, qwen3 = (load_file(built[k] / "model.safetensors") for k in ("qwen2", "qwen3"))
+    biases = [v for k, v in qwen2.items() if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))]
+    assert len(biases) == 3 * 4 and all(b.abs().sum() > 0 for b in biases)  # zeros in transformers
+    norms = [v for k, v in qwen3.items() if k.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 2 * 4 and all(n.shape == (16,) and (n - 1).abs().sum() > 0 for n in norms)
+    assert not any(k.endswith(".bias") for k in qwen3)
+
+
 @pytest.mark.parametrize("kind", ["mla", "mla-compat"])
 def test_mla_config_has_what_sglang_needs(built, kind):
     cfg = _config(built[kind])
@@ -83,6 +105,15 @@ def test_ensure_tiny_model_caches(tmp_path, monkeypatch):
 def test_unknown_kind_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny model kind"):
         tm.build_tiny_model("moe", tmp_path / "x")
+
+
+def test_reference_greedy_qwen_margins(built):
+    """The Qwen kinds' greedy argmax is robust enough for token-exact serving comparisons."""
+    tok = tm.load_tokenizer(built["qwen3"])
+    prompts = [tok.encode("Hello"), tok.encode("The quick brown fox jumps over")]
+    for kind in ("qwen2", "qwen3"):
+        out = tm.reference_greedy(built[kind], prompts, 4)
+        assert all(len(r.tokens) == 4 and r.min_margin > 1e-3 for r in out), kind
 
 
 def test_reference_greedy_shapes(built):
