@@ -65,6 +65,7 @@ from .args import (
     resolve_helix_args,
 )
 from .config import HelixConfigError
+from .hooks import wraps_hook
 from .cpu_env import apply_cpu_env
 
 logger = logging.getLogger(__name__)
@@ -196,20 +197,20 @@ def _server_info_live() -> bool:
     import pkgutil
 
     owner, name = INTERNAL_STATE_TARGET.rsplit(".", 1)
-    return _chain_has(getattr(pkgutil.resolve_name(owner), name), _after_add_memory_usage)
+    return wraps_hook(getattr(pkgutil.resolve_name(owner), name), _after_add_memory_usage)
 
 
 def _add_cli_args_live() -> bool:
     from sglang.srt.server_args import ServerArgs
 
-    return _chain_has(ServerArgs.add_cli_args, _after_add_cli_args)
+    return wraps_hook(ServerArgs.add_cli_args, _after_add_cli_args)
 
 
 def _prepare_live() -> bool:
     import sglang.srt.server_args as server_args_module
 
     live = server_args_module.prepare_server_args
-    if not _chain_has(live, _around_prepare_server_args):
+    if not wraps_hook(live, _around_prepare_server_args):
         return False
     original = _innermost(live)
     return not any(  # no module kept a stale `from ... import prepare_server_args` binding
@@ -229,25 +230,6 @@ def _resolution_hook_live(step: str, hook: Callable) -> bool:
     from sglang.srt.arg_groups import resolution_hooks
 
     return hook in resolution_hooks._HOOKS.get(step, ())
-
-
-def _chain_has(fn: Any, hook: Callable) -> bool:
-    """True if `hook` is closed over by `fn` or by any function it wraps (HookRegistry wrappers)."""
-    seen = 0
-    while fn is not None and seen < 32:
-        cells = getattr(fn, "__closure__", None) or ()
-        if any(_cell_value(cell) is hook for cell in cells):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-        seen += 1
-    return False
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # empty cell
-        return None
 
 
 def _innermost(fn: Any) -> Any:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from .attention import merge_partials, partial_attention_mla
 from .config import HelixConfig, HelixConfigError
 from .helix import HelixAttention
+from .hooks import missing_hooks, register_once, target_wraps
 from .sgl_kernel_cpu_stub import cpu_engine_requested
 
 logger = logging.getLogger(__name__)
@@ -287,47 +288,18 @@ MLA_HOOKS = (
 )
 
 
-def _register(target: str, hook: Callable, kind: str) -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
-        HookRegistry.register(target, hook, HookType[kind])
-
-
 def install_mla_hooks() -> None:
     """Register the model-side Helix MLA hooks (idempotent; call from plugin.register()).
 
     Every hook calls straight through unless the process's ServerArgs has an MLA `_helix_layout`.
     """
     for target, hook, kind in MLA_HOOKS:
-        _register(target, hook, kind)
+        register_once(target, hook, kind)
 
 
 def mla_hooks_live() -> list[str]:
     """Targets whose live attribute does not (yet) wrap our hook; [] once apply_hooks() ran."""
-    return [target for target, hook, _ in MLA_HOOKS if not _target_wraps(target, hook)]
-
-
-def _target_wraps(target: str, hook: Callable) -> bool:
-    import pkgutil
-
-    owner, name = target.rsplit(".", 1)
-    fn = getattr(pkgutil.resolve_name(owner), name)
-    fn = getattr(fn, "__func__", fn)
-    for _ in range(32):
-        if fn is None:
-            return False
-        if any(_cell(c) is hook for c in (getattr(fn, "__closure__", None) or ())):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
-def _cell(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:
-        return None
+    return missing_hooks((target, hook) for target, hook, _ in MLA_HOOKS)
 
 
 # ----------------------------------------------------------------------------- CPU workaround
@@ -356,13 +328,13 @@ def install_cpu_absorbed_mla(environ=None) -> bool:
     env = os.environ if environ is None else environ
     if not cpu_engine_requested(env) or env.get(CPU_FIX_ENV, "1") == "0":
         return False
-    _register(CPU_HANDLER_TARGET, _around_get_handler, "AROUND")
+    register_once(CPU_HANDLER_TARGET, _around_get_handler, "AROUND")
     return True
 
 
 def cpu_absorbed_mla_live() -> bool:
     """True once the CPU workaround wraps AttentionBackendRegistry.get_handler."""
-    return _target_wraps(CPU_HANDLER_TARGET, _around_get_handler)
+    return target_wraps(CPU_HANDLER_TARGET, _around_get_handler)
 
 
 # ----------------------------------------------------------------------------- attention math

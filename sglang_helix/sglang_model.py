@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .config import HelixConfig
+from .hooks import missing_hooks, register_once, wraps_hook
 from .sglang_pool import LAYOUT_ATTR
 
 logger = logging.getLogger(__name__)
@@ -228,26 +229,15 @@ MODEL_HOOKS = ((INIT_MP_TARGET, "AFTER", _after_initialize_model_parallel),
 
 def install_model_hooks() -> None:
     """Register the hooks above with SGLang's HookRegistry (idempotent; from plugin.register())."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     for target, kind, hook in MODEL_HOOKS:
-        if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
-            HookRegistry.register(target, hook, HookType[kind])
+        register_once(target, hook, kind)
 
 
 def model_hooks_live() -> list[str]:
     """Targets whose live attribute does not wrap our hook yet ([] when all are applied)."""
-    import pkgutil
-
-    from .sglang_pool import _wraps
-
-    missing = []
-    for target, _, hook in MODEL_HOOKS:
-        owner, name = target.rsplit(".", 1)
-        if not _wraps(getattr(pkgutil.resolve_name(owner), name), hook):
-            missing.append(target)
+    missing = missing_hooks((target, hook) for target, _, hook in MODEL_HOOKS)
     bootstrap = sys.modules.get("sglang.srt.distributed.bootstrap")  # `from ... import` binding
-    if bootstrap is not None and not _wraps(getattr(bootstrap, "initialize_model_parallel", None),
-                                            _after_initialize_model_parallel):
+    if bootstrap is not None and not wraps_hook(getattr(bootstrap, "initialize_model_parallel", None),
+                                                _after_initialize_model_parallel):
         missing.append("sglang.srt.distributed.bootstrap.initialize_model_parallel")
     return missing

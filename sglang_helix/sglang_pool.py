@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .config import HelixConfig
+from .hooks import missing_hooks, register_once
 from .layout import colored_page_id_to_slot, local_page_table, local_seq_len, page_owner
 
 logger = logging.getLogger(__name__)
@@ -640,42 +641,13 @@ def install_pool_hooks() -> None:
 
     Each hook calls straight through unless the configurator's ServerArgs has `_helix_layout`.
     """
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
     for target, hook in POOL_HOOKS:
-        if not any(h is hook for _, h, _ in HookRegistry._hooks.get(target, ())):
-            HookRegistry.register(target, hook, HookType.AROUND)
+        register_once(target, hook, "AROUND")
 
 
 def pool_hooks_live() -> list[str]:
     """Targets whose live attribute does not (yet) wrap our hook; [] when all are applied."""
-    import pkgutil
-
-    missing = []
-    for target, hook in POOL_HOOKS:
-        owner, name = target.rsplit(".", 1)
-        fn = getattr(pkgutil.resolve_name(owner), name)
-        if not _wraps(fn, hook):
-            missing.append(target)
-    return missing
-
-
-def _wraps(fn: Any, hook: Callable) -> bool:
-    for _ in range(32):
-        if fn is None:
-            return False
-        cells = getattr(fn, "__closure__", None) or ()
-        if any(_cell(c) is hook for c in cells):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
-def _cell(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:
-        return None
+    return missing_hooks(POOL_HOOKS)
 
 
 # ----------------------------------------------------------------------------- server info

@@ -386,7 +386,9 @@ spec = json.loads(sys.argv[1])
 engine = sglang.Engine(**spec["engine_kwargs"])
 try:
     outs = engine.generate(input_ids=spec["prompts"], sampling_params=spec["sampling_params"])
-    print("SGLANG_HELIX_RESULT " + json.dumps([o["output_ids"] for o in outs]), flush=True)
+    states = engine.get_server_info().get("internal_states") or [{}]
+    result = {"output_ids": [o["output_ids"] for o in outs], "helix": states[0].get("helix")}
+    print("SGLANG_HELIX_RESULT " + json.dumps(result), flush=True)
 finally:
     engine.shutdown()
 """
@@ -405,6 +407,14 @@ def engine_kwargs(model_path: str | os.PathLike[str], tp: int,
     return kwargs
 
 
+@dataclass(frozen=True)
+class EngineRun:
+    """What run_engine returns: output_ids [prompt][token] and the Helix state (or None)."""
+
+    output_ids: list[list[int]]
+    helix: dict | None
+
+
 def run_engine(
     model_path: str | os.PathLike[str],
     prompts: Sequence[Sequence[int]],
@@ -414,8 +424,11 @@ def run_engine(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = DEFAULT_START_TIMEOUT_S,
-) -> list[list[int]]:
-    """Greedy-generate with an offline `sglang.Engine` in a fresh subprocess; return output ids.
+) -> EngineRun:
+    """Greedy-generate with an offline `sglang.Engine` in a fresh subprocess.
+
+    Returns the output ids and the engine's Helix state (/server_info's "helix" entry; None when
+    Helix is off). Helix is requested the way Engine users do it: SGLANG_HELIX in `env`.
 
     The subprocess runs in its own process group and is killed (whole tree) on timeout or error.
     """
@@ -442,6 +455,7 @@ def run_engine(
         text = log.read().decode("utf-8", "replace")
     for line in text.splitlines():
         if line.startswith("SGLANG_HELIX_RESULT "):
-            return json.loads(line[len("SGLANG_HELIX_RESULT "):])
+            result = json.loads(line[len("SGLANG_HELIX_RESULT "):])
+            return EngineRun(result["output_ids"], result["helix"])
     why = "timed out" if code is None else f"exited with code {code}"
     raise ServerStartError(f"sglang.Engine subprocess {why}:\n{text[-LOG_TAIL_CHARS:]}")

@@ -205,3 +205,12 @@ def test_kvp2_tpa1_radix_eviction_small_pool(model):
         assert_matches([oldest, newest], [refs[0], refs[-1]], server.argv)
         check_state_returns(server, start)
         assert all(r["free_pages"] == r["total_pages"] for r in helix_state(server)["per_kvp_rank"])
+
+
+def test_engine_users_turn_helix_on_with_sglang_helix_env(model, prompts, references):
+    """sglang.Engine(...) takes no unknown kwargs: Engine users set SGLANG_HELIX (docs/usage.md)."""
+    env = {"SGLANG_HELIX": "--enable-helix --helix-kvp-size 2 --helix-tpa-size 1"}
+    out = ts.run_engine(model, prompts["main"], MAX_NEW, tp=2, overrides={"page_size": 4},
+                        env=env, timeout=START_TIMEOUT_S)
+    assert out.helix is not None and out.helix["layout"]["kvp"] == 2, out.helix
+    assert out.output_ids == [ref.tokens for ref in references["main"]]

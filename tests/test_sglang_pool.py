@@ -247,7 +247,6 @@ def test_allocator_invariants_property(kvp, need_sort, seed, steps):
     rng = random.Random(seed)
     ranks = [Sim(make_alloc(kvp, size=48 * kvp, need_sort=need_sort)) for _ in range(2)]
     total = ranks[0].alloc.color_free_counts()
-    owners: dict = {}  # page id -> number of live rows referencing it (prefix sharing)
     for step in range(steps):
         op, live = rng.random(), sorted(ranks[0].reqs)
         if op < 0.45 or not live:
