@@ -161,28 +161,18 @@ def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
 
 
 @needs_sglang
-def test_helix_launch_refuses_page_size_1_naming_the_flag(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "1")
+@pytest.mark.parametrize("flags, expected", [
+    (["--page-size", "1"], ["Helix: --page-size 1", "use --page-size 16"]),
+    (["--page-size", "4", "--enable-hierarchical-cache"], ["drop --enable-hierarchical-cache"]),
+    (["--page-size", "4", "--enable-mixed-chunk"], ["drop --enable-mixed-chunk"]),
+], ids=["page-size-1", "hicache", "mixed-chunk"])
+def test_helix_launch_refusal_names_the_flag_before_weights(tmp_path, tiny_llama, flags, expected):
+    """Serving-support refusals (plugin.check_serving_support): non-zero exit, message names the
+    flag and the fix, and no weight was loaded."""
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", *flags)
     assert proc.returncode != 0
-    assert "Helix: --page-size 1" in proc.stderr and "use --page-size 16" in proc.stderr
+    assert all(text in proc.stderr for text in expected), proc.stderr[-2000:]
     assert "Load weight" not in proc.stderr + proc.stdout
-
-
-@needs_sglang
-def test_helix_launch_refuses_hicache_naming_the_flag(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "4",
-                  "--enable-hierarchical-cache")
-    assert proc.returncode != 0
-    assert "drop --enable-hierarchical-cache" in proc.stderr
-    assert "Load weight" not in proc.stderr + proc.stdout
-
-
-@needs_sglang
-def test_helix_launch_refuses_mixed_chunk_naming_the_flag(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", "--page-size", "4",
-                  "--enable-mixed-chunk")
-    assert proc.returncode != 0
-    assert "drop --enable-mixed-chunk" in proc.stderr
 
 
 # ------------------------------------------------------------------ sgl_kernel stand-in
