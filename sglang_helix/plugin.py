@@ -116,6 +116,7 @@ def _register_serving_hooks(registry: Any, hook_type: Any) -> None:
     from .sglang_backend import register_helix_backend
     from .sglang_mla import install_cpu_absorbed_mla, install_mla_hooks
     from .sglang_model import install_model_hooks
+    from .sglang_pd import install_pd_hooks
     from .sglang_pool import install_pool_hooks
 
     install_pool_hooks()
@@ -123,8 +124,10 @@ def _register_serving_hooks(registry: Any, hook_type: Any) -> None:
     register_helix_backend()
     registry.register(INTERNAL_STATE_TARGET, _after_add_memory_usage, hook_type.AFTER)
     install_mla_hooks()
-    if sgl_kernel_cpu_stub.cpu_engine_requested():
+    cpu_engine = sgl_kernel_cpu_stub.cpu_engine_requested()
+    if cpu_engine:
         install_cpu_absorbed_mla()
+    install_pd_hooks(cpu_engine)
 
 
 def _install_cpu_stub() -> None:
@@ -339,6 +342,9 @@ def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
     setattr(server_args, LAYOUT_ATTR, layout)
     # The helix backends do not implement SGLang's CUDA-graph capture hooks yet (GPU only;
     # CPU never captures), so graphs are switched off rather than captured wrongly.
+    if str(getattr(cfg, "disaggregation_mode", "null") or "null") == "decode" and \
+            getattr(cfg, "disaggregation_decode_retraction_backup", None) is None:
+        declare_resolution(server_args, "sglang_helix", disaggregation_decode_retraction_backup="none")
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
                        decode_attention_backend="helix", disable_decode_cuda_graph=True,
                        disable_prefill_cuda_graph=True)
@@ -355,14 +361,51 @@ def check_serving_support(cfg: Any) -> None:
     if getattr(cfg, "enable_hierarchical_cache", False):
         raise HelixConfigError("Helix: --enable-hierarchical-cache (HiCache) copies KV by loc "
                                "across ranks' pools; drop --enable-hierarchical-cache")
-    if str(getattr(cfg, "disaggregation_mode", "null") or "null") != "null":
-        raise HelixConfigError(f"Helix: --disaggregation-mode {cfg.disaggregation_mode}: PD "
-                               "transfer of Helix pools is not implemented; drop "
-                               "--disaggregation-mode")
+    check_pd_support(cfg)
     if getattr(cfg, "enable_mixed_chunk", False):
         raise HelixConfigError("Helix: --enable-mixed-chunk mixes decode rows into extend "
                                "batches, which the helix backend plans separately; drop "
                                "--enable-mixed-chunk")
+
+
+PD_BACKENDS = ("mooncake", "mooncake_tcp")
+
+
+def check_pd_support(cfg: Any) -> None:
+    """Helix serves the decode side of PD over mooncake; refuse the rest with flag + fix."""
+    mode = str(getattr(cfg, "disaggregation_mode", "null") or "null")
+    if mode == "null":
+        return
+    if mode == "prefill":
+        raise HelixConfigError(
+            "Helix: --disaggregation-mode prefill: Helix shards decode attention; start the "
+            "prefill server without --enable-helix (it feeds a Helix decode server as is) and "
+            "put --enable-helix on the --disaggregation-mode decode server")
+    backend = str(getattr(cfg, "disaggregation_transfer_backend", "mooncake"))
+    if backend not in PD_BACKENDS:
+        raise HelixConfigError(
+            f"Helix: --disaggregation-transfer-backend {backend}: the Helix relayout (each KVP "
+            "rank receives only its pages) is implemented for mooncake; use "
+            "--disaggregation-transfer-backend mooncake (or mooncake_tcp)")
+    if getattr(cfg, "disaggregation_decode_enable_offload_kvcache", False):
+        raise HelixConfigError("Helix: --disaggregation-decode-enable-offload-kvcache copies KV "
+                               "by loc into a host pool; drop it")
+    if float(getattr(cfg, "disaggregation_decode_host_receive_threshold", 1) or 1) < 1:
+        raise HelixConfigError("Helix: --disaggregation-decode-host-receive-threshold < 1 "
+                               "receives KV into a host pool; leave it at 1")
+    backup = getattr(cfg, "disaggregation_decode_retraction_backup", None)
+    if backup not in (None, "none"):
+        raise HelixConfigError(
+            f"Helix: --disaggregation-decode-retraction-backup {backup} copies a retracted "
+            "request's KV by loc, which Helix pools (1/KVP of the pages per rank) do not "
+            "support yet; use --disaggregation-decode-retraction-backup none (a retracted "
+            "request gets 503 and the client retries)")
+    from .sglang_pd import pd_hooks_missing
+
+    missing = pd_hooks_missing(sgl_kernel_cpu_stub.cpu_engine_requested())
+    if missing:
+        raise HelixHookError(f"sglang_helix: PD hook(s) not live: {', '.join(missing)}; SGLang "
+                             f"logs why at start-up; sglang must be {SUPPORTED_SGLANG}")
 
 
 def describe_serving(layout: Any, hf: dict) -> str:
@@ -379,7 +422,12 @@ def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: An
     allocator = getattr(getattr(controller, "scheduler", None), "token_to_kv_pool_allocator", None)
     from .sglang_pool import helix_kv_state
 
+    from .sglang_pd import SERVER_INFO_KEY as PD_KEY, pd_transfer_state
+
     info = helix_kv_state(allocator)
     if info is not None:
         state[SERVER_INFO_KEY] = info
+    transfers = pd_transfer_state()
+    if transfers is not None:
+        state[PD_KEY] = transfers
     return None

@@ -134,3 +134,44 @@ def test_shard_bounds(total, parts):
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@given(ids=st.lists(st.integers(0, 10**5), max_size=40, unique=True), kvp=KVP)
+def test_transfer_page_slots_partition_the_pages(ids, kvp):
+    """Every transferred page lands on exactly one decode rank, at its colored slot."""
+    page_ids = torch.tensor(ids, dtype=torch.int64)
+    src = torch.arange(len(ids)) + 1000
+    received = {}
+    for r in range(kvp):
+        slots = layout.transfer_page_slots(page_ids, r, kvp)
+        assert slots.shape == page_ids.shape
+        kept_src, kept_dst = layout.owned_transfer_pairs(src, slots)
+        for s, d in zip(kept_src.tolist(), kept_dst.tolist()):
+            i = s - 1000
+            assert s not in received, "a page went to two ranks"
+            assert ids[i] % kvp == r and d == ids[i] // kvp
+            received[s] = r
+    assert sorted(received) == src.tolist()
+
+
+@pytest.mark.parametrize("kvp", [1, 2, 3, 4])
+def test_transfer_page_slots_exhaustive_and_ordered(kvp):
+    ids = torch.arange(0, 6 * kvp)
+    for r in range(kvp):
+        slots = layout.transfer_page_slots(ids, r, kvp)
+        expect = [i // kvp if i % kvp == r else layout.NOT_OWNED for i in range(6 * kvp)]
+        assert slots.tolist() == expect
+        src, dst = layout.owned_transfer_pairs(ids, slots)
+        assert src.tolist() == [i for i in range(6 * kvp) if i % kvp == r]  # order kept
+        assert dst.tolist() == [i // kvp for i in src.tolist()]
+
+
+def test_transfer_page_slots_reject_bad_input():
+    with pytest.raises(ValueError, match="non-negative"):
+        layout.transfer_page_slots(torch.tensor([3, -1]), 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        layout.transfer_page_slots(torch.tensor([3]), 2, 2)
+    with pytest.raises(ValueError, match=r"\[n\]"):
+        layout.transfer_page_slots(torch.zeros(2, 2, dtype=torch.int64), 0, 2)
+    with pytest.raises(ValueError, match="equal-length"):
+        layout.owned_transfer_pairs(torch.arange(3), torch.arange(2))
