@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -54,6 +56,10 @@ RETRACTION_TARGET = "sglang.srt.mem_cache.kv_cache_builder.resolve_decode_retrac
 HELIX_TAG = b"sglang_helix.pd/1 "
 REGISTRATION_FIELDS = 20  # SGLang 0.5.23's registration message; the Helix tag goes after it
 SERVER_INFO_KEY = "helix_pd"
+# Fault injection for tests: while the file this names exists, the prefill holds each KV write
+# (at most HOLD_MAX_S), so a test can kill a peer with a transfer provably in flight.
+HOLD_ENV = "SGLANG_HELIX_PD_HOLD_FILE"
+HOLD_MAX_S = 120.0
 
 
 class HelixPDError(RuntimeError):
@@ -203,8 +209,23 @@ def _owned_only(peer: Optional[HelixPeer], src: Any, dst: Any):
     return kept_src.numpy().astype(np.asarray(src).dtype), kept_dst.numpy().astype(np.int32)
 
 
+def hold_if_requested(environ=None) -> float:
+    """Block while the HOLD_ENV file exists (bounded; touches `<file>.held` first); returns the
+    seconds held."""
+    path = (os.environ if environ is None else environ).get(HOLD_ENV)
+    t0 = time.monotonic()
+    if not path or not os.path.exists(path):
+        return 0.0
+    with open(path + ".held", "w"):  # tells the test a write is now in flight
+        pass
+    while os.path.exists(path) and time.monotonic() - t0 < HOLD_MAX_S:
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def _around_send(original: Callable, mgr: Any, session: str, prefill_kv_indices: Any,
                  dst_kv_ptrs: Any, dst_kv_indices: Any, *args: Any, **kwargs: Any) -> int:
+    hold_if_requested()
     peer = peer_of(mgr, session)
     src, dst = _owned_only(peer, prefill_kv_indices, dst_kv_indices)
     COUNTERS.start_kv(session, peer, len(dst))

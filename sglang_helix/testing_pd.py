@@ -72,7 +72,12 @@ def pd_args(mode: str, bootstrap_port: int | None = None) -> list[str]:
 def router_argv(prefill: Server, bootstrap_port: int, decode: Server, port: int) -> list[str]:
     return [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
             "--prefill", prefill.base_url, str(bootstrap_port), "--decode", decode.base_url,
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port),
+            # One decode server: a retry would re-send to the same (maybe dead) peer and keep the
+            # client waiting for the bootstrap timeout; fail the request at once instead.
+            "--disable-retries",
+            # its metrics exporter defaults to the fixed port 29000: two routers would collide
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
 
 
 @contextlib.contextmanager
