@@ -339,6 +339,7 @@ def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
     cfg = resolving_view(server_args)
     layout = resolve_helix_args(helix, cfg, model_info)
     check_serving_support(cfg)
+    verify_pd_hooks_live(cfg)
     setattr(server_args, LAYOUT_ATTR, layout)
     # The helix backends do not implement SGLang's CUDA-graph capture hooks yet (GPU only;
     # CPU never captures), so graphs are switched off rather than captured wrongly.
@@ -400,6 +401,12 @@ def check_pd_support(cfg: Any) -> None:
             "request's KV by loc, which Helix pools (1/KVP of the pages per rank) do not "
             "support yet; use --disaggregation-decode-retraction-backup none (a retracted "
             "request gets 503 and the client retries)")
+
+
+def verify_pd_hooks_live(cfg: Any) -> None:
+    """A Helix decode server needs the relayout hooks live (SGLang only logs apply failures)."""
+    if str(getattr(cfg, "disaggregation_mode", "null") or "null") == "null":
+        return
     from .sglang_pd import pd_hooks_missing
 
     missing = pd_hooks_missing(sgl_kernel_cpu_stub.cpu_engine_requested())

@@ -165,7 +165,9 @@ def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
     (["--page-size", "1"], ["Helix: --page-size 1", "use --page-size 16"]),
     (["--page-size", "4", "--enable-hierarchical-cache"], ["drop --enable-hierarchical-cache"]),
     (["--page-size", "4", "--enable-mixed-chunk"], ["drop --enable-mixed-chunk"]),
-], ids=["page-size-1", "hicache", "mixed-chunk"])
+    (["--page-size", "4", "--disaggregation-mode", "prefill"],
+     ["start the prefill server without --enable-helix"]),
+], ids=["page-size-1", "hicache", "mixed-chunk", "pd-prefill"])
 def test_helix_launch_refusal_names_the_flag_before_weights(tmp_path, tiny_llama, flags, expected):
     """Serving-support refusals (plugin.check_serving_support): non-zero exit, message names the
     flag and the fix, and no weight was loaded."""
