@@ -122,40 +122,44 @@ def colored_page_id_to_slot(page_id: IntLike, kvp: int) -> IntLike:
     return page_id // kvp
 
 
-NOT_OWNED = -1  # marks a transferred page another KVP rank stores
+# Slot 0 of every Helix pool is the padding page: a write sink, never a real page (colored ids
+# start at KVP, so id // KVP >= 1). Transferred pages another KVP rank stores point there.
+SINK_SLOT = 0
 
 
 def transfer_page_slots(page_ids: torch.Tensor, rank: int, kvp: int) -> torch.Tensor:
     """Destination slots of one decode KVP rank for a prefill->decode KV transfer.
 
     page_ids: [n] colored page ids the decode server allocated for the transferred pages (in
-    logical order). Returns [n] int64: colored_page_id_to_slot(id) where id % kvp == rank, else
-    NOT_OWNED. The prefill side sends page i only where entry i is not NOT_OWNED, so each decode
-    rank receives exactly the pages it stores.
+    logical order; each >= kvp). Returns [n] int64: colored_page_id_to_slot(id) where
+    id % kvp == rank, else SINK_SLOT. A Helix-aware prefill skips the SINK_SLOT pairs, so each
+    decode rank receives exactly the pages it stores; a prefill without the plugin writes them
+    into the sink page instead (correct, without the 1/KVP saving), never out of bounds.
     """
     _check_kvp_page(1, kvp)
     _check_rank(rank, kvp)
     ids = torch.as_tensor(page_ids).to(torch.int64)
     if ids.dim() != 1:
         raise ValueError(f"page_ids must be [n], got shape {tuple(ids.shape)}")
-    if bool((ids < 0).any()):
-        raise ValueError("page_ids must be non-negative page ids")
+    if bool((ids < kvp).any()):
+        raise ValueError(f"page_ids must be colored page ids (>= kvp={kvp}); got "
+                         f"{ids[ids < kvp].tolist()[:4]}")
     owned = page_owner(ids, kvp) == rank
-    return torch.where(owned, colored_page_id_to_slot(ids, kvp), torch.full_like(ids, NOT_OWNED))
+    return torch.where(owned, colored_page_id_to_slot(ids, kvp), torch.full_like(ids, SINK_SLOT))
 
 
 def owned_transfer_pairs(src_pages: torch.Tensor, dst_slots: torch.Tensor):
-    """Keep the (source page, destination slot) pairs whose destination is owned.
+    """Keep the (source page, destination slot) pairs whose destination is a real slot.
 
     src_pages, dst_slots: [n] (dst_slots from transfer_page_slots). Returns (src [m], dst [m])
-    with m = number of entries of dst_slots that are not NOT_OWNED, order kept.
+    with m = number of entries of dst_slots that are not SINK_SLOT, order kept.
     """
     src = torch.as_tensor(src_pages)
     dst = torch.as_tensor(dst_slots)
     if src.shape != dst.shape or src.dim() != 1:
         raise ValueError(f"src_pages {tuple(src.shape)} and dst_slots {tuple(dst.shape)} must be "
                          "equal-length [n]")
-    keep = dst != NOT_OWNED
+    keep = dst != SINK_SLOT
     return src[keep], dst[keep]
 
 

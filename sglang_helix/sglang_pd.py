@@ -5,9 +5,10 @@ transfer backend. The decode server allocates the request's pages with the KVP-c
 (logical page j gets an id with id % KVP == j % KVP), so the relayout is index math:
 
 - decode rank (kvp r, tpa t) sends the prefill its page list as `transfer_page_slots`: the local
-  slot of every page it stores, NOT_OWNED (-1) for the others; its registration says it holds the
+  slot of every page it stores, the sink slot 0 (its padding page) for the others; its
+  registration says it holds the
   heads of attention-TP rank t of TPA (GQA: K/TPA heads; MLA: TPA is 1) and carries a Helix tag;
-- the prefill (this plugin installed, Helix off) drops the NOT_OWNED pairs for Helix peers before
+- the prefill (this plugin installed, Helix off) drops the sink pairs for Helix peers before
   mooncake writes (`owned_transfer_pairs`), so decode rank r receives exactly 1/KVP of the pages,
   and counts the bytes it wrote per peer (published as /server_info `helix_pd`).
 

@@ -136,7 +136,7 @@ def test_bad_input_is_refused(call, match):
         call()
 
 
-@given(ids=st.lists(st.integers(0, 10**5), max_size=40, unique=True), kvp=KVP)
+@given(ids=st.lists(st.integers(8, 10**5), max_size=40, unique=True), kvp=KVP)
 def test_transfer_page_slots_partition_the_pages(ids, kvp):
     """Every transferred page lands on exactly one decode rank, at its colored slot."""
     page_ids = torch.tensor(ids, dtype=torch.int64)
@@ -156,22 +156,23 @@ def test_transfer_page_slots_partition_the_pages(ids, kvp):
 
 @pytest.mark.parametrize("kvp", [1, 2, 3, 4])
 def test_transfer_page_slots_exhaustive_and_ordered(kvp):
-    ids = torch.arange(0, 6 * kvp)
+    ids = torch.arange(kvp, 7 * kvp)
     for r in range(kvp):
         slots = layout.transfer_page_slots(ids, r, kvp)
-        expect = [i // kvp if i % kvp == r else layout.NOT_OWNED for i in range(6 * kvp)]
+        expect = [i // kvp if i % kvp == r else layout.SINK_SLOT for i in range(kvp, 7 * kvp)]
         assert slots.tolist() == expect
+        assert all(s >= 1 for s in slots.tolist() if s != layout.SINK_SLOT)  # never the sink
         src, dst = layout.owned_transfer_pairs(ids, slots)
-        assert src.tolist() == [i for i in range(6 * kvp) if i % kvp == r]  # order kept
+        assert src.tolist() == [i for i in range(kvp, 7 * kvp) if i % kvp == r]  # order kept
         assert dst.tolist() == [i // kvp for i in src.tolist()]
 
 
 def test_transfer_page_slots_reject_bad_input():
-    with pytest.raises(ValueError, match="non-negative"):
-        layout.transfer_page_slots(torch.tensor([3, -1]), 0, 2)
+    with pytest.raises(ValueError, match="colored page ids"):
+        layout.transfer_page_slots(torch.tensor([3, 1]), 0, 2)  # id 1 < kvp: not a colored id
     with pytest.raises(ValueError, match="rank"):
         layout.transfer_page_slots(torch.tensor([3]), 2, 2)
     with pytest.raises(ValueError, match=r"\[n\]"):
-        layout.transfer_page_slots(torch.zeros(2, 2, dtype=torch.int64), 0, 2)
+        layout.transfer_page_slots(torch.full((2, 2), 5), 0, 2)
     with pytest.raises(ValueError, match="equal-length"):
         layout.owned_transfer_pairs(torch.arange(3), torch.arange(2))

@@ -13,7 +13,7 @@ import pytest
 
 from sglang_helix import sglang_pd
 from sglang_helix.config import HelixConfigError
-from sglang_helix.layout import NOT_OWNED
+from sglang_helix.layout import SINK_SLOT
 from sglang_helix.sglang_pd import HelixPeer
 
 
@@ -82,7 +82,7 @@ def test_decode_rank_sends_its_slots_and_marks_the_rest(monkeypatch):
     pages = np.array([10, 13, 4, 7, 8], dtype=np.int32)  # colored ids: id % 2 = owner
     sglang_pd._around_send_metadata(original, Receiver(), pages, 3, decode_prefix_len=8)
     assert sent["indices"].dtype == np.int32
-    assert sent["indices"].tolist() == [NOT_OWNED, 6, NOT_OWNED, 3, NOT_OWNED]
+    assert sent["indices"].tolist() == [SINK_SLOT, 6, SINK_SLOT, 3, SINK_SLOT]
     assert sent["aux"] == 3 and sent["kwargs"] == {"decode_prefix_len": 8}
 
 
@@ -125,7 +125,7 @@ def test_prefill_sends_only_owned_pairs_and_counts_them():
         return 0
 
     src = np.array([100, 101, 102, 103], dtype=np.int64)
-    dst = np.array([NOT_OWNED, 5, NOT_OWNED, 6], dtype=np.int32)
+    dst = np.array([SINK_SLOT, 5, SINK_SLOT, 6], dtype=np.int32)
     ret = sglang_pd._around_send(original, manager(peer()), "s", src, [1], dst, "ex", dst_layer_ids=[0])
     assert ret == 0
     assert calls == [([101, 103], [5, 6], "ex", {"dst_layer_ids": [0]})]
@@ -137,7 +137,7 @@ def test_prefill_skips_a_chunk_this_rank_owns_nothing_of():
     def original(*args, **kwargs):
         raise AssertionError("nothing to send")
 
-    dst = np.array([NOT_OWNED, NOT_OWNED], dtype=np.int32)
+    dst = np.array([SINK_SLOT, SINK_SLOT], dtype=np.int32)
     assert sglang_pd._around_send(original, manager(peer()), "s", np.array([1, 2]), [], dst) == 0
 
 
