@@ -279,10 +279,18 @@ def wait_healthy(server: Server, timeout: float) -> None:
 def _dead_children(pid: int, seen: dict[int, Any]) -> list[str]:
     """SGLang worker processes ("sglang::scheduler...", named by setproctitle) under `pid` seen
     alive earlier that are now gone or zombies. Other (possibly short-lived) helpers are ignored.
+
+    Only direct children of the launcher (the scheduler ranks and the detokenizer) count: a
+    helper a scheduler forks (e.g. torch inductor's compile workers) carries the scheduler's
+    "sglang::" name until it execs, and its normal exit must not read as a crash.
     """
     import psutil
 
-    for child in _descendants(pid):
+    try:
+        children = psutil.Process(pid).children(recursive=False)
+    except psutil.NoSuchProcess:
+        children = []
+    for child in children:
         if child.pid not in seen:
             with contextlib.suppress(psutil.Error):
                 if child.name().startswith("sglang::"):

@@ -24,6 +24,9 @@ Random init uses a larger ``initializer_range`` than real models (0.2 instead of
 greedy top-1 / top-2 logit margins are wide enough for token-exact comparisons between
 implementations; ``reference_greedy`` reports the smallest margin so tests can check it.
 
+``max_positions`` (default 1024) sets ``max_position_embeddings`` for long-context runs, e.g.
+``ensure_tiny_model("mla", max_positions=131072)`` for the serving benchmark; same weights.
+
 API: ``build_tiny_model(kind, path)``, ``ensure_tiny_model(kind)`` (cached under
 ``~/.cache/sglang_helix/tiny/<kind>-<hash>``), ``reference_greedy(path, prompts, n)``,
 ``load_tokenizer(path)``.
@@ -84,10 +87,11 @@ class TinyModelError(RuntimeError):
 # ---------------------------------------------------------------- configs
 
 
-def _common_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+def _common_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
+                   max_positions: int = MAX_POSITIONS) -> dict[str, Any]:
     return {
         "vocab_size": vocab_size,
-        "max_position_embeddings": MAX_POSITIONS,
+        "max_position_embeddings": max_positions,
         "initializer_range": INIT_RANGE,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
@@ -138,16 +142,22 @@ def mla_config(common: dict[str, Any], *, kv_lora_rank: int, qk_nope_head_dim: i
         # SGLang's CPU rope factory asserts deepseek_yarn (it renames "yarn" to that).
         "rope_parameters": {
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-            "original_max_position_embeddings": MAX_POSITIONS // 4,
+            "original_max_position_embeddings": common["max_position_embeddings"] // 4,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
         },
     }
 
 
-def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
-    """The HF config fields of `kind` (architecture fields are added by the model class)."""
+def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
+                 max_positions: int = MAX_POSITIONS) -> dict[str, Any]:
+    """The HF config fields of `kind` (architecture fields are added by the model class).
+
+    `max_positions` sets max_position_embeddings (and the yarn rope's original length, a quarter
+    of it); the default keeps every kind exactly as it was (same config, same cache key).
+    """
     _check_kind(kind)
-    common = _common_config(vocab_size, bos_id, eos_id, pad_id)
+    _check_max_positions(max_positions)
+    common = _common_config(vocab_size, bos_id, eos_id, pad_id, max_positions)
     if kind == "gqa":
         return gqa_config(common)
     if kind in ("qwen2", "qwen3"):
@@ -162,10 +172,15 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {KINDS}")
 
 
+def _check_max_positions(max_positions: int) -> None:
+    if not isinstance(max_positions, int) or max_positions < 64 or max_positions % 4:
+        raise ValueError(f"max_positions must be an int >= 64 and a multiple of 4, got {max_positions!r}")
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(directory: Path) -> Any:
+def train_tokenizer(directory: Path, max_positions: int = MAX_POSITIONS) -> Any:
     """Train a byte-level BPE on CORPUS and save it (tokenizer.json + config) into `directory`.
 
     Returns the transformers fast tokenizer. Deterministic: BPE training on a fixed corpus.
@@ -185,7 +200,7 @@ def train_tokenizer(directory: Path) -> Any:
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_positions,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
@@ -260,27 +275,33 @@ def build_weights(kind: str, cfg: dict[str, Any], directory: Path, seed: int, dt
 
 
 def build_tiny_model(
-    kind: str, path: str | os.PathLike[str], *, seed: int = 0, dtype: str = "float32"
+    kind: str, path: str | os.PathLike[str], *, seed: int = 0, dtype: str = "float32",
+    max_positions: int = MAX_POSITIONS,
 ) -> Path:
     """Build tiny model `kind` into directory `path` (created; existing files replaced).
+
+    `max_positions`: max_position_embeddings of the model and the tokenizer's model_max_length
+    (e.g. 131072 for long-context serving benchmarks; the weights do not depend on it).
 
     Writes into a temp sibling and renames, so a crash never leaves a half-built model at `path`.
     """
     _check_kind(kind)
+    _check_max_positions(max_positions)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tok = train_tokenizer(work)
+        tok = train_tokenizer(work, max_positions)
         ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD)}
-        cfg = model_config(kind, len(tok), ids[BOS], ids[EOS], ids[PAD])
+        cfg = model_config(kind, len(tok), ids[BOS], ids[EOS], ids[PAD], max_positions)
         build_weights(kind, cfg, work, seed, dtype)
         _finish_config(work, cfg, dtype)
         (work / "sglang_helix_tiny.json").write_text(
             json.dumps({"kind": kind, "seed": seed, "dtype": dtype,
-                        "builder_version": BUILDER_VERSION}, indent=1)
+                        "builder_version": BUILDER_VERSION, "max_positions": max_positions},
+                       indent=1)
         )
         if target.exists():
             shutil.rmtree(target)
@@ -309,14 +330,16 @@ def _finish_config(directory: Path, cfg: dict[str, Any], dtype: str) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def cache_key(kind: str, seed: int = 0, dtype: str = "float32") -> str:
-    """Short hash of everything that determines the built files."""
+def cache_key(kind: str, seed: int = 0, dtype: str = "float32",
+              max_positions: int = MAX_POSITIONS) -> str:
+    """Short hash of everything that determines the built files (max_positions enters through
+    the model config, so the default leaves the key of every kind unchanged)."""
     import tokenizers
     import transformers
 
     blob = json.dumps(
         [BUILDER_VERSION, kind, seed, dtype, CORPUS, CHAT_TEMPLATE, TOKENIZER_VOCAB, INIT_RANGE,
-         model_config(kind, 0, 0, 1, 2), transformers.__version__, tokenizers.__version__],
+         model_config(kind, 0, 0, 1, 2, max_positions), transformers.__version__, tokenizers.__version__],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -330,14 +353,17 @@ def default_cache_dir() -> Path:
 
 def ensure_tiny_model(
     kind: str, cache_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = "float32", max_positions: int = MAX_POSITIONS,
 ) -> Path:
-    """Path of the cached tiny model `kind`, building it only when missing or incomplete."""
+    """Path of the cached tiny model `kind`, building it only when missing or incomplete.
+
+    A non-default `max_positions` (long-context variant, same weights) gets its own cache entry.
+    """
     _check_kind(kind)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = base / f"{kind}-{cache_key(kind, seed, dtype)}"
+    path = base / f"{kind}-{cache_key(kind, seed, dtype, max_positions)}"
     if not _is_complete(path):
-        build_tiny_model(kind, path, seed=seed, dtype=dtype)
+        build_tiny_model(kind, path, seed=seed, dtype=dtype, max_positions=max_positions)
     return path
 
 

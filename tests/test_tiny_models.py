@@ -121,3 +121,23 @@ def test_reference_greedy_shapes(built):
     out = tm.reference_greedy(built["mla"], [tok.encode("Hello"), tok.encode("The cat")], 3)
     assert [len(r.tokens) for r in out] == [3, 3]
     assert all(r.min_margin >= 0 and all(lp <= 0 for lp in r.logprobs) for r in out)
+
+
+def test_max_positions_long_context_variant(built, tmp_path):
+    """A long-context build changes only the position fields (and its own cache key); the default
+    is exactly the old config, so existing cache keys and weights stay as they were."""
+    for kind in tm.KINDS:
+        assert tm.model_config(kind, 9, 0, 1, 2) == tm.model_config(kind, 9, 0, 1, 2, tm.MAX_POSITIONS)
+        assert tm.cache_key(kind) == tm.cache_key(kind, max_positions=tm.MAX_POSITIONS)
+    assert tm.cache_key("mla", max_positions=131072) != tm.cache_key("mla")
+    long = tm.build_tiny_model("mla", tmp_path / "long", max_positions=131072)
+    cfg, short = _config(long), _config(built["mla"])
+    assert cfg["max_position_embeddings"] == 131072
+    assert cfg["rope_scaling"]["original_max_position_embeddings"] == 131072 // 4
+    assert short["max_position_embeddings"] == tm.MAX_POSITIONS
+    differ = {k for k in cfg.keys() | short.keys() if cfg.get(k) != short.get(k)}
+    assert differ == {"max_position_embeddings", "rope_scaling", "rope_parameters"}, differ
+    assert (long / "model.safetensors").read_bytes() == (built["mla"] / "model.safetensors").read_bytes()
+    assert tm.load_tokenizer(long).model_max_length == 131072
+    with pytest.raises(ValueError, match="max_positions"):
+        tm.model_config("mla", 9, 0, 1, 2, max_positions=1000001)

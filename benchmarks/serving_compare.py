@@ -1,0 +1,665 @@
+"""Serving comparison on CPU ranks: Helix KVP 2 vs plain TP 2, driven by SGLang's own client.
+
+Starts real SGLang 0.5.23 servers on CPU (`sglang_helix.testing_sglang.launch_server`: free port,
+CPU environment, whole-tree kill) with the tiny DeepSeek-V3-style MLA + MoE model
+(`ensure_tiny_model("mla", max_positions=...)`: kv_lora_rank 48, rope 8, 3 layers, random
+weights, max_position_embeddings raised for long contexts), one server per configuration, all
+tp 2 with the same page size and the same per-rank KV budget:
+
+    tp2              plain TP 2, Helix off: every rank holds the whole latent KV (the baseline)
+    helix-a2a        --enable-helix --helix-kvp-size 2 --helix-tpa-size 1 --helix-comm-backend a2a
+    helix-ag_rs      the same with --helix-comm-backend ag_rs
+    helix-a2a-hopb2  helix-a2a with --helix-hopb-slices 2 (HOP-B on; helix-a2a is HOP-B off)
+
+Each server is reused for every context length L and concurrency C; for each (L, C) this runs
+
+    python -m sglang.benchmark.serving --backend sglang --base-url URL --dataset-name random \
+        --dataset-path LOCAL.json --tokenize-prompt --random-input-len L --random-output-len OUT \
+        --random-range-ratio 1 --num-prompts N --max-concurrency C --warmup-requests 0 \
+        --flush-cache --output-details --cache-report --output-file X.jsonl ...
+
+with N = --waves x C. Nothing is downloaded: the "random" dataset samples its token ids from a
+ShareGPT-format JSON written locally (text from the tiny tokenizer's corpus, seeded), the tokenizer
+is the tiny model's local one, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE are
+set. `--tokenize-prompt` sends token ids, so every prompt is exactly L tokens; every prompt is
+distinct (no radix-cache reuse across requests) and the cache is flushed before each measured run.
+
+Same per-rank KV budget: every server gets `--max-total-tokens B` (B = --kv-budget-tokens, a
+multiple of the page size). Plain TP then holds B latent rows per rank; Helix sizes its pool to
+the same per-rank bytes and holds ~KVP x B logical tokens (B rows per rank). Both are checked on
+the live servers via GET /server_info (Helix: internal_states[0]["helix"]; plain TP:
+max_total_num_tokens) before anything is measured.
+
+Columns: TTFT mean / p99, TPOT p50 / p99, ITL p50 (ms), output tok/s (all requests),
+tok/s/user = 1000 / TPOT p50, per-rank KV bytes of one request (plain TP: all its pages on every
+rank; Helix: the KVP rank holding the most of its pages, ceil(pages / KVP)), per-rank KV pool bytes,
+and the largest concurrency whose L + OUT-token contexts fit the per-rank budget.
+
+Every failure is an error, never a row: a server that does not start (log tail), a client that
+exits non-zero or times out (its log tail), a failed request, a count of completed requests or of
+input / output tokens that differs from what was asked, prefix-cache hits in a measured run.
+Rows measured before a failure are written next to the CSV as *.partial.csv. All servers and
+clients are killed on exit, on error, on Ctrl-C and on SIGTERM.
+
+    python benchmarks/serving_compare.py --quick          # smoke run: L 512, 1024; ~6 min on 2 cores
+    python benchmarks/serving_compare.py                  # the run in docs/results.md
+    python benchmarks/serving_compare.py --context-lens 4096 16384 65536 --kv-budget-tokens 139264
+
+Outputs (default docs/results/, --quick: benchmarks/out/): serving_compare.csv (with '#' comment
+lines: command, machine, date) and serving_compare.png (per context: tok/s/user vs output tok/s,
+one series per config over the concurrencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT_DIR = ROOT / "docs" / "results"
+QUICK_OUT_DIR = ROOT / "benchmarks" / "out"
+STEM = "serving_compare"
+TP = 2
+KVP = 2
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+CSV_FIELDS = (
+    "config", "context_len", "concurrency", "num_prompts", "output_len",
+    "ttft_mean_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
+    "output_tok_s", "tok_s_user", "kv_bytes_per_request_per_rank", "kv_pool_bytes_per_rank",
+    "max_concurrency_in_budget", "duration_s",
+)
+# Keys of sglang.benchmark.serving's --output-file JSON (0.5.23) -> our columns.
+METRIC_KEYS = {
+    "mean_ttft_ms": "ttft_mean_ms", "p99_ttft_ms": "ttft_p99_ms",
+    "median_tpot_ms": "tpot_p50_ms", "p99_tpot_ms": "tpot_p99_ms",
+    "median_itl_ms": "itl_p50_ms", "output_throughput": "output_tok_s", "duration": "duration_s",
+}
+
+
+class ServingCompareError(RuntimeError):
+    """A benchmark run, a server or a budget check failed (the message says which and why)."""
+
+
+# ---------------------------------------------------------------- configurations
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One server layout: kvp 1 = plain TP (Helix off)."""
+
+    name: str
+    kvp: int = 1
+    comm: str = "a2a"
+    hopb_slices: int = 1
+
+    @property
+    def helix(self) -> bool:
+        return self.kvp > 1
+
+    def server_args(self) -> list[str]:
+        if not self.helix:
+            return []
+        return ["--enable-helix", "--helix-kvp-size", str(self.kvp), "--helix-tpa-size", "1",
+                "--helix-comm-backend", self.comm, "--helix-hopb-slices", str(self.hopb_slices)]
+
+
+CONFIGS: dict[str, ServerConfig] = {
+    c.name: c for c in (
+        ServerConfig("tp2"),
+        ServerConfig("helix-a2a", KVP, "a2a", 1),
+        ServerConfig("helix-ag_rs", KVP, "ag_rs", 1),
+        ServerConfig("helix-a2a-hopb2", KVP, "a2a", 2),
+    )
+}
+
+
+# ---------------------------------------------------------------- KV arithmetic (pure)
+
+
+def pages(tokens: int, page_size: int) -> int:
+    """Pages holding `tokens` tokens."""
+    if tokens < 0 or page_size < 1:
+        raise ValueError(f"tokens must be >= 0 and page_size >= 1, got {tokens}, {page_size}")
+    return -(-tokens // page_size)
+
+
+def kv_bytes_per_token(model_config: Mapping[str, Any], dtype: str) -> int:
+    """Bytes of one token's MLA latent KV (all layers) on a rank that holds it:
+    layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown KV dtype {dtype!r}; one of {sorted(DTYPE_BYTES)}")
+    dims = int(model_config["kv_lora_rank"]) + int(model_config["qk_rope_head_dim"])
+    return int(model_config["num_hidden_layers"]) * dims * DTYPE_BYTES[dtype]
+
+
+def request_pages_per_rank(tokens: int, page_size: int, kvp: int) -> int:
+    """Pages of one request on the rank holding the most of them (page j lives on rank j % KVP,
+    so rank 0 holds ceil(pages / KVP)); kvp 1 = plain TP: every rank holds all pages."""
+    if kvp < 1:
+        raise ValueError(f"kvp must be >= 1, got {kvp}")
+    return -(-pages(tokens, page_size) // kvp)
+
+
+def kv_bytes_per_request_per_rank(tokens: int, page_size: int, kvp: int, bytes_per_token: int) -> int:
+    """Per-rank KV bytes one request of `tokens` tokens occupies (whole pages, worst rank)."""
+    return request_pages_per_rank(tokens, page_size, kvp) * page_size * bytes_per_token
+
+
+def max_concurrency_in_budget(pool_pages_per_rank: int, tokens: int, page_size: int, kvp: int) -> int:
+    """Largest number of concurrent requests of `tokens` tokens (prompt + output) whose pages
+    fit a pool of `pool_pages_per_rank` pages on every rank."""
+    if pool_pages_per_rank < 0:
+        raise ValueError(f"pool_pages_per_rank must be >= 0, got {pool_pages_per_rank}")
+    return pool_pages_per_rank // request_pages_per_rank(tokens, page_size, kvp)
+
+
+def check_budget(budget_tokens: int, page_size: int, context_lens: Sequence[int],
+                 output_len: int, concurrency: Sequence[int], kvp_values: Sequence[int]) -> None:
+    """Before any server starts: every (L, C) must fit the per-rank budget on every layout."""
+    if budget_tokens % page_size:
+        raise ServingCompareError(
+            f"--kv-budget-tokens {budget_tokens} must be a multiple of --page-size {page_size}")
+    budget_pages = budget_tokens // page_size
+    for kvp in sorted(set(kvp_values)):
+        for length in context_lens:
+            fit = max_concurrency_in_budget(budget_pages, length + output_len, page_size, kvp)
+            if fit < max(concurrency):
+                need = max(concurrency) * request_pages_per_rank(length + output_len, page_size, kvp)
+                raise ServingCompareError(
+                    f"{'plain TP' if kvp == 1 else f'Helix KVP {kvp}'}: {max(concurrency)} "
+                    f"concurrent requests of {length}+{output_len} tokens need {need * page_size} "
+                    f"KV rows per rank, the budget holds {budget_tokens} (fits {fit}); raise "
+                    f"--kv-budget-tokens to >= {need * page_size} or lower --concurrency")
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """Per-rank KV pool of a live server (from GET /server_info)."""
+
+    pages_per_rank: int
+    page_size: int
+    kvp: int
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.pages_per_rank * self.page_size
+
+
+def pool_info(server_info: Mapping[str, Any], config: ServerConfig, page_size: int) -> PoolInfo:
+    """Per-rank pool of `config`'s server; errors if the server's layout is not the one asked."""
+    states = server_info.get("internal_states") or [{}]
+    helix = states[0].get("helix")
+    if not config.helix:
+        if helix is not None:
+            raise ServingCompareError(f"{config.name}: Helix state present on a plain TP server")
+        rows = int(server_info["max_total_num_tokens"])
+        return PoolInfo(rows // page_size, page_size, 1)
+    if helix is None:
+        raise ServingCompareError(
+            f"{config.name}: /server_info has no internal_states[0]['helix'] (Helix not active)")
+    lay = helix["layout"]
+    asked = {"kvp": config.kvp, "tpa": 1, "comm_backend": config.comm,
+             "hopb_slices": config.hopb_slices, "page_size": page_size}
+    got = {k: lay[k] for k in asked}
+    if got != asked:
+        raise ServingCompareError(f"{config.name}: server layout {got} != asked {asked}")
+    per_rank = [int(r["total_pages"]) for r in helix["per_kvp_rank"]]
+    return PoolInfo(min(per_rank), int(helix["page_size"]), int(lay["kvp"]))
+
+
+def check_pool_matches_budget(pool: PoolInfo, budget_tokens: int, name: str) -> None:
+    """The live per-rank pool must be the budget (to within one page)."""
+    if abs(pool.rows_per_rank - budget_tokens) > pool.page_size:
+        raise ServingCompareError(
+            f"{name}: per-rank KV pool holds {pool.rows_per_rank} rows, the budget is "
+            f"{budget_tokens}; SGLang sized the pool differently (memory profile?) - raise "
+            f"--mem-fraction-static or lower --kv-budget-tokens")
+
+
+# ---------------------------------------------------------------- client output (pure)
+
+
+def parse_result(jsonl_path: Path, *, num_prompts: int, input_len: int, output_len: int,
+                 concurrency: int) -> dict[str, float]:
+    """Metrics of one sglang.benchmark.serving run from its --output-file (last JSON line).
+
+    Raises ServingCompareError for a missing/empty file, failed requests, token counts that differ
+    from what was asked, or prefix-cache hits (when the client reports cached tokens).
+    """
+    try:
+        lines = [ln for ln in jsonl_path.read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise ServingCompareError(f"no client output file {jsonl_path}: {exc}") from exc
+    if not lines:
+        raise ServingCompareError(f"client output file {jsonl_path} is empty")
+    try:
+        res = json.loads(lines[-1])
+    except json.JSONDecodeError as exc:
+        raise ServingCompareError(f"{jsonl_path}: last line is not JSON: {exc}") from exc
+    errors = [e for e in res.get("errors") or [] if e]
+    if errors:
+        raise ServingCompareError(
+            f"{len(errors)} of {num_prompts} requests failed; first error: {errors[0][:2000]}")
+    if res.get("completed") != num_prompts:
+        raise ServingCompareError(
+            f"{res.get('completed')} of {num_prompts} requests completed ({jsonl_path})")
+    if res.get("max_concurrency") not in (None, concurrency):
+        raise ServingCompareError(f"client ran max_concurrency {res.get('max_concurrency')}, "
+                                  f"asked {concurrency}")
+    expected = {"total_input_tokens": num_prompts * input_len,
+                "total_output_tokens": num_prompts * output_len}
+    for key, want in expected.items():
+        if res.get(key) != want:
+            raise ServingCompareError(f"{key} = {res.get(key)}, expected {want} ({jsonl_path})")
+    if "cached_tokens" not in res:
+        raise ServingCompareError(f"{jsonl_path}: no per-request cached_tokens (run the client "
+                                  f"with --output-details --cache-report)")
+    cached = [c for c in res["cached_tokens"] if c]
+    if cached:
+        raise ServingCompareError(
+            f"{len(cached)} requests hit the prefix cache ({sum(cached)} tokens): TTFT would not "
+            f"be a full prefill")
+    out: dict[str, float] = {}
+    for key, col in METRIC_KEYS.items():
+        value = res.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ServingCompareError(f"{jsonl_path}: metric {key} = {value!r}")
+        out[col] = float(value)
+    if output_len > 1 and out["tpot_p50_ms"] <= 0:
+        raise ServingCompareError(f"{jsonl_path}: median TPOT is 0 with {output_len} output tokens")
+    out["tok_s_user"] = 1000.0 / out["tpot_p50_ms"] if out["tpot_p50_ms"] > 0 else float("nan")
+    return out
+
+
+def make_row(config: str, context_len: int, concurrency: int, num_prompts: int, output_len: int,
+             metrics: Mapping[str, float], pool: PoolInfo, bytes_per_token: int) -> dict[str, Any]:
+    """One CSV row: client metrics + the per-rank KV arithmetic of the live pool."""
+    tokens = context_len + output_len
+    row: dict[str, Any] = {
+        "config": config, "context_len": context_len, "concurrency": concurrency,
+        "num_prompts": num_prompts, "output_len": output_len, **metrics,
+        "kv_bytes_per_request_per_rank": kv_bytes_per_request_per_rank(
+            tokens, pool.page_size, pool.kvp, bytes_per_token),
+        "kv_pool_bytes_per_rank": pool.rows_per_rank * bytes_per_token,
+        "max_concurrency_in_budget": max_concurrency_in_budget(
+            pool.pages_per_rank, tokens, pool.page_size, pool.kvp),
+    }
+    missing = [f for f in CSV_FIELDS if f not in row]
+    if missing:
+        raise ServingCompareError(f"row misses {missing}")
+    return {f: row[f] for f in CSV_FIELDS}
+
+
+# ---------------------------------------------------------------- CSV / table / plot
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, str]) -> Path:
+    """CSV with '#'-prefixed metadata lines (command, machine, ...) before the header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        for key, value in meta.items():
+            f.write(f"# {key}: {' '.join(str(value).splitlines())}\n")
+        writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV written by write_csv (metadata lines skipped)."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(ln for ln in f if not ln.startswith("#")))
+
+
+TABLE_COLUMNS = (
+    ("config", "config", "{}"), ("L", "context_len", "{}"), ("C", "concurrency", "{}"),
+    ("N", "num_prompts", "{}"), ("TTFT mean", "ttft_mean_ms", "{:.0f}"),
+    ("TTFT p99", "ttft_p99_ms", "{:.0f}"), ("TPOT p50", "tpot_p50_ms", "{:.1f}"),
+    ("TPOT p99", "tpot_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.1f}"),
+    ("out tok/s", "output_tok_s", "{:.2f}"), ("tok/s/user", "tok_s_user", "{:.2f}"),
+    ("KV B/req/rank", "kv_bytes_per_request_per_rank", "{:,}"),
+    ("max C in budget", "max_concurrency_in_budget", "{}"),
+)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table (times in ms)."""
+    head = "| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    body = []
+    for row in rows:
+        cells = []
+        for _, key, fmt in TABLE_COLUMNS:
+            value = row[key]
+            if fmt != "{}" and isinstance(value, str):
+                value = float(value) if "." in value or "e" in value else int(value)
+            cells.append(fmt.format(value))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+    """Per context length: tok/s/user (x) vs output tok/s (y), one series per config over C."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({int(r["context_len"]) for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.4), squeeze=False)
+    markers = dict(zip(CONFIGS, "osD^"))
+    for ax, length in zip(axes[0], lengths):
+        for name in dict.fromkeys(r["config"] for r in rows):
+            pts = sorted((int(r["concurrency"]), float(r["tok_s_user"]), float(r["output_tok_s"]))
+                         for r in rows if r["config"] == name and int(r["context_len"]) == length)
+            if not pts:
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers.get(name, "x"),
+                    label=name)
+            for c, x, y in pts:
+                ax.annotate(f"C={c}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(f"context {length} tokens")
+        ax.set_xlabel("tok/s/user (1000 / TPOT p50)")
+        ax.set_ylabel("output tok/s (all requests)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- local dataset
+
+
+def write_local_sharegpt(path: Path, *, n: int = 512, seed: int = 0) -> Path:
+    """A ShareGPT-format JSON (`conversations`, 2 turns) of seeded random word sequences from the
+    tiny tokenizer's corpus: the "random" dataset samples its token ids from it instead of
+    downloading ShareGPT. Distinct openings, so prompts share no KV page in the radix cache."""
+    from sglang_helix.tiny_models import CORPUS
+
+    words = sorted(set(CORPUS.split()))
+    rng = random.Random(seed)
+    data = []
+    for i in range(n):
+        text = f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(60, 160)))
+        data.append({"id": str(i), "conversations": [
+            {"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]})
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ---------------------------------------------------------------- processes
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so every `finally` (server kill) runs."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated(f"signal {signum}")
+
+
+def client_argv(base_url: str, model_path: Path, dataset_path: Path, output_file: Path, *,
+                input_len: int, output_len: int, num_prompts: int, concurrency: int,
+                seed: int) -> list[str]:
+    """The `python -m sglang.benchmark.serving ...` command of one measured run."""
+    return [
+        sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+        "--base-url", base_url, "--model", str(model_path), "--tokenizer", str(model_path),
+        "--dataset-name", "random", "--dataset-path", str(dataset_path), "--tokenize-prompt",
+        "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+        "--random-range-ratio", "1", "--num-prompts", str(num_prompts),
+        "--max-concurrency", str(concurrency), "--warmup-requests", "0", "--flush-cache",
+        "--output-details", "--cache-report", "--output-file", str(output_file), "--disable-tqdm",
+        "--seed", str(seed), "--ready-check-timeout-sec", "60",
+    ]
+
+
+def run_client(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
+    """Run the client in its own session; kill its tree on timeout / error / Ctrl-C."""
+    from sglang_helix.testing_sglang import _die_with_parent, kill_tree, log_tail
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
+    env.update(OFFLINE_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    with log_path.open("wb") as log:
+        log.write(("$ " + shlex.join(argv) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise ServingCompareError(
+            f"client timed out after {timeout_s:.0f}s; log {log_path}:\n{log_tail(log_path, 3000)}"
+        ) from exc
+    finally:
+        kill_tree(proc)
+    if code != 0:
+        raise ServingCompareError(
+            f"client exited with code {code}; log {log_path}:\n{log_tail(log_path, 3000)}")
+
+
+def _server_warmup(base_url: str, vocab: int) -> None:
+    """One short request (512-token prompt, 8 tokens) so the first measured run is not the
+    server's first real prefill/decode (SGLang's own start-up warm-up is a few tokens)."""
+    from sglang_helix.testing_sglang import generate, output_ids
+
+    rng = random.Random(1234)
+    ids = [rng.randrange(16, vocab) for _ in range(512)]
+    got = output_ids(generate(base_url, ids, max_new_tokens=8))
+    if len(got) != 8:
+        raise ServingCompareError(f"warm-up request returned {len(got)} tokens, expected 8")
+
+
+def _check_alive(server: Any, name: str) -> None:
+    if server.process.poll() is not None:
+        raise ServingCompareError(
+            f"{name}: server exited with code {server.process.returncode}; log "
+            f"{server.log_path}:\n{server.log(3000)}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--context-lens", type=int, nargs="+", default=[4096, 16384],
+                   help="prompt lengths L (default: 4096 16384, what fits ~40 min on 2 cores)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--waves", type=int, default=2,
+                   help="requests per concurrency slot: N = waves x C (default 2)")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--kv-budget-tokens", type=int, default=40960,
+                   help="per-rank KV rows, passed as --max-total-tokens to every server "
+                        "(a multiple of --page-size; default 40960)")
+    p.add_argument("--chunked-prefill-size", type=int, default=4096)
+    p.add_argument("--mem-fraction-static", type=float, default=0.05)
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--start-timeout", type=float, default=400.0, help="seconds for a server start")
+    p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one client run")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help=f"CSV + PNG directory (default {DEFAULT_OUT_DIR.relative_to(ROOT)}, "
+                        f"--quick: {QUICK_OUT_DIR.relative_to(ROOT)})")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="server / client logs and JSONL (default: a new temp dir, kept)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: L 512 1024, C 1 2, waves 1, 16 output tokens, budget 4096")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.context_lens, args.concurrency, args.waves = [512, 1024], [1, 2], 1
+        args.output_len, args.kv_budget_tokens = 16, 4096
+    if args.out_dir is None:
+        args.out_dir = QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR
+    for name in ("context_lens", "concurrency"):
+        if min(getattr(args, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.waves < 1 or args.output_len < 2 or args.page_size < 2:
+        p.error("--waves >= 1, --output-len >= 2 (for TPOT) and --page-size >= 2 are required")
+    args.context_lens = sorted(dict.fromkeys(args.context_lens))
+    args.concurrency = sorted(dict.fromkeys(args.concurrency))
+    args.configs = list(dict.fromkeys(args.configs))
+    return args
+
+
+def _machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.node()}: {cores} cores, {mem:.0f} GiB, {platform.processor() or platform.machine()}, "
+            f"no GPU (the project's 2-core CPU dev VM when run there; shared, timings noisy)")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Start each config's server once, run every (L, C), return the rows."""
+    from tqdm import tqdm
+
+    from sglang_helix.testing_sglang import ProcessesLeftError, RequestError, ServerStartError
+    from sglang_helix.tiny_models import ensure_tiny_model
+
+    configs = [CONFIGS[n] for n in args.configs]
+    longest = max(args.context_lens) + args.output_len + args.page_size
+    check_budget(args.kv_budget_tokens, args.page_size, args.context_lens, args.output_len,
+                 args.concurrency, [c.kvp for c in configs])
+    max_positions = max(131072, 1 << (longest - 1).bit_length())
+    model = ensure_tiny_model("mla", max_positions=max_positions)
+    model_cfg = json.loads((model / "config.json").read_text())
+    bpt = kv_bytes_per_token(model_cfg, args.dtype)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="serving_compare_"))
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = write_local_sharegpt(work / "local_sharegpt.json", seed=args.seed)
+    print(f"model {model} (max_position_embeddings {max_positions}), KV {bpt} B/token/rank; "
+          f"logs and JSONL in {work}", file=sys.stderr)
+    server_common = [
+        "--page-size", str(args.page_size), "--max-total-tokens", str(args.kv_budget_tokens),
+        "--mem-fraction-static", str(args.mem_fraction_static), "--dtype", args.dtype,
+        "--max-running-requests", str(max(args.concurrency)),
+        "--context-length", str(longest), "--chunked-prefill-size", str(args.chunked_prefill_size),
+    ]
+    rows: list[dict[str, Any]] = []
+    total = len(configs) * len(args.context_lens) * len(args.concurrency)
+    bar = tqdm(total=total, desc="serving_compare", unit="run", file=sys.stderr)
+    try:
+        for config in configs:
+            bar.set_postfix_str(f"starting {config.name}")
+            try:
+                _run_config(args, config, model, model_cfg, bpt, dataset, work, server_common,
+                            bar, rows)
+            except (ServerStartError, RequestError, ProcessesLeftError) as exc:
+                raise ServingCompareError(f"{config.name}: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        if rows:
+            partial = args.out_dir / f"{STEM}.partial.csv"
+            write_csv(partial, rows, {"status": "INCOMPLETE: the run failed or was interrupted",
+                                      "command": shlex.join(sys.argv)})
+            print(f"\n{len(rows)} rows measured before the failure: {partial}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    return rows
+
+
+def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
+                model_cfg: Mapping[str, Any], bpt: int, dataset: Path, work: Path,
+                server_common: Sequence[str], bar: Any, rows: list[dict[str, Any]]) -> None:
+    """One server for `config`: check its pool, warm it up, run every (L, C); rows appended."""
+    from sglang_helix.testing_sglang import launch_server, request_json
+
+    with launch_server(model, [*server_common, *config.server_args()], tp=TP,
+                       timeout=args.start_timeout, log_dir=work) as server:
+        pool = pool_info(request_json(server.base_url + "/server_info"), config, args.page_size)
+        check_pool_matches_budget(pool, args.kv_budget_tokens, config.name)
+        _server_warmup(server.base_url, int(model_cfg["vocab_size"]))
+        for length in args.context_lens:
+            for conc in args.concurrency:
+                bar.set_postfix_str(f"{config.name} L={length} C={conc}")
+                n = args.waves * conc
+                tag = f"{config.name}-L{length}-C{conc}"
+                out_file = work / f"{tag}.jsonl"
+                out_file.unlink(missing_ok=True)
+                argv = client_argv(server.base_url, model, dataset, out_file,
+                                   input_len=length, output_len=args.output_len,
+                                   num_prompts=n, concurrency=conc, seed=args.seed)
+                try:
+                    run_client(argv, work / f"{tag}.log", args.run_timeout)
+                    _check_alive(server, config.name)
+                    metrics = parse_result(out_file, num_prompts=n, input_len=length,
+                                           output_len=args.output_len, concurrency=conc)
+                except ServingCompareError as exc:
+                    raise ServingCompareError(f"{tag}: {exc}\n(server log {server.log_path})") from exc
+                rows.append(make_row(config.name, length, conc, n, args.output_len, metrics,
+                                     pool, bpt))
+                bar.update(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    started = datetime.now(timezone.utc)
+    try:
+        with _sigterm_as_exception():
+            rows = run(args)
+    except ServingCompareError as exc:
+        print(f"serving_compare: ERROR: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("serving_compare: interrupted; servers killed", file=sys.stderr)
+        return 130
+    wall = time.monotonic() - t0
+    meta = {
+        "command": "python " + shlex.join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "machine": _machine(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "wall_s": f"{wall:.0f}",
+        "model": "tiny DeepSeek-V3-style MLA+MoE (sglang_helix.tiny_models 'mla', random weights)",
+        "setup": (f"tp {TP}, page {args.page_size}, per-rank KV budget {args.kv_budget_tokens} rows "
+                  f"(--max-total-tokens), {args.dtype}, torch_native/helix attention, "
+                  f"output {args.output_len} tokens, N = {args.waves} x C"),
+        "tok_s_user": "1000 / TPOT p50; output_tok_s over all requests of the run",
+    }
+    csv_path = write_csv(args.out_dir / f"{STEM}.csv", rows, meta)
+    png_path = plot_pareto(rows, args.out_dir / f"{STEM}.png",
+                           title=f"sglang.benchmark.serving, tiny MLA, tp 2, CPU ranks ({meta['machine'].split(':')[0]})")
+    print(format_table(rows))
+    print(f"\nwall {wall:.0f} s; wrote {csv_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
