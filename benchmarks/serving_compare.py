@@ -491,10 +491,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--context-lens", type=int, nargs="+", default=[4096, 16384],
-                   help="prompt lengths L (default: 4096 16384, what fits ~40 min on 2 cores)")
+                   help="prompt lengths L (default: 4096 16384, the run in docs/results.md, "
+                        "~14 min on 2 cores; plain TP's CPU prefill of 32K ran out of memory)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--waves", type=int, default=2,
-                   help="requests per concurrency slot: N = waves x C (default 2)")
+    p.add_argument("--waves", type=int, default=1,
+                   help="requests per concurrency slot: N = waves x C (default 1, as in "
+                        "docs/results.md)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--kv-budget-tokens", type=int, default=40960,
