@@ -441,9 +441,9 @@ def client_argv(base_url: str, model_path: Path, dataset_path: Path, output_file
 
 def run_client(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
     """Run the client in its own session; kill its tree on timeout / error / Ctrl-C."""
-    from sglang_helix.testing_sglang import _die_with_parent, kill_tree, log_tail
+    from sglang_helix.testing_sglang import SCRUBBED_ENV, _die_with_parent, kill_tree, log_tail
 
-    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     env.update(OFFLINE_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     with log_path.open("wb") as log:

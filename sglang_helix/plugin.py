@@ -343,8 +343,7 @@ def _late_validation(server_args: Any, previous: Callable[[Any], None]) -> None:
     setattr(server_args, LAYOUT_ATTR, layout)
     # The helix backends do not implement SGLang's CUDA-graph capture hooks yet (GPU only;
     # CPU never captures), so graphs are switched off rather than captured wrongly.
-    if str(getattr(cfg, "disaggregation_mode", "null") or "null") == "decode" and \
-            getattr(cfg, "disaggregation_decode_retraction_backup", None) is None:
+    if pd_mode(cfg) == "decode" and getattr(cfg, "disaggregation_decode_retraction_backup", None) is None:
         declare_resolution(server_args, "sglang_helix", disaggregation_decode_retraction_backup="none")
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
                        decode_attention_backend="helix", disable_decode_cuda_graph=True,
@@ -372,9 +371,14 @@ def check_serving_support(cfg: Any) -> None:
 PD_BACKENDS = ("mooncake", "mooncake_tcp")
 
 
+def pd_mode(cfg: Any) -> str:
+    """--disaggregation-mode as a string: "null" (no PD), "prefill" or "decode"."""
+    return str(getattr(cfg, "disaggregation_mode", "null") or "null")
+
+
 def check_pd_support(cfg: Any) -> None:
     """Helix serves the decode side of PD over mooncake; refuse the rest with flag + fix."""
-    mode = str(getattr(cfg, "disaggregation_mode", "null") or "null")
+    mode = pd_mode(cfg)
     if mode == "null":
         return
     if mode == "prefill":
@@ -405,7 +409,7 @@ def check_pd_support(cfg: Any) -> None:
 
 def verify_pd_hooks_live(cfg: Any) -> None:
     """A Helix decode server needs the relayout hooks live (SGLang only logs apply failures)."""
-    if str(getattr(cfg, "disaggregation_mode", "null") or "null") == "null":
+    if pd_mode(cfg) == "null":
         return
     from .sglang_pd import pd_hooks_missing
 
@@ -427,9 +431,8 @@ def describe_serving(layout: Any, hf: dict) -> str:
 def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: Any, **kwargs: Any) -> None:
     """Adds state["helix"] (layout + per-KVP-rank KV usage) to /server_info's internal_states."""
     allocator = getattr(getattr(controller, "scheduler", None), "token_to_kv_pool_allocator", None)
-    from .sglang_pool import helix_kv_state
-
     from .sglang_pd import SERVER_INFO_KEY as PD_KEY, pd_transfer_state
+    from .sglang_pool import helix_kv_state
 
     info = helix_kv_state(allocator)
     if info is not None:

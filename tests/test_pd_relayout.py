@@ -203,7 +203,6 @@ def test_pd_refusals_name_flag_and_fix(kw, text):
 
 
 def test_pd_decode_over_mooncake_is_accepted():
-    pytest.importorskip("sglang")
     from sglang_helix.plugin import check_pd_support
 
     check_pd_support(cfg(disaggregation_mode="null"))

@@ -35,6 +35,7 @@ from sglang_helix import testing_sglang as ts
 from sglang_helix.sglang_pd import HOLD_ENV, SERVER_INFO_KEY
 from sglang_helix.testing_pd import (
     FAST_FAILURE_ENV,
+    LOOPBACK_ENV,
     launch_pd,
     launch_router,
     pd_args,
@@ -58,6 +59,7 @@ MAX_NEW = 8
 COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
 HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
                 "--disaggregation-decode-enable-radix-cache"]
+GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1"]
 PROMPT_TEXTS = (
     "The quick brown fox jumps over the lazy dog and then",
     "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
@@ -150,7 +152,7 @@ def gqa(tmp_path_factory):
     hold = tmp_path_factory.mktemp("pd-hold") / "hold"
     env = {**FAST_FAILURE_ENV, HOLD_ENV: str(hold)}
     logs = tmp_path_factory.mktemp("pd-gqa-logs")
-    with launch_pd(model, decode_args=[*HELIX_DECODE, "--helix-tpa-size", "1"], decode_tp=2,
+    with launch_pd(model, decode_args=GQA_DECODE, decode_tp=2,
                    common_args=COMMON, env=env, log_dir=logs) as pd:
         yield model, pd, hold, env, logs
 
@@ -181,8 +183,8 @@ class TestGQA:
         # 2. the prefill still serves: a new decode server and router, a correct answer
         with contextlib.ExitStack() as stack:
             decode = stack.enter_context(ts.launch_server(
-                model, [*COMMON, *pd_args("decode"), *HELIX_DECODE, "--helix-tpa-size", "1"],
-                tp=2, env={"SGLANG_HOST_IP": "127.0.0.1", **env}, log_dir=logs))
+                model, [*COMMON, *pd_args("decode"), *GQA_DECODE],
+                tp=2, env={**LOOPBACK_ENV, **env}, log_dir=logs))
             url, _, _ = stack.enter_context(launch_router(pd.prefill, pd.bootstrap_port, decode, logs))
             assert ts.output_ids(ts.generate(url, p2, max_new_tokens=MAX_NEW)) == ref
             pages_free = free_pages(decode.base_url)
