@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from sglang_helix.testing import run_ranks
+from sglang_helix.ranks import run_ranks
 
 SIZES = (1024, 16384, 65536, 262144)  # bytes per rank
 _GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

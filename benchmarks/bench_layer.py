@@ -1,13 +1,29 @@
 """Single-layer Helix decode benchmark on CPU ranks (gloo), in the spirit of TensorRT-LLM's.
 
-One rank = one core (torch threads = 1 per rank), the CPU analogue of one GPU: KVP=1 runs the
-whole layer's attention on one rank, KVP=2 splits the KV by page over two ranks and exchanges.
+One rank = one core (torch threads = 1 per rank), the CPU analogue of one GPU. Three layouts of
+the same attention layer:
+
+- "1 rank": the whole layer's attention on one rank (Helix KVP=1, TPA=1: no exchange; the
+  trivial one-partial merge is timed as "merge").
+- "helix": KVP x TPA = N ranks; the KV is split by page over the KVP ranks (and by KV head over
+  TPA), each rank runs partial attention over its pages, then one exchange + LSE merge.
+- "tp": plain tensor parallelism on the same N ranks (what SGLang does without Helix): the query
+  heads are split N ways and each rank attends its H/N heads over the FULL sequence, no
+  exchange. GQA: each rank holds K/N KV heads, or one replicated KV head when N > K (needs
+  K % N == 0 or N % K == 0). MLA: the latent (R + Dr per token) is replicated on every rank.
+  SGLang then all-reduces after o_proj; that all-reduce is outside the attention layer and is
+  not timed here (Helix has an o_proj all-reduce too, after its exchange).
 
     python benchmarks/bench_layer.py --model deepseek-v3 --ctx-len-start 8192 --ctx-len-end 131072 \
         --kvp 1 2 --backend a2a ag_rs
 
-Prints a table (context, partial-attention ms, exchange ms, merge ms, step ms, bytes sent per
-rank per step, projected TPOT = step x layers) and writes CSV + PNG into --out-dir.
+Every Helix size N = KVP x TPA > 1 also runs plain TP N (--no-plain-tp skips it). Prints a table
+(layout, ranks N, context, partial-attention ms, exchange ms, merge ms, step ms, exchange bytes
+sent per rank per step, KV bytes read per rank per step, projected TPOT = step x layers) and
+writes CSV + Markdown + PNG into --out-dir. "KV bytes/rank" is the KV cache one rank reads in
+one decode step of one layer for the whole batch (tokens it attends x its KV heads x
+(D + Dv), or x (R + Dr) for MLA, x itemsize): Helix divides the tokens by KVP, plain TP divides
+the KV heads by N (GQA, N <= K) or nothing (MLA; GQA with N > K replicates a head).
 Times are medians over --iters steps; attention and step take the slowest rank, exchange the
 fastest (the rank arriving last at the collective waits only for the communication itself).
 With HOP-B slices > 1 the phases interleave, so only the step time is reported. "x-only" is one
@@ -29,22 +45,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import MODELS, AttentionSpec  # noqa: E402
 
-from sglang_helix import HelixConfig, layout  # noqa: E402
+from sglang_helix import HelixConfig, sharding  # noqa: E402
 from sglang_helix.attention import partial_attention_gqa, partial_attention_mla  # noqa: E402
 from sglang_helix.comm import make_exchange  # noqa: E402
 from sglang_helix.hopb import run_hopb  # noqa: E402
-from sglang_helix.testing import run_ranks  # noqa: E402
+from sglang_helix.ranks import run_ranks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SINGLE, HELIX, PLAIN_TP = "1 rank", "helix", "tp"
 
 
 @dataclass
 class Row:
     model: str
+    layout: str  # "1 rank" | "helix" | "tp"
+    ranks: int  # N: ranks running the layer's attention
     ctx_len: int
     batch: int
     kvp: int
-    tpa: int
+    tpa: int  # plain TP rows: the TP size N
     backend: str
     hopb_slices: int
     attn_ms: float
@@ -52,8 +71,18 @@ class Row:
     merge_ms: float
     step_ms: float
     exch_only_ms: float
-    bytes_per_rank: int
+    bytes_per_rank: int  # exchange bytes one rank sends per step (0 without exchange)
+    kv_bytes_per_rank: int  # KV bytes one rank reads per step (one layer, whole batch), max rank
     tpot_ms: float
+
+
+@dataclass(frozen=True)
+class RankShard:
+    """What one rank attends: query heads, KV heads it holds, tokens of each request it reads."""
+
+    heads: int
+    kv_heads: int
+    local_len: int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tpa", type=int, default=1)
     p.add_argument("--backend", nargs="+", default=["a2a", "ag_rs"], choices=["a2a", "ag_rs"])
     p.add_argument("--hopb-slices", type=int, nargs="+", default=[1])
+    p.add_argument("--plain-tp", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run plain TP on N = KVP x TPA ranks for every Helix N > 1 (default on)")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--iters", type=int, default=5)
@@ -78,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--ctx-len-start must be >= 1 and <= --ctx-len-end")
     if args.batch < 1 or args.iters < 1:
         p.error("--batch and --iters must be >= 1")
+    spec = MODELS[args.model]
+    for n in plain_tp_sizes(args):
+        why = plain_tp_problem(spec, n)
+        if why:
+            p.error(f"plain TP {n} for {args.model}: {why} (pass --no-plain-tp to skip it)")
     return args
 
 
@@ -88,25 +124,67 @@ def ctx_lens(start: int, end: int) -> list[int]:
     return out
 
 
-def make_inputs(spec: AttentionSpec, cfg: HelixConfig, rank: int, ctx: int, batch: int, dtype, seed: int):
-    """Random queries and this rank's shuffled local paged cache for `batch` requests of `ctx` tokens."""
+def plain_tp_sizes(args) -> list[int]:
+    """TP sizes of the plain-TP baseline: every Helix N = KVP x TPA > 1, once each."""
+    if not args.plain_tp:
+        return []
+    return sorted({k * args.tpa for k in args.kvp if k * args.tpa > 1})
+
+
+def plain_tp_problem(spec: AttentionSpec, n: int) -> str:
+    """Why plain TP n cannot shard `spec`'s heads ("" if it can)."""
+    if spec.num_heads % n:
+        return f"{spec.num_heads} query heads are not divisible by {n}"
+    k = spec.num_kv_heads
+    if not spec.mla and k % n and n % k:
+        return f"{k} KV heads neither divide nor are divisible by {n}"
+    return ""
+
+
+def plain_tp_kv_heads(spec: AttentionSpec, n: int) -> int:
+    """KV heads one plain-TP rank holds: K/N, or one replicated head when N > K (MLA: 1 latent)."""
+    return 1 if spec.mla else max(1, spec.num_kv_heads // n)
+
+
+def rank_shard(spec: AttentionSpec, opts: dict, rank: int, ctx: int) -> RankShard:
+    """Heads and tokens of global rank `rank` in the layout opts["layout"]."""
+    if opts["layout"] == PLAIN_TP:
+        n = opts["tpa"]
+        return RankShard(spec.num_heads // n, plain_tp_kv_heads(spec, n), ctx)
+    kvp, tpa, page = opts["kvp"], opts["tpa"], opts["page_size"]
+    cfg = HelixConfig(kvp=kvp, tpa=tpa, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                      mla=spec.mla, page_size=page)
+    local_len = int(sharding.local_seq_len(ctx, cfg.kvp_rank(rank), page, kvp))
+    return RankShard(spec.num_heads // tpa, spec.num_kv_heads // tpa, local_len)
+
+
+def make_inputs(spec: AttentionSpec, shard: RankShard, page: int, rank: int, batch: int, dtype, seed: int):
+    """Random queries and this rank's shuffled paged cache for `batch` requests of shard.local_len
+    tokens each: (tensors, page_table, seq_lens)."""
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    page = cfg.page_size
-    local_len = layout.local_seq_len(ctx, cfg.kvp_rank(rank), page, cfg.kvp)
-    pages_per_req = max(1, layout.num_pages(local_len, page))
+    pages_per_req = max(1, sharding.num_pages(shard.local_len, page))
     table = torch.randperm(batch * pages_per_req, generator=gen).reshape(batch, pages_per_req).int()
-    seq_lens = torch.full((batch,), local_len, dtype=torch.int32)
-    heads = spec.num_heads // cfg.tpa
+    seq_lens = torch.full((batch,), shard.local_len, dtype=torch.int32)
     if spec.mla:
         cache = torch.randn(batch * pages_per_req, page, spec.kv_dim, generator=gen).to(dtype)
-        q_lat = torch.randn(batch, heads, spec.head_dim, generator=gen).to(dtype)
-        q_rope = torch.randn(batch, heads, spec.rope_dim, generator=gen).to(dtype)
+        q_lat = torch.randn(batch, shard.heads, spec.head_dim, generator=gen).to(dtype)
+        q_rope = torch.randn(batch, shard.heads, spec.rope_dim, generator=gen).to(dtype)
         return (q_lat, q_rope, cache), table, seq_lens
-    kv_heads = spec.num_kv_heads // cfg.tpa
-    k = torch.randn(batch * pages_per_req, page, kv_heads, spec.head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch * pages_per_req, page, shard.kv_heads, spec.head_dim, generator=gen).to(dtype)
     v = torch.randn_like(k)
-    q = torch.randn(batch, heads, spec.head_dim, generator=gen).to(dtype)
+    q = torch.randn(batch, shard.heads, spec.head_dim, generator=gen).to(dtype)
     return (q, k, v), table, seq_lens
+
+
+def kv_bytes_read(spec: AttentionSpec, tensors, seq_lens) -> int:
+    """KV bytes the attention reads on this rank: tokens attended x cached bytes per token
+    (taken from the cache tensors themselves)."""
+    tokens = int(seq_lens.sum())
+    if spec.mla:
+        cache = tensors[2]
+        return tokens * cache.shape[-1] * cache.element_size()
+    k, v = tensors[1], tensors[2]
+    return tokens * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
 
 
 def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int):
@@ -118,15 +196,20 @@ def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int):
     return partial_attention_gqa(q[lo:hi], k, v, table[lo:hi], seq_lens[lo:hi], scale)
 
 
-def time_step(spec, cfg, exchange, tensors, table, seq_lens, batch, group) -> tuple[float, float, float, float]:
-    """One decode step of one layer on this rank: (attn, exchange, merge, step) seconds."""
+def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, group) -> tuple[float, float, float, float]:
+    """One decode step of one layer on this rank: (attn, exchange, merge, step) seconds.
+    exchange None (plain TP): attention over the whole sequence is the step."""
     import torch.distributed as dist
 
     if group is not None:
         dist.barrier(group=group)
     t0 = time.perf_counter()
-    if cfg.hopb_slices > 1:
-        run_hopb(lambda lo, hi: partial(spec, tensors, table, seq_lens, lo, hi), exchange, batch, cfg.hopb_slices)
+    if exchange is None:
+        partial(spec, tensors, table, seq_lens, 0, batch)
+        total = time.perf_counter() - t0
+        return total, 0.0, 0.0, total
+    if hopb_slices > 1:
+        run_hopb(lambda lo, hi: partial(spec, tensors, table, seq_lens, lo, hi), exchange, batch, hopb_slices)
         total = time.perf_counter() - t0
         return float("nan"), float("nan"), float("nan"), total
     out, lse = partial(spec, tensors, table, seq_lens, 0, batch)
@@ -151,32 +234,36 @@ def time_exchange_only(exchange, out, lse, group) -> float:
 
 
 def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
-    """Runs every (ctx, backend, slices) case for one KVP size; returns rank-local medians."""
+    """Runs every (ctx, backend, slices) case for one layout; returns rank-local medians."""
     import torch.distributed as dist
 
     spec = MODELS[opts["model"]]
     group = dist.group.WORLD if world_size > 1 else None
+    plain = opts["layout"] == PLAIN_TP
     results = []
     cases = [(c, b, s) for c in opts["ctx_lens"] for b in opts["backends"] for s in opts["slices"]]
-    bar = _progress(len(cases), f"KVP={opts['kvp']}") if rank == 0 else None
+    bar = _progress(len(cases), opts["label"]) if rank == 0 else None
     for ctx, backend, slices in cases:
-        cfg = HelixConfig(
-            kvp=opts["kvp"], tpa=opts["tpa"], num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
-            mla=spec.mla, page_size=opts["page_size"], comm_backend=backend, hopb_slices=slices,
-        )
-        tensors, table, seq_lens = make_inputs(spec, cfg, rank, ctx, opts["batch"], DTYPES[opts["dtype"]], ctx)
-        exchange = make_exchange(backend, group, cfg.kvp)
+        shard = rank_shard(spec, opts, rank, ctx)
+        tensors, table, seq_lens = make_inputs(spec, shard, opts["page_size"], rank, opts["batch"],
+                                               DTYPES[opts["dtype"]], ctx)
+        exchange = None if plain else make_exchange(backend, group, opts["kvp"])
         for _ in range(opts["warmup"]):
-            time_step(spec, cfg, exchange, tensors, table, seq_lens, opts["batch"], group)
-        exchange.stats.bytes_sent = exchange.stats.calls = 0
-        samples = [time_step(spec, cfg, exchange, tensors, table, seq_lens, opts["batch"], group)
+            time_step(spec, slices, exchange, tensors, table, seq_lens, opts["batch"], group)
+        if exchange is not None:
+            exchange.stats.bytes_sent = exchange.stats.calls = 0
+        samples = [time_step(spec, slices, exchange, tensors, table, seq_lens, opts["batch"], group)
                    for _ in range(opts["iters"])]
-        bytes_per_step = exchange.stats.bytes_sent // opts["iters"]
-        out, lse = partial(spec, tensors, table, seq_lens, 0, opts["batch"])
-        exch_only = statistics.median(time_exchange_only(exchange, out, lse, group) for _ in range(opts["iters"]))
+        if exchange is None:
+            bytes_per_step, exch_only = 0, 0.0
+        else:
+            bytes_per_step = exchange.stats.bytes_sent // opts["iters"]
+            out, lse = partial(spec, tensors, table, seq_lens, 0, opts["batch"])
+            exch_only = statistics.median(time_exchange_only(exchange, out, lse, group)
+                                          for _ in range(opts["iters"]))
         medians = [statistics.median(s[i] for s in samples) for i in range(4)] + [exch_only]
         results.append(dict(ctx_len=ctx, backend=backend, hopb_slices=slices, seconds=medians,
-                            bytes_per_step=bytes_per_step))
+                            bytes_per_step=bytes_per_step, kv_bytes=kv_bytes_read(spec, tensors, seq_lens)))
         if bar:
             bar.update(1)
     if bar:
@@ -193,13 +280,17 @@ def _progress(total: int, desc: str):
         return None
 
 
-def run_kvp(args, kvp: int) -> list[Row]:
+def run_layout(args, layout: str, kvp: int, tpa: int) -> list[Row]:
+    """All contexts of one layout: Helix KVP x TPA (layout "1 rank" when both are 1) or plain
+    TP on tpa ranks (kvp 1)."""
     spec = MODELS[args.model]
-    world = kvp * args.tpa
-    backends = args.backend if kvp > 1 else ["a2a"]  # one rank: no exchange to compare
-    slices = args.hopb_slices if kvp > 1 else [1]
-    opts = dict(model=args.model, kvp=kvp, tpa=args.tpa, batch=args.batch, page_size=args.page_size,
-                dtype=args.dtype, iters=args.iters, warmup=args.warmup, threads_per_rank=args.threads_per_rank,
+    world = kvp * tpa
+    exchanging = layout == HELIX
+    backends = args.backend if exchanging else ["a2a"]  # no exchange to compare
+    slices = args.hopb_slices if exchanging else [1]
+    label = {SINGLE: "1 rank", HELIX: f"Helix KVP={kvp} TPA={tpa}", PLAIN_TP: f"plain TP {tpa}"}[layout]
+    opts = dict(model=args.model, layout=layout, label=label, kvp=kvp, tpa=tpa, batch=args.batch,
+                page_size=args.page_size, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                 ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices)
     per_rank = run_ranks(rank_worker, world, args=(opts,), timeout=args.timeout, threads=args.threads_per_rank)
     rows = []
@@ -210,33 +301,50 @@ def run_kvp(args, kvp: int) -> list[Row]:
         pick = (max, min, max, max, max)
         secs = [pick[j](r[i]["seconds"][j] for r in per_rank) for j in range(5)]
         ms = [s * 1e3 for s in secs]
-        rows.append(Row(args.model, case["ctx_len"], args.batch, kvp, args.tpa,
-                        case["backend"] if kvp > 1 else "-", case["hopb_slices"], *ms,
-                        max(r[i]["bytes_per_step"] for r in per_rank), ms[3] * spec.num_layers))
+        rows.append(Row(args.model, layout, world, case["ctx_len"], args.batch, kvp, tpa,
+                        case["backend"] if exchanging and kvp > 1 else "-", case["hopb_slices"], *ms,
+                        max(r[i]["bytes_per_step"] for r in per_rank),
+                        max(r[i]["kv_bytes"] for r in per_rank), ms[3] * spec.num_layers))
     return rows
 
 
+def layout_label(r: Row) -> str:
+    if r.layout == PLAIN_TP:
+        return f"plain TP {r.ranks}"
+    if r.layout == SINGLE:
+        return "1 rank"
+    tpa = f" x TPA {r.tpa}" if r.tpa > 1 else ""
+    return f"Helix KVP {r.kvp}{tpa}"
+
+
 def print_table(rows: list[Row]) -> None:
-    head = f"{'ctx':>7} {'kvp':>3} {'tpa':>3} {'backend':>7} {'hopb':>4} {'attn ms':>9} {'exch ms':>8} " \
-           f"{'merge ms':>8} {'step ms':>9} {'x-only ms':>9} {'bytes/rank':>10} {'TPOT ms':>9}"
+    head = f"{'layout':>16} {'N':>2} {'ctx':>7} {'backend':>7} {'hopb':>4} {'attn ms':>9} {'exch ms':>8} " \
+           f"{'merge ms':>8} {'step ms':>9} {'x-only ms':>9} {'exch B/rank':>11} {'KV B/rank':>12} {'TPOT ms':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.ctx_len:>7} {r.kvp:>3} {r.tpa:>3} {r.backend:>7} {r.hopb_slices:>4} {r.attn_ms:>9.2f} "
-              f"{r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} {r.exch_only_ms:>9.3f} "
-              f"{r.bytes_per_rank:>10} {r.tpot_ms:>9.1f}")
+        print(f"{layout_label(r):>16} {r.ranks:>2} {r.ctx_len:>7} {r.backend:>7} {r.hopb_slices:>4} "
+              f"{r.attn_ms:>9.2f} {r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} "
+              f"{r.exch_only_ms:>9.3f} {r.bytes_per_rank:>11} {r.kv_bytes_per_rank:>12} {r.tpot_ms:>9.1f}")
+
+
+def _ratio(num: float, den) -> str:
+    return "-" if den is None else f"{num / den:.2f}"
 
 
 def markdown_table(rows: list[Row]) -> str:
     """The printed table as Markdown, for docs/results.md."""
-    lines = ["| ctx | KVP | backend | HOP-B | attn ms | exch ms | merge ms | step ms | exch-only ms "
-             "| bytes/rank/step | step vs KVP=1 |", "|" + "---|" * 11]
-    base = {(r.ctx_len, r.batch): r.step_ms for r in rows if r.kvp == 1}
+    lines = ["| layout | N | ctx | backend | HOP-B | attn ms | exch ms | merge ms | step ms | exch-only ms "
+             "| exch bytes/rank/step | KV bytes/rank/step | step vs 1 rank | step vs plain TP N |",
+             "|" + "---|" * 14]
+    single = {(r.ctx_len, r.batch): r.step_ms for r in rows if r.layout == SINGLE}
+    plain = {(r.ctx_len, r.batch, r.ranks): r.step_ms for r in rows if r.layout == PLAIN_TP}
     for r in rows:
-        ratio = r.step_ms / base[(r.ctx_len, r.batch)] if (r.ctx_len, r.batch) in base else float("nan")
-        lines.append(f"| {r.ctx_len} | {r.kvp} | {r.backend} | {r.hopb_slices} | {r.attn_ms:.2f} | "
-                     f"{r.exchange_ms:.3f} | {r.merge_ms:.3f} | {r.step_ms:.2f} | {r.exch_only_ms:.3f} | "
-                     f"{r.bytes_per_rank} | {ratio:.2f} |")
+        vs1 = _ratio(r.step_ms, single.get((r.ctx_len, r.batch)))
+        vs_tp = _ratio(r.step_ms, plain.get((r.ctx_len, r.batch, r.ranks)))
+        lines.append(f"| {layout_label(r)} | {r.ranks} | {r.ctx_len} | {r.backend} | {r.hopb_slices} | "
+                     f"{r.attn_ms:.2f} | {r.exchange_ms:.3f} | {r.merge_ms:.3f} | {r.step_ms:.2f} | "
+                     f"{r.exch_only_ms:.3f} | {r.bytes_per_rank:,} | {r.kv_bytes_per_rank:,} | {vs1} | {vs_tp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,26 +361,42 @@ def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> list[Path]:
     return [csv_path, md_path, png_path]
 
 
+def _series_label(r: Row) -> str:
+    label = layout_label(r)
+    if r.layout == HELIX and r.kvp > 1:
+        label += f" {r.backend}"
+    return label + (f" HOP-B {r.hopb_slices}" if r.hopb_slices > 1 else "")
+
+
 def _plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r.kvp, r.backend, r.hopb_slices) for r in rows})
-    for kvp, backend, slices in keys:
-        sel = sorted((r for r in rows if (r.kvp, r.backend, r.hopb_slices) == (kvp, backend, slices)),
-                     key=lambda r: r.ctx_len)
-        label = f"KVP={kvp}" + (f" {backend}" if kvp > 1 else "") + (f" HOP-B {slices}" if slices > 1 else "")
-        ax.plot([r.ctx_len for r in sel], [r.step_ms for r in sel], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
+    fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(12, 4.5))
+    order = {SINGLE: 0, HELIX: 1, PLAIN_TP: 2}
+    keys = sorted({(order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices) for r in rows})
+    for o, ranks, kvp, backend, slices in keys:
+        sel = sorted((r for r in rows if (order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices)
+                      == (o, ranks, kvp, backend, slices)), key=lambda r: r.ctx_len)
+        # 1 rank: hollow circles, plain TP: dashed crosses (they overlap in the KV panel for MLA)
+        style = [dict(ls="-", marker="o", ms=9, mfc="none"), dict(ls="-", marker="o"),
+                 dict(ls="--", marker="x", ms=8)][o]
+        xs = [r.ctx_len for r in sel]
+        ax.plot(xs, [r.step_ms for r in sel], label=_series_label(sel[0]), **style)
+        if slices == 1 and backend in ("-", "a2a"):
+            ax_kv.plot(xs, [r.kv_bytes_per_rank / 2**20 for r in sel], label=layout_label(sel[0]), **style)
+    for a in (ax, ax_kv):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("context length (tokens)")
+        a.grid(True, alpha=0.3)
+        a.legend()
     ax.set_ylabel("single-layer decode step (ms)")
-    ax.set_title(f"{rows[0].model}, batch {rows[0].batch}, one CPU core per rank")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax_kv.set_ylabel("KV read per rank per step (MiB)")
+    fig.suptitle(f"{rows[0].model}, batch {rows[0].batch}, one CPU core per rank: "
+                 f"Helix vs plain TP vs 1 rank")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -280,11 +404,15 @@ def _plot(rows: list[Row], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    spec = MODELS[args.model]
     rows = []
     for kvp in args.kvp:
-        HelixConfig(kvp=kvp, tpa=args.tpa, num_heads=MODELS[args.model].num_heads,
-                    num_kv_heads=MODELS[args.model].num_kv_heads, mla=MODELS[args.model].mla)  # fail fast
-        rows += run_kvp(args, kvp)
+        HelixConfig(kvp=kvp, tpa=args.tpa, num_heads=spec.num_heads,
+                    num_kv_heads=spec.num_kv_heads, mla=spec.mla)  # fail fast
+        layout = SINGLE if kvp * args.tpa == 1 else HELIX
+        rows += run_layout(args, layout, kvp, args.tpa)
+    for n in plain_tp_sizes(args):
+        rows += run_layout(args, PLAIN_TP, 1, n)
     print_table(rows)
     stem = f"bench_layer_{args.model}_b{args.batch}"
     paths = write_outputs(rows, args.out_dir, stem)

@@ -28,4 +28,7 @@ MODELS = {
     "deepseek-v3-lite": AttentionSpec("deepseek-v3-lite", 27, 16, 1, 512, 64, mla=True),
     # Llama-3-70B: 80 layers, 64 query heads, 8 KV heads, head dim 128
     "llama-70b": AttentionSpec("llama-70b", 80, 64, 8, 128),
+    # Gemma-2B: 18 layers, 8 query heads, 1 KV head (multi-query), head dim 256; plain TP > 1
+    # replicates its single KV head, Helix KVP splits it by page
+    "gemma-2b": AttentionSpec("gemma-2b", 18, 8, 1, 256),
 }

@@ -1,15 +1,18 @@
 """Reproduce the Helix paper's headline ratios with the analytic model, and calibrate it on CPU.
 
-    python benchmarks/paper_repro.py [--no-calibration] [--out-dir docs]
+    python benchmarks/paper_repro.py [--no-calibration] [--out-dir docs] [--refresh-probe]
 
 1. Sweeps DeepSeek-R1 and Llama-3.1-405B at 1M context, FP4, GB200 NVL72, 1..64 GPUs, every
    TP / PP / EP / KVP / Helix layout x a dense batch grid; prints the paper's claims next to the
    simulator's numbers (also with collective latency set to 0) and writes
    docs/paper_pareto_deepseek_r1.png and docs/paper_pareto_llama405b.png.
-2. Calibration: with the measured "cpu" profile (sglang_helix/perf/probe.py), predicts
-   benchmarks/bench_layer.py's DeepSeek-V3 single-layer step (bf16, batch 1, one core per rank)
-   for KVP 1 and KVP 2 (a2a) and compares with benchmarks/out/bench_layer_deepseek-v3_b1.csv if
-   present, else with the reference constants below.
+2. Calibration, from committed measurements only: with the "cpu" hardware profile in
+   --cpu-profile (default docs/results/cpu_profile.json, written by sglang_helix/perf/probe.py's
+   measure() when this script runs with --refresh-probe), predicts benchmarks/bench_layer.py's
+   DeepSeek-V3 single-layer step (bf16, batch 1, one core per rank) for every layout in the
+   --calibration-csv files (default docs/results/helix_vs_tp/bench_layer_deepseek-v3_b1.csv:
+   1 rank, Helix KVP 2 a2a, plain TP 2) and prints predicted vs measured. The commands that
+   produced the committed files are in docs/results.md ("Calibration on this machine").
 
 Metric definitions ("up to" = the maximum over the swept range):
 - TTL at fixed batch: for each batch size, best baseline TTL / best Helix TTL; max over batches.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -53,11 +57,9 @@ LABELS = {
     "interactivity": "max tok/s/user ratio",
     "hopb_off_loss": "tok/s/user lost with HOP-B off (max)",
 }
-# bench_layer.py DeepSeek-V3 b1 figures (quiet machine) from the brief: ctx -> step ms.
-REFERENCE_BENCH = {
-    1: {8192: 35.07, 16384: 72.47, 32768: 139.68, 65536: 278.12, 131072: 575.88},
-    2: {8192: 21.15, 16384: 38.39, 32768: 76.37, 65536: 150.71, 131072: 355.68},
-}
+RESULTS = ROOT / "docs" / "results"
+CPU_PROFILE = RESULTS / "cpu_profile.json"
+CALIBRATION_CSVS = (RESULTS / "helix_vs_tp" / "bench_layer_deepseek-v3_b1.csv",)
 
 
 def run_sweep(model: str, latency_scale: float = 1.0) -> P.Sweep:
@@ -120,46 +122,80 @@ def plot(sw: P.Sweep, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def measured_bench() -> tuple[dict, str]:
-    """{kvp: {ctx: step ms}} from bench_layer's CSV (a2a, 1 slice) if present, else the constants."""
-    path = ROOT / "benchmarks" / "out" / "bench_layer_deepseek-v3_b1.csv"
-    if not path.exists():
-        return REFERENCE_BENCH, "reference constants (quiet machine, from the brief)"
+def measured_bench(path: Path) -> dict:
+    """{(layout, N): {ctx: step ms}} from a bench_layer CSV: the single rank, Helix with the a2a
+    exchange and no HOP-B, plain TP. CSVs written before bench_layer had a layout column hold
+    only the single rank (KVP 1) and Helix rows."""
     out: dict = {}
     with path.open() as f:
         for row in csv.DictReader(f):
-            if row["backend"] in ("-", "a2a") and row["hopb_slices"] == "1" and row["tpa"] == "1":
-                out.setdefault(int(row["kvp"]), {})[int(row["ctx_len"])] = float(row["step_ms"])
-    return out, f"{path.relative_to(ROOT)}"
+            kvp, tpa = int(row["kvp"]), int(row["tpa"])
+            layout = row.get("layout") or ("1 rank" if kvp * tpa == 1 else "helix")
+            if layout == "helix" and (row["backend"] != "a2a" or row["hopb_slices"] != "1" or tpa != 1):
+                continue
+            ranks = int(row.get("ranks") or kvp * tpa)
+            out.setdefault((layout, ranks), {})[int(row["ctx_len"])] = float(row["step_ms"])
+    return out
 
 
-def calibration(refresh: bool) -> None:
-    from sglang_helix.perf.probe import cpu_hardware
+def _sim_layout(layout: str, ranks: int) -> Layout:
+    if layout == "tp":
+        return Layout("tp", tpa=ranks, tpf=ranks)
+    return Layout("helix", kvp=ranks, tpf=ranks)
 
-    hw = cpu_hardware(refresh=refresh)
+
+def load_cpu_profile(path: Path, refresh: bool):
+    """The cpu HardwareSpec from the committed probe JSON; --refresh-probe re-measures this
+    machine (sglang_helix/perf/probe.py, ~10-20 s) and rewrites the JSON first."""
+    from sglang_helix.perf import probe
+
+    if refresh:
+        data = probe.measure()  # one torch thread, as one rank
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"measured the cpu profile -> {_rel(path)}")
+    if not path.exists():
+        raise SystemExit(f"{path} missing: run with --refresh-probe to measure this machine, or "
+                         f"--no-calibration")
+    return probe.hardware_from_profile(json.loads(path.read_text()))
+
+
+def calibration(profile: Path, csvs: list[Path], refresh: bool) -> None:
+    hw = load_cpu_profile(profile, refresh)
     st0 = Setting(get_model("deepseek-r1"), hw, 8192, "bf16")
-    print(f"\nCalibration: cpu profile = {hw.source}: fp32 matmul {hw.flops['fp32'] / 1e9:.1f} GFLOP/s, "
-          f"copy {hw.hbm_bw / 1e9:.1f} GB/s, gloo a2a {hw.link_latency * 1e6:.0f} us + "
-          f"{hw.link_bw / 1e9:.2f} GB/s")
-    sets = [measured_bench()]
-    if sets[0][0] is not REFERENCE_BENCH:
-        sets.append((REFERENCE_BENCH, "reference constants (quiet machine, from the brief)"))
-    for meas, source in sets:
-        print(f"\nDeepSeek-V3 single layer, bf16, batch 1, one core per rank; measured = {source}")
-        print("| ctx | KVP | predicted ms | measured ms | predicted / measured |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
-        for kvp in (1, 2):
-            for ctx, ms in sorted(meas.get(kvp, {}).items()):
+    print(f"\nCalibration: cpu profile {_rel(profile)} = {hw.source}: fp32 matmul "
+          f"{hw.flops['fp32'] / 1e9:.1f} GFLOP/s, copy {hw.hbm_bw / 1e9:.1f} GB/s, gloo a2a "
+          f"{hw.link_latency * 1e6:.0f} us + {hw.link_bw / 1e9:.2f} GB/s")
+    for path in csvs:
+        meas = measured_bench(path)
+        print(f"\nDeepSeek-V3 single layer, bf16, batch 1, one core per rank; measured = {_rel(path)}")
+        print("| ctx | layout | N | predicted ms | measured ms | predicted / measured |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: |")
+        for (layout, ranks), points in sorted(meas.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            for ctx, ms in sorted(points.items()):
                 st = Setting(st0.model, hw, ctx, "bf16")
-                pred = attention_layer_time(st, Layout("helix", kvp=kvp, tpf=kvp), 1)["step"] * 1e3
-                print(f"| {ctx} | {kvp} | {pred:.2f} | {ms:.2f} | {pred / ms:.2f} |")
+                pred = attention_layer_time(st, _sim_layout(layout, ranks), 1)["step"] * 1e3
+                name = {"1 rank": "1 rank", "helix": f"Helix KVP {ranks} a2a", "tp": f"plain TP {ranks}"}[layout]
+                print(f"| {ctx} | {name} | {ranks} | {pred:.2f} | {ms:.2f} | {pred / ms:.2f} |")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs")
     ap.add_argument("--no-calibration", action="store_true")
-    ap.add_argument("--refresh-probe", action="store_true", help="re-measure the cpu profile")
+    ap.add_argument("--refresh-probe", action="store_true",
+                    help="re-measure this machine's cpu profile and rewrite --cpu-profile")
+    ap.add_argument("--cpu-profile", type=Path, default=CPU_PROFILE,
+                    help="probe JSON the calibration predicts with (committed: %(default)s)")
+    ap.add_argument("--calibration-csv", type=Path, nargs="+", default=list(CALIBRATION_CSVS),
+                    help="bench_layer.py CSVs (DeepSeek-V3, batch 1) to compare with")
     args = ap.parse_args(argv)
     results, zero_lat, total = {}, {}, 0
     for model, png, title in (("deepseek-r1", "paper_pareto_deepseek_r1.png", "DeepSeek-R1"),
@@ -173,7 +209,7 @@ def main(argv=None) -> int:
     print(f"\nswept {total} (layout, batch) configurations per latency setting; wrote PNGs to {args.out_dir}\n")
     print_paper_table(results, zero_lat)
     if not args.no_calibration:
-        calibration(args.refresh_probe)
+        calibration(args.cpu_profile, args.calibration_csv, args.refresh_probe)
     return 0
 
 

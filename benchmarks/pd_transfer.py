@@ -1,6 +1,6 @@
 """KV bytes each decode rank receives in a PD deployment: Helix decode (KVP) vs plain TP decode.
 
-Starts real deployments on this machine (sglang_helix.testing_pd: prefill TP 1 -> decode TP N over
+Starts real deployments on this machine (sglang_helix.dev.pd: prefill TP 1 -> decode TP N over
 mooncake TCP on loopback, sglang-router PD mode), sends prompts of the given lengths, and reads the
 prefill's own transfer counters (/server_info `helix_pd`: bytes mooncake was asked to write, per
 decode session). Prints one table and writes a CSV.
@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from sglang_helix.sglang_pd import SERVER_INFO_KEY
-from sglang_helix.testing_pd import FAST_FAILURE_ENV, launch_pd, server_state
-from sglang_helix.testing_sglang import generate
-from sglang_helix.tiny_models import ensure_tiny_model
+from sglang_helix.srt.pd import SERVER_INFO_KEY
+from sglang_helix.dev.pd import FAST_FAILURE_ENV, launch_pd, server_state
+from sglang_helix.dev.server import generate
+from sglang_helix.dev.tiny_models import ensure_tiny_model
 
 PAGE = 16
 

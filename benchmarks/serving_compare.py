@@ -1,6 +1,6 @@
 """Serving comparison on CPU ranks: Helix KVP 2 vs plain TP 2, driven by SGLang's own client.
 
-Starts real SGLang 0.5.23 servers on CPU (`sglang_helix.testing_sglang.launch_server`: free port,
+Starts real SGLang 0.5.23 servers on CPU (`sglang_helix.dev.server.launch_server`: free port,
 CPU environment, whole-tree kill) with the tiny DeepSeek-V3-style MLA + MoE model
 (`ensure_tiny_model("mla", max_positions=...)`: kv_lora_rank 48, rope 8, 3 layers, random
 weights, max_position_embeddings raised for long contexts), one server per configuration, all
@@ -399,7 +399,7 @@ def write_local_sharegpt(path: Path, *, n: int = 512, seed: int = 0) -> Path:
     """A ShareGPT-format JSON (`conversations`, 2 turns) of seeded random word sequences from the
     tiny tokenizer's corpus: the "random" dataset samples its token ids from it instead of
     downloading ShareGPT. Distinct openings, so prompts share no KV page in the radix cache."""
-    from sglang_helix.tiny_models import CORPUS
+    from sglang_helix.dev.tiny_models import CORPUS
 
     words = sorted(set(CORPUS.split()))
     rng = random.Random(seed)
@@ -441,7 +441,7 @@ def client_argv(base_url: str, model_path: Path, dataset_path: Path, output_file
 
 def run_client(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
     """Run the client in its own session; kill its tree on timeout / error / Ctrl-C."""
-    from sglang_helix.testing_sglang import SCRUBBED_ENV, _die_with_parent, kill_tree, log_tail
+    from sglang_helix.dev.server import SCRUBBED_ENV, _die_with_parent, kill_tree, log_tail
 
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     env.update(OFFLINE_ENV)
@@ -467,7 +467,7 @@ def run_client(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
 def _server_warmup(base_url: str, vocab: int) -> None:
     """One short request (512-token prompt, 8 tokens) so the first measured run is not the
     server's first real prefill/decode (SGLang's own start-up warm-up is a few tokens)."""
-    from sglang_helix.testing_sglang import generate, output_ids
+    from sglang_helix.dev.server import generate, output_ids
 
     rng = random.Random(1234)
     ids = [rng.randrange(16, vocab) for _ in range(512)]
@@ -552,8 +552,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Start each config's server once, run every (L, C), return the rows."""
     from tqdm import tqdm
 
-    from sglang_helix.testing_sglang import ProcessesLeftError, RequestError, ServerStartError
-    from sglang_helix.tiny_models import ensure_tiny_model
+    from sglang_helix.dev.server import ProcessesLeftError, RequestError, ServerStartError
+    from sglang_helix.dev.tiny_models import ensure_tiny_model
 
     configs = [CONFIGS[n] for n in args.configs]
     longest = max(args.context_lens) + args.output_len + args.page_size
@@ -601,7 +601,7 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                 model_cfg: Mapping[str, Any], bpt: int, dataset: Path, work: Path,
                 server_common: Sequence[str], bar: Any, rows: list[dict[str, Any]]) -> None:
     """One server for `config`: check its pool, warm it up, run every (L, C); rows appended."""
-    from sglang_helix.testing_sglang import launch_server, request_json
+    from sglang_helix.dev.server import launch_server, request_json
 
     with launch_server(model, [*server_common, *config.server_args()], tp=TP,
                        timeout=args.start_timeout, log_dir=work) as server:
@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": _machine(),
         "started_utc": started.isoformat(timespec="seconds"),
         "wall_s": f"{wall:.0f}",
-        "model": "tiny DeepSeek-V3-style MLA+MoE (sglang_helix.tiny_models 'mla', random weights)",
+        "model": "tiny DeepSeek-V3-style MLA+MoE (sglang_helix.dev.tiny_models 'mla', random weights)",
         "setup": (f"tp {TP}, page {args.page_size}, per-rank KV budget {args.kv_budget_tokens} rows "
                   f"(--max-total-tokens), {args.dtype}, torch_native/helix attention, "
                   f"output {args.output_len} tokens, N = {args.waves} x C"),

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from .kernels import gpu, reference, torch_decode
+from .kernels import gpu, reference, torch_decode, torch_extend
 
 IMPLS = ("auto", "reference", "torch", "triton", "flashinfer")
 MERGE_IMPLS = ("auto", "reference", "torch", "triton")
@@ -286,3 +286,58 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor, impl="auto"):
     # merge_ref is already vectorised; "torch" and "reference" share it.
     out, lse = reference.merge_ref(outs, lses)
     return out.to(outs.dtype), lse
+
+
+def merge_state(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """LSE merge of two partials: out [T, H, Dv], lse [T, H] each -> (out [T, H, Dv] fp32-or-out
+    dtype as merge_partials, lse [T, H] fp32)."""
+    return merge_partials(torch.stack([out_a, out_b.to(out_a.dtype)]),
+                          torch.stack([lse_a.float(), lse_b.float()]))
+
+
+def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extend_lens, scale: float):
+    """Causal attention of each request's chunk over the chunk itself, with the LSE.
+
+    q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] (Hq % Hk == 0); requests back to back with
+    lengths extend_lens (host ints); token i of a request sees its tokens 0..i.
+    Returns out [T, Hq, Dv] fp32 and lse [T, Hq] fp32 natural log.
+    """
+    _check_tensor("q", q, 3, "[T, Hq, D]")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"chunk attention needs q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] with "
+                         f"Hq % Hk == 0; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if sum(extend_lens) != q.shape[0]:
+        raise ValueError(f"extend_lens sum to {sum(extend_lens)} but q has {q.shape[0]} rows")
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    start = 0
+    for n in extend_lens:
+        sl = slice(start, start + n)
+        out[sl], lse[sl] = torch_extend.tiled_attention_lse(
+            q[sl], torch_extend.dense_fetch(k[sl], v[sl]), n, v.shape[2], scale, causal_offset=0)
+        start += n
+    return out, lse
+
+
+def prefix_attention_lse(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, plan,
+                         scale: float):
+    """Partial attention of every chunk query over this rank's pages of its request's prefix.
+
+    q [T, Hq, D]; k_pages [slots, P, Hk, D], v_pages [slots, P, Hk, Dv]; plan: an
+    metadata.ExtendPlan (extend_lens, local_prefix_lens, page_table [B, pages] local slots).
+    Each request's local prefix pages are read once per query tile, not once per query.
+    Returns out [T, Hq, Dv] fp32 (0 where this rank holds no prefix token) and lse [T, Hq] fp32
+    (-inf there).
+    """
+    page_size, dv = k_pages.shape[1], v_pages.shape[-1]
+    out = torch.zeros(q.shape[0], q.shape[1], dv, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    starts = plan.starts
+    for i, length in enumerate(plan.local_prefix_lens):
+        if length == 0 or plan.extend_lens[i] == 0:
+            continue
+        sl = slice(starts[i], starts[i + 1])
+        fetch = torch_extend.paged_fetch(k_pages, v_pages, plan.page_table[i], page_size)
+        out[sl], lse[sl] = torch_extend.tiled_attention_lse(q[sl], fetch, length, dv, scale,
+                                                            k_multiple=page_size)
+    return out, lse

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import merge_partials
+from .errors import HelixError
 
 EXCHANGE_BACKENDS = ("a2a", "ag_rs", "nvshmem")
 
@@ -48,7 +49,7 @@ _all_gather_1 = getattr(dist, "all_gather_single", None) or dist.all_gather_into
 _reduce_scatter_1 = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class HelixCommError(RuntimeError):
+class HelixCommError(HelixError):
     """The exchange cannot run with these inputs / this setup; the message says what to change."""
 
 
@@ -340,3 +341,22 @@ def make_exchange(name: str, group, kvp: int) -> HelixExchange:
     if size != kvp:
         raise HelixCommError(f"the KVP group has {size} ranks but kvp={kvp}")
     return _BACKENDS[name](group, kvp)
+
+
+def create_kvp_groups(cfg, rank: int, group_factory=None):
+    """Create every TPA group's KVP process group (collective: call on all N ranks, same order).
+
+    cfg: a HelixConfig. Group t holds global ranks cfg.kvp_group_ranks(t) = [t*KVP, ...,
+    t*KVP + KVP-1], so group rank == KVP rank. Returns this rank's group (None when KVP == 1: no
+    exchange). group_factory: defaults to torch.distributed.new_group (ranks are global ranks
+    of the default group, which must be the N attention ranks).
+    """
+    if cfg.kvp == 1:
+        return None
+    factory = group_factory or dist.new_group
+    mine = None
+    for tpa_rank in range(cfg.tpa):
+        group = factory(ranks=cfg.kvp_group_ranks(tpa_rank))
+        if tpa_rank == cfg.tpa_rank(rank):
+            mine = group
+    return mine

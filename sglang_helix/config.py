@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import HelixError
+
 COMM_BACKENDS = ("a2a", "ag_rs", "nvshmem")
 
 
-class HelixConfigError(ValueError):
+class HelixConfigError(HelixError, ValueError):
     """A Helix configuration that cannot run; the message names the field and the fix."""
 
 

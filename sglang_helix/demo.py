@@ -1,12 +1,19 @@
-"""The CPU demo: a real SGLang server with Helix on a tiny DeepSeek-V3-style model.
+"""The CPU demo: the same model served with Helix off and with Helix on must give the same tokens.
 
-    python -m sglang_helix.demo                # MLA + MoE, --tp 2 --enable-helix (KVP 2)
+    python -m sglang_helix.demo                # DeepSeek-V3-style MLA + MoE, --tp-size 2 (KVP 2)
     python -m sglang_helix.demo --model gqa --tp 2 --kvp 2 --tpa 1
 
-Builds the tiny random-weight model into ~/.cache/sglang_helix/tiny (no hub), launches
-`python -m sglang.launch_server ... --enable-helix` on CPU ranks, sends one request, prints the
-completion and each KVP rank's KV pages from /server_info, and shuts the server down.
-The weights are random, so the completion is gibberish; the point is the path it took.
+Builds a tiny random-weight model locally (sglang_helix.dev.tiny_models, cached under
+~/.cache/sglang_helix/tiny or $SGLANG_HELIX_CACHE; nothing is downloaded), then runs two real
+SGLang servers on CPU ranks, one after the other, with the same flags except `--enable-helix`:
+
+1. Helix off: plain SGLang tensor parallelism (`--tp-size N`);
+2. Helix on: `--tp-size N --enable-helix`; each request's KV pages are split across KVP ranks.
+
+Each server answers the same prompt with greedy decoding. The demo prints both completions,
+whether their token ids are identical, and how many KV pages each KVP rank of the Helix server
+holds (from /server_info). The model has random weights, so the text is noise by design: what
+matters is that Helix on produces exactly the tokens Helix off does. Exit status 1 if they differ.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import argparse
 import sys
 import time
 
-from . import testing_sglang as ts
-from .tiny_models import KINDS, ensure_tiny_model
+from .dev import server as ts
+from .dev.tiny_models import KINDS, ensure_tiny_model
 
 PROMPT = "Helix splits the KV cache of every request by page across ranks, so"
 
@@ -24,22 +31,27 @@ PROMPT = "Helix splits the KV cache of every request by page across ranks, so"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[k for k in KINDS if k != "mla-compat"], default="mla",
-                   help="tiny model family: mla (DeepSeek-V3-style MLA + MoE) or gqa (Llama-style)")
-    p.add_argument("--tp", type=int, default=2, help="--tp-size = KVP x TPA (CPU ranks, one core each)")
+                   help="tiny model family: mla (DeepSeek-V3-style MLA + MoE), gqa (Llama-style), "
+                        "qwen2 or qwen3")
+    p.add_argument("--tp", type=int, default=2,
+                   help="--tp-size of both servers; under Helix = KVP x TPA (CPU ranks, one core each)")
     p.add_argument("--kvp", type=int, help="--helix-kvp-size (default: the plugin's rule)")
     p.add_argument("--tpa", type=int, help="--helix-tpa-size (default: the plugin's rule)")
     p.add_argument("--page-size", type=int, default=8)
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each server")
     args = p.parse_args(argv)
-    if args.tp < 1 or args.max_new_tokens < 1:
-        p.error("--tp and --max-new-tokens must be >= 1")
+    if args.tp < 1 or args.max_new_tokens < 1 or args.page_size < 1:
+        p.error("--tp, --page-size and --max-new-tokens must be >= 1")
     return args
 
 
-def server_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--enable-helix", "--page-size", str(args.page_size)]
+def server_flags(args: argparse.Namespace, helix: bool) -> list[str]:
+    flags = ["--page-size", str(args.page_size)]
+    if not helix:
+        return flags
+    flags.append("--enable-helix")
     if args.kvp is not None:
         flags += ["--helix-kvp-size", str(args.kvp)]
     if args.tpa is not None:
@@ -47,32 +59,73 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def print_kv_usage(state: dict) -> None:
-    layout = state["layout"]
-    print(f"Helix layout: KVP {layout['kvp']} x TPA {layout['tpa']} (N = {layout['world_size']}), "
-          f"page size {state['page_size']}, backend {layout['comm_backend']}")
-    print(f"logical KV capacity {state['logical_tokens']} tokens; each rank's pool holds "
-          f"{state['local_pool_rows']} token rows (1/{layout['kvp']} of it)")
-    for rank in state["per_kvp_rank"]:
-        print(f"  KVP rank {rank['kvp_rank']}: {rank['used_pages']} of {rank['total_pages']} pages used")
+def helix_state(base_url: str) -> dict | None:
+    """internal_states[0]["helix"] of /server_info (None when Helix is off)."""
+    states = ts.request_json(base_url + "/server_info").get("internal_states") or [{}]
+    return states[0].get("helix")
+
+
+def serve_once(path, args: argparse.Namespace, helix: bool) -> tuple[dict, dict | None, dict | None]:
+    """Start one server, send the prompt (greedy, fixed length); return the answer and the Helix
+    state before and after the request (None, None when Helix is off)."""
+    name = "Helix on " if helix else "Helix off"
+    t0 = time.monotonic()
+    with ts.launch_server(path, server_flags(args, helix), tp=args.tp, timeout=args.timeout) as server:
+        print(f"[{name}] python {' '.join(server.argv[1:])}")
+        print(f"[{name}] healthy after {server.start_s:.0f} s")
+        before = helix_state(server.base_url)
+        # ignore_eos: both servers generate exactly max_new_tokens, so the comparison is full length
+        answer = ts.generate(server.base_url, text=args.prompt, max_new_tokens=args.max_new_tokens)
+        after = helix_state(server.base_url)
+    print(f"[{name}] done, server shut down ({time.monotonic() - t0:.0f} s)")
+    return answer, before, after
+
+
+def print_kv_pages(before: dict, after: dict) -> None:
+    """Pages per KVP rank: the request's (used after minus used before) and the totals."""
+    layout = after.get("layout") or after.get("cfg") or {}
+    kvp, page = len(after["per_kvp_rank"]), after["page_size"]
+    print(f"Helix on: KVP {kvp} x TPA {layout.get('tpa', '?')}, page size {page}, exchange "
+          f"{layout.get('comm_backend', '?')}. Logical page j of a request lives on KVP rank "
+          f"j mod {kvp}.")
+    print("KV pages per KVP rank (the finished request stays in the radix cache):")
+    for old, new in zip(before["per_kvp_rank"], after["per_kvp_rank"]):
+        print(f"  KVP rank {new['kvp_rank']}: {new['used_pages'] - old['used_pages']} pages of this "
+              f"request ({new['used_pages']} used in all, of {new['total_pages']})")
+    print(f"Each rank's KV pool holds {after['local_pool_rows']} token rows for a logical capacity "
+          f"of {after['logical_tokens']} tokens (Helix off: {after['helix_off_pool_rows']} rows on "
+          f"every rank).")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
     path = ensure_tiny_model(args.model)
-    print(f"model: tiny {args.model} at {path} ({time.monotonic() - t0:.1f} s)")
-    with ts.launch_server(path, server_flags(args), tp=args.tp, timeout=args.timeout) as server:
-        print(f"server: {' '.join(server.argv[1:])}\n  healthy after {server.start_s:.1f} s at {server.base_url}")
-        answer = ts.generate(server.base_url, text=args.prompt, max_new_tokens=args.max_new_tokens,
-                             ignore_eos=False)
-        print(f"prompt: {args.prompt!r}\ncompletion: {answer['text']!r}")
-        meta = answer["meta_info"]
-        print(f"({meta['prompt_tokens']} prompt tokens, {meta['completion_tokens']} generated)")
-        # the finished request stays in the radix cache, so its pages still count as used
-        print_kv_usage(ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"])
-    print(f"server shut down; total {time.monotonic() - t0:.1f} s")
-    return 0
+    print(f"model: tiny {args.model} with RANDOM weights at {path} ({time.monotonic() - t0:.1f} s)")
+    print(f"prompt: {args.prompt!r}; greedy, {args.max_new_tokens} new tokens, --tp-size {args.tp}\n")
+
+    off, _, _ = serve_once(path, args, helix=False)
+    on, before, after = serve_once(path, args, helix=True)
+    ids_off, ids_on = ts.output_ids(off), ts.output_ids(on)
+    same = ids_off == ids_on
+
+    print("\nThe model has random weights, so both completions are noise by design. What matters is")
+    print("that Helix on generates exactly the same tokens as Helix off.")
+    print(f"  Helix off: {off['text']!r}\n             ids {ids_off}")
+    print(f"  Helix on : {on['text']!r}\n             ids {ids_on}")
+    if same:
+        print(f"token-identical: YES (all {len(ids_on)} generated token ids equal)\n")
+    else:
+        first = next((i for i, (a, b) in enumerate(zip(ids_off, ids_on)) if a != b),
+                     min(len(ids_off), len(ids_on)))
+        print(f"token-identical: NO (first difference at generated token {first})\n")
+    if before is None or after is None:
+        print("Helix on: /server_info has no 'helix' state (the plugin did not switch Helix on)")
+        same = False
+    else:
+        print_kv_pages(before, after)
+    print(f"\ntotal {time.monotonic() - t0:.0f} s; " + ("OK" if same else "FAILED"))
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .comm import HelixExchange
-from .layout import shard_bounds
+from .sharding import shard_bounds
 
 PartialFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 

@@ -1,4 +1,8 @@
-"""Decode metadata for one KVP rank: allocate once, plan per batch, layers read views.
+"""Per-batch metadata for one KVP rank, planned once and read by every layer.
+
+Decode (`HelixDecodeMetadata`): allocate once, plan per batch, layers read views.
+Extend (`ExtendPlan`): the chunk and cached-prefix lengths of an extend batch as host ints plus
+this rank's local prefix page table, built once per batch by `plan_extend`.
 
 `plan` is the only place with host syncs (validating lengths against the page table, the max local
 length a kernel may want for its grid). Buffers never move, so a captured CUDA graph that reads
@@ -7,10 +11,14 @@ length a kernel may want for its grid). Buffers never move, so a captured CUDA g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Optional
+
 import torch
 
 from .hopb import slice_bounds
-from .layout import local_seq_len
+from .sharding import local_seq_len
 
 
 class HelixDecodeMetadata:
@@ -100,3 +108,51 @@ class HelixDecodeMetadata:
         if bsz and int(seq_lens.min()) < 0:
             raise ValueError("seq_lens must be >= 0")
         return bsz
+
+
+@dataclass(frozen=True)
+class ExtendPlan:
+    """One extend (prefill) batch as seen by KVP rank `kvp_rank`; shared by all layers.
+
+    extend_lens [B]: new tokens per request (host ints; the chunk's rows are back to back);
+    prefix_lens [B]: cached-prefix tokens per request (logical, host ints);
+    local_prefix_lens [B]: of those, the tokens this rank holds (host ints);
+    page_table: [B, pages] int32 local page slots of each request's prefix pages on this rank
+        (None when no request has a cached prefix).
+    """
+
+    extend_lens: tuple[int, ...]
+    prefix_lens: tuple[int, ...]
+    local_prefix_lens: tuple[int, ...]
+    page_table: Optional[torch.Tensor] = None
+
+    @property
+    def has_prefix(self) -> bool:
+        """True if some request has a cached prefix (on any rank: all ranks take one branch)."""
+        return any(self.prefix_lens)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Row of each request's first new token in the chunk, [B + 1] with the total last."""
+        return (0, *accumulate(self.extend_lens))
+
+
+def plan_extend(extend_lens, prefix_lens, kvp_rank: int, page_size: int, kvp: int,
+                local_tables=None) -> ExtendPlan:
+    """Build the ExtendPlan of a batch.
+
+    extend_lens / prefix_lens: host ints per request (identical on every rank).
+    local_tables(prefix_lens_tensor) -> ([B, pages] local slots, ...): this rank's prefix page
+    table; called only when some request has a cached prefix.
+    """
+    extend = tuple(int(n) for n in extend_lens)
+    prefix = tuple(int(n) for n in prefix_lens) if prefix_lens is not None else (0,) * len(extend)
+    if len(prefix) != len(extend) or min(extend + prefix, default=0) < 0:
+        raise ValueError(f"extend_lens {extend} and prefix_lens {prefix} must be [B] ints >= 0")
+    local = tuple(local_seq_len(p, kvp_rank, page_size, kvp) for p in prefix)
+    table = None
+    if any(prefix):
+        if local_tables is None:
+            raise ValueError("a batch with a cached prefix needs local_tables to build its page table")
+        table = local_tables(torch.tensor(prefix, dtype=torch.int64))[0]
+    return ExtendPlan(extend, prefix, local, table)

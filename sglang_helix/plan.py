@@ -5,6 +5,9 @@
 
 Prints the Pareto frontier (tok/s/user vs tok/s/GPU) of Helix next to the best baseline
 (TP, PP, EP with DP attention, Medha-style KVP), the chosen point and its SGLang launch line.
+Every launch line is checked with the plugin's own rules (sglang_helix.srt.args.check_launch):
+a line the plugin would refuse is never printed; the planner says why and prints the nearest
+line the plugin accepts (the same layout with bf16 weights, else another layout).
 --gpus is the size of one serving instance (scale out with replicas). Numbers come from the
 roofline in sglang_helix/perf/model.py, not from a measurement. Bad inputs: one line, exit 2.
 """
@@ -17,10 +20,12 @@ import time
 
 import numpy as np
 
+from .config import HelixConfigError
 from .perf import plan as P
 from .perf.layouts import LayoutError
 from .perf.model import Setting
-from .perf.specs import HARDWARE_CHOICES, MODEL_ALIASES, MODELS, SpecError, get_hardware, get_model
+from .perf.specs import HARDWARE_CHOICES, MODEL_ALIASES, MODELS, ModelSpec, SpecError, get_hardware, get_model
+from .srt.args import ModelInfo, ServerLayout, check_launch, parse_helix_argv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +85,18 @@ def setting_from(args) -> Setting:
         raise P.PlanError(f"--precision {precision}: {exc}") from None
 
 
+def plugin_refusal(model: ModelSpec, argv) -> str | None:
+    """Why sglang_helix would refuse this launch line (its pure launch rules: flags, layout,
+    architecture, attention backend, page size, MLA weight dtype), or None if it accepts it."""
+    info = ModelInfo(model.architecture, model.num_heads, model.num_kv_heads, model.mla)
+    try:
+        check_launch(parse_helix_argv(argv), ServerLayout.from_argv(argv), info,
+                     P.line_weights(model, argv))
+    except HelixConfigError as exc:
+        return str(exc)
+    return None
+
+
 def run(args) -> int:
     st = setting_from(args)
     min_user = min_user_constraint(args)
@@ -97,7 +114,7 @@ def run(args) -> int:
     _print_header(st, args.gpus, sw, secs)
     helix, base = P.split_families(sw)
     _print_frontiers(helix, base, args.rows)
-    return _print_choice(st, sw, pick, helix, base, min_user)
+    return _print_choice(st, sw, pick, helix, base, min_user, batches)
 
 
 def _unreachable_message(sw: P.Sweep, min_user: float) -> str:
@@ -153,20 +170,28 @@ def _best_at(sw: P.Sweep, frontier: np.ndarray, level: float) -> int | None:
 
 
 def _print_choice(st: Setting, sw: P.Sweep, pick: int, helix: P.Sweep, base: P.Sweep,
-                  min_user: float | None) -> int:
+                  min_user: float | None, batches) -> int:
     goal = ("lowest latency" if min_user is None
             else f"most tok/s/GPU at >= {min_user:.1f} tok/s/user (TTL <= {1000 / min_user:.3f} ms)")
     print(f"Objective: {goal}")
     for name, fam in (("Helix", helix), ("best baseline", base)):
         i = P.choose(fam, min_user)
         print(f"  {name:<14}: " + ("none meets it" if i is None else _describe(fam, i)))
-    lay, batch = sw.layout(pick), int(sw.batch[pick])
     print(f"Chosen: {_describe(sw, pick)}")
-    if lay.kind == "helix" and not P.helix_supported(st.model):
-        print(f"note: sglang_helix has no Helix path for {st.model.architecture} yet; the line below "
-              "will be refused until it does")
+    ln = P.launch(st, sw.layout(pick), int(sw.batch[pick]))
+    reason = P.refusal(st, sw, pick, plugin_refusal)
+    if reason is not None:
+        print(f"Refused by sglang_helix: {reason}")
+        alt = P.nearest_accepted(st, sw, pick, batches, min_user, plugin_refusal)
+        if alt is None:
+            print("No launch line that sglang_helix accepts fits in memory; add GPUs or shorten the context")
+            return 0
+        print(f"Nearest accepted ({alt.what}): {_describe(alt.sweep, alt.index)}")
+        ln = alt.launch
     print("Launch:")
-    print("  " + P.launch_line(st.model, lay, batch))
+    print("  " + (ln.line if ln.argv else ln.note))
+    if ln.argv and ln.note:
+        print(f"  # {ln.note}")
     return 0
 
 

@@ -2,12 +2,17 @@
 
 Throughput-interactivity points as in the Helix paper: tok/s/user = 1 / TTL and
 tok/s/GPU = B / TTL / GPUs. No argparse here (the CLI is `python -m sglang_helix.plan`).
+Launch lines are checked by a `Check` the caller passes (the CLI passes the plugin's own rules
+from sglang_helix.srt.args); this package never imports sglang_helix.srt.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import numpy as np
 
@@ -146,30 +151,157 @@ def choose(sw: Sweep, min_user: float | None) -> int | None:
     return int(ok[np.lexsort((-user[ok], -gpu[ok]))[0]])
 
 
-def launch_line(model, lay: Layout, batch: int) -> str:
-    """The SGLang command for a layout (Helix flags from sglang_helix.args), or a note."""
-    head = f"python -m sglang.launch_server --model-path {model.hf_id}"
-    ep = f" --ep-size {lay.ep}" if lay.ep > 1 else ""
-    tail = f" --max-running-requests {batch}"
+# Weights of each model's upstream checkpoint (ModelSpec.hf_id), from its config.json:
+# DeepSeek-R1 and Kimi-K2 ship block-fp8 weights (quantization_config fp8), the others bf16.
+CHECKPOINT_WEIGHTS = {"deepseek-r1": "fp8", "kimi-k2": "fp8"}  # absent: bf16
+PRECISIONS = ("fp4", "fp8", "bf16")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a launch line serves for weights at one precision."""
+
+    model_path: str
+    weights: str  # dtype of the served weights (attention projections included)
+    quantization: str | None = None  # SGLang --quantization (online quantization at load)
+    note: str = ""  # how to get model_path when it is not on the hub
+
+
+def checkpoint(model, precision: str) -> Checkpoint:
+    """The checkpoint a launch line names for `model` with `precision` weights: the upstream one
+    at its own dtype; a bf16 one quantized to fp8 at load (SGLang `--quantization fp8`); else a
+    local copy at `precision` (./<name>-<precision>, with a note on how to make it)."""
+    native = CHECKPOINT_WEIGHTS.get(model.name, "bf16")
+    if precision == native:
+        return Checkpoint(model.hf_id, native)
+    if precision == "fp8" and native == "bf16":
+        return Checkpoint(model.hf_id, "fp8", quantization="fp8")
+    local = f"./{model.hf_id.rsplit('/', 1)[-1]}-{precision}"
+    how = (f"dequantize its {native} weights, e.g. with DeepSeek-V3's inference/fp8_cast_bf16.py"
+           if precision == "bf16" else "e.g. an NVFP4 export made with NVIDIA ModelOpt")
+    article = "an" if precision[0] == "f" else "a"  # "an fp4", "a bf16"
+    return Checkpoint(local, precision, note=f"{local}: {article} {precision} copy of {model.hf_id} ({how})")
+
+
+def line_weights(model, argv) -> str | None:
+    """Dtype of the weights a launch line serves (the inverse of `checkpoint`); None if unknown."""
+    path, quant = _flag_value(argv, "--model-path"), _flag_value(argv, "--quantization")
+    for precision in PRECISIONS:
+        ck = checkpoint(model, precision)
+        if (ck.model_path, ck.quantization) == (path, quant):
+            return ck.weights
+    return None
+
+
+def _flag_value(argv, flag: str) -> str | None:
+    argv = list(argv)
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """An SGLang launch line as argv (empty: the layout has no SGLang equivalent) + a note."""
+
+    argv: tuple[str, ...]
+    note: str = ""
+
+    @property
+    def line(self) -> str:
+        return shlex.join(self.argv)
+
+
+def launch(st: Setting, lay: Layout, batch: int) -> Launch:
+    """The SGLang command for a layout at `st`'s precision (Helix flags of sglang_helix.srt.args).
+
+    Helix lines leave --page-size out (the plugin then uses 64) and name an attention backend
+    the plugin accepts where SGLang's default might not be one: torch_native on CPU; flashinfer
+    for GQA on GPU (SGLang 0.5.23 defaults GQA to trtllm_mha on Blackwell, which has no Helix
+    path; the helix backend runs flashinfer kernels first anyway). MLA keeps SGLang's default
+    (fa3 on Hopper, flashinfer on Blackwell, triton elsewhere: all accepted)."""
+    if lay.kind == "kvp":
+        return Launch((), "# no SGLang launch line: Medha-style KVP with a TP-tied FFN has no SGLang equivalent")
+    ck = checkpoint(st.model, st.precision)
+    cpu = st.hw.name == "cpu"
+    argv = ["python", "-m", "sglang.launch_server", "--model-path", ck.model_path]
+    argv += ["--quantization", ck.quantization] if ck.quantization else []
+    argv += ["--device", "cpu"] if cpu else []
+    ep = ["--ep-size", str(lay.ep)] if lay.ep > 1 else []
     if lay.kind == "helix":
-        hop = min(lay.hopb, batch)
-        # Helix colors whole pages (page size >= 2); 64 matches the single-layer benchmark.
-        return (f"{head} --tp-size {lay.attn_group}{ep} --page-size 64 --enable-helix "
-                f"--helix-kvp-size {lay.kvp} --helix-tpa-size {lay.tpa} --helix-hopb-slices {hop}{tail}")
-    if lay.kind == "tp":
-        return f"{head} --tp-size {lay.attn_group}{ep}{tail}"
-    if lay.kind == "pp":
-        return f"{head} --tp-size {lay.tpa} --pp-size {lay.pp}{ep}{tail}"
-    if lay.kind == "ep":
-        return f"{head} --tp-size {lay.attn_group} --dp-size {lay.dpa} --enable-dp-attention{ep}{tail}"
-    return "# no SGLang launch line: Medha-style KVP with a TP-tied FFN has no SGLang equivalent"
+        backend = "torch_native" if cpu else None if st.model.mla else "flashinfer"
+        argv += ["--tp-size", str(lay.attn_group), *ep]
+        argv += ["--attention-backend", backend] if backend else []
+        argv += ["--enable-helix", "--helix-kvp-size", str(lay.kvp), "--helix-tpa-size", str(lay.tpa),
+                 "--helix-hopb-slices", str(min(lay.hopb, batch))]
+    elif lay.kind == "tp":
+        argv += ["--tp-size", str(lay.attn_group), *ep]
+    elif lay.kind == "pp":
+        argv += ["--tp-size", str(lay.tpa), "--pp-size", str(lay.pp), *ep]
+    else:  # ep: DP attention
+        argv += ["--tp-size", str(lay.attn_group), "--dp-size", str(lay.dpa), "--enable-dp-attention", *ep]
+    argv += ["--max-running-requests", str(batch)]
+    return Launch(tuple(argv), ck.note)
 
 
-def helix_supported(model) -> bool:
-    """Whether the sglang_helix plugin has a Helix path for this architecture."""
-    from sglang_helix.args import GQA_ARCHITECTURES, MLA_ARCHITECTURES
+# check(model, argv) -> why the sglang_helix plugin would refuse that launch line, or None. The
+# CLI passes the plugin's own pure rules (sglang_helix.srt.args); perf never imports srt.
+Check = Callable[[Any, Sequence[str]], Optional[str]]
 
-    return model.architecture in (MLA_ARCHITECTURES | GQA_ARCHITECTURES)
+
+@dataclass(frozen=True)
+class Alternative:
+    """An accepted point offered instead of a refused one; `what` says how it differs."""
+
+    setting: Setting
+    sweep: Sweep
+    index: int
+    what: str
+
+    @property
+    def launch(self) -> Launch:
+        return launch(self.setting, self.sweep.layout(self.index), int(self.sweep.batch[self.index]))
+
+
+def refusal(st: Setting, sw: Sweep, i: int, check: Check) -> str | None:
+    """Why the plugin would refuse point i's launch line (None: accepted or no SGLang line)."""
+    ln = launch(st, sw.layout(i), int(sw.batch[i]))
+    return check(st.model, ln.argv) if ln.argv else None
+
+
+def nearest_accepted(st: Setting, sw: Sweep, pick: int, batches, min_user: float | None,
+                     check: Check) -> Alternative | None:
+    """The accepted point nearest a refused pick, meeting the same objective where one does:
+    the same layout with bf16 weights; else the best accepted layout at st's precision; else
+    the best accepted layout with bf16 weights; else the fastest accepted one (objective missed)."""
+    for setting, cand, need, what in _candidates(st, sw, pick, batches, min_user, check):
+        i = choose(cand, need)
+        if i is not None and refusal(setting, cand, i, check) is None:
+            return Alternative(setting, cand, i, what)
+    return None
+
+
+def _candidates(st: Setting, sw: Sweep, pick: int, batches, min_user, check):
+    """(setting, points, tok/s/user floor, description) in order of preference, built lazily."""
+    bf16 = replace(st, precision="bf16") if st.precision != "bf16" and "bf16" in st.hw.flops else None
+    if bf16 is not None:
+        yield bf16, sweep(bf16, [sw.layout(pick)], batches), min_user, "the same layout with bf16 weights"
+    accepted = _accepted(st, sw, check)
+    yield st, accepted, min_user, f"the best accepted layout at {st.precision}"
+    if bf16 is not None:
+        yield (bf16, _accepted(bf16, sweep(bf16, sw.layouts, batches), check), min_user,
+               "the best accepted layout with bf16 weights")
+    if min_user is not None:
+        yield st, accepted, None, f"the fastest accepted layout at {st.precision} (misses the objective)"
+
+
+def _accepted(st: Setting, sw: Sweep, check: Check) -> Sweep:
+    """The points whose SGLang launch line the plugin accepts (one verdict per layout, at its
+    largest batch: the line differs across batches only in counts the rules do not read)."""
+    verdict = {}
+    for li in np.unique(sw.layout_idx):
+        rows = np.flatnonzero(sw.layout_idx == li)
+        ln = launch(st, sw.layouts[int(li)], int(sw.batch[rows].max()))
+        verdict[int(li)] = bool(ln.argv) and check(st.model, ln.argv) is None
+    return sw.select(np.array([verdict[int(li)] for li in sw.layout_idx], dtype=bool))
 
 
 def sweep_for_gpus(st: Setting, gpus: int, batches, kinds: tuple[str, ...] = KINDS) -> Sweep:

@@ -3,7 +3,7 @@
 Measures, single-threaded: fp32 and bf16 matmul FLOP/s on an attention-shaped GEMM
 ([128 heads x 576] @ [576 x 2048 tokens]), memory bandwidth (copy of a 128 MB tensor: read +
 write), and the gloo all_to_all latency / bandwidth between 2 ranks on loopback
-(sglang_helix.testing.run_ranks). Takes ~10-20 s; the result is cached as JSON in
+(sglang_helix.ranks.run_ranks). Takes ~10-20 s; the result is cached as JSON in
 ~/.cache/sglang_helix/cpu_profile.json (override with SGLANG_HELIX_CACHE). The CPU torch
 attention path computes in fp32 whatever the storage dtype (kernels/torch_decode.py), so the
 profile sets attn_precision="fp32".
@@ -82,7 +82,7 @@ def _a2a_worker(rank: int, world: int, sizes: list[int], iters: int) -> dict:
 
 def measure_gloo(small: int = 4 << 10, large: int = 8 << 20, iters: int = 9) -> tuple[float, float]:
     """(latency s, bandwidth bytes/s per direction) of a 2-rank gloo all_to_all on loopback."""
-    from sglang_helix.testing import run_ranks
+    from sglang_helix.ranks import run_ranks
 
     per_rank = run_ranks(_a2a_worker, 2, args=([small, large], iters), timeout=60.0)
     t_small = min(r[small] for r in per_rank)

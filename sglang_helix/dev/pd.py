@@ -1,0 +1,150 @@
+"""Run a real prefill/decode-disaggregated SGLang deployment on one machine (tests, demos).
+
+    with launch_pd(model, decode_args=["--enable-helix", "--helix-kvp-size", "2"], decode_tp=2) as pd:
+        out = generate(pd.router_url, [1, 2, 3], max_new_tokens=8)
+
+starts, as separate process trees on free loopback ports: a prefill server (Helix off), a decode
+server, and SGLang's PD router (`python -m sglang_router.launch_router --pd-disaggregation`).
+KV moves over SGLang's mooncake backend with the TCP transport (`mooncake_tcp`; the PyPI package
+mooncake-transfer-engine-non-cuda, which needs Debian's libibverbs1 even for TCP). Everything is
+killed (whole trees, checked) on exit, also when start-up fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .server import (
+    DEFAULT_START_TIMEOUT_S,
+    Server,
+    ServerStartError,
+    _die_with_parent,
+    free_port,
+    kill_tree,
+    launch_server,
+    log_tail,
+    request_json,
+)
+
+TRANSFER_BACKEND = "mooncake_tcp"
+# SGLang's KV managers and mooncake advertise the address SGLang detects for the host (a NIC's),
+# so everything is pinned to loopback: tests never send traffic to another address.
+LOOPBACK_ENV = {"SGLANG_HOST_IP": "127.0.0.1", "HOST_IP": "127.0.0.1"}
+ROUTER_START_TIMEOUT_S = 60.0
+# Bounded failure detection for tests: SGLang's defaults wait minutes for a dead peer.
+FAST_FAILURE_ENV = {
+    "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2",
+    "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2",
+    "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60",
+    "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "60",
+}
+
+
+@dataclass
+class PDDeployment:
+    """A running prefill + decode + router trio (valid inside `launch_pd`)."""
+
+    prefill: Server
+    decode: Server
+    router_url: str
+    router: subprocess.Popen
+    router_log: Path
+    bootstrap_port: int
+
+
+def pd_args(mode: str, bootstrap_port: int | None = None) -> list[str]:
+    """SGLang flags of one side of the deployment."""
+    args = ["--disaggregation-mode", mode, "--disaggregation-transfer-backend", TRANSFER_BACKEND]
+    if bootstrap_port is not None:
+        args += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
+    return args
+
+
+def router_argv(prefill: Server, bootstrap_port: int, decode: Server, port: int) -> list[str]:
+    return [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+            "--prefill", prefill.base_url, str(bootstrap_port), "--decode", decode.base_url,
+            "--host", "127.0.0.1", "--port", str(port),
+            # One decode server: a retry would re-send to the same (maybe dead) peer and keep the
+            # client waiting for the bootstrap timeout; fail the request at once instead.
+            "--disable-retries",
+            # its metrics exporter defaults to the fixed port 29000: two routers would collide
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+
+
+@contextlib.contextmanager
+def launch_router(prefill: Server, bootstrap_port: int, decode: Server,
+                  log_dir: Path, timeout: float = ROUTER_START_TIMEOUT_S) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    port = free_port()
+    log_path = log_dir / f"router-{port}.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(router_argv(prefill, bootstrap_port, decode, port), stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, preexec_fn=_die_with_parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_router(url, popen, log_path, timeout)
+        yield url, popen, log_path
+    finally:
+        kill_tree(popen)
+
+
+def _wait_router(url: str, popen: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise ServerStartError(f"PD router exited with {popen.returncode}; log {log_path}:\n"
+                                   f"{log_tail(log_path)}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readiness", timeout=2) as resp:
+            if resp.status == 200:  # 503 until its prefill and decode workers are healthy
+                return
+        time.sleep(0.5)
+    raise ServerStartError(f"PD router not healthy after {timeout:.0f}s; log {log_path}:\n"
+                           f"{log_tail(log_path)}")
+
+
+@contextlib.contextmanager
+def launch_pd(
+    model_path: str,
+    *,
+    decode_args: Sequence[str] = (),
+    decode_tp: int = 1,
+    prefill_args: Sequence[str] = (),
+    prefill_tp: int = 1,
+    common_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    log_dir: str | Path | None = None,
+    timeout: float = DEFAULT_START_TIMEOUT_S,
+) -> Iterator[PDDeployment]:
+    """Prefill server, decode server and PD router; yields the running deployment.
+
+    `common_args` go to both servers (page size, pool size, ...); `env` (e.g. FAST_FAILURE_ENV)
+    to both servers. Raises ServerStartError with the failing log's tail.
+    """
+    logs = Path(log_dir or tempfile.mkdtemp(prefix="sglang_helix_pd_"))
+    env = {**LOOPBACK_ENV, **(env or {})}
+    bootstrap = free_port()
+    with contextlib.ExitStack() as stack:
+        prefill = stack.enter_context(launch_server(
+            model_path, [*common_args, *pd_args("prefill", bootstrap), *prefill_args],
+            tp=prefill_tp, env=env, log_dir=logs, timeout=timeout))
+        decode = stack.enter_context(launch_server(
+            model_path, [*common_args, *pd_args("decode"), *decode_args],
+            tp=decode_tp, env=env, log_dir=logs, timeout=timeout))
+        url, router, router_log = stack.enter_context(launch_router(prefill, bootstrap, decode, logs))
+        yield PDDeployment(prefill, decode, url, router, router_log, bootstrap)
+
+
+def server_state(server_url: str, key: str) -> Any:
+    """internal_states[0][key] of a server's /server_info (None if absent)."""
+    info = request_json(server_url + "/server_info")
+    states = info.get("internal_states") or [{}]
+    return states[0].get(key)

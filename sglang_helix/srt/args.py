@@ -1,0 +1,511 @@
+"""Helix command-line flags as data, and the pure rules that turn them into a HelixConfig.
+
+Flags (argparse group "Helix"; argparse is only touched by `add_helix_group` / `parse_helix_argv`):
+
+    --enable-helix                     turn Helix decode on (off: the plugin changes nothing)
+    --helix-kvp-size N                 KV-parallel ranks (default: TP / TPA)
+    --helix-tpa-size N                 attention tensor-parallel ranks (default: MLA 1; GQA the
+                                       largest valid TPA)
+    --helix-comm-backend {a2a,ag_rs,nvshmem}
+    --helix-hopb-slices N              HOP-B batch slices (1 = off)
+
+`resolve_helix_args(helix_args, server_args_like, model_info)` applies the defaults and refusals:
+
+defaults
+  MLA  -> TPA 1, KVP = TP.
+  GQA  -> TPA = the largest t with t <= K, K % t == 0, H % t == 0, TP % t == 0; KVP = TP / t.
+  Only one of the two sizes given -> the other is TP / given.
+refusals (each message names the flag and the fix)
+  KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
+  --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1;
+  --speculative-algorithm; --pp-size > 1; nvshmem off CUDA; an attention backend without a Helix
+  path; an architecture without a Helix path.
+
+More pure rules (used by srt.validate at launch and by the planner CLI on its launch lines):
+  page size   `helix_page_size`: --page-size not given -> HELIX_DEFAULT_PAGE_SIZE (64);
+              `check_page_size`: a page size < 2 is refused.
+  MLA weights `check_mla_weights`: a quantized (not bf16/fp16/fp32) MLA checkpoint is refused.
+  `check_launch` runs them all on one launch line (`ServerLayout.from_argv`).
+
+Attention backends with a Helix path (the backends whose decode kernels give partial output +
+LSE, which the Helix backend will wrap; unset means "let SGLang pick", checked again once resolved):
+  cpu:  torch_native, triton (TRITON_INTERPRET). Not intel_amx: it needs the real CPU sgl-kernel.
+  cuda: triton, flashinfer, fa3 (MHA/GQA and MLA); flashmla, trtllm_mla (MLA only).
+Architectures with a Helix path: DeepSeek-V2/V3-style MLA (DeepseekV2ForCausalLM,
+DeepseekV3ForCausalLM) and GQA whose attention layer sglang_model hooks (LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..config import COMM_BACKENDS, HelixConfig, HelixConfigError
+
+GROUP_TITLE = "Helix"
+GROUP_DESCRIPTION = (
+    "Helix parallelism for decode (sglang-helix plugin): the KV cache is sharded by page across "
+    "KVP ranks, heads across TPA ranks; KVP x TPA must equal --tp-size."
+)
+ENV_VAR = "SGLANG_HELIX"
+
+MLA_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
+# Exactly the architectures whose attention class sglang_helix.srt.models.gqa hooks
+# (sglang_model.GQA_ATTENTION_CLASSES; a test keeps the two equal). MistralForCausalLM is
+# SGLang's LlamaForCausalLM subclass, so it builds the hooked LlamaAttention.
+GQA_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+HELIX_ATTENTION_BACKENDS: Mapping[str, frozenset[str]] = {
+    "cpu": frozenset({"torch_native", "triton"}),
+    "cuda": frozenset({"triton", "flashinfer", "fa3", "flashmla", "trtllm_mla"}),
+}
+MLA_ONLY_BACKENDS = frozenset({"flashmla", "trtllm_mla"})
+
+# --page-size not given: SGLang resolves it to 1, which the Helix allocator cannot color, so the
+# plugin declares this instead. 64 is a size every backend above accepts: FlashMLA needs exactly
+# 64 and TRT-LLM MLA 32 or 64 (SGLang 0.5.23 forces them there); flashinfer, fa3, triton and the
+# CPU torch path take any page size, and SGLang's default chunked-prefill sizes are multiples of 64.
+HELIX_DEFAULT_PAGE_SIZE = 64
+DEFAULT_PAGE_SIZE_REASON = (
+    "FlashMLA needs 64, TRT-LLM MLA 32 or 64, the other Helix backends take any size >= 2; "
+    "SGLang's own default 1 cannot be colored by KVP owner"
+)
+# Weight dtypes the Helix MLA path can replicate and bmm as they are (srt.models.deepseek).
+UNQUANTIZED_WEIGHT_DTYPES = frozenset({"bf16", "fp16", "fp32"})
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+                  "float": "fp32"}
+
+
+@dataclass(frozen=True)
+class HelixFlag:
+    """One CLI flag: `dest` is the argparse destination and the HelixServerArgs field."""
+
+    flag: str
+    dest: str
+    help: str
+    default: Any = None
+    type: Any = None
+    choices: tuple[str, ...] | None = None
+    store_true: bool = False
+
+    def add_to(self, group: argparse._ArgumentGroup) -> None:
+        if self.store_true:
+            group.add_argument(self.flag, dest=self.dest, action="store_true", help=self.help)
+            return
+        group.add_argument(
+            self.flag,
+            dest=self.dest,
+            type=self.type,
+            default=self.default,
+            choices=self.choices,
+            help=self.help,
+        )
+
+
+HELIX_FLAGS: tuple[HelixFlag, ...] = (
+    HelixFlag(
+        "--enable-helix", "enable_helix", "Enable Helix decode parallelism.", False,
+        store_true=True,
+    ),
+    HelixFlag(
+        "--helix-kvp-size", "helix_kvp_size",
+        "KV-parallel ranks: the KV cache is split this many ways by page. "
+        "Default: tp-size / helix-tpa-size.", None, int,
+    ),
+    HelixFlag(
+        "--helix-tpa-size", "helix_tpa_size",
+        "Attention tensor-parallel ranks (KV heads split this many ways). "
+        "Default: 1 for MLA, the largest valid value for GQA.", None, int,
+    ),
+    HelixFlag(
+        "--helix-comm-backend", "helix_comm_backend",
+        "Exchange of partial outputs + LSE: a2a (one all-to-all), ag_rs (all-gather + "
+        "reduce-scatter baseline), nvshmem (CUDA only).", "a2a", str, COMM_BACKENDS,
+    ),
+    HelixFlag(
+        "--helix-hopb-slices", "helix_hopb_slices",
+        "HOP-B: split the decode batch into this many slices to overlap the exchange "
+        "with attention (1 = off).", 1, int,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class HelixServerArgs:
+    """The Helix flags as parsed (not yet checked against the model or the server layout)."""
+
+    enable_helix: bool = False
+    helix_kvp_size: int | None = None
+    helix_tpa_size: int | None = None
+    helix_comm_backend: str = "a2a"
+    helix_hopb_slices: int = 1
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--helix-kvp-size", self.helix_kvp_size),
+                            ("--helix-tpa-size", self.helix_tpa_size)):
+            if value is not None and value < 1:
+                _fail(f"{flag} {value}: must be >= 1 (or leave it out to use the default)")
+        if self.helix_hopb_slices < 1:
+            _fail(f"--helix-hopb-slices {self.helix_hopb_slices}: must be >= 1 (1 = HOP-B off)")
+        if self.helix_comm_backend not in COMM_BACKENDS:
+            _fail(
+                f"--helix-comm-backend {self.helix_comm_backend!r}: choose one of "
+                f"{', '.join(COMM_BACKENDS)}"
+            )
+        if not self.enable_helix and self.explicit_flags():
+            _fail(
+                f"{', '.join(self.explicit_flags())} given without --enable-helix: "
+                "add --enable-helix, or drop the Helix flags"
+            )
+
+    def explicit_flags(self) -> list[str]:
+        """Flags whose value differs from the default (to catch Helix flags without Helix)."""
+        defaults = HelixServerArgs.__dataclass_fields__
+        return [
+            flag.flag for flag in HELIX_FLAGS
+            if flag.dest != "enable_helix" and getattr(self, flag.dest) != defaults[flag.dest].default
+        ]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What Helix needs to know about a model, from its HF config.json (no weights)."""
+
+    architecture: str
+    num_heads: int
+    num_kv_heads: int
+    is_mla: bool
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> ModelInfo:
+        """DeepSeek-style MLA is recognised by `kv_lora_rank`; it has one latent KV head."""
+        architectures = config.get("architectures") or ["<missing architectures>"]
+        num_heads = int(config["num_attention_heads"])
+        is_mla = config.get("kv_lora_rank") is not None
+        kv_heads = 1 if is_mla else int(config.get("num_key_value_heads") or num_heads)
+        return cls(str(architectures[0]), num_heads, kv_heads, is_mla)
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """The SGLang server settings Helix depends on, read off any ServerArgs-like object."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    dcp_size: int = 1
+    attn_cp_size: int = 1
+    attn_dp_size: int = 1
+    enable_prefill_cp: bool = False
+    speculative_algorithm: str | None = None
+    device: str | None = None
+    attention_backend: str | None = None
+    prefill_attention_backend: str | None = None
+    decode_attention_backend: str | None = None
+    page_size: int | None = None
+
+    @classmethod
+    def of(cls, server_args_like: Any) -> ServerLayout:
+        defaults = cls()
+        values = {n: getattr(server_args_like, n, getattr(defaults, n)) for n in cls.__dataclass_fields__}
+        return cls(**values)
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> ServerLayout:
+        """The layout a launch line asks for, from SGLang's spellings of these flags (other
+        flags are ignored; nothing is resolved: an absent flag keeps its unset default)."""
+        parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        for flags, dest, kind in _SERVER_FLAGS:
+            if kind is bool:
+                parser.add_argument(*flags, dest=dest, action="store_true")
+            else:
+                parser.add_argument(*flags, dest=dest, type=kind, default=getattr(cls(), dest))
+        known, _unknown = parser.parse_known_args(list(argv))
+        return cls(**vars(known))
+
+
+# SGLang 0.5.23's option strings for the ServerLayout fields (ServerArgs.add_cli_args).
+_SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
+    (("--tp-size", "--tensor-parallel-size"), "tp_size", int),
+    (("--pp-size", "--pipeline-parallel-size"), "pp_size", int),
+    (("--dcp-size", "--decode-context-parallel-size"), "dcp_size", int),
+    (("--attn-cp-size", "--attention-context-parallel-size"), "attn_cp_size", int),
+    (("--attn-dp-size", "--attention-data-parallel-size"), "attn_dp_size", int),
+    (("--enable-prefill-cp",), "enable_prefill_cp", bool),
+    (("--speculative-algorithm",), "speculative_algorithm", str),
+    (("--device",), "device", str),
+    (("--attention-backend",), "attention_backend", str),
+    (("--prefill-attention-backend",), "prefill_attention_backend", str),
+    (("--decode-attention-backend",), "decode_attention_backend", str),
+    (("--page-size",), "page_size", int),
+)
+
+
+# ---------------------------------------------------------------- argparse edge
+
+
+def add_helix_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the "Helix" argument group to `parser` (idempotent)."""
+    for group in parser._action_groups:
+        if group.title == GROUP_TITLE:
+            return group
+    group = parser.add_argument_group(GROUP_TITLE, GROUP_DESCRIPTION)
+    for flag in HELIX_FLAGS:
+        flag.add_to(group)
+    return group
+
+
+def helix_args_from_namespace(namespace: argparse.Namespace) -> HelixServerArgs:
+    values = {f.dest: getattr(namespace, f.dest) for f in HELIX_FLAGS if hasattr(namespace, f.dest)}
+    return HelixServerArgs(**values)
+
+
+def parse_helix_argv(argv: Sequence[str]) -> HelixServerArgs:
+    """Pick the Helix flags out of a full SGLang argv (other flags are ignored)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_helix_group(parser)
+    known, _unknown = parser.parse_known_args(list(argv))
+    return helix_args_from_namespace(known)
+
+
+def parse_helix_env(value: str | None) -> HelixServerArgs | None:
+    """SGLANG_HELIX="--enable-helix --helix-kvp-size 2": the same flags, for sglang.Engine users."""
+    if not value or not value.strip():
+        return None
+    return parse_helix_argv(shlex.split(value))
+
+
+# ---------------------------------------------------------------- pure rules
+
+
+def check_server_compat(helix: HelixServerArgs, server: ServerLayout) -> None:
+    """Refusals that need only the server flags (run before the model config is read)."""
+    if not helix.enable_helix:
+        return
+    _check_features(server)
+    _check_device(helix, server)
+    _check_sizes_vs_tp(helix, server)
+
+
+def resolve_helix_args(
+    helix_args: HelixServerArgs, server_args_like: Any, model_info: ModelInfo
+) -> HelixConfig | None:
+    """The validated Helix layout, or None when --enable-helix is absent."""
+    if not helix_args.enable_helix:
+        return None
+    server = ServerLayout.of(server_args_like)
+    check_server_compat(helix_args, server)
+    _check_architecture(model_info)
+    _check_attention_backends(server, model_info)
+    kvp, tpa = _resolve_sizes(helix_args, server.tp_size, model_info)
+    return HelixConfig(
+        kvp=kvp,
+        tpa=tpa,
+        num_heads=model_info.num_heads,
+        num_kv_heads=model_info.num_kv_heads,
+        mla=model_info.is_mla,
+        page_size=server.page_size or 1,
+        comm_backend=helix_args.helix_comm_backend,
+        hopb_slices=helix_args.helix_hopb_slices,
+    )
+
+
+def helix_page_size(page_size: int | None) -> int | None:
+    """The page size Helix declares for a launch: HELIX_DEFAULT_PAGE_SIZE when --page-size was not
+    given (`page_size` None, as SGLang keeps it until its own default resolves it to 1), else None:
+    the given value stands, and check_page_size refuses it if it is < 2."""
+    return HELIX_DEFAULT_PAGE_SIZE if page_size is None else None
+
+
+def check_page_size(page_size: int | None) -> None:
+    """Refuse a resolved page size < 2 (None counts as SGLang's default 1)."""
+    if int(page_size or 1) < 2:
+        _fail(
+            f"--page-size {page_size}: the Helix allocator colors whole pages by KVP owner and "
+            "SGLang's page-size-1 path allocates without positions; use --page-size 16 "
+            "(or any >= 2)"
+        )
+
+
+def weight_dtype_name(dtype: Any) -> str:
+    """'bf16' for torch.bfloat16 / 'bfloat16' / 'bf16' (and fp16, fp32 likewise); other dtypes
+    (fp8, fp4, int8, ...) come back as given, lower case, without a 'torch.' prefix."""
+    name = str(dtype).lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def is_unquantized_weight(dtype: Any) -> bool:
+    """True for the weight dtypes the Helix MLA path replicates and bmm's as is (bf16/fp16/fp32)."""
+    return weight_dtype_name(dtype) in UNQUANTIZED_WEIGHT_DTYPES
+
+
+def check_mla_weights(model: ModelInfo, weights: Any) -> None:
+    """Refuse an MLA checkpoint whose weights are quantized: every Helix MLA rank gathers the q
+    projection and W_UK of all heads and applies them with plain linear/bmm (srt.models.deepseek
+    checks the loaded modules again at weight load). `weights`: the checkpoint's dtype ('bf16',
+    'fp8', torch.float8_e4m3fn, ...) or None (unknown: left to the weight-load check)."""
+    if not model.is_mla or weights is None or is_unquantized_weight(weights):
+        return
+    _fail(
+        f"--enable-helix with {weight_dtype_name(weights)} weights ({model.architecture}): the "
+        "Helix MLA path needs an unquantized (bf16/fp16/fp32) q projection and W_UK/W_UV; serve "
+        "a bf16 checkpoint or drop --enable-helix"
+    )
+
+
+def check_launch(
+    helix_args: HelixServerArgs, server: ServerLayout, model_info: ModelInfo, weights: Any = None
+) -> HelixConfig | None:
+    """Every pure refusal for one launch (flags, model, page size with Helix's default applied,
+    MLA weight dtype); the HelixConfig it resolves to, or None without --enable-helix."""
+    if not helix_args.enable_helix:
+        return None
+    if server.page_size is None:
+        server = replace(server, page_size=helix_page_size(None))
+    config = resolve_helix_args(helix_args, server, model_info)
+    check_page_size(server.page_size)
+    check_mla_weights(model_info, weights)
+    return config
+
+
+def default_tpa(tp_size: int, model: ModelInfo) -> int:
+    """MLA: 1. GQA: largest t <= K with K % t == H % t == TP % t == 0."""
+    if model.is_mla:
+        return 1
+    candidates = [
+        t for t in range(1, model.num_kv_heads + 1)
+        if model.num_kv_heads % t == 0 and model.num_heads % t == 0 and tp_size % t == 0
+    ]
+    return max(candidates)
+
+
+def describe(config: HelixConfig) -> str:
+    """One-line layout summary for logs and error messages."""
+    kind = "MLA" if config.mla else "GQA"
+    return (
+        f"{kind} KVP={config.kvp} x TPA={config.tpa} (N={config.world_size}), "
+        f"H={config.num_heads}, K={config.num_kv_heads}, page_size={config.page_size}, "
+        f"comm={config.comm_backend}, hopb_slices={config.hopb_slices}"
+    )
+
+
+def _check_features(server: ServerLayout) -> None:
+    if server.pp_size > 1:
+        _fail(f"--pp-size {server.pp_size}: Helix needs pipeline parallel 1; drop --pp-size")
+    if server.dcp_size > 1:
+        _fail(
+            f"--dcp-size {server.dcp_size}: SGLang's decode context parallel and Helix both shard "
+            "the KV cache; use one of them (drop --dcp-size, Helix's KVP replaces it)"
+        )
+    if server.enable_prefill_cp:
+        _fail("--enable-prefill-cp is not supported with Helix; drop --enable-prefill-cp")
+    if server.attn_cp_size > 1:
+        _fail(f"--attn-cp-size {server.attn_cp_size}: not supported with Helix; drop --attn-cp-size")
+    if server.attn_dp_size > 1:
+        _fail(
+            f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
+            "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)"
+        )
+    if server.speculative_algorithm:
+        _fail(
+            f"--speculative-algorithm {server.speculative_algorithm}: speculative decoding is not "
+            "supported with Helix yet; drop --speculative-algorithm"
+        )
+
+
+def _check_device(helix: HelixServerArgs, server: ServerLayout) -> None:
+    if helix.helix_comm_backend == "nvshmem" and (server.device or "cuda") != "cuda":
+        _fail(
+            f"--helix-comm-backend nvshmem needs CUDA (device={server.device!r}); "
+            "use --helix-comm-backend a2a"
+        )
+
+
+def _check_sizes_vs_tp(helix: HelixServerArgs, server: ServerLayout) -> None:
+    kvp, tpa, tp = helix.helix_kvp_size, helix.helix_tpa_size, server.tp_size
+    if kvp is not None and tpa is not None and kvp * tpa != tp:
+        _fail(
+            f"--helix-kvp-size {kvp} x --helix-tpa-size {tpa} = {kvp * tpa} != --tp-size {tp}: "
+            f"Helix reuses the TP ranks; set --tp-size {kvp * tpa} or sizes whose product is {tp}"
+        )
+    for flag, given in (("--helix-kvp-size", kvp), ("--helix-tpa-size", tpa)):
+        if given is not None and tp % given:
+            _fail(f"{flag} {given} does not divide --tp-size {tp}; pick a divisor of {tp}")
+
+
+def _check_architecture(model: ModelInfo) -> None:
+    known = MLA_ARCHITECTURES if model.is_mla else GQA_ARCHITECTURES
+    if model.architecture not in known:
+        supported = ", ".join(sorted(MLA_ARCHITECTURES | GQA_ARCHITECTURES))
+        _fail(
+            f"--enable-helix: architecture {model.architecture} "
+            f"({'MLA' if model.is_mla else 'GQA/MHA'}) has no Helix path; supported: {supported}. "
+            "Drop --enable-helix for this model"
+        )
+
+
+def _check_attention_backends(server: ServerLayout, model: ModelInfo) -> None:
+    device = server.device or "cuda"
+    allowed = HELIX_ATTENTION_BACKENDS.get(device)
+    if allowed is None:
+        _fail(f"--device {device}: Helix runs on {', '.join(HELIX_ATTENTION_BACKENDS)} only")
+    if not model.is_mla:
+        allowed = allowed - MLA_ONLY_BACKENDS
+    for flag, backend in (
+        ("--attention-backend", server.attention_backend),
+        ("--prefill-attention-backend", server.prefill_attention_backend),
+        ("--decode-attention-backend", server.decode_attention_backend),
+    ):
+        if backend is not None and backend not in allowed:
+            _fail(
+                f"{flag} {backend}: no Helix path for this backend on {device}"
+                f"{'' if model.is_mla else ' with GQA'}; use {flag} "
+                f"{' or '.join(sorted(allowed))}"
+            )
+
+
+def _resolve_sizes(helix: HelixServerArgs, tp: int, model: ModelInfo) -> tuple[int, int]:
+    kvp, tpa = helix.helix_kvp_size, helix.helix_tpa_size
+    if tpa is None:
+        tpa = tp // kvp if kvp is not None else default_tpa(tp, model)
+    if kvp is None:
+        kvp = tp // tpa
+    if kvp * tpa != tp:
+        _fail(
+            f"--helix-tpa-size {tpa} does not divide --tp-size {tp}; pick a divisor of {tp}"
+        )
+    _check_heads(tpa, kvp, tp, model)
+    return kvp, tpa
+
+
+def _check_heads(tpa: int, kvp: int, tp: int, model: ModelInfo) -> None:
+    if model.is_mla and tpa != 1:
+        _fail(
+            f"--helix-tpa-size {tpa} with MLA ({model.architecture}): MLA has one latent KV head, "
+            f"so TPA must be 1; set --helix-tpa-size 1 --helix-kvp-size {tp}"
+        )
+    if tpa > model.num_kv_heads:
+        _fail(
+            f"--helix-tpa-size {tpa} > the model's {model.num_kv_heads} KV heads: each TPA group "
+            f"needs at least one KV head; use --helix-tpa-size <= {model.num_kv_heads} and "
+            "raise --helix-kvp-size"
+        )
+    if model.num_kv_heads % tpa or model.num_heads % tpa:
+        _fail(
+            f"--helix-tpa-size {tpa} must divide both the {model.num_heads} query heads and the "
+            f"{model.num_kv_heads} KV heads; pick a common divisor"
+        )
+    if model.num_heads % tp:
+        _fail(
+            f"--tp-size {tp} does not divide the model's {model.num_heads} query heads: after the "
+            f"exchange each of KVP x TPA = {kvp * tpa} ranks owns H/N heads; pick a --tp-size "
+            f"dividing {model.num_heads}"
+        )
+
+
+def _fail(message: str) -> None:
+    raise HelixConfigError(f"Helix: {message}")

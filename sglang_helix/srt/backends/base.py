@@ -1,0 +1,167 @@
+"""What the GQA and MLA "helix" attention backends share: construction, per-batch planning, extend.
+
+A backend of global attention rank g holds this rank's Helix KV pool (srt.memory.pools), a
+`HelixAttention` for decode (core `decode`) and plans each batch once in
+`init_forward_metadata`: decode -> this rank's local page table and lengths in preallocated
+buffers; extend -> an `ExtendPlan` (host lengths + local prefix page table). Layers only run
+kernels: decode = partial + exchange + merge (HOP-B slices when configured); extend = core
+`extend.helix_extend` (one algorithm for GQA and MLA).
+
+The KVP group and rank come from srt.state.runtime() (created collectively right after SGLang's
+initialize_model_parallel); the constructor runs no collective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from ...config import HelixConfig, HelixConfigError
+from ...decode import HelixAttention
+from ...extend import helix_extend
+from ...metadata import ExtendPlan, plan_extend
+from .. import state
+from ..memory.pools import HelixPoolError
+
+BACKEND_NAME = "helix"
+
+
+def _attention_backend_base():
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+    return AttentionBackend
+
+
+class HelixBackendBase(_attention_backend_base()):
+    """Shared part of HelixAttnBackend (GQA) and HelixMLAAttnBackend.
+
+    model_runner: needs .device, .req_to_token_pool (.req_to_token [reqs, ctx]),
+        .token_to_kv_pool (this backend's Helix pool class), .server_args (carrying the
+        HelixConfig, srt.state.CONFIG_ATTR) and .model_config.context_len.
+    rank: global attention rank g (default: the Helix runtime's, else SGLang's attn_tp_rank);
+    kvp_group: this rank's KVP group (default: the runtime's); impl: partial-attention
+    implementation (sglang_helix.attention).
+    Subclasses set `mla` and `pool_type()` and implement `_extend_inputs` and `forward_decode`.
+    """
+
+    mla = False
+
+    def __init__(self, model_runner: Any, *, rank: Optional[int] = None, kvp_group=None,
+                 impl: str = "auto"):
+        super().__init__()
+        self.cfg = self._config_of(model_runner)
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.pool = self._pool_of(model_runner)
+        self.rank, group = rank_and_group(self.cfg, rank, kvp_group)
+        if self.cfg.kvp_rank(self.rank) != self.pool.kvp_rank:
+            raise HelixPoolError(f"pool holds KVP rank {self.pool.kvp_rank} but rank {self.rank} is "
+                                 f"KVP rank {self.cfg.kvp_rank(self.rank)}")
+        max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
+        self.impl = impl
+        self.helix = HelixAttention(
+            self.cfg, self.rank, group, max_batch=self.req_to_token_pool.req_to_token.shape[0],
+            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)), impl=impl,
+            device=self.device)
+        self._planned = None  # the ForwardBatch the current metadata was planned for
+        self.extend_plan: Optional[ExtendPlan] = None
+
+    @classmethod
+    def pool_type(cls) -> type:
+        raise NotImplementedError
+
+    def _config_of(self, model_runner: Any) -> HelixConfig:
+        cfg = state.config_of(model_runner.server_args)
+        kind = "an MLA" if self.mla else "a GQA"
+        if cfg is None or cfg.mla != self.mla:
+            raise HelixConfigError(f"--attention-backend {BACKEND_NAME} needs --enable-helix with "
+                                   f"{kind} model (no matching HelixConfig on ServerArgs)")
+        return cfg
+
+    def _pool_of(self, model_runner: Any):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, self.pool_type()):
+            raise HelixPoolError(f"the {BACKEND_NAME} backend needs a {self.pool_type().__name__}, "
+                                 f"got {type(pool).__name__}: the plugin's pool hooks are not live "
+                                 f"(sglang_helix.srt.plugin.register())")
+        return pool
+
+    # ---- plan (once per batch) -------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        """Decode: local page table + lengths for all layers. Extend: the ExtendPlan."""
+        if forward_batch.forward_mode.is_decode():
+            self.extend_plan = None
+            self._plan_decode(forward_batch)
+        else:
+            self.extend_plan = self._plan_extend(forward_batch)
+            self._planned = forward_batch
+
+    def _plan_decode(self, forward_batch: Any) -> None:
+        seq_lens = forward_batch.seq_lens
+        table, _ = self._local_tables(forward_batch, seq_lens)
+        self.helix.plan(seq_lens, table)
+        self._planned = forward_batch  # held, so its id cannot be recycled while it counts
+
+    def _plan_extend(self, forward_batch: Any) -> ExtendPlan:
+        return plan_extend(
+            forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu,
+            self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
+            local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device)))
+
+    def _local_tables(self, forward_batch: Any, lens: torch.Tensor):
+        rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
+        longest = int(lens.max()) if lens.numel() else 0
+        pages = max(1, -(-longest // self.cfg.page_size))
+        return self.pool.local_decode_tables(rows, lens, max_pages=pages)
+
+    def _decode_ready(self, forward_batch: Any) -> None:
+        if self._planned is not forward_batch or self.extend_plan is not None:  # not planned by a wrapper
+            self.extend_plan = None
+            self._plan_decode(forward_batch)
+
+    # ---- run -------------------------------------------------------------------
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        """The chunk's rows: q [T, Hq * D], k/v of the new tokens -> [T, H/N * Dv] (q's dtype).
+
+        Causal attention over the chunk for this rank's H/N heads, LSE-merged with every KVP
+        rank's partial over its pages of the cached prefix (core extend.helix_extend).
+        """
+        if self.extend_plan is None or self._planned is not forward_batch:  # not planned by a wrapper
+            self.extend_plan, self._planned = self._plan_extend(forward_batch), forward_batch
+        plan = self.extend_plan
+        if save_kv_cache and k is not None:
+            self._store(k, v, layer, forward_batch)
+        q3, k_new, v_new, k_pages, v_pages = self._extend_inputs(q, k, v, layer)
+        out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
+                           kvp_rank=self.cfg.kvp_rank(self.rank),
+                           heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange)
+        return out.reshape(out.shape[0], -1)
+
+    def _store(self, k, v, layer, forward_batch) -> None:
+        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+
+    def _extend_inputs(self, q, k, v, layer):
+        """(q [T, Hq, D], k_new [T, Hk, D], v_new [T, Hk, Dv], k_pages, v_pages)."""
+        raise NotImplementedError
+
+    def support_triton(self):
+        return False
+
+
+def rank_and_group(cfg: HelixConfig, rank: Optional[int], kvp_group):
+    """(global attention rank, KVP group): explicit arguments win, else the Helix runtime."""
+    rt = state.runtime()
+    if rank is None:
+        rank = rt.rank if rt is not None else state.attn_rank()
+    if kvp_group is None and cfg.kvp > 1:
+        if rt is None:
+            raise HelixConfigError(
+                f"the {BACKEND_NAME} backend needs its KVP group, created right after SGLang's "
+                "initialize_model_parallel by the plugin's state hook (is it live? it is "
+                "installed by sglang_helix.srt.plugin.register())")
+        kvp_group = rt.kvp_group
+    return rank, kvp_group

@@ -1,0 +1,74 @@
+"""The "helix" attention backend for absorbed MLA (DeepSeek-V2/V3) in SGLang 0.5.23.
+
+Inputs from the Helix model path (srt.models.deepseek.helix_absorb_core): q [T, H, R+Dr] (or
+[T, H*(R+Dr)]) for ALL H heads, k [T, 1, R+Dr] (latent | rope of the new tokens), v [T, 1, R];
+returns [T, H/N * R], latent outputs of heads [g*H/N, (g+1)*H/N) merged over all KVP ranks.
+Every rank computes the latent of every new token; the pool keeps the owner's rows only.
+Decode: partial over this rank's pages for all H heads + one exchange + merge. Extend: base
+(the latent's first R dims are the values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...config import HelixConfigError
+from ..memory.pools import HelixMLATokenToKVPool
+from .base import BACKEND_NAME, HelixBackendBase
+
+
+class HelixMLAAttnBackend(HelixBackendBase):
+    """SGLang attention backend of one Helix rank for absorbed MLA; arguments as the base."""
+
+    mla = True
+
+    def __init__(self, model_runner: Any, **kwargs: Any):
+        super().__init__(model_runner, **kwargs)
+        self.kv_lora_rank = model_runner.model_config.kv_lora_rank
+
+    @classmethod
+    def pool_type(cls) -> type:
+        return HelixMLATokenToKVPool
+
+    def _store(self, k, v, layer, forward_batch) -> None:
+        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, 1, k.shape[-1]), v)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
+        """q [B, H, R+Dr]; k [B, 1, R+Dr]; v [B, 1, R] -> [B, H/N * R]."""
+        self._decode_ready(forward_batch)
+        if save_kv_cache and k is not None:
+            self._store(k, v, layer, forward_batch)
+        q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)
+        rank_r = self.kv_lora_rank
+        out = self.helix.forward_mla(q3[..., :rank_r].contiguous(), q3[..., rank_r:].contiguous(),
+                                     self.pool.get_paged_kv(layer.layer_id), layer.scaling)
+        return out.reshape(out.shape[0], -1)
+
+    def _extend_inputs(self, q, k, v, layer):
+        q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)
+        k_new = k.reshape(k.shape[0], 1, -1)
+        pages = self.pool.get_paged_kv(layer.layer_id).unsqueeze(2)  # [slots, P, 1, R+Dr]
+        rank_r = self.kv_lora_rank
+        return q3, k_new, k_new[..., :rank_r], pages, pages[..., :rank_r]
+
+
+def find_helix_mla_backend(backend: Any = None) -> "HelixMLAAttnBackend":
+    """The HelixMLAAttnBackend of this runner (direct, or inside a hybrid / TBO wrapper)."""
+    if backend is None:
+        from sglang.srt.model_executor.forward_context import get_attn_backend
+
+        backend = get_attn_backend()
+    seen = [backend]
+    while seen:
+        item = seen.pop()
+        if isinstance(item, HelixMLAAttnBackend):
+            return item
+        for name in ("decode_backend", "prefill_backend", "primary"):
+            child = getattr(item, name, None)
+            if child is not None:
+                seen.append(child)
+    raise HelixConfigError(f"--enable-helix with an MLA model needs the '{BACKEND_NAME}' attention "
+                        f"backend, got {type(backend).__name__}: declare attention_backend="
+                        f"'{BACKEND_NAME}' (prefill and decode) in the plugin's resolution hook")
+
+

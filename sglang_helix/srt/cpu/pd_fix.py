@@ -1,0 +1,42 @@
+"""CPU-engine fixes for SGLang 0.5.23's PD path (any server, Helix or not, SGLANG_USE_CPU_ENGINE=1).
+
+- the prefill's pinned-memory + CUDA-event page-index copy is switched to the host path;
+- a decode server's retraction backup defaults to `cpu_tensor` instead of the pinned host pool
+  (`_cuda_host_register` needs a CUDA driver).
+Inert where CUDA is available.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..hooks import HookSpec
+
+CONN = "sglang.srt.disaggregation.mooncake.conn"
+SENDER_INIT_TARGET = f"{CONN}.MooncakeKVSender.__init__"
+RETRACTION_TARGET = "sglang.srt.mem_cache.kv_cache_builder.resolve_decode_retraction_backup"
+
+
+def _around_sender_init(original: Callable, sender: Any, *args: Any, **kwargs: Any) -> None:
+    original(sender, *args, **kwargs)
+    if not torch.cuda.is_available():
+        # The host-tensor path copies page indices into pinned memory behind a CUDA event.
+        sender.supports_host_tensor_indices = False
+
+
+def _around_retraction(original: Callable, *args: Any, **kwargs: Any) -> str:
+    from sglang.srt.runtime_context import get_context, get_disagg
+
+    if get_disagg().disaggregation_decode_retraction_backup is None and not torch.cuda.is_available():
+        # host_pool mirrors device KV into pinned host memory: on the CPU engine the "device"
+        # already is host memory, and pinning needs a CUDA driver.
+        get_context().override("sglang_helix.cpu_pd", disaggregation_decode_retraction_backup="cpu_tensor")
+    return original(*args, **kwargs)
+
+
+CPU_PD_HOOKS = (
+    HookSpec(SENDER_INIT_TARGET, "AROUND", _around_sender_init),
+    HookSpec(RETRACTION_TARGET, "AROUND", _around_retraction),
+)

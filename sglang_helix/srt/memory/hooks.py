@@ -1,0 +1,208 @@
+"""Helix KV memory wired into SGLang 0.5.23's KVCacheConfigurator (pool, allocator, capacity,
+leak check), and the per-KVP-rank KV state reported in /server_info.
+
+Each hook calls straight through unless the configurator's ServerArgs carries a HelixConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from ...config import HelixConfig
+from ...sharding import helix_logical_tokens
+from .. import state
+from ..hooks import HookSpec
+from .allocator import HelixPagedAllocator
+from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError
+
+logger = logging.getLogger(__name__)
+
+CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+POOL_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool"
+ALLOCATOR_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool_allocator"
+CAPACITY_TARGET = f"{CONFIGURATOR}.logical_token_capacity"
+LEAK_CHECK_TARGET = ("sglang.srt.managers.scheduler_components.invariant_checker."
+                     "SchedulerInvariantChecker._check_full_pool")
+
+
+def config_of_configurator(configurator: Any) -> Optional[HelixConfig]:
+    """The HelixConfig a KVCacheConfigurator's ServerArgs carries, or None (Helix off)."""
+    return state.config_of(getattr(configurator, "server_args", None))
+
+
+def _rank_of(cfg: HelixConfig) -> int:
+    from sglang.srt.runtime_context import get_parallel
+
+    par = get_parallel()
+    if par.attn_tp_size != cfg.world_size:
+        raise HelixPoolError(f"attention TP size {par.attn_tp_size} != KVP x TPA = {cfg.world_size}; "
+                             f"set --tp-size {cfg.world_size} (no DP attention / attention CP with Helix)")
+    return par.attn_tp_rank
+
+
+def _check_plain_model(kvc: Any) -> None:
+    unsupported = {
+        "draft worker (speculative decoding)": kvc.is_draft_worker,
+        "hybrid sliding-window attention": kvc.is_hybrid_swa,
+        "hybrid linear / Mamba layers": kvc.mambaish_config is not None,
+        "--enable-kv-cache-sharding": kvc.kv_shard_size > 1,
+    }
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise HelixPoolError(f"Helix KV pools do not support: {', '.join(bad)}; drop --enable-helix "
+                             f"or those features")
+
+
+def build_helix_pool(kvc: Any, cfg: HelixConfig, logical_size: int):
+    """The Helix KV pool of this rank for a KVCacheConfigurator `kvc` (logical capacity)."""
+    from sglang.srt.runtime_context import get_exec
+
+    _check_plain_model(kvc)
+    rank = _rank_of(cfg)
+    common = dict(page_size=kvc.page_size, dtype=kvc.kv_cache_dtype,
+                  layer_num=kvc.layer_info.num_effective_layers, device=kvc.device,
+                  enable_memory_saver=get_exec().features.enable_memory_saver,
+                  start_layer=kvc.layer_info.start_layer, end_layer=kvc.layer_info.end_layer,
+                  kvp=cfg.kvp, kvp_rank=cfg.kvp_rank(rank))
+    mc = kvc.model_config
+    if kvc.use_mla_backend:
+        return HelixMLATokenToKVPool(logical_size, kv_lora_rank=mc.kv_lora_rank,
+                                     qk_rope_head_dim=mc.qk_rope_head_dim, **common)
+    return HelixMHATokenToKVPool(logical_size, head_num=cfg.kv_heads_per_tpa, head_dim=mc.head_dim,
+                                 v_head_dim=mc.v_head_dim, enable_alt_stream=False, **common)
+
+
+def _bytes_per_token(kvc: Any, heads: int) -> int:
+    mc = kvc.model_config
+    itemsize = torch._utils._element_size(kvc.kv_cache_dtype)
+    if kvc.use_mla_backend:
+        return (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
+    return heads * (mc.head_dim + mc.v_head_dim) * itemsize
+
+
+def logical_size_for(kvc: Any, cfg: HelixConfig, stock_tokens: int) -> int:
+    """Logical capacity of the Helix pool in the per-rank bytes SGLang budgeted for
+    `stock_tokens` rows of its own pool (deterministic: pool, allocator and the scheduler's
+    capacity report agree)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    stock_heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
+    return helix_logical_tokens(stock_tokens, _bytes_per_token(kvc, stock_heads),
+                                _bytes_per_token(kvc, cfg.kv_heads_per_tpa), kvc.page_size, cfg.kvp)
+
+
+def _around_build_pool(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    cfg = config_of_configurator(kvc)
+    if cfg is None:
+        return original(kvc, *args, **kwargs)
+    size = logical_size_for(kvc, cfg, kwargs["sizes"].max_total_num_tokens)
+    pool = build_helix_pool(kvc, cfg, size)
+    logger.info("sglang_helix: Helix KV pool %s, logical tokens %d, local rows %d (KVP rank %d/%d)",
+                type(pool).__name__, size, pool.size, pool.kvp_rank, cfg.kvp)
+    return pool
+
+
+def _around_build_allocator(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    cfg = config_of_configurator(kvc)
+    if cfg is None:
+        return original(kvc, *args, **kwargs)
+    if kwargs.get("token_to_kv_pool_allocator") is not None:
+        raise HelixPoolError("a shared (draft) allocator reached the Helix hook; drop speculative decoding")
+    pool = kwargs["token_to_kv_pool"]
+    return HelixPagedAllocator(pool.logical_size, kvc.page_size, kvc.kv_cache_dtype, kvc.device, pool,
+                               need_sort=_need_sort(), kvp=cfg.kvp)
+
+
+def _need_sort() -> bool:
+    """SGLang sorts freed pages under PD disaggregation (as its own allocator branch does)."""
+    from sglang.srt.runtime_context import get_disagg
+
+    return get_disagg().disaggregation_mode in ("decode", "prefill")
+
+
+def _around_logical_capacity(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    cfg = config_of_configurator(kvc)
+    if cfg is None:
+        return original(kvc, *args, **kwargs)
+    return logical_size_for(kvc, cfg, kwargs["max_total_num_tokens"])
+
+
+def _around_check_full_pool(original: Callable, checker: Any, ps: Any, *args: Any, **kwargs: Any):
+    """SGLang's leak check needs every free page (as it does for its own sharded allocator);
+    available_size() is the min-color admission floor, so swap in aggregate_free_size()."""
+    allocator = getattr(checker, "token_to_kv_pool_allocator", None)
+    if isinstance(allocator, HelixPagedAllocator):
+        ps = dataclasses.replace(ps, full_available_size=allocator.aggregate_free_size())
+    return original(checker, ps, *args, **kwargs)
+
+
+POOL_HOOKS = (
+    HookSpec(POOL_TARGET, "AROUND", _around_build_pool),
+    HookSpec(ALLOCATOR_TARGET, "AROUND", _around_build_allocator),
+    HookSpec(CAPACITY_TARGET, "AROUND", _around_logical_capacity),
+    HookSpec(LEAK_CHECK_TARGET, "AROUND", _around_check_full_pool),
+)
+
+
+# ----------------------------------------------------------------------------- server info
+
+
+def helix_kv_state(allocator: Any) -> Optional[dict]:
+    """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
+
+    Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
+    per_kvp_rank[c] = {"kvp_rank", "total_pages", "free_pages", "used_pages"} of color c, plus
+    "layout" (the HelixConfig), the logical capacity, the rows of one rank's pool (padding page
+    excluded), and the KV bytes of one rank next to plain TP on the same N = KVP x TPA ranks:
+
+    - kv_bytes_per_rank: bytes this rank's Helix pool really allocated: sum of numel x itemsize
+      over its KV buffers (k_buffer + v_buffer, or the MLA kv_buffer; every layer, padding page
+      included).
+    - plain_tp_kv_bytes_per_token: KV bytes per token of one plain-TP rank (attention TP N, no
+      Helix), from the model dims and dtype of this pool:
+        MLA: (kv_lora_rank + qk_rope_head_dim) x itemsize x layers (latent replicated per rank);
+        GQA: ceil(K / N) x (head_dim + v_head_dim) x itemsize x layers, K the model's KV heads:
+        K / N when N divides K, one replicated head when N > K (SGLang's GPU path keeps
+        max(1, K // N); its CPU engine pads K up to a multiple of N: also ceil(K / N)).
+    - plain_tp_kv_bytes_per_rank: (logical_tokens + page_size) x plain_tp_kv_bytes_per_token,
+      what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
+      padding page).
+
+    Up to about one page per KVP rank, kv_bytes_per_rank = plain_tp_kv_bytes_per_rank x
+    (K / TPA) / (KVP x ceil(K / N)): plain / KVP for MLA; equal for GQA with N <= K (plain TP
+    already splits the KV heads N ways); plain x K / N for GQA with N > K.
+    """
+    if not isinstance(allocator, HelixPagedAllocator):
+        return None
+    cfg = state.current_config()
+    pool = allocator.get_kvcache()
+    counts = allocator.color_free_counts()
+    per = allocator.per_color
+    buffers = list(pool.kv_buffer) if cfg is not None and cfg.mla else list(pool.k_buffer) + list(pool.v_buffer)
+    out = {
+        "layout": None if cfg is None else {
+            "kvp": cfg.kvp, "tpa": cfg.tpa, "world_size": cfg.world_size,
+            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "mla": cfg.mla,
+            "page_size": cfg.page_size, "comm_backend": cfg.comm_backend,
+            "hopb_slices": cfg.hopb_slices},
+        "page_size": allocator.page_size,
+        "logical_tokens": int(allocator.size),
+        "local_pool_rows": int(pool.size),
+        "kv_bytes_per_rank": int(sum(t.numel() * t.element_size() for t in buffers)),
+        "available_tokens": int(allocator.available_size()),
+        "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
+                         for c, n in enumerate(counts)],
+    }
+    if cfg is not None:
+        if cfg.mla:
+            per_layer = pool.kv_lora_rank + pool.qk_rope_head_dim
+        else:
+            per_layer = -(-cfg.num_kv_heads // cfg.world_size) * (pool.head_dim + pool.v_head_dim)
+        per_token = per_layer * torch._utils._element_size(pool.store_dtype) * pool.layer_num
+        out["plain_tp_kv_bytes_per_token"] = per_token
+        out["plain_tp_kv_bytes_per_rank"] = (int(allocator.size) + allocator.page_size) * per_token
+    return out

@@ -1,0 +1,278 @@
+"""Prefill/decode disaggregation with a Helix decode server, for real, on CPU over loopback.
+
+Each class starts one deployment (sglang_helix.dev.pd.launch_pd): a plain prefill server
+(TP 1, Helix off), a Helix decode server (TP 2 = KVP 2, decode radix cache on) and SGLang's PD
+router (sglang-router); KV moves over SGLang's mooncake backend with the TCP transport. Clients
+talk to the router only.
+
+Proof per model (GQA tiny Llama, MLA tiny DeepSeek-V3-style with kv_lora 48 != qk_nope 24):
+- greedy tokens through router -> prefill -> Helix decode equal transformers' fp32 greedy on the
+  same weights (test_sglang_helix_*.py show one non-disaggregated Helix server equals that same
+  reference), concurrent requests, prompts of 3..44 tokens crossing pages;
+- the prefill's own transfer counters (bytes mooncake was asked to write, per decode session):
+  decode KVP rank r received exactly the logical pages j with j % 2 == r of every prompt, i.e.
+  ~1/KVP of the prompt's KV, and byte counts = pages x the per-page bytes of one rank's pool;
+- shared prefix: pages the decode server holds in its radix cache are not sent again.
+Faults (GQA class, last test; the prefill holds its KV writes while a file exists, see
+sglang_pd.HOLD_ENV, so a transfer is provably in flight): decode killed -> the request fails
+within a bounded time, the prefill stays healthy and serves a new decode server; prefill killed
+-> the request fails, the decode server frees the pages it reserved on every KVP rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sglang_helix.dev import server as ts
+from sglang_helix.srt.pd import HOLD_ENV, SERVER_INFO_KEY
+from sglang_helix.dev.pd import (
+    FAST_FAILURE_ENV,
+    LOOPBACK_ENV,
+    launch_pd,
+    launch_router,
+    pd_args,
+    server_state,
+)
+from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
+
+pytestmark = [
+    pytest.mark.sglang_e2e,
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("sglang_router") is None,
+                       reason="sglang-router not installed (scripts/install-cpu.sh)"),
+    pytest.mark.skipif(importlib.util.find_spec("mooncake") is None,
+                       reason="mooncake-transfer-engine-non-cuda not installed"),
+    pytest.mark.timeout(900),
+]
+
+PAGE = 4
+KVP = 2
+MAX_NEW = 8
+COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
+HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
+                "--disaggregation-decode-enable-radix-cache"]
+GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1"]
+PROMPT_TEXTS = (
+    "The quick brown fox jumps over the lazy dog and then",
+    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
+    "Each rank",
+    "Hello",
+)
+SHARED = 30  # shared-prefix length (not a multiple of PAGE)
+FAIL_WITHIN_S = 60.0
+
+
+def prompts_for(model):
+    tok = load_tokenizer(model)
+    main = [tok.encode(t) for t in PROMPT_TEXTS]
+    base = main[1][:SHARED]
+    return main, [base + [11, 12, 13], base + [21, 22, 23, 24, 25, 26]]
+
+
+def bytes_per_page(model) -> int:
+    """Bytes one decode rank stores per page (fp32): all layers, K and V (GQA, TPA 1) or the
+    latent + rope row (MLA)."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    if "kv_lora_rank" in cfg:
+        return layers * PAGE * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return layers * 2 * PAGE * cfg["num_key_value_heads"] * head_dim * 4
+
+
+def sent_by_rank(prefill_url: str) -> dict[int, dict]:
+    """The prefill's counters per decode KVP rank (Helix peers only)."""
+    state = server_state(prefill_url, SERVER_INFO_KEY) or {"sent": []}
+    out = {}
+    for entry in state["sent"]:
+        assert entry["helix"] is not None, entry  # every decode rank registered as a Helix peer
+        out[entry["helix"]["kvp_rank"]] = entry
+    return out
+
+
+def delta(before: dict, after: dict, key: str) -> list[int]:
+    return [after.get(r, {}).get(key, 0) - before.get(r, {}).get(key, 0) for r in range(KVP)]
+
+
+def owned_pages(first_page: int, tokens: int) -> list[int]:
+    """Logical pages [first_page, ceil(tokens / PAGE)) per KVP owner."""
+    pages = range(first_page, -(-tokens // PAGE))
+    return [sum(1 for j in pages if j % KVP == r) for r in range(KVP)]
+
+
+def check_transfer(pd, model, prompts, run) -> list:
+    before = sent_by_rank(pd.prefill.base_url)
+    answers = run()
+    after = sent_by_rank(pd.prefill.base_url)
+    expect = [sum(c) for c in zip(*(owned_pages(0, len(p)) for p in prompts))]
+    pages = delta(before, after, "kv_pages")
+    assert pages == expect
+    got_bytes = delta(before, after, "kv_bytes")
+    assert got_bytes == [n * bytes_per_page(model) for n in expect]
+    total = sum(got_bytes)
+    assert all(abs(b / total - 1 / KVP) < 0.2 for b in got_bytes), got_bytes  # ~1/KVP each
+    return answers
+
+
+def run_and_check(pd, model):
+    main, _ = prompts_for(model)
+    refs = reference_greedy(model, main, MAX_NEW)
+    answers = check_transfer(pd, model, main, lambda: ts.generate_concurrent(
+        pd.router_url, main, max_new_tokens=MAX_NEW))
+    assert [ts.output_ids(a) for a in answers] == [r.tokens for r in refs]
+
+
+def run_shared_prefix(pd, model):
+    """The second request's cached prefix pages stay on the decode server: only later pages move."""
+    _, (first, second) = prompts_for(model)
+    refs = reference_greedy(model, [first, second], MAX_NEW)
+    a = ts.generate(pd.router_url, first, max_new_tokens=MAX_NEW)
+    before = sent_by_rank(pd.prefill.base_url)
+    b = ts.generate(pd.router_url, second, max_new_tokens=MAX_NEW)
+    after = sent_by_rank(pd.prefill.base_url)
+    cached_pages = SHARED // PAGE
+    assert delta(before, after, "kv_pages") == owned_pages(cached_pages, len(second))
+    assert [ts.output_ids(a), ts.output_ids(b)] == [r.tokens for r in refs]
+
+
+# ------------------------------------------------------------------------------- GQA
+
+
+@pytest.fixture(scope="class")
+def gqa(tmp_path_factory):
+    model = ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
+    hold = tmp_path_factory.mktemp("pd-hold") / "hold"
+    env = {**FAST_FAILURE_ENV, HOLD_ENV: str(hold)}
+    logs = tmp_path_factory.mktemp("pd-gqa-logs")
+    with launch_pd(model, decode_args=GQA_DECODE, decode_tp=2,
+                   common_args=COMMON, env=env, log_dir=logs) as pd:
+        yield model, pd, hold, env, logs
+
+
+class TestGQA:
+    def test_tokens_identical_and_each_rank_gets_its_pages(self, gqa):
+        model, pd, *_ = gqa
+        run_and_check(pd, model)
+
+    def test_cached_prefix_pages_are_not_sent_again(self, gqa):
+        model, pd, *_ = gqa
+        run_shared_prefix(pd, model)
+
+    def test_faults_fail_cleanly_and_free_pages(self, gqa):
+        """Runs last in the class: it kills the deployment's decode, then its prefill."""
+        model, pd, hold, env, logs = gqa
+        # fresh prompts: pages the decode radix cache already holds would not be sent (no hold)
+        p1, p2, p3 = ([7 + i, *range(40 + 3 * i, 62 + 3 * i)] for i in range(3))
+        ref = reference_greedy(model, [p2], MAX_NEW)[0].tokens
+
+        # 1. decode dies while the prefill holds the KV write
+        result = start_held_request(pd.router_url, p1, hold)
+        ts.kill_tree(pd.decode.process)
+        release(hold)
+        assert_failed_within(result)
+        assert healthy(pd.prefill.base_url)
+
+        # 2. the prefill still serves: a new decode server and router, a correct answer
+        with contextlib.ExitStack() as stack:
+            decode = stack.enter_context(ts.launch_server(
+                model, [*COMMON, *pd_args("decode"), *GQA_DECODE],
+                tp=2, env={**LOOPBACK_ENV, **env}, log_dir=logs))
+            url, _, _ = stack.enter_context(launch_router(pd.prefill, pd.bootstrap_port, decode, logs))
+            assert ts.output_ids(ts.generate(url, p2, max_new_tokens=MAX_NEW)) == ref
+            pages_free = free_pages(decode.base_url)
+
+            # 3. prefill dies while holding: the decode fails the request and frees its pages
+            result = start_held_request(url, p3, hold)
+            assert used_pages(decode.base_url) > 0  # pages reserved on the decode side
+            ts.kill_tree(pd.prefill.process)
+            release(hold)
+            assert_failed_within(result)
+            assert healthy(decode.base_url)
+            wait_for(lambda: free_pages(decode.base_url) == pages_free, FAIL_WITHIN_S,
+                     "decode pages freed on every KVP rank")
+
+
+def start_held_request(url: str, prompt, hold: Path) -> dict:
+    """Create the hold file, send one request in a thread, return once the prefill holds it."""
+    held = Path(str(hold) + ".held")
+    held.unlink(missing_ok=True)
+    hold.touch()
+    result: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            result["answer"] = ts.generate(url, prompt, max_new_tokens=MAX_NEW, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - the failure is the expected outcome
+            result["error"] = exc
+        result["done_at"] = time.monotonic()
+        result["took"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    result["thread"] = thread
+    wait_for(held.exists, 60, "the prefill to hold the KV write")
+    result["held_at"] = time.monotonic()
+    return result
+
+
+def release(hold: Path) -> None:
+    hold.unlink(missing_ok=True)
+
+
+def assert_failed_within(result: dict) -> None:
+    result["thread"].join(FAIL_WITHIN_S + 10)
+    assert not result["thread"].is_alive(), "request still pending: something hangs"
+    assert "error" in result, f"request succeeded after its peer died: {result.get('answer')}"
+    assert result["done_at"] - result["held_at"] < FAIL_WITHIN_S
+
+
+def healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+        return resp.status == 200
+
+
+def free_pages(url: str) -> list[int]:
+    return [r["free_pages"] for r in server_state(url, "helix")["per_kvp_rank"]]
+
+
+def used_pages(url: str) -> int:
+    return sum(r["used_pages"] for r in server_state(url, "helix")["per_kvp_rank"])
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# ------------------------------------------------------------------------------- MLA
+
+
+@pytest.fixture(scope="class")
+def mla(tmp_path_factory):
+    model = ensure_tiny_model("mla", tmp_path_factory.getbasetemp() / "tiny-cache")
+    with launch_pd(model, decode_args=HELIX_DECODE, decode_tp=2, common_args=COMMON,
+                   env=FAST_FAILURE_ENV, log_dir=tmp_path_factory.mktemp("pd-mla-logs")) as pd:
+        yield model, pd
+
+
+class TestMLA:
+    def test_tokens_identical_and_each_rank_gets_its_pages(self, mla):
+        model, pd = mla
+        run_and_check(pd, model)
+
+    def test_cached_prefix_pages_are_not_sent_again(self, mla):
+        model, pd = mla
+        run_shared_prefix(pd, model)

@@ -1,0 +1,200 @@
+"""`python -m sglang_helix.plan`: output, launch line validity, and one-line exit-2 errors."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from sglang_helix import plan as cli
+from sglang_helix.perf import plan as P
+from sglang_helix.perf import probe
+from sglang_helix.perf.specs import MODELS, get_model
+from sglang_helix.srt.args import (
+    HELIX_DEFAULT_PAGE_SIZE,
+    ModelInfo,
+    ServerLayout,
+    check_launch,
+    parse_helix_argv,
+    resolve_helix_args,
+)
+
+from test_perf_model import FAKE_CPU
+
+
+@pytest.fixture(autouse=True)
+def _no_probe(monkeypatch):
+    """Never measure this machine in tests: the cpu profile is a fixed dict."""
+    monkeypatch.setattr(probe, "cpu_profile", lambda refresh=False: dict(FAKE_CPU))
+
+
+def _launch_line(out: str) -> str:
+    lines = out.splitlines()
+    return lines[lines.index("Launch:") + 1].strip()
+
+
+def _printed_launch_lines(out: str) -> list[str]:
+    return [ln.strip() for ln in out.splitlines() if ln.strip().startswith("python -m sglang.launch_server")]
+
+
+def _model_info(model: str) -> ModelInfo:
+    spec = get_model(model)
+    return ModelInfo(spec.architecture, spec.num_heads, spec.num_kv_heads, spec.mla)
+
+
+def _assert_plugin_accepts(model: str, line: str):
+    """The line parses with the plugin's flag parser and passes resolve_helix_args, and the page
+    size and weight-dtype rules (check_launch); returns the HelixConfig (None: Helix off)."""
+    argv = shlex.split(line)
+    helix, server = parse_helix_argv(argv), ServerLayout.from_argv(argv)
+    info = _model_info(model)
+    cfg = resolve_helix_args(helix, server, info)
+    full = check_launch(helix, server, info, P.line_weights(get_model(model), argv))
+    assert (full is None) == (cfg is None)
+    if cfg is not None:
+        assert (full.kvp, full.tpa) == (cfg.kvp, cfg.tpa) and cfg.world_size == server.tp_size
+        assert full.page_size == (server.page_size or HELIX_DEFAULT_PAGE_SIZE) >= 2
+    return cfg
+
+
+@pytest.mark.parametrize("model,gpus,extra", [
+    ("deepseek-r1", 64, ["--max-ttl-ms", "5"]),
+    ("llama-405b", 64, []),
+    ("llama-70b", 64, ["--max-ttl-ms", "5", "--precision", "fp8"]),
+    ("kimi-k2", 32, ["--batch", "1", "4", "16"]),
+])
+def test_launch_line_satisfies_helix_config(capsys, model, gpus, extra):
+    rc = cli.main(["--model", model, "--context", "1M", "--gpus", str(gpus), "--hardware", "gb200", *extra])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Pareto frontier" in out and "Helix" in out
+    line = _launch_line(out)
+    assert line.startswith("python -m sglang.launch_server --model-path ")
+    argv = shlex.split(line)
+    assert "--enable-helix" in argv, line  # 1M context: Helix wins on these models
+    assert "--page-size" not in argv  # the plugin's default (64) applies
+    assert _assert_plugin_accepts(model, line) is not None
+
+
+# Models x hardware x precisions x sizes; points that fit nowhere exit 2 and print no line.
+GRID = [(m, hw, prec, ctx, gpus)
+        for m in sorted(MODELS)
+        for hw, precs in (("gb200", ("fp4", "fp8", "bf16")), ("h200", ("fp8", "bf16")), ("h100", ("fp8",)))
+        for prec in precs
+        for ctx, gpus in (("1M", 64), ("128K", 8))]
+
+
+@pytest.mark.parametrize("model,hw,precision,context,gpus", GRID)
+def test_every_printed_launch_line_is_accepted_by_the_plugin(capsys, model, hw, precision, context, gpus):
+    rc = cli.main(["--model", model, "--context", context, "--gpus", str(gpus), "--hardware", hw,
+                   "--precision", precision, "--max-ttl-ms", "20"])
+    captured = capsys.readouterr()
+    if rc == 2:
+        assert "does not fit" in captured.err or "no layout reaches" in captured.err, captured.err
+        return
+    assert rc == 0
+    out = captured.out
+    lines = _printed_launch_lines(out)
+    assert len(lines) <= 1, out  # a refused line is never printed, only the accepted one
+    for line in lines:
+        _assert_plugin_accepts(model, line)
+        assert P.line_weights(get_model(model), shlex.split(line)) is not None, line
+    if "Refused by sglang_helix:" in out:
+        assert "Nearest accepted (" in out, out
+
+
+def test_refused_fp8_deepseek_says_why_and_prints_the_bf16_line(capsys):
+    rc = cli.main(["--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200",
+                   "--precision", "fp8", "--max-ttl-ms", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Refused by sglang_helix: Helix: --enable-helix with fp8 weights (DeepseekV3ForCausalLM)" in out
+    assert "Nearest accepted (the same layout with bf16 weights)" in out
+    line = _launch_line(out)
+    argv = shlex.split(line)
+    assert argv[argv.index("--model-path") + 1] == "./DeepSeek-R1-bf16" and "--enable-helix" in argv
+    assert "# ./DeepSeek-R1-bf16: a bf16 copy of deepseek-ai/DeepSeek-R1" in out
+    assert _assert_plugin_accepts("deepseek-r1", line) is not None
+    assert _printed_launch_lines(out) == [line]  # the refused fp8 line is not printed
+
+
+def test_unsupported_architecture_gets_an_accepted_baseline(capsys):
+    rc = cli.main(["--model", "qwen3-235b", "--context", "1M", "--gpus", "64", "--hardware", "gb200"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Refused by sglang_helix: Helix: --enable-helix: architecture Qwen3MoeForCausalLM" in out
+    assert "Nearest accepted (the best accepted layout at fp4)" in out
+    line = _launch_line(out)
+    assert "--enable-helix" not in line and _assert_plugin_accepts("qwen3-235b", line) is None
+
+
+def test_refused_same_layout_that_does_not_fit_at_bf16_falls_back_to_another_layout(capsys):
+    # DeepSeek-R1 in bf16 (~1.3 TB) does not fit 8 x H200: the accepted line is an fp8 baseline.
+    rc = cli.main(["--model", "deepseek-r1", "--context", "128K", "--gpus", "8", "--hardware", "h200",
+                   "--precision", "fp8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Refused by sglang_helix:" in out
+    assert "Nearest accepted (the best accepted layout at fp8)" in out
+    line = _launch_line(out)
+    assert "--enable-helix" not in line and "deepseek-ai/DeepSeek-R1 " in line
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("precision", P.PRECISIONS)
+def test_line_weights_inverts_checkpoint(model, precision):
+    spec = get_model(model)
+    ck = P.checkpoint(spec, precision)
+    argv = ["python", "-m", "sglang.launch_server", "--model-path", ck.model_path]
+    argv += ["--quantization", ck.quantization] if ck.quantization else []
+    assert ck.weights == precision and P.line_weights(spec, argv) == precision
+    assert bool(ck.note) == ck.model_path.startswith("./")
+
+
+def test_perf_never_imports_srt_and_the_cli_never_imports_sglang():
+    code = ("import sys, sglang_helix.perf.plan; "
+            "assert not [m for m in sys.modules if m.startswith('sglang_helix.srt')]; "
+            "import sglang_helix.plan; "
+            "assert 'sglang' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_baseline_can_win_and_gets_its_own_launch_line(capsys):
+    argv = ["--model", "llama-70b", "--context", "1M", "--gpus", "16", "--hardware", "gb200",
+            "--min-tokens-per-s-per-user", "50", "--precision", "fp8"]
+    assert cli.main(argv) == 0
+    line = _launch_line(capsys.readouterr().out)
+    assert "--enable-helix" not in line and "--tp-size 16" in line
+
+
+def test_cpu_hardware_uses_cached_probe(capsys):
+    # DeepSeek-R1 cannot fit 2 cores' share of RAM: the error proves the cpu profile was used.
+    rc = cli.main(["--model", "deepseek-r1", "--context", "64K", "--gpus", "2", "--hardware", "cpu"])
+    assert rc == 2 and "2 x cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "gpt9", "--context", "1M", "--gpus", "8", "--hardware", "gb200"], "choose one of deepseek-r1"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "8", "--hardware", "tpu"], "choose one of gb200"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "0", "--hardware", "h100"], "--gpus 0"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "4096", "--hardware", "h100"], "--gpus 4096"),
+    (["--model", "llama-70b", "--context", "100M", "--gpus", "1", "--hardware", "h100"], "does not fit"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "8", "--hardware", "h100", "--max-ttl-ms", "5",
+      "--min-tokens-per-s-per-user", "10"], "conflicting constraints"),
+    (["--model", "llama-70b", "--context", "lots", "--gpus", "8", "--hardware", "h100"], "context 'lots'"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "8", "--hardware", "h100", "--precision", "fp4"],
+     "no fp4 compute"),
+    (["--model", "llama-70b", "--context", "64K", "--gpus", "8", "--hardware", "h100",
+      "--min-tokens-per-s-per-user", "100000"], "no layout reaches"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "8", "--hardware", "h100", "--max-ttl-ms", "-1"],
+     "must be > 0"),
+    (["--model", "llama-70b", "--context", "1M", "--gpus", "eight", "--hardware", "h100"], "invalid int"),
+])
+def test_bad_inputs_exit_2_with_one_line(capsys, argv, needle):
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -1,0 +1,308 @@
+"""Pure parts of benchmarks/serving_compare.py (no servers): reading sglang.benchmark.serving's
+JSONL into rows, the per-rank KV / max-concurrency arithmetic, the budget and layout checks, the
+CSV, table and plot writers, the client command line and the local dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("serving_compare", ROOT / "benchmarks" / "serving_compare.py")
+sc = importlib.util.module_from_spec(_spec)
+sys.modules["serving_compare"] = sc
+_spec.loader.exec_module(sc)
+
+# Shape of one line of `python -m sglang.benchmark.serving ... --output-details --cache-report
+# --output-file X` (sglang 0.5.23), trimmed to the keys the script reads plus a few others.
+GOOD = {
+    "backend": "sglang", "dataset_name": "random", "max_concurrency": 2,
+    "random_input_len": 512, "random_output_len": 16, "duration": 5.08, "completed": 2,
+    "total_input_tokens": 1024, "total_output_tokens": 32, "output_throughput": 6.3,
+    "mean_ttft_ms": 1047.0, "median_ttft_ms": 1047.0, "p99_ttft_ms": 1112.2,
+    "mean_tpot_ms": 266.6, "median_tpot_ms": 250.0, "p99_tpot_ms": 270.9,
+    "mean_itl_ms": 266.6, "median_itl_ms": 103.2, "p99_itl_ms": 835.4,
+    "input_lens": [512, 512], "output_lens": [16, 16], "errors": ["", ""],
+    "cached_tokens": [0, 0], "server_info": {"max_total_num_tokens": 4096},
+}
+ASKED = {"num_prompts": 2, "input_len": 512, "output_len": 16, "concurrency": 2}
+
+
+def _jsonl(tmp_path, *records, name="run.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------- JSONL -> metrics
+
+
+def test_parse_result_maps_client_keys(tmp_path):
+    m = sc.parse_result(_jsonl(tmp_path, GOOD), **ASKED)
+    assert m == {
+        "ttft_mean_ms": 1047.0, "ttft_p99_ms": 1112.2, "tpot_p50_ms": 250.0, "tpot_p99_ms": 270.9,
+        "itl_p50_ms": 103.2, "output_tok_s": 6.3, "duration_s": 5.08, "tok_s_user": 4.0,
+    }
+
+
+def test_parse_result_reads_the_last_line(tmp_path):
+    older = {**GOOD, "median_tpot_ms": 100.0}
+    assert sc.parse_result(_jsonl(tmp_path, older, GOOD), **ASKED)["tpot_p50_ms"] == 250.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"errors": ["", "HTTP 500: boom"]}, "1 of 2 requests failed; first error: HTTP 500: boom"),
+    ({"completed": 1}, "1 of 2 requests completed"),
+    ({"total_output_tokens": 31}, "total_output_tokens = 31, expected 32"),
+    ({"total_input_tokens": 1000}, "total_input_tokens = 1000, expected 1024"),
+    ({"max_concurrency": 4}, "max_concurrency 4"),
+    ({"cached_tokens": [0, 64]}, "hit the prefix cache (64 tokens)"),
+    ({"median_tpot_ms": float("nan")}, "median_tpot_ms"),
+    ({"p99_ttft_ms": None}, "p99_ttft_ms"),
+    ({"median_tpot_ms": 0.0}, "median TPOT is 0"),
+])
+def test_parse_result_refuses_bad_runs(tmp_path, change, message):
+    with pytest.raises(sc.ServingCompareError) as err:
+        sc.parse_result(_jsonl(tmp_path, {**GOOD, **change}), **ASKED)
+    assert message in str(err.value)
+
+
+def test_parse_result_refuses_missing_cache_report_and_files(tmp_path):
+    no_cache = {k: v for k, v in GOOD.items() if k != "cached_tokens"}
+    with pytest.raises(sc.ServingCompareError, match="cached_tokens"):
+        sc.parse_result(_jsonl(tmp_path, no_cache), **ASKED)
+    with pytest.raises(sc.ServingCompareError, match="no client output file"):
+        sc.parse_result(tmp_path / "missing.jsonl", **ASKED)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(sc.ServingCompareError, match="empty"):
+        sc.parse_result(tmp_path / "empty.jsonl", **ASKED)
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(sc.ServingCompareError, match="not JSON"):
+        sc.parse_result(tmp_path / "bad.jsonl", **ASKED)
+
+
+# ---------------------------------------------------------------- KV arithmetic
+
+
+MLA_TINY = {"num_hidden_layers": 3, "kv_lora_rank": 48, "qk_rope_head_dim": 8}
+
+
+def test_kv_bytes_per_token():
+    assert sc.kv_bytes_per_token(MLA_TINY, "float32") == 3 * 56 * 4 == 672
+    assert sc.kv_bytes_per_token(MLA_TINY, "bfloat16") == 336
+    # DeepSeek-V3: 61 layers x (512 + 64) x bf16
+    assert sc.kv_bytes_per_token({"num_hidden_layers": 61, "kv_lora_rank": 512,
+                                  "qk_rope_head_dim": 64}, "bfloat16") == 70272
+    with pytest.raises(ValueError):
+        sc.kv_bytes_per_token(MLA_TINY, "fp8")
+
+
+def test_request_pages_and_bytes_known_values():
+    # 512 + 16 tokens = 9 pages of 64: plain TP holds 9 on every rank, KVP 2 at most 5 per rank.
+    assert sc.pages(528, 64) == 9 and sc.pages(0, 64) == 0 and sc.pages(64, 64) == 1
+    assert sc.request_pages_per_rank(528, 64, 1) == 9
+    assert sc.request_pages_per_rank(528, 64, 2) == 5
+    assert sc.kv_bytes_per_request_per_rank(528, 64, 1, 672) == 9 * 64 * 672 == 387072
+    assert sc.kv_bytes_per_request_per_rank(528, 64, 2, 672) == 215040
+    # 16384 + 64 tokens, budget 40960 rows = 640 pages per rank
+    assert sc.max_concurrency_in_budget(640, 16448, 64, 1) == 2
+    assert sc.max_concurrency_in_budget(640, 16448, 64, 2) == 4
+    assert sc.max_concurrency_in_budget(640, 65600, 64, 1) == 0
+    with pytest.raises(ValueError):
+        sc.request_pages_per_rank(10, 64, 0)
+    with pytest.raises(ValueError):
+        sc.max_concurrency_in_budget(-1, 10, 64, 1)
+
+
+def _simulated_fit(pool_pages, tokens, page_size, kvp):
+    """Admit identical requests one by one, placing page j of each on rank j % kvp, until a
+    rank runs out (independent of the closed form)."""
+    used, admitted = [0] * kvp, 0
+    while True:
+        need = [0] * kvp
+        for j in range(-(-tokens // page_size)):
+            need[j % kvp] += 1
+        if any(u + n > pool_pages for u, n in zip(used, need)):
+            return admitted
+        used = [u + n for u, n in zip(used, need)]
+        admitted += 1
+
+
+@pytest.mark.parametrize("kvp", [1, 2, 4])
+def test_max_concurrency_matches_simulation(kvp):
+    for pool_pages in (1, 7, 64, 129, 640):
+        for tokens in (1, 63, 64, 65, 528, 1088, 4160, 16448):
+            for page_size in (16, 64):
+                got = sc.max_concurrency_in_budget(pool_pages, tokens, page_size, kvp)
+                assert got == _simulated_fit(pool_pages, tokens, page_size, kvp), (
+                    pool_pages, tokens, page_size, kvp)
+
+
+def test_helix_fits_about_kvp_times_more():
+    for tokens in (4096, 16384, 65536):  # even page counts: exactly 2x (+1 from the floor)
+        plain = sc.max_concurrency_in_budget(4096, tokens, 64, 1)
+        helix = sc.max_concurrency_in_budget(4096, tokens, 64, 2)
+        assert 2 * plain <= helix <= 2 * plain + 1
+    # odd page counts: the rank holding the extra page limits Helix (65 pages -> 33 per rank)
+    assert sc.max_concurrency_in_budget(4096, 4160, 64, 1) == 63
+    assert sc.max_concurrency_in_budget(4096, 4160, 64, 2) == 124
+
+
+def test_check_budget():
+    sc.check_budget(40960, 64, [4096, 16384], 64, [1, 2], [1, 2])
+    with pytest.raises(sc.ServingCompareError, match="multiple of --page-size"):
+        sc.check_budget(40000 + 1, 64, [4096], 64, [1], [1])
+    with pytest.raises(sc.ServingCompareError) as err:
+        sc.check_budget(40960, 64, [16384], 64, [4], [1, 2])
+    assert "plain TP: 4 concurrent requests of 16384+64 tokens need 65792" in str(err.value)
+    # Helix alone fits 4 there
+    sc.check_budget(40960, 64, [16384], 64, [4], [2])
+
+
+# ---------------------------------------------------------------- /server_info -> pool
+
+
+def _helix_info(kvp=2, comm="a2a", hopb=1, pages=(640, 640)):
+    return {"max_total_num_tokens": 81920, "internal_states": [{"helix": {
+        "layout": {"kvp": kvp, "tpa": 1, "world_size": 2, "mla": True, "page_size": 64,
+                   "comm_backend": comm, "hopb_slices": hopb},
+        "page_size": 64, "logical_tokens": 81920, "local_pool_rows": 40960,
+        "per_kvp_rank": [{"kvp_rank": i, "total_pages": p, "free_pages": p, "used_pages": 0}
+                         for i, p in enumerate(pages)]}}]}
+
+
+def test_pool_info_helix_and_plain():
+    helix = sc.pool_info(_helix_info(pages=(640, 639)), sc.CONFIGS["helix-a2a"], 64)
+    assert (helix.pages_per_rank, helix.page_size, helix.kvp, helix.rows_per_rank) == (639, 64, 2, 40896)
+    plain = sc.pool_info({"max_total_num_tokens": 40960, "internal_states": [{}]},
+                         sc.CONFIGS["tp2"], 64)
+    assert (plain.pages_per_rank, plain.kvp, plain.rows_per_rank) == (640, 1, 40960)
+    sc.check_pool_matches_budget(plain, 40960, "tp2")
+    sc.check_pool_matches_budget(helix, 40960, "helix-a2a")  # within one page
+    with pytest.raises(sc.ServingCompareError, match="holds 20480 rows"):
+        sc.check_pool_matches_budget(sc.PoolInfo(320, 64, 1), 40960, "tp2")
+
+
+@pytest.mark.parametrize("info, config, message", [
+    (_helix_info(comm="ag_rs"), "helix-a2a", "server layout"),
+    (_helix_info(hopb=1), "helix-a2a-hopb2", "server layout"),
+    ({"internal_states": [{}], "max_total_num_tokens": 1}, "helix-ag_rs", "Helix not active"),
+    (_helix_info(), "tp2", "Helix state present on a plain TP server"),
+])
+def test_pool_info_refuses_wrong_layout(info, config, message):
+    with pytest.raises(sc.ServingCompareError, match=message):
+        sc.pool_info(info, sc.CONFIGS[config], 64)
+
+
+def test_config_server_args_use_the_real_flags():
+    from sglang_helix.srt.args import HELIX_FLAGS
+
+    real = {f.flag for f in HELIX_FLAGS}
+    assert sc.CONFIGS["tp2"].server_args() == []
+    for name in ("helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
+        args = sc.CONFIGS[name].server_args()
+        assert {a for a in args if a.startswith("--")} <= real
+    hopb = sc.CONFIGS["helix-a2a-hopb2"].server_args()
+    assert hopb[hopb.index("--helix-hopb-slices") + 1] == "2"
+    assert "ag_rs" in sc.CONFIGS["helix-ag_rs"].server_args()
+
+
+# ---------------------------------------------------------------- rows, CSV, table, plot
+
+
+def _rows():
+    pool = {"tp2": sc.PoolInfo(64, 64, 1), "helix-a2a": sc.PoolInfo(64, 64, 2)}
+    rows = []
+    for name in pool:
+        for conc in (1, 2):
+            metrics = {"ttft_mean_ms": 200.0 * conc,
+                       "ttft_p99_ms": 250.0 * conc, "tpot_p50_ms": 90.0 + conc,
+                       "tpot_p99_ms": 99.0, "itl_p50_ms": 88.5, "output_tok_s": 10.0 * conc,
+                       "tok_s_user": 1000 / (90.0 + conc), "duration_s": 3.0}
+            rows.append(sc.make_row(name, 512, conc, conc, 16, metrics, pool[name], 672))
+    return rows
+
+
+def test_make_row_kv_columns():
+    rows = _rows()
+    assert list(rows[0]) == list(sc.CSV_FIELDS)
+    tp2, helix = rows[0], rows[2]
+    assert tp2["kv_bytes_per_request_per_rank"] == 387072 and tp2["max_concurrency_in_budget"] == 7
+    assert helix["kv_bytes_per_request_per_rank"] == 215040 and helix["max_concurrency_in_budget"] == 12
+    assert tp2["kv_pool_bytes_per_rank"] == helix["kv_pool_bytes_per_rank"] == 4096 * 672
+    with pytest.raises(sc.ServingCompareError, match="misses"):
+        sc.make_row("tp2", 512, 1, 1, 16, {"ttft_mean_ms": 1.0}, sc.PoolInfo(64, 64, 1), 672)
+
+
+def test_csv_round_trip_with_metadata(tmp_path):
+    rows = _rows()
+    path = sc.write_csv(tmp_path / "out" / "x.csv", rows, {"command": "python x --a 1",
+                                                           "machine": "vm: 2 cores\nsecond line"})
+    text = path.read_text().splitlines()
+    assert text[0] == "# command: python x --a 1"
+    assert text[1] == "# machine: vm: 2 cores second line"
+    assert text[2] == ",".join(sc.CSV_FIELDS)
+    back = sc.read_csv(path)
+    assert len(back) == len(rows)
+    for got, want in zip(back, rows):
+        assert got["config"] == want["config"]
+        assert int(got["max_concurrency_in_budget"]) == want["max_concurrency_in_budget"]
+        assert int(got["kv_bytes_per_request_per_rank"]) == want["kv_bytes_per_request_per_rank"]
+        assert math.isclose(float(got["tok_s_user"]), want["tok_s_user"], rel_tol=1e-3)
+
+
+def test_table_from_rows_and_from_csv(tmp_path):
+    rows = _rows()
+    table = sc.format_table(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2].startswith("| tp2 | 512 | 1 | 1 | 200 | 250 | 91.0 | 99.0 | 88.5 | 10.00 | 10.99 | 387,072 | 7 |")
+    path = sc.write_csv(tmp_path / "x.csv", rows, {})
+    assert sc.format_table(sc.read_csv(path)) == table
+
+
+def test_plot_pareto_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = sc.plot_pareto(_rows(), tmp_path / "p.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- client command, dataset, CLI
+
+
+def test_client_argv_and_local_dataset(tmp_path):
+    data = sc.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3)
+    convs = json.loads(data.read_text())
+    assert len(convs) == 50 and all(len(c["conversations"]) == 2 for c in convs)
+    openings = [c["conversations"][0]["value"].split()[:2] for c in convs]
+    assert len({tuple(o) for o in openings}) == 50  # distinct prompts: no shared KV page
+    argv = sc.client_argv("http://127.0.0.1:1", tmp_path / "m", data, tmp_path / "o.jsonl",
+                          input_len=4096, output_len=64, num_prompts=4, concurrency=2, seed=1)
+    assert argv[1:3] == ["-m", "sglang.benchmark.serving"]
+
+    def flag(name):
+        return argv[argv.index(name) + 1]
+
+    assert flag("--dataset-name") == "random" and flag("--dataset-path") == str(data)
+    assert (flag("--random-input-len"), flag("--random-output-len"), flag("--random-range-ratio"),
+            flag("--num-prompts"), flag("--max-concurrency")) == ("4096", "64", "1", "4", "2")
+    for switch in ("--tokenize-prompt", "--flush-cache", "--output-details", "--cache-report"):
+        assert switch in argv
+    assert flag("--warmup-requests") == "0" and flag("--tokenizer") == str(tmp_path / "m")
+
+
+def test_parse_args_quick_and_errors():
+    quick = sc.parse_args(["--quick"])
+    assert (quick.context_lens, quick.concurrency, quick.waves, quick.output_len) == ([512, 1024], [1, 2], 1, 16)
+    assert quick.out_dir == sc.QUICK_OUT_DIR
+    full = sc.parse_args(["--context-lens", "16384", "4096", "4096", "--concurrency", "2", "1"])
+    assert full.context_lens == [4096, 16384] and full.concurrency == [1, 2]
+    assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(sc.CONFIGS)
+    for bad in (["--output-len", "1"], ["--concurrency", "0"], ["--configs", "tp4"]):
+        with pytest.raises(SystemExit):
+            sc.parse_args(bad)

@@ -1,0 +1,332 @@
+"""Pure rules of sglang_helix.srt.args (flags, defaults, refusals) and sglang_helix.srt.cpu.env.
+
+No SGLang import, no model load: every test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_helix.srt.args import (
+    GROUP_TITLE,
+    HELIX_DEFAULT_PAGE_SIZE,
+    HelixServerArgs,
+    ModelInfo,
+    ServerLayout,
+    add_helix_group,
+    check_launch,
+    check_mla_weights,
+    check_page_size,
+    default_tpa,
+    helix_page_size,
+    is_unquantized_weight,
+    parse_helix_argv,
+    parse_helix_env,
+    resolve_helix_args,
+)
+from sglang_helix.config import HelixConfigError
+from sglang_helix.srt.cpu.env import (
+    MISSING_NCCL_SO,
+    NCCL_SO_PATH,
+    THREADS_BIND,
+    USE_CPU_ENGINE,
+    apply_cpu_env,
+    cpu_env_changes,
+    threads_bind_value,
+)
+
+LLAMA = ModelInfo("LlamaForCausalLM", num_heads=32, num_kv_heads=8, is_mla=False)
+DSV3 = ModelInfo("DeepseekV3ForCausalLM", num_heads=16, num_kv_heads=1, is_mla=True)
+
+
+def helix(**kw):
+    return HelixServerArgs(enable_helix=True, **kw)
+
+
+def server(tp=4, **kw):
+    kw.setdefault("device", "cpu")
+    return SimpleNamespace(tp_size=tp, **kw)
+
+
+def refused(match, helix_args, srv, model=LLAMA):
+    with pytest.raises(HelixConfigError, match=match):
+        resolve_helix_args(helix_args, srv, model)
+
+
+# ------------------------------------------------------------------ flags
+
+
+def test_group_and_flags_parse():
+    parser = argparse.ArgumentParser()
+    add_helix_group(parser)
+    add_helix_group(parser)  # idempotent
+    titles = [g.title for g in parser._action_groups]
+    assert titles.count(GROUP_TITLE) == 1
+    got = parse_helix_argv(
+        ["--model-path", "x", "--enable-helix", "--helix-kvp-size", "2", "--helix-tpa-size", "2",
+         "--helix-comm-backend", "ag_rs", "--helix-hopb-slices", "3", "--tp-size", "4"]
+    )
+    assert got == HelixServerArgs(True, 2, 2, "ag_rs", 3)
+
+
+def test_bad_comm_backend_rejected_by_argparse():
+    with pytest.raises(SystemExit):
+        parse_helix_argv(["--enable-helix", "--helix-comm-backend", "nccl"])
+
+
+def test_env_var_uses_same_flags():
+    assert parse_helix_env(None) is None
+    assert parse_helix_env("  ") is None
+    assert parse_helix_env("--enable-helix --helix-kvp-size 4") == helix(helix_kvp_size=4)
+
+
+def test_helix_flags_without_enable_refused():
+    with pytest.raises(HelixConfigError, match="--helix-kvp-size.*without --enable-helix"):
+        HelixServerArgs(helix_kvp_size=2)
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [({"helix_kvp_size": 0}, "--helix-kvp-size"), ({"helix_tpa_size": -1}, "--helix-tpa-size"),
+     ({"helix_hopb_slices": 0}, "--helix-hopb-slices"), ({"helix_comm_backend": "x"}, "--helix-comm-backend")],
+)
+def test_bad_flag_values_name_the_flag(kw, flag):
+    with pytest.raises(HelixConfigError, match=flag):
+        helix(**kw)
+
+
+def test_disabled_is_noop():
+    assert resolve_helix_args(HelixServerArgs(), server(pp_size=4, dcp_size=8), LLAMA) is None
+
+
+# ------------------------------------------------------------------ model info
+
+
+def test_model_info_from_hf_config():
+    llama = ModelInfo.from_hf_config(
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 32, "num_key_value_heads": 8}
+    )
+    assert llama == LLAMA
+    mha = ModelInfo.from_hf_config({"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 12})
+    assert mha.num_kv_heads == 12 and not mha.is_mla
+    ds = ModelInfo.from_hf_config(
+        {"architectures": ["DeepseekV3ForCausalLM"], "num_attention_heads": 16,
+         "num_key_value_heads": 16, "kv_lora_rank": 512}
+    )
+    assert ds == DSV3
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_default_mla_tpa1_kvp_tp():
+    cfg = resolve_helix_args(helix(), server(tp=4), DSV3)
+    assert (cfg.kvp, cfg.tpa, cfg.mla) == (4, 1, True)
+
+
+def test_default_gqa_largest_valid_tpa():
+    cfg = resolve_helix_args(helix(), server(tp=8), ModelInfo("LlamaForCausalLM", 32, 4, False))
+    assert (cfg.tpa, cfg.kvp) == (4, 2)  # TPA <= K=4, KVP = TP / TPA
+
+
+def test_default_gqa_tpa_limited_by_tp_and_heads():
+    assert default_tpa(2, LLAMA) == 2  # TP % TPA
+    assert default_tpa(8, ModelInfo("Qwen2ForCausalLM", 28, 4, False)) == 4
+    assert default_tpa(6, ModelInfo("Qwen2ForCausalLM", 12, 4, False)) == 2  # 6 % 4 != 0
+
+
+def test_default_only_kvp_given_derives_tpa():
+    cfg = resolve_helix_args(helix(helix_kvp_size=4), server(tp=8), LLAMA)
+    assert (cfg.kvp, cfg.tpa) == (4, 2)
+
+
+def test_default_only_tpa_given_derives_kvp():
+    cfg = resolve_helix_args(helix(helix_tpa_size=1), server(tp=4), LLAMA)
+    assert (cfg.kvp, cfg.tpa) == (4, 1)
+
+
+def test_layout_carries_page_size_and_comm():
+    cfg = resolve_helix_args(
+        helix(helix_comm_backend="ag_rs", helix_hopb_slices=2), server(tp=2, page_size=16), DSV3
+    )
+    assert (cfg.page_size, cfg.comm_backend, cfg.hopb_slices) == (16, "ag_rs", 2)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_refuse_kvp_times_tpa_not_tp():
+    refused(r"--helix-kvp-size 2 x --helix-tpa-size 4 = 8 != --tp-size 4",
+            helix(helix_kvp_size=2, helix_tpa_size=4), server(tp=4))
+
+
+def test_refuse_size_not_dividing_tp():
+    refused(r"--helix-kvp-size 3 does not divide --tp-size 4", helix(helix_kvp_size=3), server(tp=4))
+
+
+def test_refuse_tpa_above_kv_heads():
+    model = ModelInfo("LlamaForCausalLM", 16, 2, False)
+    refused(r"--helix-tpa-size 4 > the model's 2 KV heads", helix(helix_tpa_size=4), server(tp=4), model)
+
+
+def test_refuse_heads_not_divisible_by_tpa():
+    model = ModelInfo("LlamaForCausalLM", 12, 8, False)  # 12 % 8 != 0
+    refused(r"--helix-tpa-size 8 must divide both", helix(helix_tpa_size=8), server(tp=8), model)
+
+
+def test_refuse_heads_not_divisible_by_tp():
+    model = ModelInfo("LlamaForCausalLM", 12, 2, False)
+    refused(r"--tp-size 8 does not divide the model's 12 query heads",
+            helix(helix_tpa_size=2), server(tp=8), model)
+
+
+def test_refuse_tpa_not_one_for_mla():
+    refused(r"--helix-tpa-size 2 with MLA.*--helix-tpa-size 1 --helix-kvp-size 4",
+            helix(helix_tpa_size=2), server(tp=4), DSV3)
+
+
+def test_refuse_dcp():
+    refused(r"--dcp-size 2", helix(), server(dcp_size=2))
+
+
+def test_refuse_prefill_cp():
+    refused(r"--enable-prefill-cp", helix(), server(enable_prefill_cp=True))
+
+
+def test_refuse_attn_cp_and_attn_dp():
+    refused(r"--attn-cp-size 2", helix(), server(attn_cp_size=2))
+    refused(r"--attn-dp-size 2", helix(), server(attn_dp_size=2))
+
+
+def test_refuse_speculative():
+    refused(r"--speculative-algorithm EAGLE", helix(), server(speculative_algorithm="EAGLE"))
+
+
+def test_refuse_pipeline_parallel():
+    refused(r"--pp-size 2", helix(), server(pp_size=2))
+
+
+def test_refuse_attention_backend_without_helix_path_on_cpu():
+    refused(r"--attention-backend intel_amx.*use --attention-backend torch_native or triton",
+            helix(), server(attention_backend="intel_amx"))
+    refused(r"--decode-attention-backend flex_attention",
+            helix(), server(decode_attention_backend="flex_attention"))
+
+
+def test_attention_backends_with_helix_path():
+    for backend in ("torch_native", "triton"):
+        assert resolve_helix_args(helix(), server(attention_backend=backend), LLAMA)
+    for backend in ("flashinfer", "fa3", "triton"):
+        assert resolve_helix_args(helix(), server(device="cuda", attention_backend=backend), LLAMA)
+    assert resolve_helix_args(helix(), server(device="cuda", attention_backend="flashmla"), DSV3)
+
+
+def test_refuse_mla_only_backend_for_gqa():
+    refused(r"--attention-backend flashmla.*with GQA", helix(),
+            server(device="cuda", attention_backend="flashmla"))
+
+
+def test_refuse_nvshmem_without_cuda():
+    refused(r"--helix-comm-backend nvshmem needs CUDA.*--helix-comm-backend a2a",
+            helix(helix_comm_backend="nvshmem"), server(device="cpu"))
+    assert resolve_helix_args(helix(helix_comm_backend="nvshmem"), server(device="cuda"), LLAMA)
+
+
+def test_refuse_unknown_architecture():
+    refused(r"architecture GPT2LMHeadModel .*no Helix path.*Drop --enable-helix", helix(), server(),
+            ModelInfo("GPT2LMHeadModel", 32, 32, False))
+    refused(r"architecture LlamaForCausalLM \(MLA\)", helix(), server(),
+            ModelInfo("LlamaForCausalLM", 32, 1, True))
+
+
+# ------------------------------------------------------------------ page size
+
+
+def test_page_size_default_only_when_not_given():
+    """None = no --page-size (SGLang keeps None until its own default resolves it to 1): Helix
+    declares 64. Any given value, 1 included, stands (and 1 is refused by check_page_size)."""
+    assert HELIX_DEFAULT_PAGE_SIZE == 64
+    assert helix_page_size(None) == 64
+    for given in (1, 2, 16, 64, 128):
+        assert helix_page_size(given) is None
+
+
+def test_page_size_below_two_refused_with_the_flag_and_fix():
+    for bad in (1, None):  # None: still unresolved counts as SGLang's default 1
+        with pytest.raises(HelixConfigError, match=r"Helix: --page-size .*use --page-size 16 \(or any >= 2\)"):
+            check_page_size(bad)
+    with pytest.raises(HelixConfigError, match=r"Helix: --page-size 1: the Helix allocator colors whole pages"):
+        check_page_size(1)
+    check_page_size(2)
+    check_page_size(64)
+
+
+def test_launch_without_page_size_gets_the_default_explicit_values_stand():
+    bare = ["--model-path", "m", "--tp-size", "2", "--enable-helix"]
+    cfg = check_launch(parse_helix_argv(bare), ServerLayout.from_argv(bare), LLAMA)
+    assert cfg.page_size == HELIX_DEFAULT_PAGE_SIZE
+    given = bare + ["--page-size", "16"]
+    assert check_launch(parse_helix_argv(given), ServerLayout.from_argv(given), LLAMA).page_size == 16
+    one = bare + ["--page-size", "1"]
+    with pytest.raises(HelixConfigError, match=r"--page-size 1:.*use --page-size 16"):
+        check_launch(parse_helix_argv(one), ServerLayout.from_argv(one), LLAMA)
+    assert check_launch(HelixServerArgs(), ServerLayout(page_size=1), LLAMA) is None  # Helix off
+
+
+def test_server_layout_from_argv_reads_sglang_spellings():
+    argv = ["python", "-m", "sglang.launch_server", "--model-path", "m", "--tensor-parallel-size", "8",
+            "--ep-size", "8", "--page-size", "32", "--device", "cuda", "--attention-backend", "fa3",
+            "--decode-attention-backend", "flashmla", "--enable-prefill-cp", "--dcp-size", "2",
+            "--pipeline-parallel-size", "2", "--max-running-requests", "4", "--enable-helix"]
+    assert ServerLayout.from_argv(argv) == ServerLayout(
+        tp_size=8, pp_size=2, dcp_size=2, enable_prefill_cp=True, device="cuda",
+        attention_backend="fa3", decode_attention_backend="flashmla", page_size=32)
+    assert ServerLayout.from_argv(["--model-path", "m"]) == ServerLayout()
+
+
+# ------------------------------------------------------------------ MLA weight dtype
+
+
+def test_mla_weights_must_be_unquantized():
+    for ok in ("bf16", "bfloat16", "torch.bfloat16", "fp16", "float16", "fp32", "float32", None):
+        check_mla_weights(DSV3, ok)
+    for bad in ("fp8", "fp4", "torch.float8_e4m3fn", "int8"):
+        with pytest.raises(HelixConfigError, match=r"--enable-helix with .* weights \(DeepseekV3ForCausalLM\)"
+                                                   r".*serve a bf16 checkpoint or drop --enable-helix"):
+            check_mla_weights(DSV3, bad)
+        check_mla_weights(LLAMA, bad)  # GQA: quantized weights are not refused by this rule
+    assert is_unquantized_weight("torch.float16") and not is_unquantized_weight("torch.float8_e5m2")
+
+
+def test_check_launch_refuses_quantized_mla_weights():
+    argv = ["--model-path", "m", "--tp-size", "4", "--enable-helix"]
+    helix_args, layout = parse_helix_argv(argv), ServerLayout.from_argv(argv)
+    assert check_launch(helix_args, layout, DSV3, "bf16").kvp == 4
+    with pytest.raises(HelixConfigError, match="fp8 weights"):
+        check_launch(helix_args, layout, DSV3, "fp8")
+
+
+# ------------------------------------------------------------------ cpu_env
+
+
+def test_threads_bind_one_core_per_rank():
+    assert threads_bind_value(2, [3, 1]) == "1|3"
+    assert threads_bind_value(3, [0, 1]) == "0|1|0"  # oversubscribed: wraps
+    with pytest.raises(ValueError):
+        threads_bind_value(0, [0])
+
+
+def test_cpu_env_changes_leave_user_values():
+    changes = cpu_env_changes(2, {THREADS_BIND: "0-3|4-7"}, [0, 1])
+    assert changes == {USE_CPU_ENGINE: "1", NCCL_SO_PATH: MISSING_NCCL_SO}
+    assert cpu_env_changes(2, {}, [0, 1])[THREADS_BIND] == "0|1"
+
+
+def test_apply_cpu_env_mutates_given_mapping_only():
+    env = {NCCL_SO_PATH: "/x/libnccl.so"}
+    applied = apply_cpu_env(2, env)
+    assert env[NCCL_SO_PATH] == "/x/libnccl.so" and NCCL_SO_PATH not in applied
+    assert env[USE_CPU_ENGINE] == "1" and len(env[THREADS_BIND].split("|")) == 2

@@ -1,0 +1,186 @@
+"""The "helix" SGLang attention backend on spawned gloo ranks with SGLang's real pool classes.
+
+Each rank builds its Helix pool + colored allocator (same op stream -> same locs everywhere), a
+HelixAttnBackend with its KVP group from create_kvp_groups, prefills a ragged batch through
+forward_extend, decodes several steps (crossing page boundaries, staggered append) through
+init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
+page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
+chunk's causal attention). Every output is compared with fp32 full attention over
+the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sglang_helix.config import HelixConfig
+from sglang_helix.ranks import run_ranks
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+
+H, K, D, DV, P = 4, 2, 8, 6, 4
+SEQS = [13, 22, 5, 1]
+STEPS = 6
+
+
+class _Mode:
+    def __init__(self, decode: bool):
+        self.decode = decode
+
+    def is_decode(self) -> bool:
+        return self.decode
+
+
+def _full(q, keys, vals, scale):
+    """q [Hs, D]; keys [L, Hs, D]; vals [L, Hs, Dv] -> [Hs, Dv] fp32 softmax attention."""
+    s = torch.einsum("hd,lhd->hl", q.float(), keys.float()) * scale
+    return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), vals.float())
+
+
+def _rank_main(rank: int, world: int, kvp: int, tpa: int):
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    from sglang_helix.srt.cpu import sgl_kernel_stub as sgl_kernel_cpu_stub
+
+    sgl_kernel_cpu_stub.install()
+    from helpers import fake_runner
+
+    from sglang_helix.comm import create_kvp_groups
+    from sglang_helix.srt.backends.gqa import HelixAttnBackend
+    from sglang_helix.srt.memory.allocator import HelixPagedAllocator
+    from sglang_helix.srt.memory.pools import HelixMHATokenToKVPool
+
+    cfg = HelixConfig(kvp=kvp, tpa=tpa, num_heads=H, num_kv_heads=K, page_size=P)
+    kvp_rank, tpa_rank = cfg.kvp_rank(rank), cfg.tpa_rank(rank)
+    pool = HelixMHATokenToKVPool(256, P, dtype=torch.float32, head_num=K // tpa, head_dim=D, v_head_dim=DV,
+                                    layer_num=1, device="cpu", enable_memory_saver=False,
+                                    kvp=kvp, kvp_rank=kvp_rank)
+    alloc = HelixPagedAllocator(256, P, torch.float32, "cpu", pool, False, kvp=kvp)
+    r2t = torch.zeros(8, 64, dtype=torch.int32)
+    runner = fake_runner(cfg, pool, r2t, context_len=64)
+    backend = HelixAttnBackend(runner, rank=rank, kvp_group=create_kvp_groups(cfg, rank), impl="torch")
+    g = torch.Generator().manual_seed(0)  # identical on every rank: same model inputs
+    scale, layer = D ** -0.5, SimpleNamespace(layer_id=0, scaling=D ** -0.5)
+    heads = slice(rank * H // world, (rank + 1) * H // world)  # this rank's output heads
+    kv_heads = slice(tpa_rank * K // tpa, (tpa_rank + 1) * K // tpa)
+    q_heads = slice(tpa_rank * H // tpa, (tpa_rank + 1) * H // tpa)
+    keys = [torch.randn(n, K, D, generator=g) for n in SEQS]
+    vals = [torch.randn(n, K, DV, generator=g) for n in SEQS]
+    q = torch.randn(sum(SEQS), H, D, generator=g)
+    seq_t = torch.tensor(SEQS)
+    zeros = torch.zeros_like(seq_t)
+    locs = alloc.alloc_extend(zeros, zeros, seq_t, seq_t, torch.full_like(seq_t, -1), sum(SEQS))
+    start, errs = 0, []
+    for i, n in enumerate(SEQS):
+        r2t[i, :n] = locs[start : start + n].to(torch.int32)
+        start += n
+    batch = SimpleNamespace(forward_mode=_Mode(False), out_cache_loc=locs, extend_prefix_lens_cpu=zeros,
+                            extend_seq_lens_cpu=seq_t)
+    out = backend.forward_extend(q[:, q_heads].reshape(len(q), -1), torch.cat(keys)[:, kv_heads],
+                                 torch.cat(vals)[:, kv_heads], layer, batch).view(len(q), -1, DV)
+    group = H // K
+    start = 0
+    for i, n in enumerate(SEQS):  # causal: token t attends to 0..t
+        for t in range(n):
+            ref = _full(q[start + t, heads], keys[i][: t + 1].repeat_interleave(group, 1)[:, heads],
+                        vals[i][: t + 1].repeat_interleave(group, 1)[:, heads], scale)
+            errs.append(float((out[start + t] - ref).abs().max()))
+        start += n
+    lens = seq_t.clone()
+    req_idx = torch.arange(len(SEQS))
+    for _ in range(STEPS):
+        lens += 1
+        new = alloc.alloc_decode(lens, lens, r2t[req_idx, lens - 2].to(torch.int64))
+        r2t[req_idx, lens - 1] = new.to(torch.int32)
+        qd, kd, vd = torch.randn(len(SEQS), H, D, generator=g), torch.randn(len(SEQS), K, D, generator=g), \
+            torch.randn(len(SEQS), K, DV, generator=g)
+        for i in range(len(SEQS)):
+            keys[i], vals[i] = torch.cat([keys[i], kd[i : i + 1]]), torch.cat([vals[i], vd[i : i + 1]])
+        batch = SimpleNamespace(forward_mode=_Mode(True), seq_lens=lens.clone(), req_pool_indices=req_idx,
+                                out_cache_loc=new)
+        backend.init_forward_metadata(batch)
+        out = backend.forward_decode(qd[:, q_heads].reshape(len(SEQS), -1), kd[:, kv_heads], vd[:, kv_heads],
+                                     layer, batch).view(len(SEQS), -1, DV)
+        for i in range(len(SEQS)):
+            ref = _full(qd[i, heads], keys[i].repeat_interleave(group, 1)[:, heads],
+                        vals[i].repeat_interleave(group, 1)[:, heads], scale)
+            errs.append(float((out[i] - ref).abs().max()))
+    dec_shape = tuple(out.shape)
+    errs.append(_extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer))
+    return max(errs), dec_shape
+
+
+NEW = [5, 3, 9, 1]  # chunk lengths appended after the cached (decoded) prefix
+
+
+def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer) -> float:
+    """A second prefill chunk per request over its cached prefix (lens, not page-aligned)."""
+    world, tpa_rank = cfg.world_size, cfg.tpa_rank(rank)
+    new = torch.tensor(NEW)
+    req_idx = torch.arange(len(NEW))
+    locs = alloc.alloc_extend(lens, lens, lens + new, lens + new, r2t[req_idx, lens - 1].to(torch.int64),
+                              int(new.sum()))
+    start = 0
+    for i, n in enumerate(NEW):
+        r2t[i, int(lens[i]) : int(lens[i]) + n] = locs[start : start + n].to(torch.int32)
+        start += n
+    qn = torch.randn(int(new.sum()), H, D, generator=g)
+    kn, vn = torch.randn(int(new.sum()), K, D, generator=g), torch.randn(int(new.sum()), K, DV, generator=g)
+    batch = SimpleNamespace(forward_mode=_Mode(False), out_cache_loc=locs, extend_prefix_lens_cpu=lens.clone(),
+                            extend_seq_lens_cpu=new, req_pool_indices=req_idx)
+    backend.init_forward_metadata(batch)
+    q_heads = slice(tpa_rank * H // cfg.tpa, (tpa_rank + 1) * H // cfg.tpa)
+    kv_heads = slice(tpa_rank * K // cfg.tpa, (tpa_rank + 1) * K // cfg.tpa)
+    out = backend.forward_extend(qn[:, q_heads].reshape(len(qn), -1), kn[:, kv_heads], vn[:, kv_heads],
+                                 layer, batch).view(len(qn), -1, DV)
+    heads, group, errs, start = slice(rank * H // world, (rank + 1) * H // world), H // K, [], 0
+    for i, n in enumerate(NEW):
+        k_all = torch.cat([keys[i], kn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
+        v_all = torch.cat([vals[i], vn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
+        for t in range(n):
+            stop = int(lens[i]) + t + 1
+            ref = _full(qn[start + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
+            errs.append(float((out[start + t] - ref).abs().max()))
+        start += n
+    return max(errs)
+
+
+@pytest.mark.parametrize("kvp,tpa", [(2, 1), (1, 2), (2, 2)])
+def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa):
+    results = run_ranks(_rank_main, kvp * tpa, (kvp, tpa), timeout=150)
+    for err, shape in results:
+        assert shape == (len(SEQS), H // (kvp * tpa), DV)  # decode; extend errors are in err
+        assert err < 1e-5, results
+
+
+def test_create_kvp_groups_orders_ranks():
+    from sglang_helix.comm import create_kvp_groups
+
+    made = []
+    cfg = HelixConfig(kvp=2, tpa=2, num_heads=4, num_kv_heads=2)
+    mine = create_kvp_groups(cfg, 3, group_factory=lambda ranks: made.append(ranks) or tuple(ranks))
+    assert made == [[0, 1], [2, 3]] and mine == (2, 3)
+    assert create_kvp_groups(HelixConfig(kvp=1, tpa=2, num_heads=4, num_kv_heads=2), 1) is None
+
+
+def test_register_helix_backend_subprocess():
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"
+        "from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()\n"
+        "from sglang_helix.srt.backends.factory import register_helix_backend, create_helix_backend\n"
+        "register_helix_backend(); register_helix_backend()\n"
+        "from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS\n"
+        "from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES\n"
+        "assert ATTENTION_BACKENDS['helix'] is create_helix_backend\n"
+        "assert ATTENTION_BACKEND_CHOICES.count('helix') == 1\n"
+        "print('OK')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

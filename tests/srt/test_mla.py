@@ -1,0 +1,383 @@
+"""Helix MLA glue (sglang_helix.srt.models.deepseek) against fp32 references; multi-rank parts on gloo.
+
+- weights: replicated q projection + W_UK gathered for all heads; W_UV / o_proj per-rank slices;
+  the whole layer (projection, absorption, attention, W_UV, row-parallel o_proj summed over
+  ranks) equals an independent non-absorbed MLA layer.
+- math: chunk-causal attention, extend with a cached prefix (page-aligned and not), decode —
+  through the real HelixMLAAttnBackend over real HelixMLATokenToKVPools on 2 gloo ranks,
+  vs dense fp32 attention over the whole sequence.
+- hooks: registration, idempotence, liveness list, pass-through with Helix off, the CPU
+  absorbed-MLA workaround (installs only on the CPU engine, routes torch_native to MLA).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
+                                reason="sglang not installed")
+
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+if importlib.util.find_spec("sglang") is not None:
+    from sglang_helix.srt.cpu import sgl_kernel_stub as sgl_kernel_cpu_stub
+
+    sgl_kernel_cpu_stub.install()
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
+        AttnForwardMethod,
+    )
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_helix.srt import hooks
+    from sglang_helix.srt.backends.mla import HelixMLAAttnBackend
+    from sglang_helix.srt.cpu import mla_fix
+    from sglang_helix.srt.memory.pools import HelixMLATokenToKVPool, HelixPoolError
+    from sglang_helix.srt.models import deepseek as sm
+
+from sglang_helix.attention import chunk_attention_lse
+from sglang_helix.config import HelixConfig
+from sglang_helix.extend import helix_extend
+from sglang_helix.metadata import plan_extend
+from sglang_helix.ranks import run_ranks
+
+H, N, DN, DR, R, DV, HID = 4, 2, 6, 4, 16, 6, 12
+P = 4
+SCALE = (DN + DR) ** -0.5
+
+
+def extend_no_prefix(q, kv, lens, kvp_rank, exchange=None):
+    """Core helix_extend for a batch without cached prefix: q [T, H, R+Dr], kv [T, R+Dr]."""
+    plan = plan_extend(lens, [0] * len(lens), kvp_rank, P, N)
+    return helix_extend(q, kv[:, None], kv[:, None, :R], plan, None, None, SCALE, kvp_rank=kvp_rank,
+                        heads_per_rank=H // N, exchange=exchange)
+
+
+def dense_latent_attention(q, kv, scale, rank_r):
+    """q [H, R+Dr] one query; kv [L, R+Dr] its visible tokens -> [H, R] fp32 (the ground truth)."""
+    scores = q.double() @ kv.double().T * scale
+    return (torch.softmax(scores, -1) @ kv[:, :rank_r].double()).float()
+
+
+# ----------------------------------------------------------------------------- layer weights
+
+
+def full_weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    return SimpleNamespace(wq=rnd(H * (DN + DR), HID), wkva=rnd(R + DR, HID),
+                           kvb=rnd(H * (DN + DV), R), wo=rnd(HID, H * DV))
+
+
+def rank_module(w, g):
+    """What SGLang builds on attention-TP rank g of N: H/N-head slices of q, kv_b (w_kc, w_vc), o."""
+    heads = slice(g * H // N, (g + 1) * H // N)
+    kvb = w.kvb.view(H, DN + DV, R)
+    q_rows = w.wq.view(H, DN + DR, HID)[heads].reshape(-1, HID)
+    cols = w.wo.view(HID, H, DV)[:, heads].reshape(HID, -1)
+    return SimpleNamespace(
+        layer_id=0, num_heads=H, num_local_heads=H // N, qk_nope_head_dim=DN, qk_rope_head_dim=DR,
+        qk_head_dim=DN + DR, kv_lora_rank=R, v_head_dim=DV, q_lora_rank=None, use_dsa=False,
+        use_deep_gemm_bmm=False, q_proj=SimpleNamespace(weight=torch.nn.Parameter(q_rows)),
+        w_kc=kvb[heads, :DN].contiguous(), w_vc=kvb[heads, DN:].transpose(1, 2).contiguous(),
+        kv_a_proj_with_mqa=lambda x: (x @ w.wkva.T, None),
+        kv_a_layernorm=lambda t: t * 2.0,  # any per-token map; the reference applies the same
+        rotary_emb=None, o_proj=lambda x: (x @ cols.T, None), next_skip_topk=None)
+
+
+def gather_over(modules):
+    """gather(t) as replicate_q_weights expects: concat of every rank's same tensor, rank order."""
+    def gather(t):
+        for name in ("q_proj", "w_kc"):
+            mine = [m.q_proj.weight.data if name == "q_proj" else m.w_kc for m in modules]
+            if any(x.shape == t.shape and torch.equal(x, t) for x in mine):
+                return torch.cat(mine)
+        raise AssertionError("unknown tensor")
+    return gather
+
+
+def reference_layer(w, x):
+    """Non-absorbed MLA (decompress k/v per head), causal, fp64: [T, HID]."""
+    x = x.double()
+    q = (x @ w.wq.double().T).view(-1, H, DN + DR)
+    lat = x @ w.wkva.double().T
+    c, k_pe = lat[:, :R] * 2.0, lat[:, R:]
+    kvb = w.kvb.double().view(H, DN + DV, R)
+    k_nope = torch.einsum("tr,hdr->thd", c, kvb[:, :DN])
+    v = torch.einsum("tr,hdr->thd", c, kvb[:, DN:])
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, H, -1)], -1)
+    scores = torch.einsum("thd,shd->hts", q, k) * SCALE
+    t = x.shape[0]
+    scores.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.einsum("hts,shd->thd", torch.softmax(scores, -1), v).reshape(t, -1)
+    return (out @ w.wo.double().T).float()
+
+
+def test_replicated_q_weights_are_the_full_tensors():
+    w = full_weights()
+    mods = [rank_module(w, g) for g in range(N)]
+    for m in mods:
+        sm.replicate_q_weights(m, gather_over(mods))
+        assert torch.equal(m.helix_q_weight, w.wq)
+        assert torch.equal(m.helix_w_kc, w.kvb.view(H, DN + DV, R)[:, :DN])
+        assert m.w_vc.shape == (H // N, R, DV)  # W_UV stays this rank's slice
+
+
+def test_replicate_refuses_quantized_and_wrong_group():
+    w = full_weights()
+    mods = [rank_module(w, g) for g in range(N)]
+    mods[0].w_kc = mods[0].w_kc.to(torch.float8_e4m3fn)
+    with pytest.raises(sm.HelixMLAError, match="unquantized"):
+        sm.replicate_q_weights(mods[0], lambda t: t)
+    with pytest.raises(sm.HelixMLAError, match="--tp-size"):
+        sm.replicate_q_weights(mods[1], lambda t: t)  # a 1-rank "group": only H/N heads
+
+
+def test_layer_sharded_equals_non_absorbed_mla():
+    """prepare (all-head q, absorption, latent) -> per-rank heads attention -> W_UV -> o_proj
+    partials summed over ranks (what o_proj's all-reduce does) == the plain MLA layer."""
+    w = full_weights(1)
+    x = torch.randn(7, HID, generator=torch.Generator().manual_seed(2))
+    mods = [rank_module(w, g) for g in range(N)]
+    total = torch.zeros(7, HID)
+    for g, m in enumerate(mods):
+        sm.replicate_q_weights(m, gather_over(mods))
+        q_pe, k_pe, q_nope_out, k_nope, *_ = sm.helix_absorb_prepare(
+            m, torch.arange(7), x, None, None)
+        assert q_nope_out.shape == (7, H, R) and q_pe.shape == (7, H, DR)
+        assert k_nope.shape == (7, 1, R) and k_pe.shape == (7, 1, DR)
+        q = torch.cat([q_nope_out, q_pe], -1)
+        kv = torch.cat([k_nope, k_pe], -1)[:, 0]
+        latent = extend_no_prefix(q, kv, [7], g)
+        assert latent.shape == (7, H // N, R)
+        total += sm.latent_to_output(m, latent.reshape(7, -1))
+    torch.testing.assert_close(total, reference_layer(w, x), rtol=1e-4, atol=1e-5)
+
+
+def test_helix_prepare_refuses_without_replicated_weights():
+    m = rank_module(full_weights(), 0)
+    with pytest.raises(sm.HelixMLAError, match="post-load hook"):
+        sm.helix_absorb_prepare(m, torch.arange(2), torch.zeros(2, HID), None, None)
+
+
+# ----------------------------------------------------------------------------- attention math
+
+
+def test_chunk_causal_matches_dense():
+    g = torch.Generator().manual_seed(3)
+    lens = [5, 1, 3]
+    q = torch.randn(9, 3, R + DR, generator=g)
+    kv = torch.randn(9, R + DR, generator=g)
+    out, lse = chunk_attention_lse(q, kv[:, None], kv[:, None, :R], lens, 0.3)
+    assert out.shape == (9, 3, R) and lse.shape == (9, 3)
+    start = 0
+    for n in lens:
+        for i in range(n):
+            t = start + i
+            want = dense_latent_attention(q[t], kv[start:t + 1], 0.3, R)
+            torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
+            scores = q[t].double() @ kv[start:t + 1].double().T * 0.3
+            torch.testing.assert_close(lse[t].double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
+        start += n
+
+
+def test_extend_without_prefix_needs_no_exchange():
+    q = torch.randn(4, H, R + DR)
+    kv = torch.randn(4, R + DR)
+
+    def boom(*_):
+        raise AssertionError("no prefix: nothing to exchange")
+
+    out = extend_no_prefix(q, kv, [4], 1, exchange=boom)
+    want, _ = chunk_attention_lse(q[:, H // N:], kv[:, None], kv[:, None, :R], [4], SCALE)
+    assert torch.equal(out, want)
+
+
+# ----------------------------------------------------------------------------- backend on ranks
+
+CFG = dict(kvp=N, tpa=1, num_heads=H, num_kv_heads=1, mla=True, page_size=P)
+LENS = (13, 9)           # two requests
+CHUNK1 = (6, 4)          # first prefill chunk (no prefix)
+CHUNK2_END = (10, 6)     # second chunk [CHUNK1, CHUNK2_END): prefix 6 (not page-aligned) and 4
+DECODE_STEPS = 3         # positions CHUNK2_END .. +2: crosses page boundaries (12 and 8)
+CTX = 32
+
+
+def loc_of(req, pos):
+    """Logical loc of a token: page id colored j % KVP (as HelixPagedAllocator hands out)."""
+    j = pos // P
+    page_id = N * (1 + req * 8 + j // N) + j % N
+    return page_id * P + pos % P
+
+
+def sequences(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, H, R + DR, generator=g), torch.randn(n, R + DR, generator=g)) for n in LENS]
+
+
+def fake_runner(rank):
+    cfg = HelixConfig(**CFG)
+    pool = HelixMLATokenToKVPool(2 * N * P * 20, P, kvp=N, kvp_rank=rank, dtype=torch.float32,
+                                 kv_lora_rank=R, qk_rope_head_dim=DR, layer_num=1, device="cpu",
+                                 enable_memory_saver=False)
+    req_to_token = torch.zeros(len(LENS), CTX, dtype=torch.int32)
+    for i, n in enumerate(LENS):
+        req_to_token[i, :n] = torch.tensor([loc_of(i, p) for p in range(n)])
+    return SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                           token_to_kv_pool=pool, server_args=SimpleNamespace(_helix_config=cfg),
+                           model_config=SimpleNamespace(context_len=CTX, kv_lora_rank=R))
+
+
+def batch(mode, spans):
+    """spans: per request (start, stop) positions computed in this forward."""
+    return SimpleNamespace(
+        forward_mode=mode, req_pool_indices=torch.arange(len(spans)),
+        seq_lens=torch.tensor([b for _, b in spans]),
+        out_cache_loc=torch.tensor([loc_of(i, p) for i, (a, b) in enumerate(spans) for p in range(a, b)]),
+        extend_seq_lens_cpu=[b - a for a, b in spans], extend_prefix_lens_cpu=[a for a, _ in spans])
+
+
+def _backend_rank(rank, world):
+    import torch.distributed as dist
+
+    seqs = sequences()
+    backend = HelixMLAAttnBackend(fake_runner(rank), rank=rank, kvp_group=dist.group.WORLD)
+    layer = SimpleNamespace(layer_id=0, scaling=SCALE)
+    plan = [(ForwardMode.EXTEND, [(0, CHUNK1[i]) for i in range(2)]),
+            (ForwardMode.EXTEND, [(CHUNK1[i], CHUNK2_END[i]) for i in range(2)])]
+    plan += [(ForwardMode.DECODE, [(CHUNK2_END[i] + s, CHUNK2_END[i] + s + 1) for i in range(2)])
+             for s in range(DECODE_STEPS)]
+    results = []
+    for mode, spans in plan:
+        fb = batch(mode, spans)
+        q = torch.cat([seqs[i][0][a:b] for i, (a, b) in enumerate(spans)])
+        kv = torch.cat([seqs[i][1][a:b] for i, (a, b) in enumerate(spans)])
+        if mode == ForwardMode.DECODE:
+            backend.init_forward_metadata(fb)
+        out = backend.forward(q, kv[:, None], kv[:, None, :R], layer, fb)
+        results.append((spans, out))
+    return results
+
+
+def test_backend_extend_prefix_and_decode_match_dense_attention():
+    """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix) and 3 decode steps
+    crossing page boundaries, 2 KVP ranks: rank g's heads == dense attention over all tokens."""
+    per_rank = run_ranks(_backend_rank, N, timeout=240)
+    seqs = sequences()
+    for step in range(len(per_rank[0])):
+        spans = per_rank[0][step][0]
+        outs = torch.cat([per_rank[g][step][1].view(-1, H // N, R) for g in range(N)], dim=1)
+        row = 0
+        for i, (a, b) in enumerate(spans):
+            for pos in range(a, b):
+                want = dense_latent_attention(seqs[i][0][pos], seqs[i][1][:pos + 1], SCALE, R)
+                torch.testing.assert_close(outs[row], want, rtol=1e-4, atol=1e-5)
+                row += 1
+
+
+def test_backend_stores_latent_only_on_owner():
+    """Every rank is handed every token's latent; each pool keeps only its own pages."""
+    per_rank = run_ranks(_stored_rows_rank, N, timeout=240)
+    seqs = sequences()
+    for rank, stored in enumerate(per_rank):
+        for (i, pos), row in stored.items():
+            owner = (pos // P) % N
+            if owner == rank:
+                assert torch.equal(row, seqs[i][1][pos]), (rank, i, pos)
+            else:
+                assert not torch.equal(row, seqs[i][1][pos]), (rank, i, pos)
+
+
+def _stored_rows_rank(rank, world):
+    import torch.distributed as dist
+
+    runner = fake_runner(rank)
+    backend = HelixMLAAttnBackend(runner, rank=rank, kvp_group=dist.group.WORLD)
+    seqs = sequences()
+    fb = batch(ForwardMode.EXTEND, [(0, n) for n in LENS])
+    q = torch.cat([s[0] for s in seqs])
+    kv = torch.cat([s[1] for s in seqs])
+    backend.forward(q, kv[:, None], kv[:, None, :R], SimpleNamespace(layer_id=0, scaling=SCALE), fb)
+    pool = runner.token_to_kv_pool
+    buf = pool.get_key_buffer(0)[:, 0]
+    out = {}
+    for i, n in enumerate(LENS):
+        for pos in range(n):
+            rows, owned = pool.local_rows(torch.tensor([loc_of(i, pos)]))
+            out[(i, pos)] = buf[rows[0]].clone() if bool(owned[0]) else torch.full((R + DR,), float("nan"))
+    return out
+
+
+def test_backend_refuses_non_helix_pool():
+    runner = fake_runner(0)
+    runner.token_to_kv_pool = object()
+    with pytest.raises(HelixPoolError, match="pool hooks are not live"):
+        HelixMLAAttnBackend(runner, rank=0, kvp_group=object())
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@pytest.fixture
+def clean_registry():
+    """HookRegistry state of our targets restored after the test (nothing is applied here)."""
+    targets = [h.target for h in sm.MLA_HOOKS] + [mla_fix.CPU_HANDLER_TARGET]
+    saved = {t: list(HookRegistry._hooks.get(t, [])) for t in targets}
+    yield
+    for t, hooks in saved.items():
+        HookRegistry._hooks[t] = hooks
+
+
+def test_install_mla_hooks_registers_each_once(clean_registry):
+    hooks.install(sm.MLA_HOOKS)
+    hooks.install(sm.MLA_HOOKS)
+    for spec in sm.MLA_HOOKS:
+        assert [h for _, h, _ in HookRegistry._hooks[spec.target]].count(spec.fn) == 1
+    # not applied in this process: every target is reported
+    assert hooks.missing_hooks(sm.MLA_HOOKS) == [h.target for h in sm.MLA_HOOKS]
+
+
+def test_hooks_pass_through_with_helix_off():
+    assert sm.mla_config() is None  # no published ServerArgs in pytest
+    calls = []
+    original = lambda *a, **k: calls.append(a) or "orig"  # noqa: E731
+    attn = SimpleNamespace(current_attention_backend="x")
+    assert sm._around_dispatch(original, attn, "fb") == "orig"
+    assert sm._around_prepare(original, attn, 1, 2) == "orig"
+    assert sm._around_core(original, attn, 1, 2) == "orig"
+    assert sm._after_post_load(None, object()) is None
+    assert len(calls) == 3 and attn.current_attention_backend == "x"
+
+
+def test_cpu_absorbed_mla_is_noop_off_cpu(clean_registry):
+    HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] = []
+    assert mla_fix.install_cpu_absorbed_mla({}) is False
+    assert mla_fix.install_cpu_absorbed_mla({"SGLANG_USE_CPU_ENGINE": "0"}) is False
+    opt_out = {"SGLANG_USE_CPU_ENGINE": "1", mla_fix.CPU_FIX_ENV: "0"}
+    assert mla_fix.install_cpu_absorbed_mla(opt_out) is False
+    assert HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] == []
+
+
+def test_cpu_absorbed_mla_installs_once_on_cpu(clean_registry):
+    HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] = []
+    env = {"SGLANG_USE_CPU_ENGINE": "1"}
+    assert mla_fix.install_cpu_absorbed_mla(env) and mla_fix.install_cpu_absorbed_mla(env)
+    assert len(HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET]) == 1
+    assert mla_fix.cpu_absorbed_mla_missing()  # registered, applied only by SGLang's apply_hooks
+
+
+def test_cpu_handler_routes_torch_native_to_absorbed():
+    from sglang.srt.models.deepseek_common.attention_backend_handler import AttentionBackendRegistry
+
+    original = AttentionBackendRegistry.get_handler.__func__
+    handler = mla_fix._around_get_handler(original, AttentionBackendRegistry, "torch_native")
+    attn = SimpleNamespace()  # no fused_qkv_a_proj_with_mqa: not the AMX path
+    extend = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_prefix_lens_cpu=[0])
+    assert handler(attn, extend) == AttnForwardMethod.MLA
+    # other backends keep SGLang's own handler
+    assert mla_fix._around_get_handler(original, AttentionBackendRegistry, "fa3") is \
+        AttentionBackendRegistry._handlers["fa3"]

@@ -1,0 +1,248 @@
+"""sglang_helix.srt.plugin against the installed SGLang 0.5.23 (CPU engine), plus the sgl_kernel stub.
+
+SGLang itself runs only in subprocesses (with timeouts) so its global hook state never leaks into
+the pytest process. No model weights are loaded anywhere: the launch tests stop in resolution.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+
+from sglang_helix.srt.cpu import sgl_kernel_stub as stub
+
+# find_spec imports nothing: spawned children re-import this module and must stay light.
+needs_sglang = pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None, reason="sglang not installed"
+)
+
+TIMEOUT_S = 150
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5, "torch_dtype": "float32", "rope_theta": 10000.0,
+}
+
+
+def sglang_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
+    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_py(args: list[str], tmp_path, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=sglang_env(**extra_env),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    return model_dir
+
+
+def launch(tmp_path, model_dir, *flags: str) -> subprocess.CompletedProcess:
+    return run_py(
+        ["-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
+         "--attention-backend", "torch_native", *flags],
+        tmp_path,
+    )
+
+
+# ------------------------------------------------------------------ entry point / CLI
+
+
+@needs_sglang
+def test_entry_point_registered():
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "helix"]
+    assert eps, "reinstall: pip install --no-deps -e . (entry point sglang.srt.plugins: helix)"
+    assert eps[0].value == "sglang_helix.srt.plugin:register"
+    from sglang_helix.srt.plugin import register
+
+    assert eps[0].load() is register
+
+
+@needs_sglang
+def test_launch_server_help_lists_helix_group(tmp_path):
+    proc = run_py(["-m", "sglang.launch_server", "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "\nHelix:\n" in out
+    for flag in ("--enable-helix", "--helix-kvp-size", "--helix-tpa-size",
+                 "--helix-comm-backend {a2a,ag_rs,nvshmem}", "--helix-hopb-slices"):
+        assert flag in out, flag
+
+
+# ------------------------------------------------------------------ hooks in one SGLang process
+
+HOOK_SCRIPT = textwrap.dedent(
+    """
+    import json, multiprocessing as mp, pickle, sys
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang_helix.srt import plugin
+
+    model = sys.argv[1]
+    out = {}
+    plugin.register()                      # registered, not applied yet: must be reported
+    try:
+        plugin.verify_hooks_live()
+        out["before_apply"] = "no error"
+    except plugin.HelixHookError as exc:
+        out["before_apply"] = str(exc)
+    HookRegistry.apply_hooks()
+    plugin.verify_hooks_live()
+
+    from sglang.srt.server_args import prepare_server_args
+    plain = prepare_server_args(["--model-path", model, "--device", "cpu"])
+    out["plain_attr"] = hasattr(plain, "_helix_args")
+    plain.resolve_once()                   # non-Helix resolution passes through our hooks
+    out["plain_resolved"] = True
+
+    sa = prepare_server_args(["--model-path", model, "--device", "cpu", "--tp-size", "4",
+                              "--enable-helix", "--helix-kvp-size", "2",
+                              "--helix-tpa-size", "2", "--helix-hopb-slices", "2"])
+    out["attr"] = repr(sa._helix_args)
+    out["pickled"] = repr(pickle.loads(pickle.dumps(sa))._helix_args)
+    with mp.get_context("spawn").Pool(1) as pool:
+        out["child"] = pool.apply(repr, (sa._helix_args,))
+        out["child_server_args"] = pool.apply(getattr, (sa, "_helix_args")) == sa._helix_args
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@needs_sglang
+def test_hooks_store_helix_args_that_survive_pickle_and_spawn(tmp_path, tiny_llama):
+    proc = run_py(["-c", HOOK_SCRIPT, str(tiny_llama)], tmp_path, SGLANG_PLUGINS="none")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT "):])
+    assert "ServerArgs.add_cli_args" in out["before_apply"]
+    assert "prepare_server_args" in out["before_apply"]
+    assert out["plain_attr"] is False and out["plain_resolved"] is True
+    expected = ("HelixServerArgs(enable_helix=True, helix_kvp_size=2, helix_tpa_size=2, "
+                "helix_comm_backend='a2a', helix_hopb_slices=2)")
+    assert out["attr"] == out["pickled"] == out["child"] == expected
+    assert out["child_server_args"] is True
+
+
+# ------------------------------------------------------------------ launches that stop early
+
+
+@needs_sglang
+def test_invalid_helix_launch_fails_fast_naming_the_flag(tmp_path, tiny_llama):
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "4", "--enable-helix", "--helix-tpa-size", "4")
+    assert proc.returncode != 0
+    assert "HelixConfigError" in proc.stderr
+    assert "--helix-tpa-size 4 > the model's 2 KV heads" in proc.stderr
+    assert "Load weight" not in proc.stderr + proc.stdout  # no rank started, no model loaded
+
+
+@needs_sglang
+def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix",
+                  "--helix-kvp-size", "2", "--helix-tpa-size", "2")
+    assert proc.returncode != 0
+    assert "--helix-kvp-size 2 x --helix-tpa-size 2 = 4 != --tp-size 2" in proc.stderr
+
+
+@needs_sglang
+@pytest.mark.parametrize("flags, expected", [
+    (["--page-size", "1"], ["Helix: --page-size 1", "use --page-size 16"]),
+    (["--page-size", "4", "--enable-hierarchical-cache"], ["drop --enable-hierarchical-cache"]),
+    (["--page-size", "4", "--enable-mixed-chunk"], ["drop --enable-mixed-chunk"]),
+    (["--page-size", "4", "--disaggregation-mode", "prefill"],
+     ["start the prefill server without --enable-helix"]),
+], ids=["page-size-1", "hicache", "mixed-chunk", "pd-prefill"])
+def test_helix_launch_refusal_names_the_flag_before_weights(tmp_path, tiny_llama, flags, expected):
+    """Serving-support refusals (plugin.check_serving_support): non-zero exit, message names the
+    flag and the fix, and no weight was loaded."""
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", *flags)
+    assert proc.returncode != 0
+    assert all(text in proc.stderr for text in expected), proc.stderr[-2000:]
+    assert "Load weight" not in proc.stderr + proc.stdout
+
+
+@needs_sglang
+def test_bare_enable_helix_gets_the_helix_page_size_and_passes_validation(tmp_path, tiny_llama):
+    """No --page-size: the plugin declares 64 (SGLang's default 1 would be refused) and the launch
+    gets past every Helix check; it stops later, at the tokenizer the config-only model lacks."""
+    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix")
+    assert proc.returncode != 0  # config.json only: no tokenizer, no weights
+    assert "sglang_helix: --page-size not given; using 64 for Helix" in proc.stderr, proc.stderr[-3000:]
+    assert "page_size=64; attention backend helix" in proc.stderr  # the resolved layout line
+    assert "HelixConfigError" not in proc.stderr
+    assert "Load weight" not in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------ sgl_kernel stand-in
+
+
+@pytest.fixture
+def clean_stub(monkeypatch):
+    if stub.MODULE_NAME in sys.modules and not stub.is_stub_module(sys.modules[stub.MODULE_NAME]):
+        pytest.skip("a real sgl_kernel is imported in this process")
+    was_installed = stub.MODULE_NAME in sys.modules or stub._installed_dir is not None
+    stub._reset_for_tests()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    stub._reset_for_tests()
+    if was_installed:  # later tests in this process (e.g. the pool tests) import SGLang's CPU engine
+        monkeypatch.undo()
+        stub.install({"SGLANG_USE_CPU_ENGINE": "1"})
+
+
+def _child_imports_sgl_kernel(queue) -> None:
+    import sgl_kernel
+
+    queue.put((stub.is_stub_module(sgl_kernel), sorted(n for n in stub.CPU_SYMBOLS if hasattr(sgl_kernel, n))))
+
+
+def test_stub_not_installed_without_cpu_engine(clean_stub):
+    assert stub.needs_stub({}) is False
+    assert stub.install({"SGLANG_USE_CPU_ENGINE": "0"}) is False
+    assert importlib.util.find_spec("sgl_kernel") is None
+
+
+def test_stub_installs_when_absent_and_raises_when_called(clean_stub):
+    if stub.real_sgl_kernel_available():
+        pytest.skip("a real sgl_kernel is installed")
+    assert stub.install({"SGLANG_USE_CPU_ENGINE": "1"}) is True
+    assert stub.install({"SGLANG_USE_CPU_ENGINE": "1"}) is True  # idempotent
+    module = importlib.import_module("sgl_kernel")
+    assert stub.is_stub_module(module)
+    for name in stub.CPU_SYMBOLS:
+        with pytest.raises(stub.SglKernelCpuStubError, match=f"sgl_kernel.{name} was called"):
+            getattr(module, name)(1, 2)
+    # SGLang's spawned ranks inherit sys.path and import the stand-in without our code running
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_imports_sgl_kernel, args=(queue,))
+    child.start()
+    is_stub, names = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert is_stub and names == sorted(stub.CPU_SYMBOLS)
+
+
+def test_stub_never_shadows_a_real_sgl_kernel(clean_stub, tmp_path):
+    (tmp_path / "sgl_kernel.py").write_text("REAL = True\n")
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    assert stub.install({"SGLANG_USE_CPU_ENGINE": "1"}) is False
+    module = importlib.import_module("sgl_kernel")
+    assert getattr(module, "REAL", False) and not stub.is_stub_module(module)
+    del sys.modules["sgl_kernel"]
