@@ -16,7 +16,7 @@ $PY -m pip install -q -r requirements-cpu.txt
 $PY -m pip install -q sglang-router==0.3.2 mooncake-transfer-engine-non-cuda==0.3.13.post1
 # This package with its extras (pyproject.toml): dev (sglang_helix.dev: transformers, tokenizers),
 # test (pytest, pytest-timeout, hypothesis, matplotlib), bench (benchmarks/serving_compare.py).
-# The pins above already satisfy them; pip only adds what is missing.
+# transformers and tokenizers are pinned above (requirements-cpu.txt); pip adds what is missing.
 $PY -m pip install -q -e ".[dev,test,bench]"
 # mooncake's engine links libibverbs even for TCP: Debian's libibverbs1 (root only).
 if ! ldconfig -p | grep -q libibverbs.so.1; then

@@ -83,18 +83,17 @@ def serve_once(path, args: argparse.Namespace, helix: bool) -> tuple[dict, dict 
 
 def print_kv_pages(before: dict, after: dict) -> None:
     """Pages per KVP rank: the request's (used after minus used before) and the totals."""
-    layout = after.get("layout") or after.get("cfg") or {}
-    kvp, page = len(after["per_kvp_rank"]), after["page_size"]
-    print(f"Helix on: KVP {kvp} x TPA {layout.get('tpa', '?')}, page size {page}, exchange "
-          f"{layout.get('comm_backend', '?')}. Logical page j of a request lives on KVP rank "
-          f"j mod {kvp}.")
+    layout, kvp, page = after["layout"], len(after["per_kvp_rank"]), after["page_size"]
+    print(f"Helix on: KVP {layout['kvp']} x TPA {layout['tpa']}, page size {page}, exchange "
+          f"{layout['comm_backend']}. Logical page j of a request lives on KVP rank j mod {kvp}.")
     print("KV pages per KVP rank (the finished request stays in the radix cache):")
     for old, new in zip(before["per_kvp_rank"], after["per_kvp_rank"]):
         print(f"  KVP rank {new['kvp_rank']}: {new['used_pages'] - old['used_pages']} pages of this "
               f"request ({new['used_pages']} used in all, of {new['total_pages']})")
-    print(f"Each rank's KV pool holds {after['local_pool_rows']} token rows for a logical capacity "
-          f"of {after['logical_tokens']} tokens (Helix off: {after['helix_off_pool_rows']} rows on "
-          f"every rank).")
+    print(f"Each rank's KV pool: {after['local_pool_rows']} token rows, "
+          f"{after['kv_bytes_per_rank'] / 2**20:.2f} MiB, for a logical capacity of "
+          f"{after['logical_tokens']} tokens; plain TP on the same ranks would hold "
+          f"{after['plain_tp_kv_bytes_per_rank'] / 2**20:.2f} MiB per rank for that capacity.")
 
 
 def main(argv=None) -> int:

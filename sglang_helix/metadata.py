@@ -76,7 +76,7 @@ class HelixDecodeMetadata:
         """Fill the buffers for a batch.
 
         seq_lens: [B] logical (whole-sequence) lengths; local_page_table: [B, pages] this rank's
-        page table (layout.local_page_table of the logical one), pages <= max_local_pages.
+        page table (sharding.local_page_table of the logical one), pages <= max_local_pages.
         """
         bsz = self._check_shapes(seq_lens, local_page_table)
         local = local_seq_len(seq_lens.to(torch.int64), self.kvp_rank, self.page_size, self.kvp)

@@ -5,7 +5,7 @@
 
 Prints the Pareto frontier (tok/s/user vs tok/s/GPU) of Helix next to the best baseline
 (TP, PP, EP with DP attention, Medha-style KVP), the chosen point and its SGLang launch line.
-Every launch line is checked with the plugin's own rules (sglang_helix.srt.args.check_launch):
+Every launch line is checked with the plugin's own rules (sglang_helix.srt.launch.check_launch):
 a line the plugin would refuse is never printed; the planner says why and prints the nearest
 line the plugin accepts (the same layout with bf16 weights, else another layout).
 --gpus is the size of one serving instance (scale out with replicas). Numbers come from the
@@ -25,7 +25,8 @@ from .perf import plan as P
 from .perf.layouts import LayoutError
 from .perf.model import Setting
 from .perf.specs import HARDWARE_CHOICES, MODEL_ALIASES, MODELS, ModelSpec, SpecError, get_hardware, get_model
-from .srt.args import ModelInfo, ServerLayout, check_launch, parse_helix_argv
+from .srt.args import ModelInfo, parse_helix_argv
+from .srt.launch import check_launch, layout_from_argv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,10 +73,10 @@ def setting_from(args) -> Setting:
         raise P.PlanError(f"--model {args.model!r} unknown; choose one of {', '.join(sorted(MODELS))}")
     if args.hardware not in HARDWARE_CHOICES:
         raise P.PlanError(f"--hardware {args.hardware!r} unknown; choose one of {', '.join(HARDWARE_CHOICES)}")
-    if args.hardware == "cpu" and args.refresh_probe:
+    if args.hardware == "cpu":  # measured on this machine (cached), not a datasheet spec
         from .perf.probe import cpu_hardware
 
-        hw = cpu_hardware(refresh=True)
+        hw = cpu_hardware(refresh=args.refresh_probe)
     else:
         hw = get_hardware(args.hardware)
     precision = args.precision or ("fp4" if "fp4" in hw.flops else "fp8" if "fp8" in hw.flops else "bf16")
@@ -90,7 +91,7 @@ def plugin_refusal(model: ModelSpec, argv) -> str | None:
     architecture, attention backend, page size, MLA weight dtype), or None if it accepts it."""
     info = ModelInfo(model.architecture, model.num_heads, model.num_kv_heads, model.mla)
     try:
-        check_launch(parse_helix_argv(argv), ServerLayout.from_argv(argv), info,
+        check_launch(parse_helix_argv(argv), layout_from_argv(argv), info,
                      P.line_weights(model, argv))
     except HelixConfigError as exc:
         return str(exc)
@@ -187,6 +188,9 @@ def _print_choice(st: Setting, sw: P.Sweep, pick: int, helix: P.Sweep, base: P.S
             print("No launch line that sglang_helix accepts fits in memory; add GPUs or shorten the context")
             return 0
         print(f"Nearest accepted ({alt.what}): {_describe(alt.sweep, alt.index)}")
+        other = P.best_accepted(st, sw, min_user, plugin_refusal) if alt.setting != st else None
+        if other is not None:  # for comparison: what the requested precision gets without Helix
+            print(f"  (best accepted at {st.precision}: {_describe(other.sweep, other.index)})")
         ln = alt.launch
     print("Launch:")
     print("  " + (ln.line if ln.argv else ln.note))

@@ -6,9 +6,28 @@ SGLang glue share.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from types import SimpleNamespace
+
+import pytest
+
+# The prompts every end-to-end server test sends (3, 28 and 44 tokens with the tiny tokenizer:
+# several pages at page sizes 4 to 16).
+E2E_PROMPT_TEXTS = (
+    "The quick brown fox jumps over the lazy dog and then",
+    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
+    "Each rank",
+    "Hello",
+)
+
+
+def e2e_marks(timeout_s: int) -> list:
+    """pytestmark of a real-server test module: marker sglang_e2e, skip without SGLang, a timeout."""
+    return [pytest.mark.sglang_e2e,
+            pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
+            pytest.mark.timeout(timeout_s)]
 
 HOOK_PRELUDE = (
     "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"

@@ -45,6 +45,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..errors import HelixError
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
@@ -82,7 +83,7 @@ The scheduler batches requests; the detokenizer turns token ids back into text.
 """
 
 
-class TinyModelError(RuntimeError):
+class TinyModelError(HelixError):
     """A tiny model could not be built or loaded."""
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .specs import ModelSpec
+from ..errors import HelixError
 
 KINDS = ("tp", "pp", "ep", "kvp", "helix")
 BASELINE_KINDS = ("tp", "pp", "ep", "kvp")
 HOPB_CHOICES = (1, 2, 4, 8)
 
 
-class LayoutError(ValueError):
+class LayoutError(HelixError, ValueError):
     """A layout that cannot run the model; the message names the rule."""
 
 

@@ -3,7 +3,7 @@
 Throughput-interactivity points as in the Helix paper: tok/s/user = 1 / TTL and
 tok/s/GPU = B / TTL / GPUs. No argparse here (the CLI is `python -m sglang_helix.plan`).
 Launch lines are checked by a `Check` the caller passes (the CLI passes the plugin's own rules
-from sglang_helix.srt.args); this package never imports sglang_helix.srt.
+from sglang_helix.srt.args / srt.launch); this package never imports sglang_helix.srt.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 
 from .layouts import BASELINE_KINDS, KINDS, Layout, layouts_for
 from .model import Setting, step
+from ..errors import HelixError
 
 
 MAX_GPUS = 1024  # one instance; beyond this, run replicas
 
 
-class PlanError(ValueError):
+class PlanError(HelixError, ValueError):
     """An input the planner cannot serve; the message is one line naming the fix."""
 
 
@@ -243,7 +244,7 @@ def launch(st: Setting, lay: Layout, batch: int) -> Launch:
 
 
 # check(model, argv) -> why the sglang_helix plugin would refuse that launch line, or None. The
-# CLI passes the plugin's own pure rules (sglang_helix.srt.args); perf never imports srt.
+# CLI passes the plugin's own pure rules (sglang_helix.srt.launch); perf never imports srt.
 Check = Callable[[Any, Sequence[str]], Optional[str]]
 
 
@@ -291,6 +292,13 @@ def _candidates(st: Setting, sw: Sweep, pick: int, batches, min_user, check):
                "the best accepted layout with bf16 weights")
     if min_user is not None:
         yield st, accepted, None, f"the fastest accepted layout at {st.precision} (misses the objective)"
+
+
+def best_accepted(st: Setting, sw: Sweep, min_user: float | None, check: Check) -> Alternative | None:
+    """The point `choose` picks among those whose launch line the plugin accepts, or None."""
+    accepted = _accepted(st, sw, check)
+    i = choose(accepted, min_user)
+    return None if i is None else Alternative(st, accepted, i, f"the best accepted layout at {st.precision}")
 
 
 def _accepted(st: Setting, sw: Sweep, check: Check) -> Sweep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from ..errors import HelixError
 
 # Bytes per element of weights / KV cache at each precision. FP4 ignores block-scale overhead
 # (NVFP4 adds one fp8 scale per 16 values, +6%): ASSUMPTION, as the paper quotes plain FP4.
@@ -18,7 +19,7 @@ ACT_BYTES = 2.0  # activations / exchanged partial outputs travel in bf16 (as sg
 LSE_BYTES = 4.0  # the LSE always travels as fp32 (docs/math.md section 4)
 
 
-class SpecError(ValueError):
+class SpecError(HelixError, ValueError):
     """A model or hardware spec that cannot be right; the message names the field."""
 
 
@@ -299,11 +300,11 @@ def get_model(name: str) -> ModelSpec:
 
 
 def get_hardware(name: str) -> HardwareSpec:
-    """Hardware spec by name; "cpu" runs (or loads the cached) probe of this machine."""
+    """Hardware spec by name (datasheet figures). "cpu" is measured, not specified: use
+    sglang_helix.perf.probe.cpu_hardware()."""
     if name == "cpu":
-        from .probe import cpu_hardware
-
-        return cpu_hardware()
+        raise SpecError("hardware 'cpu' is measured on this machine: call "
+                        "sglang_helix.perf.probe.cpu_hardware()")
     if name not in HARDWARE:
         raise SpecError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE_CHOICES)}")
     return HARDWARE[name]

@@ -4,7 +4,7 @@ Two resolution hooks (sglang.srt.arg_groups.resolution_hooks), each wrapping the
 and running it first:
 - early (`validate_prefill_cp_platform`: before model-path resolution, downloads and the dummy
   model short-cut): flag-only refusals, hook liveness, CPU multi-rank env; without --page-size,
-  declares `page_size = 64` (args.HELIX_DEFAULT_PAGE_SIZE) before SGLang's own default (1) and
+  declares `page_size = 64` (launch.HELIX_DEFAULT_PAGE_SIZE) before SGLang's own default (1) and
   the backends' page-size constraints resolve it, so everything after sees the Helix page size;
 - late (`handle_other_validations`: attention backend, speculative settings and page size are
   resolved, the HF config is loaded but no weights): model-dependent refusals (page size 1,
@@ -23,19 +23,8 @@ from typing import Any
 
 from ..config import HelixConfigError
 from . import state
-from .args import (
-    DEFAULT_PAGE_SIZE_REASON,
-    ENV_VAR,
-    HelixServerArgs,
-    ModelInfo,
-    ServerLayout,
-    check_page_size,
-    check_server_compat,
-    describe,
-    helix_page_size,
-    parse_helix_env,
-    resolve_helix_args,
-)
+from .args import ENV_VAR, HelixServerArgs, ModelInfo, ServerLayout, check_server_compat, describe, parse_helix_env, resolve_helix_args
+from .launch import DEFAULT_PAGE_SIZE_REASON, check_page_size, helix_page_size
 from .cpu.env import apply_cpu_env
 from .cpu.sgl_kernel_stub import cpu_engine_requested
 

@@ -19,7 +19,6 @@ A small pool (--max-total-tokens 256) forces radix-cache eviction (KVP 2 x TPA 1
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import threading
@@ -27,25 +26,18 @@ import time
 import urllib.request
 
 import pytest
+from helpers import E2E_PROMPT_TEXTS, e2e_marks
 
+from sglang_helix.dev import engine
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
-pytestmark = [
-    pytest.mark.sglang_e2e,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
-    pytest.mark.timeout(900),
-]
+pytestmark = e2e_marks(900)
 
 MAX_NEW = 10
 LOGPROB_TOL = 1e-3
 START_TIMEOUT_S = 300
-PROMPT_TEXTS = (
-    "The quick brown fox jumps over the lazy dog and then",
-    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
-    "Each rank",
-    "Hello",
-)
+PROMPT_TEXTS = E2E_PROMPT_TEXTS
 SHARED = 30  # shared-prefix length (not a multiple of the page size)
 
 
@@ -229,7 +221,7 @@ def test_kvp2_tpa1_radix_eviction_small_pool(model):
 def test_engine_users_turn_helix_on_with_sglang_helix_env(model, prompts, references):
     """sglang.Engine(...) takes no unknown kwargs: Engine users set SGLANG_HELIX (docs/usage.md)."""
     env = {"SGLANG_HELIX": "--enable-helix --helix-kvp-size 2 --helix-tpa-size 1"}
-    out = ts.run_engine(model, prompts["main"], MAX_NEW, tp=2, overrides={"page_size": 4},
+    out = engine.run_engine(model, prompts["main"], MAX_NEW, tp=2, overrides={"page_size": 4},
                         env=env, timeout=START_TIMEOUT_S)
     assert out.helix is not None and out.helix["layout"]["kvp"] == 2, out.helix
     assert out.output_ids == [ref.tokens for ref in references["main"]]

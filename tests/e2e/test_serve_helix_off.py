@@ -23,28 +23,20 @@ Findings pinned here (SGLang 0.5.23, `--attention-backend torch_native`, CPU):
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
+from helpers import E2E_PROMPT_TEXTS, e2e_marks
 
+from sglang_helix.dev import engine
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
-pytestmark = [
-    pytest.mark.sglang_e2e,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
-    pytest.mark.timeout(600),
-]
+pytestmark = e2e_marks(600)
 
 MAX_NEW = 16
 START_TIMEOUT_S = 300
-PROMPT_TEXTS = (
-    "The quick brown fox jumps over the lazy dog and then",
-    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
-    "Each rank",
-    "Hello",
-)
+PROMPT_TEXTS = E2E_PROMPT_TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +151,6 @@ def test_reference_greedy_runs_on_realistic_mla(references):
 
 def test_offline_engine_matches_transformers(models, prompts, references):
     """sglang.Engine in a subprocess (run_engine): same greedy tokens as the HTTP server path."""
-    out = ts.run_engine(models["gqa"], prompts, MAX_NEW, tp=1, timeout=START_TIMEOUT_S)
+    out = engine.run_engine(models["gqa"], prompts, MAX_NEW, tp=1, timeout=START_TIMEOUT_S)
     assert out.output_ids == [ref.tokens for ref in references["gqa"]]
     assert out.helix is None  # no SGLANG_HELIX: the plugin stays out of the way

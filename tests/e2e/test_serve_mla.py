@@ -10,30 +10,21 @@ prefix floored to the page size. One server alive at a time (class-scoped fixtur
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
+from helpers import E2E_PROMPT_TEXTS, e2e_marks
 
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
-pytestmark = [
-    pytest.mark.sglang_e2e,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
-    pytest.mark.timeout(600),
-]
+pytestmark = e2e_marks(600)
 
 P = 4
 MAX_NEW = 16
 CHUNK = 16  # --chunked-prefill-size: the 44-token prompt is prefilled in 3 chunks
 START_TIMEOUT_S = 300
-PROMPT_TEXTS = (
-    "The quick brown fox jumps over the lazy dog and then",
-    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
-    "Each rank",
-    "Hello",
-)
+PROMPT_TEXTS = E2E_PROMPT_TEXTS
 SHARED = 22  # tokens a follow-up request shares with an earlier one (not a page multiple)
 
 

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import E2E_PROMPT_TEXTS
 
 from sglang_helix.dev import server as ts
 from sglang_helix.srt.pd import HOLD_ENV, SERVER_INFO_KEY
@@ -60,12 +61,7 @@ COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
 HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
                 "--disaggregation-decode-enable-radix-cache"]
 GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1"]
-PROMPT_TEXTS = (
-    "The quick brown fox jumps over the lazy dog and then",
-    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
-    "Each rank",
-    "Hello",
-)
+PROMPT_TEXTS = E2E_PROMPT_TEXTS
 SHARED = 30  # shared-prefix length (not a multiple of PAGE)
 FAIL_WITHIN_S = 60.0
 

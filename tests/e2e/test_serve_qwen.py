@@ -17,19 +17,15 @@ Helpers (state, flush, comparisons) are tests/test_serve_gqa.py's.
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
+from helpers import e2e_marks
 
 import test_serve_gqa as gqa
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
-pytestmark = [
-    pytest.mark.sglang_e2e,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
-    pytest.mark.timeout(600),
-]
+pytestmark = e2e_marks(600)
 
 PAGE = 4
 

@@ -11,15 +11,11 @@ import pytest
 from sglang_helix import plan as cli
 from sglang_helix.perf import plan as P
 from sglang_helix.perf import probe
-from sglang_helix.perf.specs import MODELS, get_model
-from sglang_helix.srt.args import (
-    HELIX_DEFAULT_PAGE_SIZE,
-    ModelInfo,
-    ServerLayout,
-    check_launch,
-    parse_helix_argv,
-    resolve_helix_args,
-)
+from sglang_helix.perf.layouts import Layout
+from sglang_helix.perf.model import Setting
+from sglang_helix.perf.specs import MODELS, get_hardware, get_model
+from sglang_helix.srt.args import ModelInfo, parse_helix_argv, resolve_helix_args
+from sglang_helix.srt.launch import HELIX_DEFAULT_PAGE_SIZE, check_launch, layout_from_argv
 
 from test_perf_model import FAKE_CPU
 
@@ -48,7 +44,7 @@ def _assert_plugin_accepts(model: str, line: str):
     """The line parses with the plugin's flag parser and passes resolve_helix_args, and the page
     size and weight-dtype rules (check_launch); returns the HelixConfig (None: Helix off)."""
     argv = shlex.split(line)
-    helix, server = parse_helix_argv(argv), ServerLayout.from_argv(argv)
+    helix, server = parse_helix_argv(argv), layout_from_argv(argv)
     info = _model_info(model)
     cfg = resolve_helix_args(helix, server, info)
     full = check_launch(helix, server, info, P.line_weights(get_model(model), argv))
@@ -149,6 +145,22 @@ def test_line_weights_inverts_checkpoint(model, precision):
     argv += ["--quantization", ck.quantization] if ck.quantization else []
     assert ck.weights == precision and P.line_weights(spec, argv) == precision
     assert bool(ck.note) == ck.model_path.startswith("./")
+
+
+def test_helix_lines_name_a_backend_the_plugin_accepts_where_sglangs_default_may_not_be_one():
+    cpu = probe.hardware_from_profile(dict(FAKE_CPU))
+    cases = [  # (model, hardware, expected --attention-backend, expected --device)
+        ("llama-70b", get_hardware("gb200"), "flashinfer", None),  # SGLang's Blackwell GQA default: trtllm_mha
+        ("deepseek-r1", get_hardware("gb200"), None, None),  # MLA defaults (fa3/flashinfer/triton) are accepted
+        ("llama-70b", cpu, "torch_native", "cpu"),  # SGLang's x86 default intel_amx is refused
+    ]
+    for model, hw, backend, device in cases:
+        st = Setting(get_model(model), hw, 65536, "bf16")
+        ln = P.launch(st, Layout("helix", kvp=2, tpa=1, tpf=2), 4)
+        layout = layout_from_argv(ln.argv)
+        assert (layout.attention_backend, layout.device) == (backend, device), ln.line
+        assert cli.plugin_refusal(st.model, ln.argv) is None, ln.line
+        assert "--page-size" not in ln.argv
 
 
 def test_perf_never_imports_srt_and_the_cli_never_imports_sglang():

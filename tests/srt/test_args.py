@@ -1,4 +1,4 @@
-"""Pure rules of sglang_helix.srt.args (flags, defaults, refusals) and sglang_helix.srt.cpu.env.
+"""Pure rules of sglang_helix.srt.args / srt.launch (flags, defaults, refusals) and srt.cpu.env.
 
 No SGLang import, no model load: every test runs in milliseconds.
 """
@@ -12,20 +12,23 @@ import pytest
 
 from sglang_helix.srt.args import (
     GROUP_TITLE,
-    HELIX_DEFAULT_PAGE_SIZE,
     HelixServerArgs,
     ModelInfo,
     ServerLayout,
     add_helix_group,
-    check_launch,
-    check_mla_weights,
-    check_page_size,
     default_tpa,
-    helix_page_size,
-    is_unquantized_weight,
     parse_helix_argv,
     parse_helix_env,
     resolve_helix_args,
+)
+from sglang_helix.srt.launch import (
+    HELIX_DEFAULT_PAGE_SIZE,
+    check_launch,
+    check_mla_weights,
+    check_page_size,
+    helix_page_size,
+    is_unquantized_weight,
+    layout_from_argv,
 )
 from sglang_helix.config import HelixConfigError
 from sglang_helix.srt.cpu.env import (
@@ -266,13 +269,13 @@ def test_page_size_below_two_refused_with_the_flag_and_fix():
 
 def test_launch_without_page_size_gets_the_default_explicit_values_stand():
     bare = ["--model-path", "m", "--tp-size", "2", "--enable-helix"]
-    cfg = check_launch(parse_helix_argv(bare), ServerLayout.from_argv(bare), LLAMA)
+    cfg = check_launch(parse_helix_argv(bare), layout_from_argv(bare), LLAMA)
     assert cfg.page_size == HELIX_DEFAULT_PAGE_SIZE
     given = bare + ["--page-size", "16"]
-    assert check_launch(parse_helix_argv(given), ServerLayout.from_argv(given), LLAMA).page_size == 16
+    assert check_launch(parse_helix_argv(given), layout_from_argv(given), LLAMA).page_size == 16
     one = bare + ["--page-size", "1"]
     with pytest.raises(HelixConfigError, match=r"--page-size 1:.*use --page-size 16"):
-        check_launch(parse_helix_argv(one), ServerLayout.from_argv(one), LLAMA)
+        check_launch(parse_helix_argv(one), layout_from_argv(one), LLAMA)
     assert check_launch(HelixServerArgs(), ServerLayout(page_size=1), LLAMA) is None  # Helix off
 
 
@@ -281,10 +284,10 @@ def test_server_layout_from_argv_reads_sglang_spellings():
             "--ep-size", "8", "--page-size", "32", "--device", "cuda", "--attention-backend", "fa3",
             "--decode-attention-backend", "flashmla", "--enable-prefill-cp", "--dcp-size", "2",
             "--pipeline-parallel-size", "2", "--max-running-requests", "4", "--enable-helix"]
-    assert ServerLayout.from_argv(argv) == ServerLayout(
+    assert layout_from_argv(argv) == ServerLayout(
         tp_size=8, pp_size=2, dcp_size=2, enable_prefill_cp=True, device="cuda",
         attention_backend="fa3", decode_attention_backend="flashmla", page_size=32)
-    assert ServerLayout.from_argv(["--model-path", "m"]) == ServerLayout()
+    assert layout_from_argv(["--model-path", "m"]) == ServerLayout()
 
 
 # ------------------------------------------------------------------ MLA weight dtype
@@ -303,7 +306,7 @@ def test_mla_weights_must_be_unquantized():
 
 def test_check_launch_refuses_quantized_mla_weights():
     argv = ["--model-path", "m", "--tp-size", "4", "--enable-helix"]
-    helix_args, layout = parse_helix_argv(argv), ServerLayout.from_argv(argv)
+    helix_args, layout = parse_helix_argv(argv), layout_from_argv(argv)
     assert check_launch(helix_args, layout, DSV3, "bf16").kvp == 4
     with pytest.raises(HelixConfigError, match="fp8 weights"):
         check_launch(helix_args, layout, DSV3, "fp8")

@@ -328,8 +328,8 @@ def clean_registry():
     targets = [h.target for h in sm.MLA_HOOKS] + [mla_fix.CPU_HANDLER_TARGET]
     saved = {t: list(HookRegistry._hooks.get(t, [])) for t in targets}
     yield
-    for t, hooks in saved.items():
-        HookRegistry._hooks[t] = hooks
+    for t, registered in saved.items():
+        HookRegistry._hooks[t] = registered
 
 
 def test_install_mla_hooks_registers_each_once(clean_registry):

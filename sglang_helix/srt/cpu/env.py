@@ -1,6 +1,6 @@
 """Environment SGLang 0.5.23 needs to run several CPU ranks (one per Helix rank) on one host.
 
-Facts behind each variable (docs: /work/shared/cpu-sglang.md, checked in SGLang's source):
+Facts behind each variable (checked in SGLang 0.5.23's source; docs/sglang-integration.md):
 
 - SGLANG_USE_CPU_ENGINE=1 selects SGLang's CPU engine (gloo groups, native torch paths);
   `sglang.srt.utils.common.is_cpu()` reads it. It must be set before SGLang modules that cache

@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, MutableMapping
+from ...errors import HelixError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _STUB_SOURCE = (
 _installed_dir: str | None = None
 
 
-class SglKernelCpuStubError(RuntimeError):
+class SglKernelCpuStubError(HelixError):
     """A function of the CPU sgl-kernel stand-in was called: the real kernel is needed."""
 
 

@@ -1,0 +1,128 @@
+"""Pure rules for one whole launch, on top of the flag rules of srt.args (no SGLang import).
+
+- page size: `helix_page_size` is what Helix declares when --page-size is not given
+  (HELIX_DEFAULT_PAGE_SIZE, 64; srt.validate declares it during SGLang's resolution);
+  `check_page_size` refuses a page size < 2.
+- MLA weights: `check_mla_weights` refuses a quantized (not bf16/fp16/fp32) MLA checkpoint;
+  `is_unquantized_weight` is the dtype predicate (srt.models.deepseek checks the loaded modules).
+- `check_launch` runs every pure refusal on one launch (`layout_from_argv` reads the SGLang flags
+  of a launch line); the planner CLI (sglang_helix.plan) checks its launch lines with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from ..config import HelixConfig, HelixConfigError
+from .args import HelixServerArgs, ModelInfo, ServerLayout, resolve_helix_args
+
+# --page-size not given: SGLang resolves it to 1, which the Helix allocator cannot color, so the
+# plugin declares this instead. 64 is a size every backend with a Helix path
+# (args.HELIX_ATTENTION_BACKENDS) accepts: FlashMLA needs exactly 64 and TRT-LLM MLA 32 or 64
+# (SGLang 0.5.23 forces them there); flashinfer, fa3, triton and the CPU torch path take any page
+# size, and SGLang's default chunked-prefill sizes are multiples of 64.
+HELIX_DEFAULT_PAGE_SIZE = 64
+DEFAULT_PAGE_SIZE_REASON = (
+    "FlashMLA needs 64, TRT-LLM MLA 32 or 64, the other Helix backends take any size >= 2; "
+    "SGLang's own default 1 cannot be colored by KVP owner"
+)
+# Weight dtypes the Helix MLA path can replicate and bmm as they are (srt.models.deepseek).
+UNQUANTIZED_WEIGHT_DTYPES = frozenset({"bf16", "fp16", "fp32"})
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+                  "float": "fp32"}
+
+
+def helix_page_size(page_size: int | None) -> int | None:
+    """The page size Helix declares for a launch: HELIX_DEFAULT_PAGE_SIZE when --page-size was not
+    given (`page_size` None, as SGLang keeps it until its own default resolves it to 1), else None:
+    the given value stands, and check_page_size refuses it if it is < 2."""
+    return HELIX_DEFAULT_PAGE_SIZE if page_size is None else None
+
+
+def check_page_size(page_size: int | None) -> None:
+    """Refuse a resolved page size < 2 (None counts as SGLang's default 1)."""
+    if int(page_size or 1) < 2:
+        _fail(
+            f"--page-size {page_size}: the Helix allocator colors whole pages by KVP owner and "
+            "SGLang's page-size-1 path allocates without positions; use --page-size 16 "
+            "(or any >= 2)"
+        )
+
+
+def weight_dtype_name(dtype: Any) -> str:
+    """'bf16' for torch.bfloat16 / 'bfloat16' / 'bf16' (and fp16, fp32 likewise); other dtypes
+    (fp8, fp4, int8, ...) come back as given, lower case, without a 'torch.' prefix."""
+    name = str(dtype).lower().removeprefix("torch.")
+    return _DTYPE_ALIASES.get(name, name)
+
+
+def is_unquantized_weight(dtype: Any) -> bool:
+    """True for the weight dtypes the Helix MLA path replicates and bmm's as is (bf16/fp16/fp32)."""
+    return weight_dtype_name(dtype) in UNQUANTIZED_WEIGHT_DTYPES
+
+
+def check_mla_weights(model: ModelInfo, weights: Any) -> None:
+    """Refuse an MLA checkpoint whose weights are quantized: every Helix MLA rank gathers the q
+    projection and W_UK of all heads and applies them with plain linear/bmm (srt.models.deepseek
+    checks the loaded modules again at weight load). `weights`: the checkpoint's dtype ('bf16',
+    'fp8', torch.float8_e4m3fn, ...) or None (unknown: left to the weight-load check)."""
+    if not model.is_mla or weights is None or is_unquantized_weight(weights):
+        return
+    _fail(
+        f"--enable-helix with {weight_dtype_name(weights)} weights ({model.architecture}): the "
+        "Helix MLA path needs an unquantized (bf16/fp16/fp32) q projection and W_UK/W_UV; serve "
+        "a bf16 checkpoint or drop --enable-helix"
+    )
+
+
+def check_launch(
+    helix_args: HelixServerArgs, server: ServerLayout, model_info: ModelInfo, weights: Any = None
+) -> HelixConfig | None:
+    """Every pure refusal for one launch (flags, model, page size with Helix's default applied,
+    MLA weight dtype); the HelixConfig it resolves to, or None without --enable-helix."""
+    if not helix_args.enable_helix:
+        return None
+    if server.page_size is None:
+        server = replace(server, page_size=helix_page_size(None))
+    config = resolve_helix_args(helix_args, server, model_info)
+    check_page_size(server.page_size)
+    check_mla_weights(model_info, weights)
+    return config
+
+
+def layout_from_argv(argv: Sequence[str]) -> ServerLayout:
+    """The ServerLayout a launch line asks for, from SGLang's spellings of its flags (other flags
+    are ignored; nothing is resolved: an absent flag keeps ServerLayout's unset default)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    defaults = ServerLayout()
+    for flags, dest, kind in _SERVER_FLAGS:
+        if kind is bool:
+            parser.add_argument(*flags, dest=dest, action="store_true")
+        else:
+            parser.add_argument(*flags, dest=dest, type=kind, default=getattr(defaults, dest))
+    known, _unknown = parser.parse_known_args(list(argv))
+    return ServerLayout(**vars(known))
+
+
+# SGLang 0.5.23's option strings for the ServerLayout fields (ServerArgs.add_cli_args).
+_SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
+    (("--tp-size", "--tensor-parallel-size"), "tp_size", int),
+    (("--pp-size", "--pipeline-parallel-size"), "pp_size", int),
+    (("--dcp-size", "--decode-context-parallel-size"), "dcp_size", int),
+    (("--attn-cp-size", "--attention-context-parallel-size"), "attn_cp_size", int),
+    (("--attn-dp-size", "--attention-data-parallel-size"), "attn_dp_size", int),
+    (("--enable-prefill-cp",), "enable_prefill_cp", bool),
+    (("--speculative-algorithm",), "speculative_algorithm", str),
+    (("--device",), "device", str),
+    (("--attention-backend",), "attention_backend", str),
+    (("--prefill-attention-backend",), "prefill_attention_backend", str),
+    (("--decode-attention-backend",), "decode_attention_backend", str),
+    (("--page-size",), "page_size", int),
+)
+
+
+def _fail(message: str) -> None:
+    raise HelixConfigError(f"Helix: {message}")

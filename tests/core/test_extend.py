@@ -1,0 +1,126 @@
+"""The one extend algorithm (core extend / attention / kernels.torch_extend) against fp32 references.
+
+- tiled attention with LSE vs reference.attention_lse_ref: causal and full, GQA groups, MLA's one
+  latent head, several query/key tiles, per-dtype tolerances;
+- the prefix partial over paged caches: ragged prefixes, prefixes ending mid-page, a rank that
+  owns nothing of a request;
+- plan_extend: host lengths per rank add up (property test);
+- helix_extend on 2 gloo ranks (GQA and MLA shapes) vs dense causal attention over prefix + chunk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sglang_helix.attention import chunk_attention_lse, merge_state, prefix_attention_lse
+from sglang_helix.dev.paged import build_local_paged_cache
+from sglang_helix.kernels import torch_extend
+from sglang_helix.kernels.reference import attention_lse_ref
+from sglang_helix.metadata import plan_extend
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of a few tokens, so every test crosses query and key tile boundaries."""
+    monkeypatch.setattr(torch_extend, "_Q_TILE", 5)
+    monkeypatch.setattr(torch_extend, "_MIN_K_TILE", 3)
+    monkeypatch.setattr(torch_extend, "_TILE_ELEMS", 8)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("hq, hk", [(4, 2), (6, 1), (3, 3)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiled_attention_matches_reference(small_tiles, dtype, hq, hk, causal):
+    g = torch.Generator().manual_seed(hq * 10 + hk)
+    n, length = 23, 23 if causal else 31
+    q = torch.randn(n, hq, 8, generator=g).to(dtype)
+    k = torch.randn(length, hk, 8, generator=g).to(dtype)
+    v = torch.randn(length, hk, 5, generator=g).to(dtype)
+    offset = 0 if causal else None
+    out, lse = torch_extend.tiled_attention_lse(q, torch_extend.dense_fetch(k, v), length, 5, 0.4,
+                                                causal_offset=offset)
+    ref_out, ref_lse = attention_lse_ref(q, k, v, 0.4, offset)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
+
+
+def test_chunk_attention_is_causal_per_request(small_tiles):
+    g = torch.Generator().manual_seed(1)
+    lens = [7, 1, 12]
+    q, k, v = (torch.randn(20, 4, 6, generator=g), torch.randn(20, 2, 6, generator=g),
+               torch.randn(20, 2, 3, generator=g))
+    out, lse = chunk_attention_lse(q, k, v, lens, 0.5)
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        want_out, want_lse = attention_lse_ref(q[sl], k[sl], v[sl], 0.5, 0)
+        torch.testing.assert_close(out[sl], want_out, **TOL[torch.float32])
+        torch.testing.assert_close(lse[sl], want_lse, **TOL[torch.float32])
+        start += n
+    with pytest.raises(ValueError, match="extend_lens sum"):
+        chunk_attention_lse(q, k, v, [3], 0.5)
+
+
+@pytest.mark.parametrize("kvp_rank", [0, 1])
+def test_prefix_partial_over_pages(small_tiles, kvp_rank):
+    """Prefixes 0, 3 (< one page: rank 1 owns nothing), 9 (ends mid-page), 16 (page-aligned)."""
+    page, kvp, hk, d, dv = 4, 2, 2, 6, 5
+    prefixes, chunks = [0, 3, 9, 16], [2, 3, 1, 4]
+    g = torch.Generator().manual_seed(7)
+    kv = [torch.randn(p, hk, d + dv, generator=g) for p in prefixes]
+    cache, table = build_local_paged_cache([x if len(x) else torch.zeros(1, hk, d + dv) for x in kv],
+                                           page, kvp, kvp_rank)
+    k_pages, v_pages = cache[..., :d], cache[..., d:]
+    plan = plan_extend(chunks, prefixes, kvp_rank, page, kvp, local_tables=lambda _: (table, None))
+    q = torch.randn(sum(chunks), 4, d, generator=g)
+    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, 0.3)
+    for i, start in enumerate(plan.starts[:-1]):
+        sl = slice(start, start + chunks[i])
+        mine = torch.tensor([j for j in range(prefixes[i]) if (j // page) % kvp == kvp_rank], dtype=torch.long)
+        if mine.numel() == 0:  # the rank holds nothing of this prefix: empty partial
+            assert torch.equal(out[sl], torch.zeros_like(out[sl]))
+            assert torch.isinf(lse[sl]).all() and (lse[sl] < 0).all()
+            continue
+        keys = kv[i][mine]
+        want_out, want_lse = attention_lse_ref(q[sl], keys[..., :d], keys[..., d:], 0.3)
+        torch.testing.assert_close(out[sl], want_out, **TOL[torch.float32])
+        torch.testing.assert_close(lse[sl], want_lse, **TOL[torch.float32])
+
+
+def test_merge_state_of_a_split_equals_the_whole():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(5, 2, 4, generator=g), torch.randn(9, 2, 4, generator=g), torch.randn(9, 2, 3, generator=g)
+    a = attention_lse_ref(q, k[:4], v[:4], 0.7)
+    b = attention_lse_ref(q, k[4:], v[4:], 0.7)
+    out, lse = merge_state(*a, *b)
+    want_out, want_lse = attention_lse_ref(q, k, v, 0.7)
+    torch.testing.assert_close(out, want_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), min_size=1, max_size=6),
+       st.sampled_from([1, 2, 3, 4]), st.sampled_from([1, 2, 4, 16]))
+def test_plan_extend_lengths_add_up(reqs, kvp, page):
+    prefix = [p for p, _ in reqs]
+    extend = [e for _, e in reqs]
+    plans = [plan_extend(extend, prefix, r, page, kvp, local_tables=lambda lens: (lens[:, None], None))
+             for r in range(kvp)]
+    assert [sum(p.local_prefix_lens[i] for p in plans) for i in range(len(reqs))] == prefix
+    for p in plans:
+        assert p.starts[-1] == sum(extend) and p.has_prefix == any(prefix)
+        assert (p.page_table is not None) == any(prefix)
+
+
+def test_plan_extend_refuses_bad_lengths():
+    with pytest.raises(ValueError, match=">= 0"):
+        plan_extend([2, -1], [0, 0], 0, 4, 2)
+    with pytest.raises(ValueError, match="local_tables"):
+        plan_extend([2], [5], 0, 4, 2)

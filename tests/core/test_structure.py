@@ -1,0 +1,125 @@
+"""The package's shape: imports flow srt -> core -> kernels, no cycles, the core runs without SGLang.
+
+Static checks read the source with ast (every import statement, at module level or inside a
+function); the runtime check imports every core module in a fresh interpreter in which
+`import sglang` fails.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "sglang_helix"
+MAX_LINES = 450
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        parts = path.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Absolute names of every module `name` imports (package-internal resolution included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _internal_graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, path in MODULES.items():
+        graph[name] = {m for m in _imports(name, path) if m in MODULES and m != name}
+    return graph
+
+
+def _is_core(name: str) -> bool:
+    return not (name.startswith("sglang_helix.srt") or name.startswith("sglang_helix.dev"))
+
+
+def test_no_import_cycles():
+    graph = _internal_graph()
+    # a package's __init__ importing its own submodules is not a cycle of responsibilities
+    graph = {m: {d for d in deps if not m.startswith(d + ".") and not d.startswith(m + ".")}
+             for m, deps in graph.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in graph[node]:
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert not cycles, cycles
+
+
+def test_sglang_is_imported_only_under_srt():
+    offenders = {name: sorted(m for m in _imports(name, path) if m == "sglang" or m.startswith("sglang."))
+                 for name, path in MODULES.items() if not name.startswith("sglang_helix.srt")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_core_never_imports_srt_or_dev():
+    graph = _internal_graph()
+    bad = {m: sorted(d for d in deps if not _is_core(d)) for m, deps in graph.items()
+           if _is_core(m) and m not in ("sglang_helix.demo", "sglang_helix.plan")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_kernels_import_no_other_part_of_the_package():
+    graph = _internal_graph()
+    bad = {m: sorted(d for d in deps if not d.startswith("sglang_helix.kernels"))
+           for m, deps in graph.items() if m.startswith("sglang_helix.kernels")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_size(name):
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{name}: {lines} lines > {MAX_LINES}; split it by responsibility"
+
+
+def test_core_imports_without_sglang():
+    core = sorted(m for m in MODULES if _is_core(m))
+    code = (
+        "import importlib, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'sglang' or name.startswith('sglang.'):\n"
+        "            raise ImportError('sglang is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"for name in {core!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert not [m for m in sys.modules if m == 'sglang' or m.startswith('sglang.')]\n"
+        "print('OK')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
