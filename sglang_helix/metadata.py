@@ -51,6 +51,7 @@ class HelixDecodeMetadata:
             max_batch, max_local_pages, dtype=torch.int32, device=device
         )
         self.batch_size = 0
+        self.host_seq_lens: list[int] = []
         self.max_local_len = 0
         self.slices: list[tuple[int, int]] = []
 
@@ -90,7 +91,8 @@ class HelixDecodeMetadata:
         self.page_table_buf[:bsz].zero_()  # stale entries past a request's pages: point at page 0
         self.page_table_buf[:bsz, : local_page_table.shape[1]].copy_(local_page_table)
         self.batch_size = bsz
-        self.max_local_len = int(local.max()) if bsz else 0
+        self.host_seq_lens = local.tolist()  # plan-time copy: the CPU kernels' loop bounds
+        self.max_local_len = max(self.host_seq_lens, default=0)
         self.slices = slice_bounds(bsz, self.hopb_slices)
 
     def _check_shapes(self, seq_lens: torch.Tensor, table: torch.Tensor) -> int:

@@ -79,12 +79,15 @@ class _OnlineSoftmax:
         return out, lse
 
 
-def _per_request(fn, bsz: int, seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+def _per_request(fn, bsz: int, seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                 host_seq_lens=None):
     """Run fn(b, b + 1, length) per non-empty request, or fn(0, B, longest) once for short batches.
 
-    out [B, H, Dv] / lse [B, H] arrive as 0 / -inf, the answer for empty rows.
+    out [B, H, Dv] / lse [B, H] arrive as 0 / -inf, the answer for empty rows. host_seq_lens:
+    the same lengths as host ints, known at plan time (then the run path does no host sync).
     """
-    lengths = seq_lens.tolist()  # one host sync: the CPU path needs the loop bounds anyway
+    # The CPU path needs its loop bounds on the host: from the plan, else one sync here.
+    lengths = list(host_seq_lens) if host_seq_lens is not None else seq_lens.tolist()
     longest = max(lengths, default=0)
     if longest <= _BATCH_MAX_TOKENS:
         out[:], lse[:] = fn(0, bsz, longest)
@@ -102,6 +105,7 @@ def gqa_partial_torch(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    host_seq_lens=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial GQA decode attention over one rank's pages (same contract as gqa_partial_ref).
 
@@ -117,7 +121,7 @@ def gqa_partial_torch(
         sl = slice(b0, b1)
         return _gqa_chunked(q[sl], k_cache, v_cache, page_table[sl], seq_lens[sl], scale, longest)
 
-    return _per_request(run, bsz, seq_lens, out, lse)
+    return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
 
 def mla_partial_torch(
@@ -127,6 +131,7 @@ def mla_partial_torch(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    host_seq_lens=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial absorbed-MLA decode attention over one rank's pages (contract of mla_partial_ref).
 
@@ -142,7 +147,7 @@ def mla_partial_torch(
         sl = slice(b0, b1)
         return _mla_chunked(q_latent[sl], q_rope[sl], kv_cache, page_table[sl], seq_lens[sl], scale, longest)
 
-    return _per_request(run, bsz, seq_lens, out, lse)
+    return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
 
 def _gqa_chunked(

@@ -124,5 +124,25 @@ _SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
 )
 
 
+def decode_graph_blocker(cfg: HelixConfig, device: str) -> str | None:
+    """Why Helix decode must run without CUDA graphs here, or None (SGLang may capture it).
+
+    The helix backends plan each batch outside the graph into buffers allocated once and run
+    static-shape kernels with no host sync inside (tests/multirank/test_decode_graph_safe.py);
+    what has not been shown capture-safe keeps graphs off, with this reason logged.
+    """
+    if str(device) != "cuda":
+        return f"device {device}: SGLang captures CUDA graphs on CUDA only"
+    if cfg.hopb_slices > 1:
+        return ("--helix-hopb-slices > 1 issues asynchronous collectives inside the step, whose "
+                "capture is not verified yet")
+    if cfg.comm_backend == "nvshmem":
+        return "--helix-comm-backend nvshmem (symmetric memory) capture is not verified yet"
+    return None
+
+
+PREFILL_GRAPH_REASON = "the helix extend path plans each chunk on the host"
+
+
 def _fail(message: str) -> None:
     raise HelixConfigError(f"Helix: {message}")

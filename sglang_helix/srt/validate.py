@@ -24,7 +24,8 @@ from typing import Any
 from ..config import HelixConfigError
 from . import state
 from .args import ENV_VAR, HelixServerArgs, ModelInfo, ServerLayout, check_server_compat, describe, parse_helix_env, resolve_helix_args
-from .launch import DEFAULT_PAGE_SIZE_REASON, check_page_size, helix_page_size
+from .launch import (DEFAULT_PAGE_SIZE_REASON, PREFILL_GRAPH_REASON, check_page_size,
+                     decode_graph_blocker, helix_page_size)
 from .cpu.env import apply_cpu_env
 from .cpu.sgl_kernel_stub import cpu_engine_requested
 
@@ -101,14 +102,25 @@ def late_validation(server_args: Any, previous: Callable[[Any], None], *,
     if pd_mode(view) != "null":
         verify_pd_hooks(cpu_engine_requested())
     setattr(server_args, state.CONFIG_ATTR, helix_cfg)
-    # The helix backends do not implement SGLang's CUDA-graph capture hooks yet (GPU only;
-    # CPU never captures), so graphs are switched off rather than captured wrongly.
     if pd_mode(view) == "decode" and getattr(view, "disaggregation_decode_retraction_backup", None) is None:
         declare_resolution(server_args, "sglang_helix", disaggregation_decode_retraction_backup="none")
+    graphs = _graph_settings(helix_cfg, view)
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
-                       decode_attention_backend="helix", disable_decode_cuda_graph=True,
-                       disable_prefill_cuda_graph=True)
+                       decode_attention_backend="helix", **graphs)
     logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf))
+
+
+def _graph_settings(helix_cfg: Any, view: Any) -> dict:
+    """Decode CUDA graphs stay as the user set them unless a blocker applies (logged); prefill
+    graphs are off under Helix."""
+    settings = {"disable_prefill_cuda_graph": True}
+    blocker = decode_graph_blocker(helix_cfg, view.device)
+    if blocker is not None:
+        settings["disable_decode_cuda_graph"] = True
+        if str(view.device) == "cuda":
+            logger.info("sglang_helix: decode CUDA graphs off: %s", blocker)
+    logger.info("sglang_helix: prefill CUDA graphs off: %s", PREFILL_GRAPH_REASON)
+    return settings
 
 
 def check_serving_support(view: Any) -> None:

@@ -30,7 +30,7 @@ from sglang_helix.srt.launch import (
     is_unquantized_weight,
     layout_from_argv,
 )
-from sglang_helix.config import HelixConfigError
+from sglang_helix.config import HelixConfig, HelixConfigError
 from sglang_helix.srt.cpu.env import (
     MISSING_NCCL_SO,
     NCCL_SO_PATH,
@@ -156,6 +156,30 @@ def test_layout_carries_page_size_and_comm():
         helix(helix_comm_backend="ag_rs", helix_hopb_slices=2), server(tp=2, page_size=16), DSV3
     )
     assert (cfg.page_size, cfg.comm_backend, cfg.hopb_slices) == (16, "ag_rs", 2)
+
+
+def test_mla_exchange_flag_default_and_value():
+    from sglang_helix.config import DEFAULT_MLA_EXCHANGE
+    from sglang_helix.srt.args import describe
+
+    assert parse_helix_argv(["--enable-helix", "--helix-mla-exchange", "value"]) == \
+        helix(helix_mla_exchange="value")
+    assert resolve_helix_args(helix(), server(tp=2), DSV3).mla_exchange == DEFAULT_MLA_EXCHANGE
+    cfg = resolve_helix_args(helix(helix_mla_exchange="value"), server(tp=2), DSV3)
+    assert cfg.mla_exchange == "value" and "mla_exchange=value" in describe(cfg)
+    assert resolve_helix_args(helix(), server(tp=4), LLAMA).mla_exchange == "latent"
+    with pytest.raises(SystemExit):  # argparse choices
+        parse_helix_argv(["--enable-helix", "--helix-mla-exchange", "values"])
+    with pytest.raises(HelixConfigError, match="--helix-mla-exchange 'x'"):
+        helix(helix_mla_exchange="x")
+    with pytest.raises(HelixConfigError, match="--helix-mla-exchange.*without --enable-helix"):
+        HelixServerArgs(helix_mla_exchange="value")
+
+
+@pytest.mark.parametrize("mode", ["value", "latent"])
+def test_refuse_mla_exchange_for_gqa(mode):
+    refused(rf"--helix-mla-exchange {mode} applies to MLA models only.*drop --helix-mla-exchange",
+            helix(helix_mla_exchange=mode), server(tp=4))
 
 
 # ------------------------------------------------------------------ refusals
@@ -333,3 +357,13 @@ def test_apply_cpu_env_mutates_given_mapping_only():
     applied = apply_cpu_env(2, env)
     assert env[NCCL_SO_PATH] == "/x/libnccl.so" and NCCL_SO_PATH not in applied
     assert env[USE_CPU_ENGINE] == "1" and len(env[THREADS_BIND].split("|")) == 2
+
+
+def test_decode_graph_blockers():
+    from sglang_helix.srt.launch import decode_graph_blocker
+
+    base = dict(kvp=2, tpa=1, num_heads=8, num_kv_heads=2, page_size=16)
+    assert decode_graph_blocker(HelixConfig(**base), "cuda") is None
+    assert "CUDA only" in decode_graph_blocker(HelixConfig(**base), "cpu")
+    assert "--helix-hopb-slices" in decode_graph_blocker(HelixConfig(**base, hopb_slices=2), "cuda")
+    assert "nvshmem" in decode_graph_blocker(HelixConfig(**base, comm_backend="nvshmem"), "cuda")

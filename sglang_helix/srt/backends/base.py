@@ -13,6 +13,7 @@ initialize_model_parallel); the constructor runs no collective.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -26,6 +27,11 @@ from .. import state
 from ..memory.pools import HelixPoolError
 
 BACKEND_NAME = "helix"
+# Padded rows of a captured batch get seq_len 1: valid on every rank (the owner of page 0 attends
+# one token, the others return an empty partial: out 0, lse -inf).
+GRAPH_SEQ_LEN_FILL = 1
+
+logger = logging.getLogger(__name__)
 
 
 def _attention_backend_base():
@@ -122,6 +128,37 @@ class HelixBackendBase(_attention_backend_base()):
             self.extend_plan = None
             self._plan_decode(forward_batch)
 
+    # ---- CUDA graphs (decode) ----------------------------------------------------
+    # SGLang plans through init_forward_metadata_out_graph outside the graph (at capture and
+    # before every replay), then records / replays the layers. The plan writes into buffers
+    # allocated once (HelixDecodeMetadata), and the layers read their fixed-width views with
+    # static-grid kernels and no host sync, so a replay sees the new batch's metadata.
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        """Check the preallocated decode buffers hold the largest graph batch; pick a
+        capture-safe kernel (Triton: a static grid; the flashinfer/FlashMLA wrappers plan on
+        the host per call)."""
+        if max_bs > self.helix.meta.max_batch:
+            raise HelixConfigError(
+                f"CUDA graph batch {max_bs} > the {self.helix.meta.max_batch} requests the Helix "
+                f"decode buffers hold (the request pool); lower --cuda-graph-max-bs to "
+                f"{self.helix.meta.max_batch}")
+        if torch.device(self.device).type == "cuda" and self.helix.impl == "auto":
+            self.helix.impl = "triton"
+            logger.info("sglang_helix: decode CUDA graphs capture the Triton partial-attention "
+                        "kernels (static grids)")
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Host-side planning for capture, replay and eager runs alike."""
+        self.init_forward_metadata(forward_batch)
+
+    def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+        """Nothing to record: the layers read the buffers the out-of-graph plan filled."""
+        return None
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return GRAPH_SEQ_LEN_FILL
+
     # ---- run -------------------------------------------------------------------
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -138,11 +175,17 @@ class HelixBackendBase(_attention_backend_base()):
         q3, k_new, v_new, k_pages, v_pages = self._extend_inputs(q, k, v, layer)
         out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
                            kvp_rank=self.cfg.kvp_rank(self.rank),
-                           heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange)
+                           heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange,
+                           w_uv=self._value_projection(kwargs))
         return out.reshape(out.shape[0], -1)
 
     def _store(self, k, v, layer, forward_batch) -> None:
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+
+    def _value_projection(self, kwargs) -> Optional[torch.Tensor]:
+        """The per-head value projection applied before the exchange (MLA --helix-mla-exchange
+        value: W_UV of all heads, srt.backends.mla); None for GQA."""
+        return None
 
     def _extend_inputs(self, q, k, v, layer):
         """(q [T, Hq, D], k_new [T, Hk, D], v_new [T, Hk, Dv], k_pages, v_pages)."""
