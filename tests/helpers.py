@@ -23,11 +23,12 @@ E2E_PROMPT_TEXTS = (
 )
 
 
+NEEDS_SGLANG = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+
+
 def e2e_marks(timeout_s: int) -> list:
     """pytestmark of a real-server test module: marker sglang_e2e, skip without SGLang, a timeout."""
-    return [pytest.mark.sglang_e2e,
-            pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed"),
-            pytest.mark.timeout(timeout_s)]
+    return [pytest.mark.sglang_e2e, NEEDS_SGLANG, pytest.mark.timeout(timeout_s)]
 
 HOOK_PRELUDE = (
     "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"

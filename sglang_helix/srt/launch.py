@@ -124,6 +124,18 @@ _SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
 )
 
 
+def check_chunked_prefill(chunked_prefill_size: int | None) -> None:
+    """Refuse an explicitly disabled chunked prefill (--chunked-prefill-size <= 0): a long prompt
+    would run as one forward, its activations and KV writes growing with the whole prompt.
+    None (not given) is fine: SGLang then picks a bounded default for the device."""
+    if chunked_prefill_size is not None and int(chunked_prefill_size) <= 0:
+        _fail(
+            f"--chunked-prefill-size {chunked_prefill_size} disables chunked prefill, so a long "
+            "prompt is prefilled in one forward; give a positive size (e.g. 8192) or leave the "
+            "flag out for SGLang's default"
+        )
+
+
 def decode_graph_blocker(cfg: HelixConfig, device: str) -> str | None:
     """Why Helix decode must run without CUDA graphs here, or None (SGLang may capture it).
 

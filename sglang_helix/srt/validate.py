@@ -24,8 +24,8 @@ from typing import Any
 from ..config import HelixConfigError
 from . import state
 from .args import ENV_VAR, HelixServerArgs, ModelInfo, ServerLayout, check_server_compat, describe, parse_helix_env, resolve_helix_args
-from .launch import (DEFAULT_PAGE_SIZE_REASON, PREFILL_GRAPH_REASON, check_page_size,
-                     decode_graph_blocker, helix_page_size)
+from .launch import (DEFAULT_PAGE_SIZE_REASON, PREFILL_GRAPH_REASON, check_chunked_prefill,
+                     check_page_size, decode_graph_blocker, helix_page_size)
 from .cpu.env import apply_cpu_env
 from .cpu.sgl_kernel_stub import cpu_engine_requested
 
@@ -61,6 +61,7 @@ def early_validation(server_args: Any, previous: Callable[[Any], None], *,
             "Helix shards); drop --enable-helix for a model-less server"
         )
     declare_default_page_size(server_args, view)
+    check_chunked_prefill(view.chunked_prefill_size)
     _apply_cpu_env_if_cpu(view)
 
 
@@ -108,6 +109,8 @@ def late_validation(server_args: Any, previous: Callable[[Any], None], *,
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
                        decode_attention_backend="helix", **graphs)
     logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf))
+    logger.info("sglang_helix: prefill chunks of at most %s tokens (--chunked-prefill-size)",
+                view.chunked_prefill_size)
 
 
 def _graph_settings(helix_cfg: Any, view: Any) -> dict:

@@ -124,3 +124,34 @@ def test_plan_extend_refuses_bad_lengths():
         plan_extend([2, -1], [0, 0], 0, 4, 2)
     with pytest.raises(ValueError, match="local_tables"):
         plan_extend([2], [5], 0, 4, 2)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements any op inside the block produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_extend_memory_is_bounded_by_tiles_not_n_squared():
+    """A 3000-token chunk over a 3000-token paged prefix: no intermediate as large as n x n
+    (which the algorithm never builds); the largest is a tile of scores or the outputs."""
+    n, heads, d, page = 3000, 2, 8, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(n, heads, d, generator=g), torch.randn(n, 1, d, generator=g), torch.randn(n, 1, d, generator=g)
+    cache, table = build_local_paged_cache([torch.randn(n, 1, 2 * d, generator=g)], page, 1, 0)
+    plan = plan_extend([n], [n], 0, page, 1, local_tables=lambda _: (table, None))
+    with _LargestTensor() as seen:
+        chunk_attention_lse(q, k, v, [n], 0.3)
+        prefix_attention_lse(q, cache[..., :d], cache[..., d:], plan, 0.3)
+    bound = max(torch_extend._TILE_ELEMS + torch_extend._Q_TILE * heads * torch_extend._MIN_K_TILE,
+                n * heads * d * 2)
+    assert seen.largest <= bound < n * n, (seen.largest, bound)

@@ -367,3 +367,14 @@ def test_decode_graph_blockers():
     assert "CUDA only" in decode_graph_blocker(HelixConfig(**base), "cpu")
     assert "--helix-hopb-slices" in decode_graph_blocker(HelixConfig(**base, hopb_slices=2), "cuda")
     assert "nvshmem" in decode_graph_blocker(HelixConfig(**base, comm_backend="nvshmem"), "cuda")
+
+
+@pytest.mark.parametrize("size, ok", [(None, True), (16, True), (8192, True), (0, False), (-1, False)])
+def test_chunked_prefill_must_stay_bounded(size, ok):
+    from sglang_helix.srt.launch import check_chunked_prefill
+
+    if ok:
+        check_chunked_prefill(size)
+    else:
+        with pytest.raises(HelixConfigError, match="--chunked-prefill-size"):
+            check_chunked_prefill(size)

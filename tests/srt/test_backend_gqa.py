@@ -11,17 +11,17 @@ the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from types import SimpleNamespace
 
 import pytest
+from helpers import NEEDS_SGLANG
 import torch
 
 from sglang_helix.config import HelixConfig
 from sglang_helix.ranks import run_ranks
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+pytestmark = NEEDS_SGLANG
 
 H, K, D, DV, P = 4, 2, 8, 6, 4
 SEQS = [13, 22, 5, 1]

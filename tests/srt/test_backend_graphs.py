@@ -14,9 +14,10 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from helpers import NEEDS_SGLANG, fake_runner
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+pytestmark = NEEDS_SGLANG
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
@@ -30,7 +31,6 @@ if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.backends.mla import HelixMLAAttnBackend
     from sglang_helix.srt.memory.pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool
 
-from helpers import fake_runner
 
 from sglang_helix.config import HelixConfig, HelixConfigError
 from sglang_helix.dev.syncs import no_host_sync

@@ -14,9 +14,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import NEEDS_SGLANG
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+pytestmark = NEEDS_SGLANG
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:

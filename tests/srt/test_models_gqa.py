@@ -4,18 +4,18 @@ hook registration and liveness."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from types import ModuleType, SimpleNamespace
 
 import pytest
+from helpers import NEEDS_SGLANG
 
 from sglang_helix.srt import state
 from sglang_helix.srt.models import gqa as sm
 from sglang_helix.srt.args import GQA_ARCHITECTURES
 from sglang_helix.config import HelixConfig
 
-needs_sglang = pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+needs_sglang = NEEDS_SGLANG
 
 
 def _attn(h=8, k=2, d=16, tp=2):

@@ -135,7 +135,7 @@ def test_hooks_store_helix_args_that_survive_pickle_and_spawn(tmp_path, tiny_lla
     assert "prepare_server_args" in out["before_apply"]
     assert out["plain_attr"] is False and out["plain_resolved"] is True
     expected = ("HelixServerArgs(enable_helix=True, helix_kvp_size=2, helix_tpa_size=2, "
-                "helix_comm_backend='a2a', helix_hopb_slices=2)")
+                "helix_comm_backend='a2a', helix_hopb_slices=2, helix_mla_exchange=None)")
     assert out["attr"] == out["pickled"] == out["child"] == expected
     assert out["child_server_args"] is True
 
@@ -167,9 +167,11 @@ def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
     (["--page-size", "4", "--enable-mixed-chunk"], ["drop --enable-mixed-chunk"]),
     (["--page-size", "4", "--disaggregation-mode", "prefill"],
      ["start the prefill server without --enable-helix"]),
-], ids=["page-size-1", "hicache", "mixed-chunk", "pd-prefill"])
+    (["--page-size", "4", "--chunked-prefill-size", "-1"],
+     ["--chunked-prefill-size -1 disables chunked prefill", "give a positive size"]),
+], ids=["page-size-1", "hicache", "mixed-chunk", "pd-prefill", "unchunked"])
 def test_helix_launch_refusal_names_the_flag_before_weights(tmp_path, tiny_llama, flags, expected):
-    """Serving-support refusals (plugin.check_serving_support): non-zero exit, message names the
+    """Serving-support refusals (srt.validate / srt.launch): non-zero exit, message names the
     flag and the fix, and no weight was loaded."""
     proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", *flags)
     assert proc.returncode != 0
