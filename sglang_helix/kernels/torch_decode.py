@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 # fp32 elements materialised per chunk (gathered K/V + scores): ~8 MB, cache-friendly.
-_CHUNK_ELEMS = 2 * 1024 * 1024
+_CHUNK_ELEMS = 2097152
 _MIN_CHUNK_TOKENS = 256
 # Up to this longest local length the whole batch runs padded in one pass.
 _BATCH_MAX_TOKENS = 1024
@@ -81,7 +81,8 @@ class _OnlineSoftmax:
 
 def _per_request(fn, bsz: int, seq_lens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                  host_seq_lens=None):
-    """Run fn(b, b + 1, length) per non-empty request, or fn(0, B, longest) once for short batches.
+    """Run fn(b, b + 1, length, length) per non-empty request, or fn(0, B, longest, shortest) once
+    for short batches.
 
     out [B, H, Dv] / lse [B, H] arrive as 0 / -inf, the answer for empty rows. host_seq_lens:
     the same lengths as host ints, known at plan time (then the run path does no host sync).
@@ -90,11 +91,12 @@ def _per_request(fn, bsz: int, seq_lens: torch.Tensor, out: torch.Tensor, lse: t
     lengths = list(host_seq_lens) if host_seq_lens is not None else seq_lens.tolist()
     longest = max(lengths, default=0)
     if longest <= _BATCH_MAX_TOKENS:
-        out[:], lse[:] = fn(0, bsz, longest)
+        # shortest = -1: every chunk masks, whatever the batch (see _chunk_tokens).
+        out[:], lse[:] = fn(0, bsz, longest, -1)
         return out, lse
     for b, length in enumerate(lengths):
         if length > 0:
-            out[b : b + 1], lse[b : b + 1] = fn(b, b + 1, length)
+            out[b : b + 1], lse[b : b + 1] = fn(b, b + 1, length, length)
     return out, lse
 
 
@@ -117,9 +119,9 @@ def gqa_partial_torch(
     out = torch.zeros(bsz, hq, v_cache.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.full((bsz, hq), float("-inf"), dtype=torch.float32, device=q.device)
 
-    def run(b0: int, b1: int, longest: int):
+    def run(b0: int, b1: int, longest: int, shortest: int):
         sl = slice(b0, b1)
-        return _gqa_chunked(q[sl], k_cache, v_cache, page_table[sl], seq_lens[sl], scale, longest)
+        return _gqa_chunked(q[sl], k_cache, v_cache, page_table[sl], seq_lens[sl], scale, longest, shortest)
 
     return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
@@ -143,9 +145,10 @@ def mla_partial_torch(
     out = torch.zeros(bsz, heads, rank_r, dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.full((bsz, heads), float("-inf"), dtype=torch.float32, device=q_latent.device)
 
-    def run(b0: int, b1: int, longest: int):
+    def run(b0: int, b1: int, longest: int, shortest: int):
         sl = slice(b0, b1)
-        return _mla_chunked(q_latent[sl], q_rope[sl], kv_cache, page_table[sl], seq_lens[sl], scale, longest)
+        return _mla_chunked(q_latent[sl], q_rope[sl], kv_cache, page_table[sl], seq_lens[sl], scale,
+                            longest, shortest)
 
     return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
@@ -158,8 +161,12 @@ def _gqa_chunked(
     seq_lens: torch.Tensor,
     scale: float,
     longest: int,
+    shortest: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched GQA over pages [0, ceil(longest / P)) in chunks; shapes as gqa_partial_torch."""
+    """Batched GQA over pages [0, ceil(longest / P)) in chunks; shapes as gqa_partial_torch.
+
+    shortest / longest: host bounds of the batch's lengths (a chunk needs a mask only where
+    some request ends inside it)."""
     bsz, hq, d = q.shape
     page_size, kh, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     group = hq // kh
@@ -170,13 +177,15 @@ def _gqa_chunked(
     step = _chunk_pages(bsz, page_size, kh * (d + dv) + hq)
     for p0 in range(0, total, step):
         p1 = min(total, p0 + step)
-        ids, mask = _chunk_page_ids(page_table, seq_lens, p0, p1, page_size)
-        k = k_cache[ids].flatten(1, 2).float()  # [B, T, Kh, D]
-        v = v_cache[ids].flatten(1, 2).float()  # [B, T, Kh, Dv]
-        # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
-        v.masked_fill_(~mask[:, :, None, None], 0.0)
+        ids, mask, keep = _chunk_tokens(page_table, seq_lens, p0, p1, page_size, longest, shortest)
+        k = _gather(k_cache, ids, keep).float()  # [B, T, Kh, D]
+        v = _gather(v_cache, ids, keep).float()  # [B, T, Kh, Dv]
+        if mask is not None:
+            # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
+            v.masked_fill_(~mask[:, :, None, None], 0.0)
         scores = torch.matmul(qf, k.permute(0, 2, 3, 1))  # [B, Kh, G, T]
-        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+        if mask is not None:
+            scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
         state.update(scores, v.transpose(1, 2))
     out, lse = state.finish()
     return out.reshape(bsz, hq, dv), lse.reshape(bsz, hq)
@@ -190,6 +199,7 @@ def _mla_chunked(
     seq_lens: torch.Tensor,
     scale: float,
     longest: int,
+    shortest: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched MLA over pages [0, ceil(longest / P)) in chunks; shapes as mla_partial_torch."""
     bsz, heads, rank_r = q_latent.shape
@@ -201,12 +211,40 @@ def _mla_chunked(
     step = _chunk_pages(bsz, page_size, width + heads)
     for p0 in range(0, total, step):
         p1 = min(total, p0 + step)
-        ids, mask = _chunk_page_ids(page_table, seq_lens, p0, p1, page_size)
-        kv = kv_cache[ids].flatten(1, 2).float()  # [B, T, R + Dr]
-        # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
-        kv = kv.masked_fill_(~mask[:, :, None], 0.0).unsqueeze(1)  # [B, 1, T, R + Dr]
+        ids, mask, keep = _chunk_tokens(page_table, seq_lens, p0, p1, page_size, longest, shortest)
+        kv = _gather(kv_cache, ids, keep).float()  # [B, T, R + Dr]
+        if mask is not None:
+            # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
+            kv.masked_fill_(~mask[:, :, None], 0.0)
+        kv = kv.unsqueeze(1)  # [B, 1, T, R + Dr]
         scores = torch.matmul(qf, kv.transpose(-1, -2))  # [B, 1, H, T]
-        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+        if mask is not None:
+            scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
         state.update(scores, kv[..., :rank_r])
     out, lse = state.finish()
     return out.reshape(bsz, heads, rank_r), lse.reshape(bsz, heads)
+
+
+def _chunk_tokens(page_table, seq_lens, p0: int, p1: int, page_size: int, longest: int, shortest: int):
+    """(page ids [B, C], token mask [B, T] or None, tokens to keep T) of chunk pages [p0, p1).
+
+    A chunk that lies within every request needs no mask; a request run alone (shortest ==
+    longest, one row) keeps exactly its tokens (the tail of its last page is cut off, not masked).
+    The padded short-batch path always masks to the batch's longest length, so a row's result
+    does not depend on which other rows share its batch (bitwise, as padded CUDA-graph batches
+    need).
+    """
+    end = p1 * page_size
+    if end <= shortest:
+        return page_table[:, p0:p1].long(), None, end - p0 * page_size
+    if shortest == longest and seq_lens.shape[0] == 1:
+        return page_table[:, p0:p1].long(), None, min(end, longest) - p0 * page_size
+    ids, mask = _chunk_page_ids(page_table, seq_lens, p0, p1, page_size)
+    return ids, mask, end - p0 * page_size
+
+
+def _gather(cache: torch.Tensor, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Pages ids [B, C] of cache [slots, P, ...] -> [B, keep, ...] tokens (one row copy each)."""
+    bsz, pages = ids.shape
+    rows = cache.index_select(0, ids.reshape(-1)).view(bsz, pages * cache.shape[1], *cache.shape[2:])
+    return rows[:, :keep]
