@@ -1,10 +1,13 @@
 """Helix decode-attention kernels (installed as sglang_helix.kernels).
 
 reference: fp32 torch references (ground truth for every kernel test).
-torch_decode: vectorised, L-chunked torch fast path (CPU production path).
-triton_decode / triton_merge: Triton paged partial attention and LSE merge (CUDA, or CPU under
-    TRITON_INTERPRET=1 set before this package is imported).
+torch_decode: vectorised, L-chunked torch decode partial attention (CPU production path).
+torch_extend: tiled torch extend attention with LSE (CPU production path).
+triton_decode / triton_merge / triton_extend: Triton paged partial attention, LSE merge and tiled
+    extend attention (CUDA, or CPU under TRITON_INTERPRET=1 set before this package is imported).
 gpu: flashinfer / sgl-kernel FlashMLA wrappers behind availability checks (not verified on GPU yet).
+blackwell: flashinfer trtllm-gen / CuTe-DSL MLA decode on SM100 behind a capability check
+    (not verified on GPU yet).
 """
 
 from .reference import full_attention_ref, gqa_partial_ref, merge_ref, mla_partial_ref

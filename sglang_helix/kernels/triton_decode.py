@@ -13,12 +13,19 @@ the same math as the Helix merge, one level down, and keeps the GPU busy at smal
 
 Block sizes are constexpr powers of two >= 16 (tl.dot's minimum); real dims (D=40, R=48, Dr=8)
 are handled with masks. Runs on CUDA and under TRITON_INTERPRET=1 on CPU tensors.
+
+Every launch parameter that differs between the two (token block sizes, fp32 dot operands, tl.dot
+precision, the split-KV choice, warps/stages) lives in one frozen `TritonConfig`, chosen by
+device (`config_for`) and overridable per call, so tests run the exact GPU set on CPU tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -210,31 +217,114 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _interpreting(device: torch.device) -> bool:
-    # triton 3.8's interpreter returns garbage for tl.dot on bf16 operands (measured: errors
-    # ~1e10 on a 16x16 product; fp16 and fp32 are fine), so CPU runs upcast to fp32 first.
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
+@dataclass(frozen=True)
+class TritonConfig:
+    """Launch parameters of the decode kernels: everything that differs between CPU and GPU runs.
 
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs would silently drop to tf32 on Ampere+; keep them exact.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _pick_splits(num_splits: int | None, device: torch.device, programs: int, capacity: int) -> int:
-    """Explicit num_splits wins; else on CUDA fill ~2 waves of SMs, bounded by 256-token splits.
-
-    capacity = max_pages * P bounds every request's length, so no host sync is needed.
+    block_n_gqa / block_n_mla: tokens per loop step (powers of two >= 16); block_h_mla: query
+        heads per MLA program.
+    upcast: feed fp32 operands to tl.dot. The GPU feeds fp16/bf16 to the tensor cores as they are;
+        the CPU interpreter needs fp32 for bf16 (triton 3.8 keeps bf16 as uint16 and np.matmul's
+        the raw bits: errors ~1e10; see interpreter_bf16_dot for running upcast=False there).
+    fp32_precision: tl.dot input_precision for fp32 inputs ("ieee": exact; "tf32" would round
+        operands to 10 mantissa bits on Ampere+). fp16/bf16 operands are exact products anyway.
+    num_sms: SMs the automatic split-KV choice fills (0: never split when num_splits is None);
+        min_split_tokens / max_splits bound it.
+    num_warps / num_stages: Triton launch options (None: Triton's default; the interpreter
+        ignores both).
     """
-    if num_splits is not None:
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        return int(num_splits)
+
+    block_n_gqa: int = 64
+    block_n_mla: int = 32
+    block_h_mla: int = 16
+    upcast: bool = False
+    fp32_precision: str = "ieee"
+    num_sms: int = 0
+    min_split_tokens: int = 256
+    max_splits: int = 64
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_n_gqa", "block_n_mla", "block_h_mla"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TritonConfig.{name}={value} must be a power of two >= 16")
+        if self.fp32_precision not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"TritonConfig.fp32_precision={self.fp32_precision!r}; use ieee, tf32 "
+                             f"or tf32x3")
+        if self.num_sms < 0 or self.min_split_tokens < 1 or self.max_splits < 1:
+            raise ValueError(f"TritonConfig needs num_sms >= 0, min_split_tokens >= 1 and "
+                             f"max_splits >= 1; got {self}")
+
+    @classmethod
+    def gpu(cls, num_sms: int = 132, **overrides) -> "TritonConfig":
+        """The CUDA parameter set (num_sms: the device's SM count; 132 = H100 SXM)."""
+        return cls(num_sms=num_sms, **overrides)
+
+    @classmethod
+    def cpu(cls, **overrides) -> "TritonConfig":
+        """The interpreter parameter set: small token blocks, fp32 dot operands, no split."""
+        return cls(**{"block_n_gqa": 16, "block_n_mla": 16, "upcast": True, **overrides})
+
+    def splits(self, programs: int, capacity: int) -> int:
+        """Split-KV count: ~2 waves of num_sms programs, each split >= min_split_tokens of capacity.
+
+        capacity = max_pages * P bounds every request's length, so no host sync is needed and the
+        count stays fixed while a captured CUDA graph's page table keeps its width.
+        """
+        if self.num_sms == 0:
+            return 1
+        want = triton.cdiv(2 * self.num_sms, max(programs, 1))
+        return int(max(1, min(want, triton.cdiv(capacity, self.min_split_tokens), self.max_splits)))
+
+    def dot_precision(self, dtype: torch.dtype) -> str:
+        return self.fp32_precision if dtype == torch.float32 else "tf32"
+
+    def launch_options(self) -> dict:
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {k: v for k, v in opts.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def config_for(device: torch.device) -> TritonConfig:
+    """TritonConfig.gpu (with the device's SM count) on CUDA, TritonConfig.cpu elsewhere."""
     if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    return int(max(1, min(want, triton.cdiv(capacity, 256), 64)))
+        return TritonConfig.cpu()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return TritonConfig.gpu(num_sms=_sm_count(index))
+
+
+@contextlib.contextmanager
+def interpreter_bf16_dot():
+    """Under TRITON_INTERPRET=1: make tl.dot read bf16 operands as numbers, for this block.
+
+    Widens bf16 (stored as uint16 by the interpreter) to fp32 exactly before np.matmul, which is
+    what the tensor cores compute (exact products, fp32 accumulation). Lets tests and the CPU
+    dry-run of scripts/gpu_check.py run TritonConfig.gpu() (upcast=False) on bf16. Test aid only.
+    """
+    import numpy as np  # noqa: PLC0415
+    from triton.runtime import interpreter  # noqa: PLC0415
+
+    builder, original = interpreter.InterpreterBuilder, interpreter.InterpreterBuilder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        builder.create_dot = original
 
 
 def _outputs(splits: int, bsz: int, heads: int, dv: int, dtype: torch.dtype, device: torch.device):
@@ -245,9 +335,14 @@ def _outputs(splits: int, bsz: int, heads: int, dv: int, dtype: torch.dtype, dev
     return out, lse
 
 
-def _index_tensors(page_table: torch.Tensor, seq_lens: torch.Tensor):
-    # The kernels index page-table columns with unit stride; tables are small, copies are cheap.
-    return page_table.contiguous(), seq_lens.contiguous()
+def _prepare(page_table, seq_lens, num_splits, config, device, programs, capacity):
+    """Contiguous index tensors (the kernels read page-table columns with unit stride; tables
+    are small), the config for `device` unless given, and the split count."""
+    cfg = config or config_for(device)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    splits = int(num_splits) if num_splits is not None else cfg.splits(programs, capacity)
+    return page_table.contiguous(), seq_lens.contiguous(), cfg, splits
 
 
 def _finish(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
@@ -256,18 +351,20 @@ def _finish(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
     return merge_triton(out, lse, out_dtype=dtype)
 
 
-def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=None, block_n=None):
+def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=None, config=None):
     """Partial GQA decode attention (contract of reference.gqa_partial_ref).
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (last dims
     contiguous); page_table: [B, max_pages] int32/int64; seq_lens: [B] int.
+    num_splits: split-KV count (None: config.splits); config: TritonConfig (None: config_for).
     Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (0 / -inf when empty).
     """
-    page_table, seq_lens = _index_tensors(page_table, seq_lens)
     bsz, hq, d = q.shape
     page_size, kh, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     group = hq // kh
-    splits = _pick_splits(num_splits, q.device, bsz * kh, page_table.shape[1] * page_size)
+    page_table, seq_lens, cfg, splits = _prepare(
+        page_table, seq_lens, num_splits, config, q.device, bsz * kh, page_table.shape[1] * page_size
+    )
     out, lse = _outputs(splits, bsz, hq, dv, q.dtype, q.device)
     if bsz == 0:
         return _finish(out, lse, q.dtype)
@@ -283,29 +380,32 @@ def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_spl
         PAGE_SIZE=page_size,
         NUM_SPLITS=splits,
         BLOCK_H=_block(group),
-        BLOCK_N=block_n or (16 if q.device.type == "cpu" else 64),
+        BLOCK_N=cfg.block_n_gqa,
         BLOCK_D=_block(d),
         BLOCK_DV=_block(dv),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        UPCAST=_interpreting(q.device),
+        DOT_PRECISION=cfg.dot_precision(q.dtype),
+        UPCAST=cfg.upcast,
+        **cfg.launch_options(),
     )
     return _finish(out, lse, q.dtype)
 
 
-def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, num_splits=None, block_n=None):
+def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, num_splits=None, config=None):
     """Partial absorbed-MLA decode attention (contract of reference.mla_partial_ref).
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
-    page_table: [B, max_pages]; seq_lens: [B].
+    page_table: [B, max_pages]; seq_lens: [B]. num_splits, config: as gqa_partial_triton.
     Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
     """
-    page_table, seq_lens = _index_tensors(page_table, seq_lens)
     bsz, heads, rank_r = q_latent.shape
     rope_dim = q_rope.shape[-1]
     page_size = kv_cache.shape[1]
-    block_h = 16
-    head_blocks = triton.cdiv(heads, block_h)
-    splits = _pick_splits(num_splits, q_latent.device, bsz * head_blocks, page_table.shape[1] * page_size)
+    cfg = config or config_for(q_latent.device)
+    head_blocks = triton.cdiv(heads, cfg.block_h_mla)
+    capacity = page_table.shape[1] * page_size
+    page_table, seq_lens, cfg, splits = _prepare(
+        page_table, seq_lens, num_splits, cfg, q_latent.device, bsz * head_blocks, capacity
+    )
     out, lse = _outputs(splits, bsz, heads, rank_r, q_latent.dtype, q_latent.device)
     if bsz == 0:
         return _finish(out, lse, q_latent.dtype)
@@ -320,11 +420,12 @@ def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, 
         scale * LOG2E, heads, rank_r, rope_dim,
         PAGE_SIZE=page_size,
         NUM_SPLITS=splits,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n or (16 if q_latent.device.type == "cpu" else 32),
+        BLOCK_H=cfg.block_h_mla,
+        BLOCK_N=cfg.block_n_mla,
         BLOCK_R=_block(rank_r),
         BLOCK_DR=_block(rope_dim),
-        DOT_PRECISION=_dot_precision(q_latent.dtype),
-        UPCAST=_interpreting(q_latent.device),
+        DOT_PRECISION=cfg.dot_precision(q_latent.dtype),
+        UPCAST=cfg.upcast,
+        **cfg.launch_options(),
     )
     return _finish(out, lse, q_latent.dtype)

@@ -2,7 +2,10 @@
 
 Caches are filled with NaN everywhere a kernel must not read (unused pages, slots past seq_len),
 and physical pages are shuffled, so a wrong page lookup or an unmasked read fails loudly.
-Triton shapes stay tiny: the interpreter runs every program in Python.
+Triton shapes stay tiny: the interpreter runs every program in Python. Triton runs twice: with
+the interpreter's own parameters (TritonConfig.cpu, what impl="triton" picks on CPU) and with the
+exact GPU parameter set (TritonConfig.gpu); the "GPU parameters" section says what the interpreter
+cannot cover.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from sglang_helix.kernels import (
     mla_partial_torch,
 )
 from sglang_helix.kernels import torch_decode
-from sglang_helix.kernels.triton_decode import gqa_partial_triton, mla_partial_triton
+from sglang_helix.kernels.triton_decode import (
+    TritonConfig,
+    config_for,
+    gqa_partial_triton,
+    interpreter_bf16_dot,
+    mla_partial_triton,
+)
 
 # Per-dtype tolerances vs the fp32 reference fed the same (rounded) inputs.
 # out: the kernels return q's dtype, so out carries one rounding of that dtype (plus, in Triton,
@@ -200,6 +209,149 @@ def test_triton_merge_single_shard_is_identity():
     out, lse = merge_triton(outs, lses)
     torch.testing.assert_close(out, outs[0])
     torch.testing.assert_close(lse, lses[0])
+
+
+# ------------------------------------------------------------------------- Triton, GPU parameters
+#
+# The exact launch parameters CUDA runs (TritonConfig.gpu: 64/32-token blocks, fp16/bf16 fed to
+# tl.dot as they are, fp32 dots at input_precision="ieee", split-KV sized for an H100's 132 SMs),
+# run here by the interpreter on CPU tensors. What the interpreter cannot show:
+# - tl.dot input_precision: the interpreter always computes np.matmul in fp32, so "ieee" vs "tf32"
+#   give the same numbers here; a wrong precision mode would only show on the GPU
+#   (scripts/gpu_check.py compares fp32 inputs there too).
+# - bf16 tl.dot: triton 3.8's interpreter keeps bf16 as uint16 and multiplies the raw bits, so
+#   bf16 runs inside interpreter_bf16_dot(), which widens bf16 operands to fp32 (exact) first,
+#   i.e. what the tensor cores compute; the kernel's code path is the GPU one (upcast=False).
+# - num_warps / num_stages, tensor-core accumulation order, memory coalescing and speed.
+
+GPU_PARAMS = TritonConfig.gpu(num_sms=132)
+
+
+@pytest.fixture
+def gpu_interpreter():
+    with interpreter_bf16_dot():
+        yield GPU_PARAMS
+
+
+def test_triton_config_by_device_and_split_choice():
+    assert config_for(torch.device("cpu")) == TritonConfig.cpu()
+    assert TritonConfig.cpu().upcast and TritonConfig.cpu().splits(1, 10**6) == 1
+    gpu = TritonConfig.gpu(num_sms=132)
+    assert not gpu.upcast and (gpu.block_n_gqa, gpu.block_n_mla, gpu.block_h_mla) == (64, 32, 16)
+    assert gpu.dot_precision(torch.float32) == "ieee" and gpu.dot_precision(torch.bfloat16) == "tf32"
+    assert gpu.splits(programs=1, capacity=1 << 20) == 64  # capped by max_splits
+    assert gpu.splits(programs=1, capacity=600) == 3  # >= 256 tokens per split
+    assert gpu.splits(programs=8, capacity=1 << 20) == 33  # ~2 waves of 132 SMs
+    assert gpu.splits(programs=264, capacity=1 << 20) == 1
+    assert TritonConfig.gpu(num_sms=132, num_warps=8).launch_options() == {"num_warps": 8}
+    for bad in (dict(block_n_gqa=48), dict(block_h_mla=8), dict(fp32_precision="bf16"), dict(num_sms=-1)):
+        with pytest.raises(ValueError, match="TritonConfig"):
+            TritonConfig.gpu(**bad)
+    with pytest.raises(ValueError, match="num_splits"):
+        q, kc, vc, pt, sl = _gqa_problem([3], 4, 2, 1, 16, 16, torch.float32)
+        gqa_partial_triton(q, kc, vc, pt, sl, 0.3, num_splits=0)
+
+
+@pytest.mark.triton
+def test_interpreter_bf16_dot_is_needed_and_scoped():
+    """Without the shim the GPU parameter set gives garbage on bf16 under the interpreter (the
+    reason TritonConfig.cpu upcasts); with it, the reference; the patch is undone on exit."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    q, kc, vc, pt, sl = _gqa_problem([40], 16, 2, 1, 16, 16, torch.bfloat16, seed=11)
+    ref = gqa_partial_ref(q, kc, vc, pt, sl, 0.3)
+    raw = gqa_partial_triton(q, kc, vc, pt, sl, 0.3, config=GPU_PARAMS)
+    assert not torch.allclose(raw[0].float(), ref[0], atol=1.0)
+    with interpreter_bf16_dot():
+        _assert_close(gqa_partial_triton(q, kc, vc, pt, sl, 0.3, config=GPU_PARAMS), ref, torch.bfloat16)
+    assert interpreter.InterpreterBuilder.create_dot is original
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_triton_gpu_params_gqa_matches_reference(gpu_interpreter, dtype, page_size, group):
+    """130 tokens = 3 blocks of 64 with a ragged tail; D=40 / Dv=24 masked to 64 / 32.
+    Interpreter limits (section comment): tl.dot input_precision is not emulated; bf16 dots run
+    through interpreter_bf16_dot."""
+    kh, d, dv = 2, 40, 24
+    q, kc, vc, pt, sl = _gqa_problem([0, 130, 37, 5], page_size, kh * group, kh, d, dv, dtype)
+    got = gqa_partial_triton(q, kc, vc, pt, sl, 0.3, config=gpu_interpreter)
+    _assert_close(got, gqa_partial_ref(q, kc, vc, pt, sl, 0.3), dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_triton_gpu_params_mla_matches_reference(gpu_interpreter, dtype, page_size):
+    """5 heads in a 16-head block, 70 tokens = 3 blocks of 32, R=48 / Dr=8 masked.
+    Interpreter limits (section comment): tl.dot input_precision is not emulated; bf16 dots run
+    through interpreter_bf16_dot."""
+    ql, qr, kv, pt, sl = _mla_problem([70, 0, 33], page_size, 5, 48, 8, dtype)
+    got = mla_partial_triton(ql, qr, kv, pt, sl, 0.2, config=gpu_interpreter)
+    _assert_close(got, mla_partial_ref(ql, qr, kv, pt, sl, 0.2), dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_gpu_params_mla_deepseek_dims(gpu_interpreter, dtype):
+    """DeepSeek-V3's R=512 + Dr=64 (no masking along R) with 16 local heads, page size 64.
+    Register / shared-memory limits of these tiles only show when compiled for a GPU."""
+    ql, qr, kv, pt, sl = _mla_problem([45, 0, 64], 64, 16, 512, 64, dtype, seed=12)
+    got = mla_partial_triton(ql, qr, kv, pt, sl, 576 ** -0.5, config=gpu_interpreter)
+    _assert_close(got, mla_partial_ref(ql, qr, kv, pt, sl, 576 ** -0.5), dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_gpu_params_automatic_split_kv(gpu_interpreter, dtype, monkeypatch):
+    """num_splits=None: the GPU choice splits a 600-token capacity 3 ways (256-token splits), so
+    the 600-token row uses 3 splits, the 37-token row 1 (the others empty) and the 0-token row
+    none; the fp32 partials then go through the Triton merge into the input dtype.
+    Interpreter limits (section comment): tl.dot input_precision is not emulated; bf16 dots run
+    through interpreter_bf16_dot."""
+    from sglang_helix.kernels import triton_decode
+
+    seen = []
+    real = triton_decode.merge_triton
+    monkeypatch.setattr(triton_decode, "merge_triton", lambda o, l, **kw: seen.append(o.shape) or real(o, l, **kw))
+    q, kc, vc, pt, sl = _gqa_problem([600, 0, 37], 16, 4, 2, 32, 32, dtype, seed=13)
+    _assert_close(gqa_partial_triton(q, kc, vc, pt, sl, 0.3, config=gpu_interpreter),
+                  gqa_partial_ref(q, kc, vc, pt, sl, 0.3), dtype)
+    ql, qr, kv, pt, sl = _mla_problem([600, 3], 16, 5, 48, 8, dtype, seed=14)
+    _assert_close(mla_partial_triton(ql, qr, kv, pt, sl, 0.2, config=gpu_interpreter),
+                  mla_partial_ref(ql, qr, kv, pt, sl, 0.2), dtype)
+    assert [s[0] for s in seen] == [3, 3]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_gpu_params_split_kv_edges(gpu_interpreter, dtype):
+    """Explicit splits beyond the blocks a row has (empty splits) and a batch of all-empty rows."""
+    q, kc, vc, pt, sl = _gqa_problem([70, 0, 9], 16, 4, 2, 40, 40, dtype, seed=15)
+    _assert_close(gqa_partial_triton(q, kc, vc, pt, sl, 0.3, num_splits=4, config=gpu_interpreter),
+                  gqa_partial_ref(q, kc, vc, pt, sl, 0.3), dtype)
+    ql, qr, kv, pt, sl = _mla_problem([0, 0], 16, 3, 48, 8, dtype, seed=16)
+    pt = torch.zeros(2, 4, dtype=torch.int32)
+    _assert_close(mla_partial_triton(ql, qr, kv, pt, sl, 0.2, num_splits=2, config=gpu_interpreter),
+                  mla_partial_ref(ql, qr, kv, pt, sl, 0.2), dtype)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_merge_fp32_partials_into_dtype(dtype):
+    """The split-KV path's merge: fp32 partials, output in the input dtype (the merge kernel has
+    no device-dependent parameters, so this is the GPU launch too)."""
+    gen = torch.Generator().manual_seed(17)
+    outs, lses = torch.randn(4, 3, 5, 40, generator=gen), torch.randn(4, 3, 5, generator=gen) * 3
+    lses[1:, 0] = float("-inf")
+    lses[:, 2, 4] = float("-inf")
+    outs[:, 2, 4] = 0
+    out, lse = merge_triton(outs, lses, out_dtype=dtype)
+    ref_out, ref_lse = merge_ref(outs, lses)
+    _assert_close((out, lse), (ref_out.to(dtype), ref_lse), dtype)
 
 
 # ------------------------------------------------------------------------- whole sequence
