@@ -28,6 +28,17 @@ Times are medians over --iters steps; attention and step take the slowest rank, 
 fastest (the rank arriving last at the collective waits only for the communication itself).
 With HOP-B slices > 1 the phases interleave, so only the step time is reported. "x-only" is one
 exchange + merge timed alone after a barrier (no attention skew), slowest rank.
+
+MLA exchange (--mla-exchange latent value, MLA models only; docs/math.md section 4): every row
+then also runs W_UV ([R] -> [v_head_dim] per head, bf16 weights like the activations), timed as
+"W_UV ms" and included in the step: "latent" Helix rows exchange the R-wide latent and apply
+W_UV to their H/N merged heads after the merge; "value" rows apply W_UV of all H heads to the
+rank's partial before the exchange, which then moves v_head_dim per head. The 1 rank and plain
+TP rows apply W_UV to the heads they output (H, H/N) after attention (column "latent"). Without
+the flag no W_UV runs and the column reads "-".
+
+    python benchmarks/bench_layer.py --model deepseek-v3 --kvp 2 --mla-exchange latent value \
+        --ctx-len-start 8192 --ctx-len-end 32768 --backend a2a --hopb-slices 1 2 --batch 1
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import MODELS, AttentionSpec  # noqa: E402
 
 from sglang_helix import HelixConfig, sharding  # noqa: E402
-from sglang_helix.attention import partial_attention_gqa, partial_attention_mla  # noqa: E402
+from sglang_helix.attention import partial_attention_gqa, partial_attention_mla, project_values  # noqa: E402
 from sglang_helix.comm import make_exchange  # noqa: E402
 from sglang_helix.hopb import run_hopb  # noqa: E402
 from sglang_helix.ranks import run_ranks  # noqa: E402
@@ -74,6 +85,8 @@ class Row:
     bytes_per_rank: int  # exchange bytes one rank sends per step (0 without exchange)
     kv_bytes_per_rank: int  # KV bytes one rank reads per step (one layer, whole batch), max rank
     tpot_ms: float
+    mla_exchange: str = "-"  # "latent" | "value" with --mla-exchange (W_UV timed), else "-"
+    wuv_ms: float = 0.0  # W_UV time inside step_ms (value: before the exchange; latent: after)
 
 
 @dataclass(frozen=True)
@@ -104,12 +117,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads-per-rank", type=int, default=1)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds for one group of ranks")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/out"))
+    p.add_argument("--mla-exchange", nargs="+", choices=["latent", "value"], default=None,
+                   help="MLA only: time W_UV too and run every Helix layout with each exchange "
+                        "(module doc)")
     args = p.parse_args(argv)
     if args.ctx_len_start < 1 or args.ctx_len_end < args.ctx_len_start:
         p.error("--ctx-len-start must be >= 1 and <= --ctx-len-end")
     if args.batch < 1 or args.iters < 1:
         p.error("--batch and --iters must be >= 1")
     spec = MODELS[args.model]
+    if args.mla_exchange and not spec.mla:
+        p.error(f"--mla-exchange applies to MLA models; {args.model} is GQA")
     for n in plain_tp_sizes(args):
         why = plain_tp_problem(spec, n)
         if why:
@@ -196,30 +214,64 @@ def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int):
     return partial_attention_gqa(q[lo:hi], k, v, table[lo:hi], seq_lens[lo:hi], scale)
 
 
-def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, group) -> tuple[float, float, float, float]:
-    """One decode step of one layer on this rank: (attn, exchange, merge, step) seconds.
-    exchange None (plain TP): attention over the whole sequence is the step."""
+def value_partial(spec, tensors, table, seq_lens, lo: int, hi: int, w_uv):
+    """partial(), then W_UV of all heads on it when w_uv is given (the value exchange)."""
+    out, lse = partial(spec, tensors, table, seq_lens, lo, hi)
+    return (out, lse) if w_uv is None else (project_values(out, w_uv), lse)
+
+
+def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, group,
+              w_uv=None, mode="-") -> tuple[float, float, float, float, float]:
+    """One decode step of one layer on this rank: (attn, exchange, merge, step, W_UV) seconds.
+    exchange None (plain TP): attention over the whole sequence is the step. w_uv (MLA, with
+    --mla-exchange): W_UV of the output heads after the merge (mode "latent"), or of all heads
+    on the partial before the exchange ("value"); included in step."""
     import torch.distributed as dist
 
+    before = w_uv if mode == "value" else None  # value: projected inside the partial
+    after = w_uv if mode == "latent" else None
     if group is not None:
         dist.barrier(group=group)
     t0 = time.perf_counter()
     if exchange is None:
-        partial(spec, tensors, table, seq_lens, 0, batch)
+        out, _ = partial(spec, tensors, table, seq_lens, 0, batch)
+        t1 = time.perf_counter()
+        if after is not None:
+            project_values(out, after)
         total = time.perf_counter() - t0
-        return total, 0.0, 0.0, total
+        return t1 - t0, 0.0, 0.0, total, total - (t1 - t0)
     if hopb_slices > 1:
-        run_hopb(lambda lo, hi: partial(spec, tensors, table, seq_lens, lo, hi), exchange, batch, hopb_slices)
+        merged = run_hopb(lambda lo, hi: value_partial(spec, tensors, table, seq_lens, lo, hi, before),
+                          exchange, batch, hopb_slices)
+        if after is not None:
+            project_values(merged, after)
         total = time.perf_counter() - t0
-        return float("nan"), float("nan"), float("nan"), total
+        return float("nan"), float("nan"), float("nan"), total, float("nan")
     out, lse = partial(spec, tensors, table, seq_lens, 0, batch)
     t1 = time.perf_counter()
+    if before is not None:
+        out = project_values(out, before)
+    t1b = time.perf_counter()
     pending = exchange.start(out, lse)
     pending.wait()
     t2 = time.perf_counter()
-    pending.merge()
+    merged = pending.merge()
     t3 = time.perf_counter()
-    return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+    if after is not None:
+        project_values(merged, after)
+    t4 = time.perf_counter()
+    return t1 - t0, t2 - t1b, t3 - t2, t4 - t0, (t1b - t1) + (t4 - t3)
+
+
+def w_uv_for(spec: AttentionSpec, opts: dict, world: int, mode: str, rank: int):
+    """Random bf16-like W_UV [heads, R, Dv] for this row (None without --mla-exchange): all H
+    heads for "value" and the single rank, H/N for "latent" Helix and plain TP."""
+    if mode == "-":
+        return None
+    heads = spec.num_heads if mode == "value" or world == 1 else spec.num_heads // world
+    gen = torch.Generator().manual_seed(7 + rank)
+    w = torch.randn(heads, spec.head_dim, spec.v_head_dim, generator=gen) * spec.head_dim ** -0.5
+    return w.to(DTYPES[opts["dtype"]])
 
 
 def time_exchange_only(exchange, out, lse, group) -> float:
@@ -241,29 +293,35 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
     group = dist.group.WORLD if world_size > 1 else None
     plain = opts["layout"] == PLAIN_TP
     results = []
-    cases = [(c, b, s) for c in opts["ctx_lens"] for b in opts["backends"] for s in opts["slices"]]
+    cases = [(c, b, s, m) for c in opts["ctx_lens"] for b in opts["backends"] for s in opts["slices"]
+             for m in opts.get("modes", ["-"])]
     bar = _progress(len(cases), opts["label"]) if rank == 0 else None
-    for ctx, backend, slices in cases:
+    for ctx, backend, slices, mode in cases:
         shard = rank_shard(spec, opts, rank, ctx)
         tensors, table, seq_lens = make_inputs(spec, shard, opts["page_size"], rank, opts["batch"],
                                                DTYPES[opts["dtype"]], ctx)
         exchange = None if plain else make_exchange(backend, group, opts["kvp"])
+        w_uv = w_uv_for(spec, opts, world_size, mode, rank)
+        step = lambda: time_step(spec, slices, exchange, tensors, table, seq_lens,  # noqa: E731
+                                 opts["batch"], group, w_uv, mode)
         for _ in range(opts["warmup"]):
-            time_step(spec, slices, exchange, tensors, table, seq_lens, opts["batch"], group)
+            step()
         if exchange is not None:
             exchange.stats.bytes_sent = exchange.stats.calls = 0
-        samples = [time_step(spec, slices, exchange, tensors, table, seq_lens, opts["batch"], group)
-                   for _ in range(opts["iters"])]
+        samples = [step() for _ in range(opts["iters"])]
         if exchange is None:
             bytes_per_step, exch_only = 0, 0.0
         else:
             bytes_per_step = exchange.stats.bytes_sent // opts["iters"]
-            out, lse = partial(spec, tensors, table, seq_lens, 0, opts["batch"])
+            out, lse = value_partial(spec, tensors, table, seq_lens, 0, opts["batch"],
+                                     w_uv if mode == "value" else None)
             exch_only = statistics.median(time_exchange_only(exchange, out, lse, group)
                                           for _ in range(opts["iters"]))
         medians = [statistics.median(s[i] for s in samples) for i in range(4)] + [exch_only]
-        results.append(dict(ctx_len=ctx, backend=backend, hopb_slices=slices, seconds=medians,
-                            bytes_per_step=bytes_per_step, kv_bytes=kv_bytes_read(spec, tensors, seq_lens)))
+        medians.append(statistics.median(s[4] for s in samples))
+        results.append(dict(ctx_len=ctx, backend=backend, hopb_slices=slices, mode=mode,
+                            seconds=medians, bytes_per_step=bytes_per_step,
+                            kv_bytes=kv_bytes_read(spec, tensors, seq_lens)))
         if bar:
             bar.update(1)
     if bar:
@@ -288,23 +346,27 @@ def run_layout(args, layout: str, kvp: int, tpa: int) -> list[Row]:
     exchanging = layout == HELIX
     backends = args.backend if exchanging else ["a2a"]  # no exchange to compare
     slices = args.hopb_slices if exchanging else [1]
+    modes = args.mla_exchange if exchanging and args.mla_exchange else (
+        ["latent"] if args.mla_exchange else ["-"])
     label = {SINGLE: "1 rank", HELIX: f"Helix KVP={kvp} TPA={tpa}", PLAIN_TP: f"plain TP {tpa}"}[layout]
     opts = dict(model=args.model, layout=layout, label=label, kvp=kvp, tpa=tpa, batch=args.batch,
                 page_size=args.page_size, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
-                ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices)
+                ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices,
+                modes=modes)
     per_rank = run_ranks(rank_worker, world, args=(opts,), timeout=args.timeout, threads=args.threads_per_rank)
     rows = []
     for i, case in enumerate(per_rank[0]):
         # The slowest rank sets attention and step time. The rank that reaches the exchange last
         # waits least, so the smallest exchange time across ranks is the communication itself
         # (the others also wait out the attention skew).
-        pick = (max, min, max, max, max)
-        secs = [pick[j](r[i]["seconds"][j] for r in per_rank) for j in range(5)]
+        pick = (max, min, max, max, max, max)
+        secs = [pick[j](r[i]["seconds"][j] for r in per_rank) for j in range(6)]
         ms = [s * 1e3 for s in secs]
         rows.append(Row(args.model, layout, world, case["ctx_len"], args.batch, kvp, tpa,
-                        case["backend"] if exchanging and kvp > 1 else "-", case["hopb_slices"], *ms,
-                        max(r[i]["bytes_per_step"] for r in per_rank),
-                        max(r[i]["kv_bytes"] for r in per_rank), ms[3] * spec.num_layers))
+                        case["backend"] if exchanging and kvp > 1 else "-", case["hopb_slices"],
+                        *ms[:5], max(r[i]["bytes_per_step"] for r in per_rank),
+                        max(r[i]["kv_bytes"] for r in per_rank), ms[3] * spec.num_layers,
+                        mla_exchange=case["mode"], wuv_ms=ms[5]))
     return rows
 
 
@@ -317,15 +379,24 @@ def layout_label(r: Row) -> str:
     return f"Helix KVP {r.kvp}{tpa}"
 
 
+def _with_w_uv(rows: list[Row]) -> bool:
+    """True when the rows were run with --mla-exchange (extra columns: MLA exchange, W_UV ms)."""
+    return any(r.mla_exchange != "-" for r in rows)
+
+
 def print_table(rows: list[Row]) -> None:
+    mla = _with_w_uv(rows)
     head = f"{'layout':>16} {'N':>2} {'ctx':>7} {'backend':>7} {'hopb':>4} {'attn ms':>9} {'exch ms':>8} " \
            f"{'merge ms':>8} {'step ms':>9} {'x-only ms':>9} {'exch B/rank':>11} {'KV B/rank':>12} {'TPOT ms':>9}"
+    head += f" {'MLA x':>6} {'W_UV ms':>8}" if mla else ""
     print(head)
     print("-" * len(head))
     for r in rows:
+        extra = f" {r.mla_exchange:>6} {r.wuv_ms:>8.3f}" if mla else ""
         print(f"{layout_label(r):>16} {r.ranks:>2} {r.ctx_len:>7} {r.backend:>7} {r.hopb_slices:>4} "
               f"{r.attn_ms:>9.2f} {r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} "
-              f"{r.exch_only_ms:>9.3f} {r.bytes_per_rank:>11} {r.kv_bytes_per_rank:>12} {r.tpot_ms:>9.1f}")
+              f"{r.exch_only_ms:>9.3f} {r.bytes_per_rank:>11} {r.kv_bytes_per_rank:>12} {r.tpot_ms:>9.1f}"
+              + extra)
 
 
 def _ratio(num: float, den) -> str:
@@ -334,9 +405,11 @@ def _ratio(num: float, den) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """The printed table as Markdown, for docs/results.md."""
+    mla = _with_w_uv(rows)
     lines = ["| layout | N | ctx | backend | HOP-B | attn ms | exch ms | merge ms | step ms | exch-only ms "
-             "| exch bytes/rank/step | KV bytes/rank/step | step vs 1 rank | step vs plain TP N |",
-             "|" + "---|" * 14]
+             "| exch bytes/rank/step | KV bytes/rank/step | step vs 1 rank | step vs plain TP N |"
+             + (" MLA exchange | W_UV ms |" if mla else ""),
+             "|" + "---|" * (16 if mla else 14)]
     single = {(r.ctx_len, r.batch): r.step_ms for r in rows if r.layout == SINGLE}
     plain = {(r.ctx_len, r.batch, r.ranks): r.step_ms for r in rows if r.layout == PLAIN_TP}
     for r in rows:
@@ -344,7 +417,8 @@ def markdown_table(rows: list[Row]) -> str:
         vs_tp = _ratio(r.step_ms, plain.get((r.ctx_len, r.batch, r.ranks)))
         lines.append(f"| {layout_label(r)} | {r.ranks} | {r.ctx_len} | {r.backend} | {r.hopb_slices} | "
                      f"{r.attn_ms:.2f} | {r.exchange_ms:.3f} | {r.merge_ms:.3f} | {r.step_ms:.2f} | "
-                     f"{r.exch_only_ms:.3f} | {r.bytes_per_rank:,} | {r.kv_bytes_per_rank:,} | {vs1} | {vs_tp} |")
+                     f"{r.exch_only_ms:.3f} | {r.bytes_per_rank:,} | {r.kv_bytes_per_rank:,} | {vs1} | {vs_tp} |"
+                     + (f" {r.mla_exchange} | {r.wuv_ms:.3f} |" if mla else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -352,8 +426,11 @@ def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> list[Path]:
     """CSV, Markdown table and PNG plot of the rows; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
+    fields = list(asdict(rows[0]))
+    if not _with_w_uv(rows):  # runs without --mla-exchange keep the columns they always had
+        fields = [f for f in fields if f not in ("mla_exchange", "wuv_ms")]
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     md_path.write_text(markdown_table(rows))
@@ -365,6 +442,7 @@ def _series_label(r: Row) -> str:
     label = layout_label(r)
     if r.layout == HELIX and r.kvp > 1:
         label += f" {r.backend}"
+        label += f" {r.mla_exchange}" if r.mla_exchange != "-" else ""
     return label + (f" HOP-B {r.hopb_slices}" if r.hopb_slices > 1 else "")
 
 
@@ -376,16 +454,16 @@ def _plot(rows: list[Row], path: Path) -> None:
 
     fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(12, 4.5))
     order = {SINGLE: 0, HELIX: 1, PLAIN_TP: 2}
-    keys = sorted({(order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices) for r in rows})
-    for o, ranks, kvp, backend, slices in keys:
-        sel = sorted((r for r in rows if (order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices)
-                      == (o, ranks, kvp, backend, slices)), key=lambda r: r.ctx_len)
+    key = lambda r: (order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices, r.mla_exchange)  # noqa: E731
+    for o, ranks, kvp, backend, slices, mode in sorted({key(r) for r in rows}):
+        sel = sorted((r for r in rows if key(r) == (o, ranks, kvp, backend, slices, mode)),
+                     key=lambda r: r.ctx_len)
         # 1 rank: hollow circles, plain TP: dashed crosses (they overlap in the KV panel for MLA)
         style = [dict(ls="-", marker="o", ms=9, mfc="none"), dict(ls="-", marker="o"),
                  dict(ls="--", marker="x", ms=8)][o]
         xs = [r.ctx_len for r in sel]
         ax.plot(xs, [r.step_ms for r in sel], label=_series_label(sel[0]), **style)
-        if slices == 1 and backend in ("-", "a2a"):
+        if slices == 1 and backend in ("-", "a2a") and mode in ("-", "latent"):
             ax_kv.plot(xs, [r.kv_bytes_per_rank / 2**20 for r in sel], label=layout_label(sel[0]), **style)
     for a in (ax, ax_kv):
         a.set_xscale("log", base=2)

@@ -14,6 +14,7 @@ class AttentionSpec:
     head_dim: int  # GQA head dim; MLA: kv_lora_rank (the latent value dim)
     rope_dim: int = 0  # MLA only: qk_rope_head_dim
     mla: bool = False
+    v_head_dim: int = 0  # MLA only: W_UV's output width per head (bench_layer --mla-exchange)
 
     @property
     def kv_dim(self) -> int:
@@ -23,9 +24,10 @@ class AttentionSpec:
 
 MODELS = {
     # DeepSeek-V3 / R1: 61 layers, 128 heads, kv_lora_rank 512, qk_rope_head_dim 64
-    "deepseek-v3": AttentionSpec("deepseek-v3", 61, 128, 1, 512, 64, mla=True),
+    # v_head_dim 128
+    "deepseek-v3": AttentionSpec("deepseek-v3", 61, 128, 1, 512, 64, mla=True, v_head_dim=128),
     # DeepSeek-V3-Lite as TensorRT-LLM's benchmark uses it (DeepSeek-V2-Lite dims): 27 layers, 16 heads
-    "deepseek-v3-lite": AttentionSpec("deepseek-v3-lite", 27, 16, 1, 512, 64, mla=True),
+    "deepseek-v3-lite": AttentionSpec("deepseek-v3-lite", 27, 16, 1, 512, 64, mla=True, v_head_dim=128),
     # Llama-3-70B: 80 layers, 64 query heads, 8 KV heads, head dim 128
     "llama-70b": AttentionSpec("llama-70b", 80, 64, 8, 128),
     # Gemma-2B: 18 layers, 8 query heads, 1 KV head (multi-query), head dim 256; plain TP > 1

@@ -1,6 +1,7 @@
 """Reproduce the Helix paper's headline ratios with the analytic model, and calibrate it on CPU.
 
     python benchmarks/paper_repro.py [--no-calibration] [--out-dir docs] [--refresh-probe]
+                                     [--mla-exchange {latent,value}] [--compare-mla-exchange]
 
 1. Sweeps DeepSeek-R1 and Llama-3.1-405B at 1M context, FP4, GB200 NVL72, 1..64 GPUs, every
    TP / PP / EP / KVP / Helix layout x a dense batch grid; prints the paper's claims next to the
@@ -13,6 +14,9 @@
    --calibration-csv files (default docs/results/helix_vs_tp/bench_layer_deepseek-v3_b1.csv:
    1 rank, Helix KVP 2 a2a, plain TP 2) and prints predicted vs measured. The commands that
    produced the committed files are in docs/results.md ("Calibration on this machine").
+3. --compare-mla-exchange: DeepSeek-R1's metrics, fastest Helix TTL and exchange share with the MLA
+   exchange of latents vs values (docs/math.md section 4), the a2a bytes per rank per layer and
+   the replicated W_UV memory per GPU. --mla-exchange sets the mode of section 1 (MLA only).
 
 Metric definitions ("up to" = the maximum over the swept range):
 - TTL at fixed batch: for each batch size, best baseline TTL / best Helix TTL; max over batches.
@@ -37,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from sglang_helix.perf import plan as P  # noqa: E402
 from sglang_helix.perf.layouts import Layout, all_layouts  # noqa: E402
-from sglang_helix.perf.model import Setting, attention_layer_time  # noqa: E402
+from sglang_helix.config import DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES  # noqa: E402
+from sglang_helix.perf.model import (  # noqa: E402
+    Setting, attention_layer_time, helix_exchange_bytes, step, w_uv_params)
 from sglang_helix.perf.specs import get_hardware, get_model  # noqa: E402
 
 CONTEXT = 1 << 20
@@ -62,8 +68,10 @@ CPU_PROFILE = RESULTS / "cpu_profile.json"
 CALIBRATION_CSVS = (RESULTS / "helix_vs_tp" / "bench_layer_deepseek-v3_b1.csv",)
 
 
-def run_sweep(model: str, latency_scale: float = 1.0) -> P.Sweep:
-    st = Setting(get_model(model), get_hardware("gb200"), CONTEXT, "fp4", latency_scale)
+def run_sweep(model: str, latency_scale: float = 1.0,
+              mla_exchange: str = DEFAULT_MLA_EXCHANGE) -> P.Sweep:
+    st = Setting(get_model(model), get_hardware("gb200"), CONTEXT, "fp4", latency_scale,
+                 mla_exchange)
     return P.sweep(st, all_layouts(st.model, MAX_GPUS), P.batch_grid(8192, per_octave=8))
 
 
@@ -93,6 +101,51 @@ def print_paper_table(results: dict, zero_lat: dict) -> None:
         ok = "yes" if abs(sim / paper - 1) <= 0.2 else "no"
         fmt = (lambda v: f"{v * 100:.1f}%") if key == "hopb_off_loss" else (lambda v: f"{v:.2f}x")
         print(f"| {model} | {LABELS[key]} | {fmt(paper)} | {fmt(sim)} | {sim / paper:.2f} | {ok} | {fmt(sim0)} |")
+
+
+def compare_mla_exchange(model: str = "deepseek-r1") -> None:
+    """Section 3 of the module doc: the same sweep with latent and value MLA exchange."""
+    spec = get_model(model)
+    print(f"\nMLA exchange, {model}, 1M context, FP4, GB200 NVL72, <= {MAX_GPUS} GPUs (simulated)")
+    print("| mode | TTL at fixed batch | tok/s/GPU same tok/s/user | max tok/s/user ratio "
+          "| HOP-B off loss | fastest Helix: TTL ms, exchange share | most tok/s/GPU Helix: "
+          "TTL ms, exchange share |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for mode in MLA_EXCHANGES:
+        sw = run_sweep(model, mla_exchange=mode)
+        met, (helix, _) = metrics(sw), P.split_families(sw)
+        st = Setting(spec, get_hardware("gb200"), CONTEXT, "fp4", 1.0, mode)
+        points = []
+        for i in (P.choose(helix, None), int(np.argmax(helix.tok_s_gpu))):
+            lay, batch = helix.layout(i), helix.batch[i]
+            res = step(st, lay, [batch])
+            points.append(f"{lay.label().replace(' | ', ', ')} b{int(batch)}: {res.ttl[0] * 1e3:.3f}, "
+                          f"{res.exchange[0] / res.ttl[0] * 100:.1f}%")
+        print(f"| {mode} | {met['ttl_fixed_batch']:.2f}x | {met['users_same_latency']:.2f}x | "
+              f"{met['interactivity']:.2f}x | {met['hopb_off_loss'] * 100:.1f}% | "
+              f"{points[0]} | {points[1]} |")
+    batches = (1, 8, 64, 512, 2048)
+    print(f"\nTTL value / latent of one layout (< 1: values faster; '-': does not fit in memory)")
+    print("| context | layout | " + " | ".join(f"batch {b}" for b in batches) + " |")
+    print("| --- | --- |" + " ---: |" * len(batches))
+    for ctx in (CONTEXT, 1 << 16):
+        for hopb in (1, 4):
+            lay = Layout("helix", kvp=MAX_GPUS, tpf=8, ep=8, hopb=hopb)
+            lat, val = (step(Setting(spec, get_hardware("gb200"), ctx, "fp4", 1.0, mode), lay, batches)
+                        for mode in MLA_EXCHANGES)
+            cells = [f"{v / t:.3f}" if ok else "-" for t, v, ok in zip(lat.ttl, val.ttl, val.feasible)]
+            print(f"| {ctx // 1024}K | {lay.label().replace(' | ', ', ')} | " + " | ".join(cells) + " |")
+    print("\n| KVP | tokens | latent a2a bytes/rank/layer | value a2a bytes/rank/layer | ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for kvp, tokens in ((2, 1), (8, 32), (64, 1), (64, 256)):
+        lay = Layout("helix", kvp=kvp, tpf=kvp)
+        lat, val = (helix_exchange_bytes(spec, lay, tokens, m) for m in MLA_EXCHANGES)
+        print(f"| {kvp} | {tokens} | {lat:,.0f} | {val:,.0f} | {lat / val:.2f} |")
+    per_layer = w_uv_params(spec)
+    print(f"\nreplicated W_UV: H x R x Dv = {spec.num_heads} x {spec.kv_lora_rank} x "
+          f"{spec.v_head_dim} = {per_layer:,} elements per layer; x {spec.num_layers} layers = "
+          f"{per_layer * spec.num_layers * 0.5 / 2**20:,.0f} MiB fp4, "
+          f"{per_layer * spec.num_layers * 2 / 2**20:,.0f} MiB bf16 per GPU (latent: 1/N of it)")
 
 
 def plot(sw: P.Sweep, title: str, path: Path) -> None:
@@ -129,6 +182,8 @@ def measured_bench(path: Path) -> dict:
     out: dict = {}
     with path.open() as f:
         for row in csv.DictReader(f):
+            if row.get("mla_exchange", "-") != "-":  # --mla-exchange rows also time W_UV
+                continue
             kvp, tpa = int(row["kvp"]), int(row["tpa"])
             layout = row.get("layout") or ("1 rank" if kvp * tpa == 1 else "helix")
             if layout == "helix" and (row["backend"] != "a2a" or row["hopb_slices"] != "1" or tpa != 1):
@@ -196,18 +251,25 @@ def main(argv=None) -> int:
                     help="probe JSON the calibration predicts with (committed: %(default)s)")
     ap.add_argument("--calibration-csv", type=Path, nargs="+", default=list(CALIBRATION_CSVS),
                     help="bench_layer.py CSVs (DeepSeek-V3, batch 1) to compare with")
+    ap.add_argument("--mla-exchange", choices=MLA_EXCHANGES, default=DEFAULT_MLA_EXCHANGE,
+                    help="what DeepSeek's Helix layouts exchange in the paper sweep (default "
+                         "%(default)s)")
+    ap.add_argument("--compare-mla-exchange", action="store_true",
+                    help="also sweep DeepSeek-R1 with both MLA exchanges and print the difference")
     args = ap.parse_args(argv)
     results, zero_lat, total = {}, {}, 0
     for model, png, title in (("deepseek-r1", "paper_pareto_deepseek_r1.png", "DeepSeek-R1"),
                               ("llama-405b", "paper_pareto_llama405b.png", "Llama-3.1-405B")):
-        sw = run_sweep(model)
+        sw = run_sweep(model, mla_exchange=args.mla_exchange)
         total += sw.evaluated
         results[model] = metrics(sw)
-        zero_lat[model] = metrics(run_sweep(model, latency_scale=0.0))
+        zero_lat[model] = metrics(run_sweep(model, 0.0, args.mla_exchange))
         plot(sw, f"{title}, 1M context, FP4, GB200 NVL72, <= {MAX_GPUS} GPUs (simulated)", args.out_dir / png)
         _print_best(model, sw)
     print(f"\nswept {total} (layout, batch) configurations per latency setting; wrote PNGs to {args.out_dir}\n")
     print_paper_table(results, zero_lat)
+    if args.compare_mla_exchange:
+        compare_mla_exchange()
     if not args.no_calibration:
         calibration(args.cpu_profile, args.calibration_csv, args.refresh_probe)
     return 0

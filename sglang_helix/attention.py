@@ -6,7 +6,13 @@
 - "reference": fp32 loop from kernels/reference.py (slow, the ground truth);
 - "torch": vectorised torch path (kernels/torch_decode.py), any device;
 - "triton": Triton kernels; on CPU only under TRITON_INTERPRET=1 (tests);
-- "flashinfer": flashinfer library kernels (CUDA; not verified on GPU yet).
+- "flashinfer": flashinfer library kernels (CUDA; not verified on GPU yet);
+- MLA only, "trtllm_mla" / "cutedsl_mla" / "blackwell" (either): flashinfer's Blackwell MLA
+  decode (kernels/blackwell.py; compute capability 10, bf16; not verified on GPU yet). "auto"
+  picks it first wherever blackwell.blackwell_mla_available says it runs.
+The extend halves (`chunk_attention_lse`, `prefix_attention_lse`) take "auto" (Triton on CUDA,
+torch on CPU), "torch" (kernels/torch_extend.py), "triton" (kernels/triton_extend.py) or
+"reference"; they return out and lse in fp32.
 
 Every impl returns out in the query's dtype and lse fp32 natural log; rows with no local token
 give out 0 and lse -inf. Validation runs on every call; its one host sync (lengths vs page-table capacity) is skipped
@@ -20,10 +26,12 @@ import os
 
 import torch
 
-from .kernels import gpu, reference, torch_decode, torch_extend
+from .kernels import blackwell, gpu, reference, torch_decode, torch_extend
 
 IMPLS = ("auto", "reference", "torch", "triton", "flashinfer")
+MLA_IMPLS = IMPLS + blackwell.IMPLS
 MERGE_IMPLS = ("auto", "reference", "torch", "triton")
+EXTEND_IMPLS = ("auto", "reference", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -196,16 +204,19 @@ def _triton_ok(device: torch.device) -> None:
         )
 
 
-def _resolve(impl: str, device: torch.device, gpu_ok: bool) -> str:
+def _resolve(impl: str, device: torch.device, gpu_ok: bool, blackwell_ok: bool = False) -> str:
     if impl != "auto":
         return impl
+    if blackwell_ok:  # MLA on a compute-capability-10 GPU (kernels/blackwell.py)
+        return "blackwell"
     if gpu_ok:
         return "flashinfer"
     return "triton" if device.type == "cuda" else "torch"
 
 
 def partial_attention_gqa(
-    q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True
+    q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True,
+    host_seq_lens=None,
 ):
     """Partial GQA decode attention over this rank's pages.
 
@@ -213,7 +224,9 @@ def partial_attention_gqa(
     page_table: [B, max_pages] int32/int64; seq_lens: [B] int32/int64 local lengths.
     Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (-inf, out 0 for empty).
     check_lengths=False skips the one host-syncing check (lengths vs page-table capacity) for
-    callers that validated the batch at plan time (HelixDecodeMetadata.plan).
+    callers that validated the batch at plan time (HelixDecodeMetadata.plan); host_seq_lens
+    (seq_lens as host ints, from that plan) spares the CPU torch path its loop-bound sync. The
+    other paths launch static grids (page_table's width) and never read lengths on the host.
     """
     _check_impl(impl, IMPLS)
     _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, check_lengths)
@@ -223,7 +236,7 @@ def partial_attention_gqa(
         out, lse = reference.gqa_partial_ref(*args)
         return out.to(q.dtype), lse
     if chosen == "torch":
-        return torch_decode.gqa_partial_torch(*args)
+        return torch_decode.gqa_partial_torch(*args, host_seq_lens=host_seq_lens)
     if chosen == "triton":
         _triton_ok(q.device)
         from .kernels.triton_decode import gqa_partial_triton  # noqa: PLC0415
@@ -238,27 +251,31 @@ def partial_attention_gqa(
 
 
 def partial_attention_mla(
-    q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True
+    q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True,
+    host_seq_lens=None,
 ):
     """Partial absorbed-MLA decode attention over this rank's pages.
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
     page_table: [B, max_pages]; seq_lens: [B].
     Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
-    check_lengths: as in partial_attention_gqa.
+    check_lengths, host_seq_lens: as in partial_attention_gqa.
     """
-    _check_impl(impl, IMPLS)
+    _check_impl(impl, MLA_IMPLS)
     _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, check_lengths)
     args = (q_latent, q_rope, kv_cache, page_table, seq_lens, scale)
+    bw = blackwell.choose_backend(q_latent, q_rope, kv_cache) if impl == "auto" else None
     fi_ok = gpu.flashinfer_mla_available(q_latent, q_rope, kv_cache)
-    if impl == "auto" and not fi_ok and gpu.flashmla_available(q_latent, q_rope, kv_cache):
+    if impl == "auto" and bw is None and not fi_ok and gpu.flashmla_available(q_latent, q_rope, kv_cache):
         return gpu.mla_partial_flashmla(*args)
-    chosen = _resolve(impl, q_latent.device, fi_ok)
+    chosen = _resolve(impl, q_latent.device, fi_ok, blackwell_ok=bw is not None)
+    if chosen in blackwell.IMPLS:  # raises, naming the requirement, where it cannot run
+        return blackwell.mla_partial_blackwell(*args, backend=bw or chosen)
     if chosen == "reference":
         out, lse = reference.mla_partial_ref(*args)
         return out.to(q_latent.dtype), lse
     if chosen == "torch":
-        return torch_decode.mla_partial_torch(*args)
+        return torch_decode.mla_partial_torch(*args, host_seq_lens=host_seq_lens)
     if chosen == "triton":
         _triton_ok(q_latent.device)
         from .kernels.triton_decode import mla_partial_triton  # noqa: PLC0415
@@ -295,12 +312,50 @@ def merge_state(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, l
                           torch.stack([lse_a.float(), lse_b.float()]))
 
 
-def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extend_lens, scale: float):
+def project_values(out: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype | None = None):
+    """MLA's per-head value projection of partial (or merged) latent outputs.
+
+    out [T, H, R] (fp32 partials included), w_uv [H, R, Dv] (W_UV of the same H heads) ->
+    [T, H, Dv] in `dtype` (default out's), contiguous; the LSE is untouched. The LSE merge is a
+    per-(row, head) weighted sum, so projecting every partial before the merge equals projecting
+    the merged latent (docs/math.md section 4). The bmm runs in W_UV's dtype (an fp32 partial
+    is rounded to it once, as a latent exchange in that dtype would round it).
+    """
+    _check_tensor("out", out, 3, "[T, H, R]")
+    _check_tensor("w_uv", w_uv, 3, "[H, R, Dv]")
+    if tuple(w_uv.shape[:2]) != tuple(out.shape[1:]):
+        raise ValueError(f"w_uv must be [H, R, Dv] = [{out.shape[1]}, {out.shape[2]}, Dv] for out "
+                         f"{tuple(out.shape)}, got {tuple(w_uv.shape)}")
+    _check_devices(out=out, w_uv=w_uv)
+    values = torch.bmm(out.transpose(0, 1).to(w_uv.dtype), w_uv).transpose(0, 1)
+    return values.to(dtype or out.dtype).contiguous()
+
+
+def _extend_impl(impl: str, device: torch.device, **tensors: torch.Tensor) -> str:
+    """The extend halves' implementation: "auto" -> Triton on CUDA, torch elsewhere (and for
+    inputs Triton does not take). Triton needs one fp16/bf16/fp32 dtype and contiguous last
+    dims (views such as MLA's v = k[..., :R] are fine)."""
+    _check_impl(impl, EXTEND_IMPLS)
+    ts = list(tensors.values())
+    fits = (all(t.dtype == ts[0].dtype for t in ts) and ts[0].dtype in _FLOAT_DTYPES
+            and all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in ts))
+    chosen = impl if impl != "auto" else ("triton" if device.type == "cuda" and fits else "torch")
+    if chosen == "triton":
+        _triton_ok(device)
+        first = next(iter(tensors))
+        for name, t in tensors.items():
+            _check_float(name, t, tensors[first], first)
+            _check_last_contiguous(name, t)
+    return chosen
+
+
+def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extend_lens, scale: float,
+                        impl: str = "auto"):
     """Causal attention of each request's chunk over the chunk itself, with the LSE.
 
     q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] (Hq % Hk == 0); requests back to back with
     lengths extend_lens (host ints); token i of a request sees its tokens 0..i.
-    Returns out [T, Hq, Dv] fp32 and lse [T, Hq] fp32 natural log.
+    Returns out [T, Hq, Dv] fp32 and lse [T, Hq] fp32 natural log. impl: module doc.
     """
     _check_tensor("q", q, 3, "[T, Hq, D]")
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
@@ -308,27 +363,41 @@ def chunk_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exten
                          f"Hq % Hk == 0; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if sum(extend_lens) != q.shape[0]:
         raise ValueError(f"extend_lens sum to {sum(extend_lens)} but q has {q.shape[0]} rows")
+    chosen = _extend_impl(impl, q.device, q=q, k=k, v=v)
+    if chosen == "triton":
+        from .kernels.triton_extend import chunk_attention_triton  # noqa: PLC0415
+
+        return chunk_attention_triton(q, k, v, extend_lens, scale)
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
     start = 0
     for n in extend_lens:
         sl = slice(start, start + n)
-        out[sl], lse[sl] = torch_extend.tiled_attention_lse(
-            q[sl], torch_extend.dense_fetch(k[sl], v[sl]), n, v.shape[2], scale, causal_offset=0)
+        if chosen == "reference":
+            out[sl], lse[sl] = reference.attention_lse_ref(q[sl], k[sl], v[sl], scale, 0)
+        else:
+            out[sl], lse[sl] = torch_extend.tiled_attention_lse(
+                q[sl], torch_extend.dense_fetch(k[sl], v[sl]), n, v.shape[2], scale, causal_offset=0)
         start += n
     return out, lse
 
 
 def prefix_attention_lse(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, plan,
-                         scale: float):
+                         scale: float, impl: str = "auto"):
     """Partial attention of every chunk query over this rank's pages of its request's prefix.
 
     q [T, Hq, D]; k_pages [slots, P, Hk, D], v_pages [slots, P, Hk, Dv]; plan: an
     metadata.ExtendPlan (extend_lens, local_prefix_lens, page_table [B, pages] local slots).
     Each request's local prefix pages are read once per query tile, not once per query.
     Returns out [T, Hq, Dv] fp32 (0 where this rank holds no prefix token) and lse [T, Hq] fp32
-    (-inf there).
+    (-inf there). impl: module doc.
     """
+    chosen = _extend_impl(impl, q.device, q=q, k_pages=k_pages, v_pages=v_pages)
+    if chosen == "triton":
+        from .kernels.triton_extend import prefix_attention_triton  # noqa: PLC0415
+
+        return prefix_attention_triton(q, k_pages, v_pages, plan.page_table, plan.extend_lens,
+                                       plan.local_prefix_lens, scale)
     page_size, dv = k_pages.shape[1], v_pages.shape[-1]
     out = torch.zeros(q.shape[0], q.shape[1], dv, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
@@ -337,6 +406,10 @@ def prefix_attention_lse(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.
         if length == 0 or plan.extend_lens[i] == 0:
             continue
         sl = slice(starts[i], starts[i + 1])
+        if chosen == "reference":
+            keys = [reference._gather_tokens(c, plan.page_table[i], length) for c in (k_pages, v_pages)]
+            out[sl], lse[sl] = reference.attention_lse_ref(q[sl], *keys, scale)
+            continue
         fetch = torch_extend.paged_fetch(k_pages, v_pages, plan.page_table[i], page_size)
         out[sl], lse[sl] = torch_extend.tiled_attention_lse(q[sl], fetch, length, dv, scale,
                                                             k_multiple=page_size)

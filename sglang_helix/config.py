@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from .errors import HelixError
 
 COMM_BACKENDS = ("a2a", "ag_rs", "nvshmem")
+# What an MLA decode exchanges (docs/math.md section 4): the R-wide latent partial of each head
+# (W_UV after the merge, on the H/N owned heads) or the Dv-wide value (W_UV of all H heads
+# applied to each rank's partial before the exchange; W_UV replicated like W_UK).
+MLA_EXCHANGES = ("latent", "value")
+DEFAULT_MLA_EXCHANGE = "latent"
 
 
 class HelixConfigError(HelixError, ValueError):
@@ -31,6 +36,9 @@ class HelixConfig:
     comm_backend: "a2a" (one all_to_all_single), "ag_rs" (all-gather + reduce-scatter
         baseline) or "nvshmem" (CUDA symmetric memory).
     hopb_slices: batch slices for HOP-B overlap (1 = off).
+    mla_exchange: MLA only: "latent" (exchange the R-wide latent partials, W_UV after the merge)
+        or "value" (W_UV of all H heads on each rank's partial, exchange Dv-wide values).
+        GQA has no W_UV: it must stay "latent" (the field's neutral value).
     """
 
     kvp: int = 1
@@ -41,6 +49,7 @@ class HelixConfig:
     page_size: int = 1
     comm_backend: str = "a2a"
     hopb_slices: int = 1
+    mla_exchange: str = DEFAULT_MLA_EXCHANGE
 
     def __post_init__(self) -> None:
         for name in ("kvp", "tpa", "num_heads", "num_kv_heads", "page_size", "hopb_slices"):
@@ -53,6 +62,16 @@ class HelixConfig:
             _fail(
                 f"comm_backend={self.comm_backend!r} is unknown; "
                 f"choose one of {', '.join(COMM_BACKENDS)} (--helix-comm-backend)"
+            )
+        if self.mla_exchange not in MLA_EXCHANGES:
+            _fail(
+                f"mla_exchange={self.mla_exchange!r} is unknown; choose one of "
+                f"{', '.join(MLA_EXCHANGES)} (--helix-mla-exchange)"
+            )
+        if not self.mla and self.mla_exchange != "latent":
+            _fail(
+                f"mla_exchange={self.mla_exchange!r} with a GQA layout: the value exchange moves "
+                f"MLA's W_UV before the exchange and GQA has none; drop --helix-mla-exchange"
             )
         if self.mla:
             if self.tpa != 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .attention import partial_attention_gqa, partial_attention_mla
+from .attention import partial_attention_gqa, partial_attention_mla, project_values
 from .comm import make_exchange
 from .config import HelixConfig, HelixConfigError
 from .hopb import run_hopb
@@ -73,18 +73,26 @@ class HelixAttention:
             out, lse = partial_attention_gqa(
                 q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
+                host_seq_lens=meta.host_seq_lens[start:stop],
             )
             return _for_exchange(out, lse, q.dtype)
 
         return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
 
-    def forward_mla(self, q_latent, q_rope, kv_cache, scale: float) -> torch.Tensor:
+    def forward_mla(self, q_latent, q_rope, kv_cache, scale: float, w_uv=None) -> torch.Tensor:
         """q_latent [B, H, R] (absorbed); q_rope [B, H, Dr]; kv_cache [pages, P, R + Dr].
 
-        Returns [B, H/N, R] latent outputs (before W_UV) in q_latent's dtype.
+        cfg.mla_exchange "latent" (w_uv None): returns [B, H/N, R] latent outputs (before W_UV).
+        "value": w_uv [H, R, Dv] is W_UV of all H heads; each rank projects its partial
+        (LSE unchanged) before the exchange, which then moves Dv instead of R per head, and
+        returns [B, H/N, Dv] values. Both in q_latent's dtype.
         """
         if not self.cfg.mla:
             raise HelixConfigError("forward_mla called on a GQA HelixConfig; use forward_gqa")
+        if (w_uv is not None) != (self.cfg.mla_exchange == "value"):
+            raise HelixConfigError(
+                f"mla_exchange={self.cfg.mla_exchange!r} "
+                f"{'needs' if w_uv is None else 'takes no'} w_uv (W_UV of all heads, [H, R, Dv])")
         self._check_q(q_latent, self.cfg.num_heads)
         meta = self.meta
 
@@ -92,7 +100,10 @@ class HelixAttention:
             out, lse = partial_attention_mla(
                 q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
+                host_seq_lens=meta.host_seq_lens[start:stop],
             )
+            if w_uv is not None:  # the merge commutes with the per-head linear W_UV
+                out = project_values(out, w_uv, q_latent.dtype)
             return _for_exchange(out, lse, q_latent.dtype)
 
         return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)

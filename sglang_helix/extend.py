@@ -14,6 +14,11 @@ Hn = Hq / KVP heads after the exchange:
 No prefix KV moves between ranks; the same collectives run on every rank (the branch depends
 only on host ints every rank shares). Hq/Hk: GQA H/TPA query and K/TPA KV heads; MLA H query
 heads and one latent KV head whose first R dims are the values.
+
+MLA value exchange (w_uv [Hq, R, Dv], W_UV of all heads): (1) is projected with its own heads'
+W_UV and (3) with all of them before the merge and the exchange (both are per-(row, head)
+weighted sums, which commute with a per-head linear map), so the exchange moves Dv-wide values
+and the result is [T, Hn, Dv] values.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import chunk_attention_lse, merge_state, prefix_attention_lse
+from .attention import chunk_attention_lse, merge_state, prefix_attention_lse, project_values
 from .metadata import ExtendPlan
 
 Exchange = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,19 +53,24 @@ def own_kv(k: torch.Tensor, v: torch.Tensor, own: slice, num_q_heads: int):
 
 def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: ExtendPlan,
                  k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float, *, kvp_rank: int,
-                 heads_per_rank: int, exchange: Exchange) -> torch.Tensor:
+                 heads_per_rank: int, exchange: Exchange, w_uv=None) -> torch.Tensor:
     """One chunk's attention on KVP rank `kvp_rank`; returns [T, Hn, Dv] in q's dtype.
 
     q [T, Hq, D]; k_new [T, Hk, D], v_new [T, Hk, Dv]: the chunk's rows, requests back to back
     as plan.extend_lens; k_pages [slots, P, Hk, D], v_pages [slots, P, Hk, Dv]: this rank's
     paged cache (plan.page_table indexes it); exchange(out [T, Hq, Dv], lse [T, Hq]) ->
-    merged [T, Hn, Dv] over the KVP group (sglang_helix.comm).
+    merged [T, Hn, Dv] over the KVP group (sglang_helix.comm). w_uv [Hq, Dv, Dv']: optional
+    per-head value projection (MLA's W_UV, module doc); the result is then [T, Hn, Dv'].
     """
     own = own_heads(kvp_rank, heads_per_rank)
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
     chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale)
+    if w_uv is not None:
+        chunk_out = project_values(chunk_out, w_uv[own])
     if not plan.has_prefix:
         return chunk_out.to(q.dtype)
     out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale)
+    if w_uv is not None:
+        out = project_values(out, w_uv)
     out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)
     return exchange(out.to(q.dtype).contiguous(), lse.contiguous())

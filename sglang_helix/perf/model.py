@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES
 from .layouts import Layout
 from .specs import ACT_BYTES, LSE_BYTES, PRECISION_BYTES, HardwareSpec, ModelSpec, log2_steps
 
@@ -33,10 +34,16 @@ class Setting:
     context: int
     precision: str = "fp4"
     latency_scale: float = 1.0  # multiplies every collective latency (0 = bandwidth only)
+    # MLA Helix layouts: "latent" exchanges kv_lora_rank per head (W_UV after the merge, H/N
+    # heads); "value" replicates W_UV, applies it to all H heads before the exchange and
+    # exchanges v_head_dim per head (docs/math.md section 4). No effect on GQA or baselines.
+    mla_exchange: str = DEFAULT_MLA_EXCHANGE
 
     def __post_init__(self) -> None:
         if self.context < 1:
             raise ValueError(f"context must be >= 1, got {self.context}")
+        if self.mla_exchange not in MLA_EXCHANGES:
+            raise ValueError(f"mla_exchange {self.mla_exchange!r} unknown; one of {MLA_EXCHANGES}")
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"precision {self.precision!r} unknown")
         self.hw.flop_rate(self.precision)  # SpecError if the chip cannot compute it
@@ -120,19 +127,31 @@ def attention_core(st: Setting, lay: Layout, tokens):
     return roofline(st, kv_bytes, flops, st.attn_rate)
 
 
+def value_exchange(model: ModelSpec, lay: Layout, mla_exchange: str) -> bool:
+    """True when W_UV runs before the exchange: an MLA Helix layout with mla_exchange "value"."""
+    return model.mla and lay.kind == "helix" and mla_exchange == "value"
+
+
+def exchange_width(model: ModelSpec, lay: Layout, mla_exchange: str = DEFAULT_MLA_EXCHANGE) -> int:
+    """Elements per (token, head) the exchange moves besides the LSE: MLA latent R, or Dv in the
+    value exchange; GQA head_dim."""
+    return model.v_head_dim if value_exchange(model, lay, mla_exchange) else model.v_dim
+
+
 def exchange(st: Setting, lay: Layout, tokens, backend: str = "a2a"):
     """(latency part, bandwidth part) of combining the KVP partials, seconds."""
     m = st.model
     if lay.kvp <= 1 or lay.kind not in ("helix", "kvp"):
         return 0.0 * tokens, 0.0 * tokens
     heads = m.num_heads / lay.tpa
+    width = exchange_width(m, lay, st.mla_exchange)
     if lay.kind == "helix" and backend == "a2a":  # output + fp32 LSE packed, one all_to_all
-        return _split(all_to_all, st, tokens * heads * (m.v_dim * ACT_BYTES + LSE_BYTES), lay.kvp)
+        return _split(all_to_all, st, tokens * heads * (width * ACT_BYTES + LSE_BYTES), lay.kvp)
     # ag_rs (Helix baseline backend) / Medha: all-gather the fp32 LSE, then reduce-scatter
     # (Helix) or all-reduce (Medha, whose o_proj is TP-tied) the rescaled fp32 partials.
     lse = _split(all_gather, st, tokens * heads * LSE_BYTES * lay.kvp, lay.kvp)
     reduce = reduce_scatter if lay.kind == "helix" else all_reduce
-    parts = _split(reduce, st, tokens * heads * m.v_dim * 4.0, lay.kvp)
+    parts = _split(reduce, st, tokens * heads * width * 4.0, lay.kvp)
     return lse[0] + parts[0], lse[1] + parts[1]
 
 
@@ -142,10 +161,26 @@ def _split(collective, st: Setting, buffer, n: int):
     return lat, collective(st, buffer, n) - lat
 
 
-def helix_exchange_bytes(model: ModelSpec, lay: Layout, tokens: int) -> float:
+def helix_exchange_bytes(model: ModelSpec, lay: Layout, tokens: int,
+                         mla_exchange: str = DEFAULT_MLA_EXCHANGE) -> float:
     """Bytes one rank sends per layer in the Helix a2a (docs/math.md section 4); no S in it."""
     heads = model.num_heads / lay.tpa
-    return tokens * heads * (model.v_dim * ACT_BYTES + LSE_BYTES) * (lay.kvp - 1) / lay.kvp
+    width = exchange_width(model, lay, mla_exchange)
+    return tokens * heads * (width * ACT_BYTES + LSE_BYTES) * (lay.kvp - 1) / lay.kvp
+
+
+def w_uv_params(model: ModelSpec) -> int:
+    """W_UV elements of all heads in one MLA layer: H x R x Dv (0 for GQA)."""
+    return model.num_heads * model.kv_lora_rank * model.v_head_dim if model.mla else 0
+
+
+def value_projection(st: Setting, lay: Layout, tokens):
+    """(seconds, params held) of W_UV over all H heads before the exchange, for `tokens`
+    requests (value exchange only; W_UV then lives replicated on every GPU). 0 otherwise."""
+    if not value_exchange(st.model, lay, st.mla_exchange):
+        return 0.0 * tokens, 0
+    params = w_uv_params(st.model)
+    return roofline(st, params * st.wbytes, 2 * tokens * params), params
 
 
 def hopb_overlap(attn, x_lat, x_bw, slices):
@@ -168,9 +203,11 @@ def input_projections(st: Setting, lay: Layout, tokens):
 
 
 def output_projection(st: Setting, lay: Layout, tokens):
-    """o_proj (MLA: W_UV + o_proj) over this GPU's heads, then its all-reduce."""
+    """o_proj (MLA: W_UV + o_proj; value exchange: o_proj only) over this GPU's heads, then its
+    all-reduce."""
     m = st.model
-    params = m.attn_out_params / lay.out_split
+    held_before = w_uv_params(m) if value_exchange(m, lay, st.mla_exchange) else 0
+    params = (m.attn_out_params - held_before) / lay.out_split
     t = roofline(st, params * st.wbytes, 2 * tokens * params)
     return t + all_reduce(st, tokens * m.hidden * ACT_BYTES, lay.out_split), params
 
@@ -242,11 +279,12 @@ def _layer(st: Setting, lay: Layout, batch, moe: bool, backend: str):
     core = attention_core(st, lay, tok)
     x_lat, x_bw = exchange(st, lay, tok, backend)
     slices = np.minimum(lay.hopb, tok)
-    attn = t_in + hopb_overlap(core, x_lat, x_bw, slices)
+    t_v, p_v = value_projection(st, lay, tok / slices)  # per HOP-B slice: W_UV read each time
+    attn = t_in + hopb_overlap(core + slices * t_v, x_lat, x_bw, slices)
     out_tokens = mb if lay.kind == "helix" else tok
     t_out, p_out = output_projection(st, lay, out_tokens)
     t_ffn, p_ffn = ffn(st, lay, mb, moe)
-    return attn, x_lat + x_bw, core, t_out + t_ffn, p_in + p_out + p_ffn
+    return attn, x_lat + x_bw, core, t_out + t_ffn, p_in + p_v + p_out + p_ffn
 
 
 def step(st: Setting, lay: Layout, batch, backend: str = "a2a") -> StepResult:
@@ -287,14 +325,24 @@ def _pp_handoff(st: Setting, lay: Layout, batch):
     return (lay.pp - 1) * (lat * st.latency_scale + row / bw)
 
 
-def attention_layer_time(st: Setting, lay: Layout, batch: int, backend: str = "a2a") -> dict:
+def attention_layer_time(st: Setting, lay: Layout, batch: int, backend: str = "a2a",
+                         w_uv: bool = False) -> dict:
     """One layer's decode attention as benchmarks/bench_layer.py times it: attention over the
-    local shard, exchange, merge (no projections, no FFN). Seconds."""
+    local shard, exchange, merge (no projections, no FFN). Seconds. w_uv (MLA): also W_UV, as
+    bench_layer's --mla-exchange rows time it: over all H heads before the exchange (value
+    exchange) or over the H/out_split output heads after the merge (latent)."""
     m = st.model
     tok = np.asarray(float(batch))
     core = float(attention_core(st, lay, tok))
     x_lat, x_bw = exchange(st, lay, tok, backend)
-    merge_bytes = batch * (m.num_heads / lay.out_split) * lay.kvp * (m.v_dim * ACT_BYTES + LSE_BYTES) * 2
+    width = exchange_width(m, lay, st.mla_exchange)
+    merge_bytes = batch * (m.num_heads / lay.out_split) * lay.kvp * (width * ACT_BYTES + LSE_BYTES) * 2
     merge = merge_bytes / st.hw.hbm_bw if lay.kvp > 1 else 0.0
     x = float(x_lat + x_bw)
-    return {"attn": core, "exchange": x, "merge": merge, "step": core + x + merge}
+    proj = 0.0
+    if w_uv and m.mla:
+        heads = m.num_heads if value_exchange(m, lay, st.mla_exchange) else m.num_heads / lay.out_split
+        params = heads * m.kv_lora_rank * m.v_head_dim
+        proj = float(roofline(st, params * st.wbytes, 2 * batch * params))
+    return {"attn": core, "exchange": x, "merge": merge, "w_uv": proj,
+            "step": core + x + merge + proj}

@@ -8,18 +8,20 @@ Flags (argparse group "Helix"; argparse is only touched by `add_helix_group` / `
                                        largest valid TPA)
     --helix-comm-backend {a2a,ag_rs,nvshmem}
     --helix-hopb-slices N              HOP-B batch slices (1 = off)
+    --helix-mla-exchange {latent,value} MLA only: exchange latent partials (W_UV after the
+                                       merge) or values (replicated W_UV before the exchange)
 
 `resolve_helix_args(helix_args, server_args_like, model_info)` applies the defaults and refusals:
 
 defaults
-  MLA  -> TPA 1, KVP = TP.
+  MLA  -> TPA 1, KVP = TP, --helix-mla-exchange latent (config.DEFAULT_MLA_EXCHANGE).
   GQA  -> TPA = the largest t with t <= K, K % t == 0, H % t == 0, TP % t == 0; KVP = TP / t.
   Only one of the two sizes given -> the other is TP / given.
 refusals (each message names the flag and the fix)
   KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
   --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1;
   --speculative-algorithm; --pp-size > 1; nvshmem off CUDA; an attention backend without a Helix
-  path; an architecture without a Helix path.
+  path; an architecture without a Helix path; --helix-mla-exchange for a GQA model.
 
 The launch-level rules (default page size, page size and MLA weight dtype refusals, a whole
 launch line checked at once) are in srt.launch.
@@ -41,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import COMM_BACKENDS, HelixConfig, HelixConfigError
+from ..config import COMM_BACKENDS, DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES, HelixConfig, HelixConfigError
 
 GROUP_TITLE = "Helix"
 GROUP_DESCRIPTION = (
@@ -114,6 +116,14 @@ HELIX_FLAGS: tuple[HelixFlag, ...] = (
         "HOP-B: split the decode batch into this many slices to overlap the exchange "
         "with attention (1 = off).", 1, int,
     ),
+    HelixFlag(
+        "--helix-mla-exchange", "helix_mla_exchange",
+        "MLA models only: what the decode exchange moves per head. latent: the kv_lora_rank-wide "
+        "partial, W_UV after the merge on the rank's H/N heads. value: W_UV replicated for all "
+        "heads (like W_UK) and applied to each rank's partial first, so v_head_dim-wide values "
+        f"travel (~4x fewer bytes for DeepSeek-V3). Default: {DEFAULT_MLA_EXCHANGE}.",
+        None, str, MLA_EXCHANGES,
+    ),
 )
 
 
@@ -126,6 +136,7 @@ class HelixServerArgs:
     helix_tpa_size: int | None = None
     helix_comm_backend: str = "a2a"
     helix_hopb_slices: int = 1
+    helix_mla_exchange: str | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (("--helix-kvp-size", self.helix_kvp_size),
@@ -138,6 +149,11 @@ class HelixServerArgs:
             _fail(
                 f"--helix-comm-backend {self.helix_comm_backend!r}: choose one of "
                 f"{', '.join(COMM_BACKENDS)}"
+            )
+        if self.helix_mla_exchange is not None and self.helix_mla_exchange not in MLA_EXCHANGES:
+            _fail(
+                f"--helix-mla-exchange {self.helix_mla_exchange!r}: choose one of "
+                f"{', '.join(MLA_EXCHANGES)}"
             )
         if not self.enable_helix and self.explicit_flags():
             _fail(
@@ -263,7 +279,21 @@ def resolve_helix_args(
         page_size=server.page_size or 1,
         comm_backend=helix_args.helix_comm_backend,
         hopb_slices=helix_args.helix_hopb_slices,
+        mla_exchange=_resolve_mla_exchange(helix_args, model_info),
     )
+
+
+def _resolve_mla_exchange(helix: HelixServerArgs, model: ModelInfo) -> str:
+    """MLA: the flag, else DEFAULT_MLA_EXCHANGE. GQA: the flag is refused (no W_UV to move)."""
+    if model.is_mla:
+        return helix.helix_mla_exchange or DEFAULT_MLA_EXCHANGE
+    if helix.helix_mla_exchange is not None:
+        _fail(
+            f"--helix-mla-exchange {helix.helix_mla_exchange} applies to MLA models only "
+            f"(DeepSeek-V2/V3); {model.architecture} is GQA/MHA, whose exchange already moves "
+            "head_dim-wide values: drop --helix-mla-exchange"
+        )
+    return "latent"
 
 
 def default_tpa(tp_size: int, model: ModelInfo) -> int:
@@ -284,6 +314,7 @@ def describe(config: HelixConfig) -> str:
         f"{kind} KVP={config.kvp} x TPA={config.tpa} (N={config.world_size}), "
         f"H={config.num_heads}, K={config.num_kv_heads}, page_size={config.page_size}, "
         f"comm={config.comm_backend}, hopb_slices={config.hopb_slices}"
+        + (f", mla_exchange={config.mla_exchange}" if config.mla else "")
     )
 
 

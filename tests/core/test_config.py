@@ -36,6 +36,8 @@ def test_frozen():
         (dict(tpa=4, num_heads=6, num_kv_heads=4), "num_heads=6 is not divisible by tpa=4"),
         (dict(num_heads=12, num_kv_heads=8), "not a multiple of num_kv_heads"),
         (dict(kvp=3, num_heads=8, num_kv_heads=1), "not divisible by KVP x TPA = 3"),
+        (dict(mla=True, mla_exchange="values"), "--helix-mla-exchange"),
+        (dict(num_heads=4, num_kv_heads=2, mla_exchange="value"), "GQA layout.*drop --helix-mla"),
     ],
 )
 def test_invalid_configs_name_the_field(kwargs, match):

@@ -5,7 +5,8 @@ Checked against transformers' fp32 greedy (`reference_greedy`) and against Helix
 (the plugin's CPU absorbed-MLA hook, no sitecustomize): prompts spanning several pages
 (page size 4), decode crossing page boundaries, concurrent requests, chunked prefill (chunks
 over a cached prefix), and a radix-cached shared prefix whose cached-token count is the shared
-prefix floored to the page size. One server alive at a time (class-scoped fixtures).
+prefix floored to the page size; the same with --helix-mla-exchange value. One server alive at a
+time (class-scoped fixtures).
 """
 
 from __future__ import annotations
@@ -122,6 +123,33 @@ class TestHelixTp2:
 
     def test_concurrent_greedy_matches_transformers(self, server, prompts, references, served):
         served["helix"] = _check(server, prompts, references[:3])
+
+    def test_shared_prefix_cached_page_floored(self, server, prompts, follow_up, references):
+        _check_shared_prefix(server, prompts, follow_up, references)
+
+
+class TestHelixValueExchangeTp2:
+    """--helix-mla-exchange value (W_UV replicated, values exchanged) with HOP-B 2: the same
+    tokens as transformers and as the latent exchange."""
+
+    @pytest.fixture(scope="class")
+    def server(self, model):
+        args = ["--enable-helix", "--helix-mla-exchange", "value", "--helix-hopb-slices", "2"]
+        with _serve(model, args) as server:
+            yield server
+
+    def test_value_exchange_is_live(self, server):
+        log = server.log(10**7)
+        assert "mla_exchange=value" in log
+        assert "replicated W_UV (all heads, --helix-mla-exchange value) in 3 MLA layers" in log
+        state = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
+        assert state["layout"]["mla_exchange"] == "value"
+
+    def test_concurrent_greedy_matches_transformers_and_latent(self, server, prompts, references,
+                                                               served):
+        got = _check(server, prompts, references[:3])
+        if "helix" in served:
+            assert got == served["helix"]
 
     def test_shared_prefix_cached_page_floored(self, server, prompts, follow_up, references):
         _check_shared_prefix(server, prompts, follow_up, references)

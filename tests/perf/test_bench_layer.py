@@ -70,3 +70,19 @@ def test_bench_layer_rejects_bad_range(tmp_path):
            "--ctx-len-end", "1024", "--out-dir", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--ctx-len-start" in done.stderr
+
+
+@pytest.mark.multirank
+def test_bench_layer_mla_exchange_rows(tmp_path):
+    """--mla-exchange latent value: each Helix row runs in both modes with W_UV timed; the value
+    rows send v_head_dim (128) instead of kv_lora_rank (512) per head; 1 rank / plain TP rows
+    apply W_UV after attention ("latent")."""
+    rows = run_bench(tmp_path, "deepseek-v3-lite", "--kvp", "1", "2", "--backend", "a2a",
+                     "--ctx-len-end", "128", "--mla-exchange", "latent", "value")
+    assert [(r["layout"], r["mla_exchange"]) for r in rows] == [
+        ("1 rank", "latent"), ("helix", "latent"), ("helix", "value"), ("tp", "latent")]
+    sent = {r["mla_exchange"]: int(r["bytes_per_rank"]) for r in rows if r["layout"] == "helix"}
+    assert sent == {"latent": a2a_bytes_per_rank(2, 16, 512, 2, 2),
+                    "value": a2a_bytes_per_rank(2, 16, 128, 2, 2)}
+    assert all(float(r["wuv_ms"]) > 0 for r in rows)
+    assert "| MLA exchange | W_UV ms |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()

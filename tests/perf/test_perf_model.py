@@ -136,3 +136,37 @@ def test_cpu_profile_attention_time():
 @pytest.mark.parametrize("text,value", [("64K", 65536), ("1M", 1048576), ("1048576", 1048576), ("128k", 131072)])
 def test_parse_context(text, value):
     assert P.parse_context(text) == value
+
+
+def test_mla_value_exchange_moves_dv_and_holds_replicated_w_uv():
+    """--helix-mla-exchange value: the a2a carries v_head_dim (128) instead of kv_lora_rank (512)
+    per head; W_UV (H x R x Dv) is held on every GPU instead of 1/N of it; GQA and baselines are
+    untouched."""
+    spec, lay = get_model("deepseek-r1"), Layout("helix", kvp=2, tpf=2)
+    latent = helix_exchange_bytes(spec, lay, 1, "latent")
+    value = helix_exchange_bytes(spec, lay, 1, "value")
+    assert (latent, value) == (128 * (512 * 2 + 4) / 2, 128 * (128 * 2 + 4) / 2)  # 65,792 / 16,640
+    big = Layout("helix", kvp=8, tpf=8)
+    st_l, st_v = _st(), Setting(get_model("deepseek-r1"), HARDWARE["gb200"], 1 << 20, "fp4",
+                                1.0, "value")
+    res_l, res_v = step(st_l, big, BATCH), step(st_v, big, BATCH)
+    assert (res_v.exchange < res_l.exchange).all()
+    w_uv = spec.num_heads * spec.kv_lora_rank * spec.v_head_dim * spec.num_layers
+    assert res_v.weights_bytes - res_l.weights_bytes == pytest.approx(w_uv * (1 - 1 / 8) * 0.5)
+    for model, other in (("llama-405b", Layout("helix", kvp=8, tpa=8, tpf=64)),
+                         ("deepseek-r1", Layout("tp", tpa=8, tpf=8))):
+        st_a = Setting(get_model(model), HARDWARE["gb200"], 1 << 20, "fp4")
+        st_b = Setting(get_model(model), HARDWARE["gb200"], 1 << 20, "fp4", 1.0, "value")
+        np.testing.assert_array_equal(step(st_a, other, BATCH).ttl, step(st_b, other, BATCH).ttl)
+    with pytest.raises(ValueError, match="mla_exchange"):
+        Setting(spec, HARDWARE["gb200"], 8, "fp4", 1.0, "values")
+
+
+def test_cpu_profile_attention_time_with_w_uv():
+    hw = hardware_from_profile(FAKE_CPU)
+    lay = Layout("helix", kvp=2, tpf=2)
+    lat = attention_layer_time(Setting(get_model("deepseek-r1"), hw, 8192, "bf16"), lay, 1, w_uv=True)
+    val = attention_layer_time(Setting(get_model("deepseek-r1"), hw, 8192, "bf16", 1.0, "value"),
+                               lay, 1, w_uv=True)
+    assert val["w_uv"] == pytest.approx(2 * lat["w_uv"])  # all H heads vs H/2, same roofline side
+    assert val["exchange"] < lat["exchange"] and val["attn"] == lat["attn"]

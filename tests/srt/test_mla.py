@@ -40,7 +40,7 @@ if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.models import deepseek as sm
 
 from sglang_helix.attention import chunk_attention_lse
-from sglang_helix.config import HelixConfig
+from sglang_helix.config import HelixConfig, HelixConfigError
 from sglang_helix.extend import helix_extend
 from sglang_helix.metadata import plan_extend
 from sglang_helix.ranks import run_ranks
@@ -50,11 +50,11 @@ P = 4
 SCALE = (DN + DR) ** -0.5
 
 
-def extend_no_prefix(q, kv, lens, kvp_rank, exchange=None):
+def extend_no_prefix(q, kv, lens, kvp_rank, exchange=None, w_uv=None):
     """Core helix_extend for a batch without cached prefix: q [T, H, R+Dr], kv [T, R+Dr]."""
     plan = plan_extend(lens, [0] * len(lens), kvp_rank, P, N)
     return helix_extend(q, kv[:, None], kv[:, None, :R], plan, None, None, SCALE, kvp_rank=kvp_rank,
-                        heads_per_rank=H // N, exchange=exchange)
+                        heads_per_rank=H // N, exchange=exchange, w_uv=w_uv)
 
 
 def dense_latent_attention(q, kv, scale, rank_r):
@@ -86,14 +86,15 @@ def rank_module(w, g):
         w_kc=kvb[heads, :DN].contiguous(), w_vc=kvb[heads, DN:].transpose(1, 2).contiguous(),
         kv_a_proj_with_mqa=lambda x: (x @ w.wkva.T, None),
         kv_a_layernorm=lambda t: t * 2.0,  # any per-token map; the reference applies the same
-        rotary_emb=None, o_proj=lambda x: (x @ cols.T, None), next_skip_topk=None)
+        rotary_emb=None, o_proj=lambda x: (x @ cols.T, None), next_skip_topk=None,
+        attn_mqa=SimpleNamespace(layer_id=0, scaling=SCALE))
 
 
 def gather_over(modules):
     """gather(t) as replicate_q_weights expects: concat of every rank's same tensor, rank order."""
     def gather(t):
-        for name in ("q_proj", "w_kc"):
-            mine = [m.q_proj.weight.data if name == "q_proj" else m.w_kc for m in modules]
+        for name in ("q_proj", "w_kc", "w_vc"):
+            mine = [m.q_proj.weight.data if name == "q_proj" else getattr(m, name) for m in modules]
             if any(x.shape == t.shape and torch.equal(x, t) for x in mine):
                 return torch.cat(mine)
         raise AssertionError("unknown tensor")
@@ -125,6 +126,9 @@ def test_replicated_q_weights_are_the_full_tensors():
         assert torch.equal(m.helix_q_weight, w.wq)
         assert torch.equal(m.helix_w_kc, w.kvb.view(H, DN + DV, R)[:, :DN])
         assert m.w_vc.shape == (H // N, R, DV)  # W_UV stays this rank's slice
+        assert getattr(m, "helix_w_vc", None) is None
+        sm.replicate_w_uv(m, gather_over(mods))  # --helix-mla-exchange value: all heads
+        assert torch.equal(m.helix_w_vc, w.kvb.view(H, DN + DV, R)[:, DN:].transpose(1, 2))
 
 
 def test_replicate_refuses_quantized_and_wrong_group():
@@ -137,25 +141,56 @@ def test_replicate_refuses_quantized_and_wrong_group():
         sm.replicate_q_weights(mods[1], lambda t: t)  # a 1-rank "group": only H/N heads
 
 
-def test_layer_sharded_equals_non_absorbed_mla():
-    """prepare (all-head q, absorption, latent) -> per-rank heads attention -> W_UV -> o_proj
-    partials summed over ranks (what o_proj's all-reduce does) == the plain MLA layer."""
+class CoreBackend:
+    """Stands in for HelixMLAAttnBackend in helix_absorb_core: core helix_extend on rank g (no
+    prefix), passing on the w_uv the model path hands over; records the output width."""
+
+    def __init__(self, g):
+        self.g, self.widths = g, []
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        out = extend_no_prefix(q, k[:, 0], [q.shape[0]], self.g, w_uv=kwargs.get("w_uv"))
+        self.widths.append(out.shape[-1])
+        return out.reshape(out.shape[0], -1)
+
+
+@pytest.mark.parametrize("mode", ["latent", "value"])
+def test_layer_sharded_equals_non_absorbed_mla(mode, monkeypatch):
+    """prepare (all-head q, absorption, latent) -> core (per-rank heads attention; W_UV after the
+    exchange for "latent", before it for "value") -> o_proj partials summed over ranks (what
+    o_proj's all-reduce does) == the plain MLA layer."""
+    from sglang_helix.srt import state
+
+    cfg = HelixConfig(**{**CFG, "mla_exchange": mode})
+    monkeypatch.setattr(state, "current_config", lambda: cfg)
     w = full_weights(1)
     x = torch.randn(7, HID, generator=torch.Generator().manual_seed(2))
     mods = [rank_module(w, g) for g in range(N)]
     total = torch.zeros(7, HID)
     for g, m in enumerate(mods):
         sm.replicate_q_weights(m, gather_over(mods))
-        q_pe, k_pe, q_nope_out, k_nope, *_ = sm.helix_absorb_prepare(
+        if mode == "value":
+            sm.replicate_w_uv(m, gather_over(mods))
+        q_pe, k_pe, q_nope_out, k_nope, *rest = sm.helix_absorb_prepare(
             m, torch.arange(7), x, None, None)
         assert q_nope_out.shape == (7, H, R) and q_pe.shape == (7, H, DR)
         assert k_nope.shape == (7, 1, R) and k_pe.shape == (7, 1, DR)
-        q = torch.cat([q_nope_out, q_pe], -1)
-        kv = torch.cat([k_nope, k_pe], -1)[:, 0]
-        latent = extend_no_prefix(q, kv, [7], g)
-        assert latent.shape == (7, H // N, R)
-        total += sm.latent_to_output(m, latent.reshape(7, -1))
+        backend = CoreBackend(g)
+        monkeypatch.setattr(sm, "find_helix_mla_backend", lambda: backend)
+        total += sm.helix_absorb_core(m, q_pe, k_pe, q_nope_out, k_nope, *rest)
+        assert backend.widths == [DV if mode == "value" else R]
     torch.testing.assert_close(total, reference_layer(w, x), rtol=1e-4, atol=1e-5)
+
+
+def test_value_core_refuses_without_replicated_w_uv(monkeypatch):
+    from sglang_helix.srt import state
+
+    cfg = HelixConfig(**{**CFG, "mla_exchange": "value"})
+    monkeypatch.setattr(state, "current_config", lambda: cfg)
+    m = rank_module(full_weights(), 0)
+    monkeypatch.setattr(sm, "find_helix_mla_backend", lambda: CoreBackend(0))
+    with pytest.raises(sm.HelixMLAError, match="no replicated W_UV"):
+        sm.helix_absorb_core(m, *[None] * 9)
 
 
 def test_helix_prepare_refuses_without_replicated_weights():
@@ -219,8 +254,8 @@ def sequences(seed=5):
     return [(torch.randn(n, H, R + DR, generator=g), torch.randn(n, R + DR, generator=g)) for n in LENS]
 
 
-def fake_runner(rank):
-    cfg = HelixConfig(**CFG)
+def fake_runner(rank, mode="latent"):
+    cfg = HelixConfig(**CFG, mla_exchange=mode)
     pool = HelixMLATokenToKVPool(2 * N * P * 20, P, kvp=N, kvp_rank=rank, dtype=torch.float32,
                                  kv_lora_rank=R, qk_rope_head_dim=DR, layer_num=1, device="cpu",
                                  enable_memory_saver=False)
@@ -241,11 +276,17 @@ def batch(mode, spans):
         extend_seq_lens_cpu=[b - a for a, b in spans], extend_prefix_lens_cpu=[a for a, _ in spans])
 
 
-def _backend_rank(rank, world):
+def w_uv_all():
+    """A W_UV of all H heads [H, R, Dv] for the value-exchange runs."""
+    return torch.randn(H, R, DV, generator=torch.Generator().manual_seed(6)) * R ** -0.5
+
+
+def _backend_rank(rank, world, mode="latent"):
     import torch.distributed as dist
 
     seqs = sequences()
-    backend = HelixMLAAttnBackend(fake_runner(rank), rank=rank, kvp_group=dist.group.WORLD)
+    backend = HelixMLAAttnBackend(fake_runner(rank, mode), rank=rank, kvp_group=dist.group.WORLD)
+    extra = {"w_uv": w_uv_all()} if mode == "value" else {}
     layer = SimpleNamespace(layer_id=0, scaling=SCALE)
     plan = [(ForwardMode.EXTEND, [(0, CHUNK1[i]) for i in range(2)]),
             (ForwardMode.EXTEND, [(CHUNK1[i], CHUNK2_END[i]) for i in range(2)])]
@@ -258,25 +299,39 @@ def _backend_rank(rank, world):
         kv = torch.cat([seqs[i][1][a:b] for i, (a, b) in enumerate(spans)])
         if mode == ForwardMode.DECODE:
             backend.init_forward_metadata(fb)
-        out = backend.forward(q, kv[:, None], kv[:, None, :R], layer, fb)
+        out = backend.forward(q, kv[:, None], kv[:, None, :R], layer, fb, **extra)
         results.append((spans, out))
     return results
 
 
-def test_backend_extend_prefix_and_decode_match_dense_attention():
+@pytest.mark.parametrize("mode", ["latent", "value"])
+def test_backend_extend_prefix_and_decode_match_dense_attention(mode):
     """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix) and 3 decode steps
-    crossing page boundaries, 2 KVP ranks: rank g's heads == dense attention over all tokens."""
-    per_rank = run_ranks(_backend_rank, N, timeout=240)
+    crossing page boundaries, 2 KVP ranks: rank g's heads == dense attention over all tokens
+    (value exchange: the backend is handed W_UV of all heads and returns values == dense
+    attention then W_UV)."""
+    per_rank = run_ranks(_backend_rank, N, args=(mode,), timeout=240)
     seqs = sequences()
+    width = DV if mode == "value" else R
     for step in range(len(per_rank[0])):
         spans = per_rank[0][step][0]
-        outs = torch.cat([per_rank[g][step][1].view(-1, H // N, R) for g in range(N)], dim=1)
+        outs = torch.cat([per_rank[g][step][1].view(-1, H // N, width) for g in range(N)], dim=1)
         row = 0
         for i, (a, b) in enumerate(spans):
             for pos in range(a, b):
                 want = dense_latent_attention(seqs[i][0][pos], seqs[i][1][:pos + 1], SCALE, R)
+                if mode == "value":
+                    want = torch.einsum("hr,hrd->hd", want, w_uv_all())
                 torch.testing.assert_close(outs[row], want, rtol=1e-4, atol=1e-5)
                 row += 1
+
+
+def test_backend_refuses_w_uv_mismatching_the_layout():
+    for mode, extra, match in (("value", {}, "must pass w_uv"),
+                               ("latent", {"w_uv": w_uv_all()}, "passed w_uv")):
+        backend = SimpleNamespace(cfg=HelixConfig(**CFG, mla_exchange=mode))
+        with pytest.raises(HelixConfigError, match=match):
+            HelixMLAAttnBackend._value_projection(backend, extra)
 
 
 def test_backend_stores_latent_only_on_owner():

@@ -3,6 +3,8 @@
 Inputs from the Helix model path (srt.models.deepseek.helix_absorb_core): q [T, H, R+Dr] (or
 [T, H*(R+Dr)]) for ALL H heads, k [T, 1, R+Dr] (latent | rope of the new tokens), v [T, 1, R];
 returns [T, H/N * R], latent outputs of heads [g*H/N, (g+1)*H/N) merged over all KVP ranks.
+With --helix-mla-exchange value the model path also passes w_uv=[H, R, Dv] (W_UV of all heads)
+and gets [T, H/N * Dv] values: each rank projects its partials before the exchange.
 Every rank computes the latent of every new token; the pool keeps the owner's rows only.
 Decode: partial over this rank's pages for all H heads + one exchange + merge. Extend: base
 (the latent's first R dims are the values).
@@ -34,15 +36,29 @@ class HelixMLAAttnBackend(HelixBackendBase):
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, 1, k.shape[-1]), v)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
-        """q [B, H, R+Dr]; k [B, 1, R+Dr]; v [B, 1, R] -> [B, H/N * R]."""
+        """q [B, H, R+Dr]; k [B, 1, R+Dr]; v [B, 1, R] -> [B, H/N * R] (value exchange:
+        kwargs w_uv [H, R, Dv] -> [B, H/N * Dv])."""
+        w_uv = self._value_projection(kwargs)
         self._decode_ready(forward_batch)
         if save_kv_cache and k is not None:
             self._store(k, v, layer, forward_batch)
         q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)
         rank_r = self.kv_lora_rank
         out = self.helix.forward_mla(q3[..., :rank_r].contiguous(), q3[..., rank_r:].contiguous(),
-                                     self.pool.get_paged_kv(layer.layer_id), layer.scaling)
+                                     self.pool.get_paged_kv(layer.layer_id), layer.scaling,
+                                     w_uv=w_uv)
         return out.reshape(out.shape[0], -1)
+
+    def _value_projection(self, kwargs):
+        """w_uv (W_UV of all H heads, [H, R, Dv]) from the model path: required exactly when the
+        layout's mla_exchange is "value"."""
+        w_uv = kwargs.get("w_uv")
+        if (w_uv is not None) != (self.cfg.mla_exchange == "value"):
+            raise HelixConfigError(
+                f"--helix-mla-exchange {self.cfg.mla_exchange}: the MLA model path "
+                f"{'must pass' if w_uv is None else 'passed'} w_uv (W_UV of all heads); the "
+                f"deepseek hooks (sglang_helix.srt.models.deepseek) pass it in value mode only")
+        return w_uv
 
     def _extend_inputs(self, q, k, v, layer):
         q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)

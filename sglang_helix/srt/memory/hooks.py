@@ -188,7 +188,7 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
             "kvp": cfg.kvp, "tpa": cfg.tpa, "world_size": cfg.world_size,
             "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "mla": cfg.mla,
             "page_size": cfg.page_size, "comm_backend": cfg.comm_backend,
-            "hopb_slices": cfg.hopb_slices},
+            "hopb_slices": cfg.hopb_slices, "mla_exchange": cfg.mla_exchange},
         "page_size": allocator.page_size,
         "logical_tokens": int(allocator.size),
         "local_pool_rows": int(pool.size),

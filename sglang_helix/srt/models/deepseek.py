@@ -7,12 +7,16 @@ heads on rank g. Under Helix:
 - weights (AFTER hook on post_load_weights): the q projection and W_UK (`w_kc`) are replicated
   for all H heads on every rank (`helix_q_weight` [H*(dn+dr), in], `helix_w_kc` [H, dn, R],
   gathered once over the attention TP group right after loading: more weight memory, no
-  per-layer Q collective). W_UV (`w_vc`) and o_proj keep rank g's H/N slice.
+  per-layer Q collective). o_proj keeps rank g's H/N slice; so does W_UV (`w_vc`), except with
+  --helix-mla-exchange value, where W_UV is replicated too (`helix_w_vc` [H, R, Dv], gathered
+  the same way: H x R x Dv more weight elements per layer, docs/math.md section 4).
 - prepare (AROUND forward_absorb_prepare): every rank computes all H absorbed queries
   q_nope_out [T, H, R], q_pe [T, H, Dr] and the new tokens' latent k_nope [T, 1, R], k_pe [T, 1, Dr].
 - core (AROUND forward_absorb_core): q [T, H, R+Dr], k [T, 1, R+Dr], v [T, 1, R] go to the Helix
   MLA backend (srt.backends.mla), which stores the latent on the page owner only and returns rank
   g's merged head slice [T, H/N * R]; then W_UV for those heads and the row-parallel o_proj.
+  Value exchange: the backend gets w_uv = helix_w_vc, projects each rank's partial of all H heads
+  before the exchange and returns values [T, H/N * Dv], which go straight to o_proj.
 - dispatch (AROUND dispatch_attn_forward_method): every forward takes the absorbed path.
 
 Every hook calls straight through unless the process's HelixConfig is an MLA one.
@@ -100,6 +104,21 @@ def replicate_q_weights(attn: Any, gather: Callable[[torch.Tensor], torch.Tensor
     attn.helix_w_kc = w_kc
 
 
+def replicate_w_uv(attn: Any, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Give `attn` W_UV of all H heads, helix_w_vc [H, R, Dv] (--helix-mla-exchange value).
+
+    gather(t): as in replicate_q_weights; rank g's w_vc [H/N, R, Dv] holds heads g*H/N...
+    """
+    check_helix_weights(attn)
+    w_vc = gather(attn.w_vc.contiguous())
+    want = (attn.num_heads, attn.kv_lora_rank, attn.v_head_dim)
+    if tuple(w_vc.shape) != want:
+        raise HelixMLAError(f"layer {attn.layer_id}: gathered w_vc {tuple(w_vc.shape)}, expected "
+                            f"{want}; the attention TP group must be the N Helix ranks "
+                            f"(--tp-size N)")
+    attn.helix_w_vc = w_vc
+
+
 def group_gather(group_coordinator: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """gather(t) for SGLang's attention TP GroupCoordinator (plain torch.distributed all_gather)."""
     size = group_coordinator.world_size
@@ -116,7 +135,8 @@ def group_gather(group_coordinator: Any) -> Callable[[torch.Tensor], torch.Tenso
 
 
 def _after_post_load(result: Any, model: Any, *args: Any, **kwargs: Any) -> None:
-    if mla_config() is None:
+    cfg = mla_config()
+    if cfg is None:
         return None
     from sglang.srt.models.deepseek_v2 import DeepseekV2AttentionMLA
     from sglang.srt.runtime_context import get_parallel
@@ -126,8 +146,13 @@ def _after_post_load(result: Any, model: Any, *args: Any, **kwargs: Any) -> None
     for module in model.modules():
         if isinstance(module, DeepseekV2AttentionMLA) and module.w_kc is not None:
             replicate_q_weights(module, gather)
+            if cfg.mla_exchange == "value":
+                replicate_w_uv(module, gather)
             count += 1
     logger.info("sglang_helix: replicated q projection + W_UK (all heads) in %d MLA layers", count)
+    if cfg.mla_exchange == "value":
+        logger.info("sglang_helix: replicated W_UV (all heads, --helix-mla-exchange value) in %d "
+                    "MLA layers", count)
     return None
 
 
@@ -182,7 +207,12 @@ def latent_to_output(attn: Any, latent: torch.Tensor) -> torch.Tensor:
     """latent [T, H/N * R] (this rank's merged heads) -> W_UV -> o_proj (row parallel, TP = N)."""
     lat = latent.view(-1, attn.num_local_heads, attn.kv_lora_rank)
     values = torch.bmm(lat.transpose(0, 1), attn.w_vc).transpose(0, 1)  # w_vc [H/N, R, Dv]
-    output, _ = attn.o_proj(values.flatten(1, 2))
+    return values_to_output(attn, values.flatten(1, 2))
+
+
+def values_to_output(attn: Any, values: torch.Tensor) -> torch.Tensor:
+    """values [T, H/N * Dv] (this rank's heads, after W_UV) -> o_proj (row parallel, TP = N)."""
+    output, _ = attn.o_proj(values.reshape(values.shape[0], -1))
     return output
 
 
@@ -190,17 +220,33 @@ def helix_absorb_core(attn, q_pe, k_pe, q_nope_out, k_nope, forward_batch, zero_
                       positions, topk_indices, llama_4_scaling, fusion_plan=None,
                       attention_output_gate=None):
     """Helix replacement of forward_absorb_core: backend (store + attention + exchange + merge),
-    then W_UV and o_proj for this rank's H/N heads."""
+    then W_UV and o_proj for this rank's H/N heads (value exchange: the backend applied W_UV of
+    all heads before the exchange; o_proj only)."""
+    w_uv = _replicated_w_uv(attn)
     q = torch.cat([q_nope_out, q_pe], dim=-1)  # [T, H, R + Dr]
     if llama_4_scaling is not None:
         q = q * llama_4_scaling
     k = torch.cat([k_nope, k_pe], dim=-1)  # [T, 1, R + Dr]
     backend = find_helix_mla_backend()
-    latent = backend.forward(q, k, k_nope, attn.attn_mqa, forward_batch, save_kv_cache=True)
-    output = latent_to_output(attn, latent)
+    extra = {} if w_uv is None else {"w_uv": w_uv}
+    out = backend.forward(q, k, k_nope, attn.attn_mqa, forward_batch, save_kv_cache=True, **extra)
+    output = latent_to_output(attn, out) if w_uv is None else values_to_output(attn, out)
     if attn.next_skip_topk is None:
         return output
     return output, None
+
+
+def _replicated_w_uv(attn: Any) -> Optional[torch.Tensor]:
+    """helix_w_vc under --helix-mla-exchange value, else None (latent exchange)."""
+    cfg = mla_config()
+    if cfg is None or cfg.mla_exchange != "value":
+        return None
+    w_uv = getattr(attn, "helix_w_vc", None)
+    if w_uv is None:
+        raise HelixMLAError(f"MLA layer {attn.layer_id} has no replicated W_UV for "
+                            f"--helix-mla-exchange value: the post-load hook ({POST_LOAD_TARGET}) "
+                            f"did not run; call sglang_helix.srt.plugin.register()")
+    return w_uv
 
 
 def _around_dispatch(original: Callable, attn: Any, forward_batch: Any, *args: Any, **kwargs: Any):
