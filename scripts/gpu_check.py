@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-command GPU check of the Helix decode kernels: correctness, HBM bandwidth, CUDA graphs.
+"""One-command GPU check of the Helix kernels: correctness, HBM bandwidth, CUDA graphs, extend.
 
     python scripts/gpu_check.py                 # on a GPU machine (torch + triton suffice)
     python scripts/gpu_check.py --dry-run       # CPU, TRITON_INTERPRET=1, tiny sizes (the test)
@@ -20,7 +20,9 @@ Sections, each guarded so one failure does not stop the others:
   (c) graph  HelixAttention (KVP=1, LocalExchange, impl="triton"): plan, capture forward_mla /
              forward_gqa in torch.cuda.graph, re-plan other lengths into the same buffers,
              replay, compare with eager on the new lengths (bitwise expected; else fp tolerance)
-             and with the fp32 reference. A failed capture is a FAIL row with the error text.
+             and with the fp32 reference. A failed capture is a FAIL row with the error text;
+  (d) extend Triton extend attention (causal chunk, paged prefix partial; GQA and MLA shapes)
+             vs the fp32 reference through sglang_helix.attention.
 Ends with one markdown table (check, shape, result, figure), printed and written to --out.
 Exit code 1 if any row is FAIL. On CPU the CUDA-only parts (events, graphs) are "skipped on CPU"
 rows; everything else runs the same code on tiny sizes (perf_counter instead of events).

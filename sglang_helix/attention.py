@@ -1,4 +1,5 @@
-"""Partial decode attention (out, lse) and the LSE merge: validated entry points + dispatch.
+"""Validated entry points + dispatch: decode partial attention (out, lse), the LSE merge,
+the extend halves (causal chunk, paged prefix partial) and the per-head value projection.
 
 `impl` picks the implementation:
 - "auto": a GPU library (flashinfer / FlashMLA) if available for these inputs, else Triton on

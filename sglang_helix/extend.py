@@ -53,7 +53,8 @@ def own_kv(k: torch.Tensor, v: torch.Tensor, own: slice, num_q_heads: int):
 
 def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: ExtendPlan,
                  k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float, *, kvp_rank: int,
-                 heads_per_rank: int, exchange: Exchange, w_uv=None) -> torch.Tensor:
+                 heads_per_rank: int, exchange: Exchange, w_uv=None,
+                 impl: str = "auto") -> torch.Tensor:
     """One chunk's attention on KVP rank `kvp_rank`; returns [T, Hn, Dv] in q's dtype.
 
     q [T, Hq, D]; k_new [T, Hk, D], v_new [T, Hk, Dv]: the chunk's rows, requests back to back
@@ -61,15 +62,17 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     paged cache (plan.page_table indexes it); exchange(out [T, Hq, Dv], lse [T, Hq]) ->
     merged [T, Hn, Dv] over the KVP group (sglang_helix.comm). w_uv [Hq, Dv, Dv']: optional
     per-head value projection (MLA's W_UV, module doc); the result is then [T, Hn, Dv'].
+    impl: the extend kernels ("auto", "torch", "triton", "reference"; attention.EXTEND_IMPLS).
     """
     own = own_heads(kvp_rank, heads_per_rank)
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
-    chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale)
+    chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale,
+                                               impl=impl)
     if w_uv is not None:
         chunk_out = project_values(chunk_out, w_uv[own])
     if not plan.has_prefix:
         return chunk_out.to(q.dtype)
-    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale)
+    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale, impl=impl)
     if w_uv is not None:
         out = project_values(out, w_uv)
     out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)

@@ -35,12 +35,6 @@ def page_owner(page: IntLike, kvp: int) -> IntLike:
     return page % kvp
 
 
-def local_page_index(page: IntLike, kvp: int) -> IntLike:
-    """Index of logical page `page` inside its owner's shard."""
-    _check_kvp_page(1, kvp)
-    return page // kvp
-
-
 def token_owner(pos: IntLike, page_size: int, kvp: int) -> IntLike:
     """KVP rank owning the token at position `pos` (0-based)."""
     _check_kvp_page(page_size, kvp)

@@ -21,7 +21,7 @@ from ..errors import HelixError
 HOST_READS = frozenset({"aten._local_scalar_dense.default", "aten.item.default",
                         "aten.is_nonzero.default", "aten.equal.default"})
 DATA_DEPENDENT_SHAPES = frozenset({
-    "aten.nonzero.default", "aten.nonzero_static.default", "aten.masked_select.default",
+    "aten.nonzero.default", "aten.masked_select.default",
     "aten.unique.default", "aten._unique2.default", "aten.unique_consecutive.default",
     "aten.unique_dim.default", "aten.repeat_interleave.Tensor", "aten.argwhere.default",
     "aten.masked_scatter.default",

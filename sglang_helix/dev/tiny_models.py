@@ -45,12 +45,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from ..errors import HelixError
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
 KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat")
-GQA_KINDS = ("gqa", "qwen2", "qwen3")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -81,10 +79,6 @@ Hello, world. How are you today? I am a tiny model with random weights and no kn
 def add(a, b):\n    return a + b\nprint(add(2, 3))
 The scheduler batches requests; the detokenizer turns token ids back into text.
 """
-
-
-class TinyModelError(HelixError):
-    """A tiny model could not be built or loaded."""
 
 
 # ---------------------------------------------------------------- configs

@@ -1,4 +1,4 @@
-"""Helix decode-attention kernels (installed as sglang_helix.kernels).
+"""Helix attention kernels: decode partials, LSE merge and extend, each with an fp32 reference.
 
 reference: fp32 torch references (ground truth for every kernel test).
 torch_decode: vectorised, L-chunked torch decode partial attention (CPU production path).

@@ -17,7 +17,8 @@ import torch
 
 from .torch_decode import _OnlineSoftmax
 
-# fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~16 MB.
+# fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~16 MB, unless _MIN_K_TILE keys x Hq x
+# q_tile is more (many heads: then a tile is _MIN_K_TILE keys wide).
 _TILE_ELEMS = 4 * 1024 * 1024
 _Q_TILE = 512
 _MIN_K_TILE = 256

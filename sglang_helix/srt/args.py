@@ -27,11 +27,11 @@ The launch-level rules (default page size, page size and MLA weight dtype refusa
 launch line checked at once) are in srt.launch.
 
 Attention backends with a Helix path (the backends whose decode kernels give partial output +
-LSE, which the Helix backend will wrap; unset means "let SGLang pick", checked again once resolved):
+LSE; Helix serves prefill and decode with its own "helix" backend on top of them; unset means "let SGLang pick", checked again once resolved):
   cpu:  torch_native, triton (TRITON_INTERPRET). Not intel_amx: it needs the real CPU sgl-kernel.
   cuda: triton, flashinfer, fa3 (MHA/GQA and MLA); flashmla, trtllm_mla (MLA only).
 Architectures with a Helix path: DeepSeek-V2/V3-style MLA (DeepseekV2ForCausalLM,
-DeepseekV3ForCausalLM) and GQA whose attention layer sglang_model hooks (LlamaForCausalLM,
+DeepseekV3ForCausalLM) and GQA whose attention layer srt.models.gqa hooks (LlamaForCausalLM,
 MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 
@@ -54,7 +54,7 @@ ENV_VAR = "SGLANG_HELIX"
 
 MLA_ARCHITECTURES = frozenset({"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"})
 # Exactly the architectures whose attention class sglang_helix.srt.models.gqa hooks
-# (sglang_model.GQA_ATTENTION_CLASSES; a test keeps the two equal). MistralForCausalLM is
+# (GQA_ATTENTION_CLASSES there; a test keeps the two equal). MistralForCausalLM is
 # SGLang's LlamaForCausalLM subclass, so it builds the hooked LlamaAttention.
 GQA_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}

@@ -81,8 +81,10 @@ def check_mla_weights(model: ModelInfo, weights: Any) -> None:
 def check_launch(
     helix_args: HelixServerArgs, server: ServerLayout, model_info: ModelInfo, weights: Any = None
 ) -> HelixConfig | None:
-    """Every pure refusal for one launch (flags, model, page size with Helix's default applied,
-    MLA weight dtype); the HelixConfig it resolves to, or None without --enable-helix."""
+    """The pure refusals a planner launch line can trip (flags, model, page size with Helix's
+    default applied, MLA weight dtype; planner lines never disable chunked prefill, which
+    check_chunked_prefill refuses at launch); the HelixConfig it resolves to, or None without
+    --enable-helix."""
     if not helix_args.enable_helix:
         return None
     if server.page_size is None:

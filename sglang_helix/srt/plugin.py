@@ -56,6 +56,9 @@ PREPARE_TARGET = "sglang.srt.server_args.prepare_server_args"
 SUPPORTED_SGLANG = ">=0.5.23,<0.5.24"
 
 _registered = False
+# Whether register() installed the CPU-engine hook tables. Liveness is checked against what was
+# installed: the early validation may set SGLANG_USE_CPU_ENGINE for the child processes later.
+_cpu_engine_hooks: bool | None = None
 
 
 def _cli_hooks() -> tuple[HookSpec, ...]:
@@ -90,7 +93,7 @@ def pd_hooks(cpu_engine: bool) -> tuple[HookSpec, ...]:
 
 def register() -> None:
     """Entry point for `sglang.srt.plugins`; idempotent."""
-    global _registered
+    global _registered, _cpu_engine_hooks
     if _registered:
         return
     _install_cpu_stub()
@@ -99,7 +102,7 @@ def register() -> None:
     hooks.install(_cli_hooks())
     for step, hook in RESOLUTION_HOOKS:
         register_resolution_hook(step)(hook)
-    cpu_engine = sgl_kernel_stub.cpu_engine_requested()
+    cpu_engine = _cpu_engine_hooks = sgl_kernel_stub.cpu_engine_requested()
     for _, specs in serving_hooks(cpu_engine):
         hooks.install(specs)
     hooks.install(pd_hooks(cpu_engine))
@@ -131,9 +134,15 @@ def verify_hooks_live() -> None:
         )
 
 
-def verify_pd_hooks_live(cpu_engine: bool) -> None:
+def cpu_engine_hooks() -> bool:
+    """True if this process's hook tables include the CPU-engine ones (register()'s view; the
+    environment's when register() has not run)."""
+    return sgl_kernel_stub.cpu_engine_requested() if _cpu_engine_hooks is None else _cpu_engine_hooks
+
+
+def verify_pd_hooks_live() -> None:
     """A Helix decode server needs the relayout hooks live (SGLang only logs apply failures)."""
-    missing = hooks.missing_hooks(pd_hooks(cpu_engine))
+    missing = hooks.missing_hooks(pd_hooks(cpu_engine_hooks()))
     if missing:
         raise HelixHookError(f"sglang_helix: PD hook(s) not live: {', '.join(missing)}; SGLang "
                              f"logs why at start-up; sglang must be {SUPPORTED_SGLANG}")
@@ -154,7 +163,7 @@ def _liveness_checks() -> list[tuple[str, Callable[[], bool]]]:
           for step, hook in RESOLUTION_HOOKS),
         ('attention backend "helix" in ATTENTION_BACKENDS', _backend_live),
     ]
-    for name, specs in serving_hooks(sgl_kernel_stub.cpu_engine_requested()):
+    for name, specs in serving_hooks(cpu_engine_hooks()):
         checks.append((f"{name} hooks", lambda s=specs: not hooks.missing_hooks(s)))
     checks.append(("state hook (bootstrap binding)", lambda: not state.state_hooks_missing()))
     return checks
@@ -190,12 +199,6 @@ def _module_vars(module: Any) -> dict:
         return vars(module)
     except TypeError:
         return {}
-
-
-def _resolution_hook_live(step: str, hook: Callable) -> bool:
-    from sglang.srt.arg_groups import resolution_hooks
-
-    return hook in resolution_hooks._HOOKS.get(step, ())
 
 
 def _innermost(fn: Any) -> Any:

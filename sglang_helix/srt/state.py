@@ -39,7 +39,6 @@ class HelixRuntime:
     config: HelixConfig
     rank: int
     kvp_group: Any
-    layers_built: int = 0
 
 
 _RUNTIME: Optional[HelixRuntime] = None
@@ -48,11 +47,6 @@ _RUNTIME: Optional[HelixRuntime] = None
 def runtime() -> Optional[HelixRuntime]:
     """This process's HelixRuntime (None: Helix off, or groups not created yet)."""
     return _RUNTIME
-
-
-def reset_for_tests() -> None:
-    global _RUNTIME
-    _RUNTIME = None
 
 
 def config_of(server_args: Any) -> Optional[HelixConfig]:

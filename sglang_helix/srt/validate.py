@@ -87,8 +87,8 @@ def _apply_cpu_env_if_cpu(view: Any) -> None:
 
 
 def late_validation(server_args: Any, previous: Callable[[Any], None], *,
-                    verify_pd_hooks: Callable[[bool], None]) -> None:
-    """Late resolution hook; verify_pd_hooks(cpu_engine) raises if a PD hook is not live."""
+                    verify_pd_hooks: Callable[[], None]) -> None:
+    """Late resolution hook; verify_pd_hooks() raises if a PD hook is not live."""
     previous(server_args)
     helix = helix_args_of(server_args)
     if helix is None or not helix.enable_helix:
@@ -101,29 +101,32 @@ def late_validation(server_args: Any, previous: Callable[[Any], None], *,
     helix_cfg = resolve_helix_args(helix, view, model_info)
     check_serving_support(view)
     if pd_mode(view) != "null":
-        verify_pd_hooks(cpu_engine_requested())
+        verify_pd_hooks()
     setattr(server_args, state.CONFIG_ATTR, helix_cfg)
     if pd_mode(view) == "decode" and getattr(view, "disaggregation_decode_retraction_backup", None) is None:
         declare_resolution(server_args, "sglang_helix", disaggregation_decode_retraction_backup="none")
-    graphs = _graph_settings(helix_cfg, view)
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
-                       decode_attention_backend="helix", **graphs)
+                       decode_attention_backend="helix",
+                       cuda_graph_config=graph_config(helix_cfg, view))
     logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf))
     logger.info("sglang_helix: prefill chunks of at most %s tokens (--chunked-prefill-size)",
                 view.chunked_prefill_size)
 
 
-def _graph_settings(helix_cfg: Any, view: Any) -> dict:
-    """Decode CUDA graphs stay as the user set them unless a blocker applies (logged); prefill
-    graphs are off under Helix."""
-    settings = {"disable_prefill_cuda_graph": True}
+def graph_config(helix_cfg: Any, view: Any):
+    """SGLang's resolved CudaGraphConfig with the phases Helix cannot capture set to disabled:
+    prefill always (the extend path plans each chunk on the host), decode when a blocker applies
+    (logged). The other settings (batch sizes, backends) stay as SGLang resolved them."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    config = with_phase(view.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED)
+    logger.info("sglang_helix: prefill CUDA graphs off: %s", PREFILL_GRAPH_REASON)
     blocker = decode_graph_blocker(helix_cfg, view.device)
     if blocker is not None:
-        settings["disable_decode_cuda_graph"] = True
+        config = with_phase(config, Phase.DECODE, backend=Backend.DISABLED)
         if str(view.device) == "cuda":
             logger.info("sglang_helix: decode CUDA graphs off: %s", blocker)
-    logger.info("sglang_helix: prefill CUDA graphs off: %s", PREFILL_GRAPH_REASON)
-    return settings
+    return config
 
 
 def check_serving_support(view: Any) -> None:

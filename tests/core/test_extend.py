@@ -5,7 +5,7 @@
 - the prefix partial over paged caches: ragged prefixes, prefixes ending mid-page, a rank that
   owns nothing of a request;
 - plan_extend: host lengths per rank add up (property test);
-- helix_extend on 2 gloo ranks (GQA and MLA shapes) vs dense causal attention over prefix + chunk.
+- (helix_extend on 2 gloo ranks vs dense attention: tests/multirank/test_helix_extend.py.)
 """
 
 from __future__ import annotations

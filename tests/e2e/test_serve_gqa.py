@@ -1,7 +1,7 @@
 """Real SGLang 0.5.23 on CPU with --enable-helix, GQA (tiny Llama: H=8, K=2, D=16, 4 layers).
 
 Each layout gets one server (one alive at a time) and is compared with transformers' fp32 greedy
-generation on the same weights (tests/test_sglang_cpu_baseline.py shows Helix-off SGLang equals
+generation on the same weights (tests/e2e/test_serve_helix_off.py shows Helix-off SGLang equals
 that reference token for token at TP 1 and TP 2, so "equal to the reference" is "equal to Helix
 off"). Logprob tolerance: 1e-3 absolute (fp32; Helix changes only the summation order of the
 attention softmax, measured differences are ~1e-6).

@@ -15,9 +15,9 @@ Findings pinned here (SGLang 0.5.23, `--attention-backend torch_native`, CPU):
   * `kv_lora_rank == qk_nope_head_dim` ("mla-compat"): it serves, but the tokens are WRONG
     (differ from transformers from the first token) — `test_mla_compat_plain_...`.
   * With every forward routed to the absorbed MLA path — what the plugin's
-    `sglang_mla.install_cpu_absorbed_mla` hook does on the CPU engine, Helix on or off — the
+    `srt.cpu.mla_fix` hook does on the CPU engine, Helix on or off — the
     realistic MLA + MoE model matches transformers token for token (TP 1 here; TP 2 in
-    tests/test_sglang_helix_mla.py). The two "plain" tests opt out of that hook
+    tests/e2e/test_serve_mla.py). The two "plain" tests opt out of that hook
     (SGLANG_HELIX_CPU_MLA_FIX=0) to pin SGLang's own behaviour.
 """
 

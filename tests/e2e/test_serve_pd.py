@@ -7,14 +7,14 @@ talk to the router only.
 
 Proof per model (GQA tiny Llama, MLA tiny DeepSeek-V3-style with kv_lora 48 != qk_nope 24):
 - greedy tokens through router -> prefill -> Helix decode equal transformers' fp32 greedy on the
-  same weights (test_sglang_helix_*.py show one non-disaggregated Helix server equals that same
+  same weights (tests/e2e/test_serve_{gqa,mla}.py show one non-disaggregated Helix server equals that same
   reference), concurrent requests, prompts of 3..44 tokens crossing pages;
 - the prefill's own transfer counters (bytes mooncake was asked to write, per decode session):
   decode KVP rank r received exactly the logical pages j with j % 2 == r of every prompt, i.e.
   ~1/KVP of the prompt's KV, and byte counts = pages x the per-page bytes of one rank's pool;
 - shared prefix: pages the decode server holds in its radix cache are not sent again.
 Faults (GQA class, last test; the prefill holds its KV writes while a file exists, see
-sglang_pd.HOLD_ENV, so a transfer is provably in flight): decode killed -> the request fails
+srt.pd.HOLD_ENV, so a transfer is provably in flight): decode killed -> the request fails
 within a bounded time, the prefill stays healthy and serves a new decode server; prefill killed
 -> the request fails, the decode server frees the pages it reserved on every KVP rank.
 """

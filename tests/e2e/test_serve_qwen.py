@@ -2,7 +2,7 @@
 D=16, 4 layers).
 
 One generic model hook re-shapes Llama's, Qwen2's and Qwen3's attention classes
-(sglang_model.GQA_ATTENTION_CLASSES); these servers check the two Qwen classes end to end, one
+(srt.models.gqa.GQA_ATTENTION_CLASSES); these servers check the two Qwen classes end to end, one
 server alive at a time, against transformers' fp32 greedy generation on the same weights:
 
 - qwen2 at KVP 2 x TPA 1: qkv_proj rebuilt (replicated over the KVP ranks) with its random q/k/v
@@ -12,7 +12,7 @@ server alive at a time, against transformers' fp32 greedy generation on the same
 
 Per server: concurrent prompts (3..44 tokens, up to 11 pages of 4, decodes cross page
 boundaries), a repeated prompt served over its cached prefix, pages all free after /flush_cache.
-Helpers (state, flush, comparisons) are tests/test_serve_gqa.py's.
+Helpers (state, flush, comparisons) are tests/e2e/test_serve_gqa.py's.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ class _Mode:
     def is_decode(self) -> bool:
         return self.decode
 
+    def is_idle(self) -> bool:
+        return False
+
 
 def _full(q, keys, vals, scale):
     """q [Hs, D]; keys [L, Hs, D]; vals [L, Hs, Dv] -> [Hs, Dv] fp32 softmax attention."""

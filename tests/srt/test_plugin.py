@@ -34,13 +34,14 @@ LLAMA_CONFIG = {
 }
 
 
-def sglang_env(**extra: str) -> dict[str, str]:
+def sglang_env(**extra: str | None) -> dict[str, str]:
+    """The test process's environment for an SGLang child; an `extra` value None removes it."""
     env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
-    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    env.update({"SGLANG_USE_CPU_ENGINE": "1", "PYTHONUNBUFFERED": "1", **extra})
+    return {k: v for k, v in env.items() if v is not None}
 
 
-def run_py(args: list[str], tmp_path, **extra_env: str) -> subprocess.CompletedProcess:
+def run_py(args: list[str], tmp_path, **extra_env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], cwd=tmp_path, env=sglang_env(**extra_env),
         capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -189,6 +190,41 @@ def test_bare_enable_helix_gets_the_helix_page_size_and_passes_validation(tmp_pa
     assert "page_size=64; attention backend helix" in proc.stderr  # the resolved layout line
     assert "HelixConfigError" not in proc.stderr
     assert "Load weight" not in proc.stderr + proc.stdout
+
+
+RESOLVE_SCRIPT = """
+import sys
+from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()
+from sglang_helix.srt import plugin; plugin.register()
+from sglang.srt.plugins.hook_registry import HookRegistry; HookRegistry.apply_hooks()
+from sglang.srt.arg_groups.overrides import resolved_view
+from sglang.srt.server_args import prepare_server_args
+sa = prepare_server_args(["--model-path", sys.argv[1], "--tp-size", "2", "--enable-helix", *sys.argv[2:]])
+sa.resolve_once()
+graphs = resolved_view(sa).cuda_graph_config
+print("GRAPHS", graphs.prefill.backend, graphs.decode.backend)
+"""
+
+
+@needs_sglang
+@pytest.mark.parametrize("flags, cpu_engine, decode", [
+    (["--device", "cuda", "--attention-backend", "triton"], "0", "full"),
+    (["--device", "cuda", "--attention-backend", "triton", "--helix-kvp-size", "2",
+      "--helix-hopb-slices", "2"], "0", "disabled"),
+    (["--device", "cpu", "--attention-backend", "torch_native"], "1", "disabled"),
+    # Started without SGLANG_USE_CPU_ENGINE: the plugin sets it for the ranks during resolution,
+    # after register() chose its hook tables, and its liveness check must not then expect the
+    # CPU-only hooks this process never installed.
+    (["--device", "cpu", "--attention-backend", "torch_native"], None, "disabled"),
+], ids=["cuda", "cuda-hopb2", "cpu", "cpu-engine-env-set-by-plugin"])
+def test_resolved_cuda_graphs_under_helix(tmp_path, tiny_llama, flags, cpu_engine, decode):
+    """SGLang's resolved CudaGraphConfig (what its graph runners read): prefill graphs off under
+    Helix, decode graphs kept on CUDA unless a blocker (HOP-B > 1) applies. Resolution only: no
+    GPU is touched."""
+    proc = run_py(["-c", RESOLVE_SCRIPT, str(tiny_llama), *flags], tmp_path, SGLANG_PLUGINS="none",
+                  SGLANG_USE_CPU_ENGINE=cpu_engine)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"GRAPHS disabled {decode}" in proc.stdout, proc.stdout[-2000:]
 
 
 # ------------------------------------------------------------------ sgl_kernel stand-in

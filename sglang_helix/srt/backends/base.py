@@ -97,8 +97,13 @@ class HelixBackendBase(_attention_backend_base()):
     # ---- plan (once per batch) -------------------------------------------------
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
-        """Decode: local page table + lengths for all layers. Extend: the ExtendPlan."""
-        if forward_batch.forward_mode.is_decode():
+        """Decode: local page table + lengths for all layers. Extend: the ExtendPlan. Idle (a
+        rank with no batch this step): nothing to plan."""
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            self.extend_plan, self._planned = None, forward_batch
+            return
+        if mode.is_decode():
             self.extend_plan = None
             self._plan_decode(forward_batch)
         else:
@@ -176,8 +181,13 @@ class HelixBackendBase(_attention_backend_base()):
         out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
                            kvp_rank=self.cfg.kvp_rank(self.rank),
                            heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange,
-                           w_uv=self._value_projection(kwargs))
+                           w_uv=self._value_projection(kwargs), impl=self._extend_impl())
         return out.reshape(out.shape[0], -1)
+
+    def _extend_impl(self) -> str:
+        """The backend's impl where the extend kernels have it (else auto): "reference",
+        "torch" and "triton" exist for both; decode-only GPU libraries fall back to auto."""
+        return self.impl if self.impl in ("reference", "torch", "triton") else "auto"
 
     def _store(self, k, v, layer, forward_batch) -> None:
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)

@@ -81,7 +81,7 @@ class HelixPagedAllocator(_paged_base()):
     free_segment(s), free_page_ids, free_group_begin/end, merge_and_sort_free, available_size,
     get_all_free_pages, clear, resize; plus the scheduler capacity hooks
     get_extend_allocation_demand, evict_to_free_tokens and check_decode_capacity, made
-    color-exact. Position-less `alloc(n)` is refused (use alloc_at).
+    color-exact. Position-less `alloc(n)` is refused.
     """
 
     def __init__(self, size: int, page_size: int, dtype, device, kvcache, need_sort: bool, *, kvp: int):
@@ -150,21 +150,8 @@ class HelixPagedAllocator(_paged_base()):
             "HelixPagedAllocator.alloc(n) has no token positions, so it cannot color pages by "
             "KVP owner. It is reached from SGLang's page-size-1 path, HiCache load-back and PD "
             "decode; use --page-size >= 2 and drop --enable-hierarchical-cache / PD for Helix "
-            "(position-aware callers: alloc_at)."
+            "(the position-aware alloc_extend / alloc_decode are the Helix paths)."
         )
-
-    def alloc_at(self, start_pos: int, need_size: int) -> Optional[torch.Tensor]:
-        """Whole pages for positions [start_pos, start_pos + need_size) of one request.
-
-        start_pos and need_size page-aligned. Returns [need_size] int64 locs or None if a color
-        is short (nothing popped then).
-        """
-        if start_pos % self.page_size or need_size % self.page_size:
-            raise ValueError(f"alloc_at needs page-aligned start_pos={start_pos} and "
-                             f"need_size={need_size} (page_size={self.page_size})")
-        lens = torch.tensor([start_pos, start_pos + need_size], dtype=torch.int64)
-        return self.alloc_extend(lens[:1], lens[:1], lens[1:], lens[1:],
-                                 torch.tensor([-1], dtype=torch.int64), need_size)
 
     def _pop_pages(self, page_index: torch.Tensor) -> Optional[torch.Tensor]:
         """Page ids for logical page indices [n] (batch order): color j % KVP each, or None."""

@@ -161,8 +161,10 @@ class HelixMLATokenToKVPool(_HelixPoolMixin, _mla_base()):
         self._store(layer_id, loc, torch.cat([p.to(self.dtype) for p in parts], dim=-1))
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):
-        self._refuse("get_mla_kv_buffer", "prefill over a cached prefix needs the prefix pages "
-                     "gathered from their KVP owners (not implemented yet); use --disable-radix-cache")
+        self._refuse("get_mla_kv_buffer", "each rank holds only its KVP pages, and the helix "
+                     "attention backend attends a cached prefix where it lies (partial attention + "
+                     "exchange), never gathering it; a non-helix MLA attention path reached the "
+                     "pool: serve Helix with the helix backend the plugin declares")
 
     def get_paged_kv(self, layer_id: int) -> torch.Tensor:
         """[slots, P, R + Dr] view for paged partial MLA attention."""

@@ -128,9 +128,6 @@ def _around_gqa_attention_init(original: Callable, self: Any, *args: Any, **kwar
         quant_config=bound.arguments.get("quant_config"),
         qkv_prefix=f"{prefix}.qkv_proj" if prefix else "qkv_proj",
     )
-    rt = state.runtime()
-    if rt is not None:
-        rt.layers_built += 1
 
 
 def _around_unaligned_cpu_tp(original: Callable, model_config: Any, *args: Any, **kwargs: Any):
