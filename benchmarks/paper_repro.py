@@ -125,7 +125,7 @@ def compare_mla_exchange(model: str = "deepseek-r1") -> None:
               f"{met['interactivity']:.2f}x | {met['hopb_off_loss'] * 100:.1f}% | "
               f"{points[0]} | {points[1]} |")
     batches = (1, 8, 64, 512, 2048)
-    print(f"\nTTL value / latent of one layout (< 1: values faster; '-': does not fit in memory)")
+    print("\nTTL value / latent of one layout (< 1: values faster; '-': does not fit in memory)")
     print("| context | layout | " + " | ".join(f"batch {b}" for b in batches) + " |")
     print("| --- | --- |" + " ---: |" * len(batches))
     for ctx in (CONTEXT, 1 << 16):

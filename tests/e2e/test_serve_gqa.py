@@ -176,10 +176,6 @@ def test_kvp2_tpa1_tp2_chunked_prefill(model, prompts, references):
                     extra=("--chunked-prefill-size", "16"))
 
 
-def test_kvp1_tpa2_tp2(model, prompts, references):
-    serve_and_check(model, prompts, references, kvp=1, tpa=2, page=16, abort=False)
-
-
 def test_kvp2_tpa2_tp4(model, prompts, references):
     serve_and_check(model, prompts, references, kvp=2, tpa=2, page=4, abort=False)
 

@@ -12,12 +12,12 @@ Findings pinned here (SGLang 0.5.23, `--attention-backend torch_native`, CPU):
   buffers instead of the decompressed k/v. Consequences:
   * realistic proportions (kv_lora_rank 48 != qk_nope_head_dim 24): the first prefill crashes
     ("Expected size for first two dimensions of batch2 tensor ...") — `test_mla_realistic_plain_...`;
-  * `kv_lora_rank == qk_nope_head_dim` ("mla-compat"): it serves, but the tokens are WRONG
-    (differ from transformers from the first token) — `test_mla_compat_plain_...`.
+  * `kv_lora_rank == qk_nope_head_dim` ("mla-compat" tiny model): it serves, but attends the
+    latent as k/v (wrong tokens; seen when this was first pinned, not a test any more).
   * With every forward routed to the absorbed MLA path — what the plugin's
     `srt.cpu.mla_fix` hook does on the CPU engine, Helix on or off — the
     realistic MLA + MoE model matches transformers token for token (TP 1 here; TP 2 in
-    tests/e2e/test_serve_mla.py). The two "plain" tests opt out of that hook
+    tests/e2e/test_serve_mla.py). The "plain" test opts out of that hook
     (SGLANG_HELIX_CPU_MLA_FIX=0) to pin SGLang's own behaviour.
 """
 
@@ -28,7 +28,6 @@ import math
 import pytest
 from helpers import E2E_PROMPT_TEXTS, e2e_marks
 
-from sglang_helix.dev import engine
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
@@ -43,7 +42,7 @@ PROMPT_TEXTS = E2E_PROMPT_TEXTS
 def models(tmp_path_factory):
     """Paths of the tiny models (built once into a per-session cache dir)."""
     cache = tmp_path_factory.getbasetemp() / "tiny-cache"
-    return {kind: ensure_tiny_model(kind, cache) for kind in ("gqa", "mla", "mla-compat")}
+    return {kind: ensure_tiny_model(kind, cache) for kind in ("gqa", "mla")}
 
 
 @pytest.fixture(scope="module")
@@ -134,23 +133,7 @@ def test_mla_realistic_plain_sglang_fails_on_cpu(models):
     assert "Expected size for first two dimensions of batch2 tensor" in str(info.value)
 
 
-def test_mla_compat_plain_sglang_serves_wrong_tokens(models, prompts, references):
-    """kv_lora_rank == qk_nope_head_dim: SGLang serves, but attends the latent as k/v."""
-    with _serve(models, "mla-compat", 1, 4, env=PLAIN_SGLANG) as server:
-        answers = ts.generate_concurrent(server.base_url, prompts, max_new_tokens=4)
-    refs = references["mla-compat"]
-    firsts = [(ts.output_ids(a)[0], r.tokens[0]) for a, r in zip(answers, refs)]
-    assert any(got != want for got, want in firsts), firsts
-
-
 def test_reference_greedy_runs_on_realistic_mla(references):
     """The independent reference handles the shape SGLang's plain CPU path cannot."""
     for ref in references["mla"]:
         assert len(ref.tokens) == MAX_NEW and all(math.isfinite(x) for x in ref.logprobs)
-
-
-def test_offline_engine_matches_transformers(models, prompts, references):
-    """sglang.Engine in a subprocess (run_engine): same greedy tokens as the HTTP server path."""
-    out = engine.run_engine(models["gqa"], prompts, MAX_NEW, tp=1, timeout=START_TIMEOUT_S)
-    assert out.output_ids == [ref.tokens for ref in references["gqa"]]
-    assert out.helix is None  # no SGLANG_HELIX: the plugin stays out of the way
