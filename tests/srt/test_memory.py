@@ -447,7 +447,7 @@ def test_mla_through_pool_matches_full_attention():
 
 def test_pool_refuses_cross_rank_paths():
     pool = mla_pool(2, 0)
-    with pytest.raises(pools.HelixPoolError, match="radix"):
+    with pytest.raises(pools.HelixPoolError, match="helix attention backend attends a cached prefix where it lies"):
         pool.get_mla_kv_buffer(None, t([8]))
     with pytest.raises(pools.HelixPoolError, match="speculative"):
         mha_pool(2, 0).move_kv_cache(t([8]), t([9]))
