@@ -156,7 +156,7 @@ class TestHelixValueExchangeTp2:
 
 
 class TestHelixOffTp2:
-    """Helix off: the plugin's install_cpu_absorbed_mla hook alone makes SGLang serve this shape."""
+    """Helix off: the plugin's CPU absorbed-MLA fix (srt.cpu.mla_fix) alone makes SGLang serve this shape."""
 
     @pytest.fixture(scope="class")
     def server(self, model):
