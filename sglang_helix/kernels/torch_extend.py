@@ -17,12 +17,10 @@ import torch
 
 from .torch_decode import _OnlineSoftmax
 
-# fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~1 MB, so the online-softmax passes over
-# it stay in cache (a 1024-query chunk over a 16K-token prefix, 4 heads, one core: 274 ms at
-# 256K elements x 256-query tiles vs 530 ms at 4M x 512); more when _MIN_K_TILE keys x Hq x
+# fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~16 MB, unless _MIN_K_TILE keys x Hq x
 # q_tile is more (many heads: then a tile is _MIN_K_TILE keys wide).
-_TILE_ELEMS = 256 * 1024
-_Q_TILE = 256
+_TILE_ELEMS = 4 * 1024 * 1024
+_Q_TILE = 512
 _MIN_K_TILE = 256
 
 KeyFetch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
