@@ -142,21 +142,21 @@ class HelixServerArgs:
         for flag, value in (("--helix-kvp-size", self.helix_kvp_size),
                             ("--helix-tpa-size", self.helix_tpa_size)):
             if value is not None and value < 1:
-                _fail(f"{flag} {value}: must be >= 1 (or leave it out to use the default)")
+                refuse(f"{flag} {value}: must be >= 1 (or leave it out to use the default)")
         if self.helix_hopb_slices < 1:
-            _fail(f"--helix-hopb-slices {self.helix_hopb_slices}: must be >= 1 (1 = HOP-B off)")
+            refuse(f"--helix-hopb-slices {self.helix_hopb_slices}: must be >= 1 (1 = HOP-B off)")
         if self.helix_comm_backend not in COMM_BACKENDS:
-            _fail(
+            refuse(
                 f"--helix-comm-backend {self.helix_comm_backend!r}: choose one of "
                 f"{', '.join(COMM_BACKENDS)}"
             )
         if self.helix_mla_exchange is not None and self.helix_mla_exchange not in MLA_EXCHANGES:
-            _fail(
+            refuse(
                 f"--helix-mla-exchange {self.helix_mla_exchange!r}: choose one of "
                 f"{', '.join(MLA_EXCHANGES)}"
             )
         if not self.enable_helix and self.explicit_flags():
-            _fail(
+            refuse(
                 f"{', '.join(self.explicit_flags())} given without --enable-helix: "
                 "add --enable-helix, or drop the Helix flags"
             )
@@ -288,7 +288,7 @@ def _resolve_mla_exchange(helix: HelixServerArgs, model: ModelInfo) -> str:
     if model.is_mla:
         return helix.helix_mla_exchange or DEFAULT_MLA_EXCHANGE
     if helix.helix_mla_exchange is not None:
-        _fail(
+        refuse(
             f"--helix-mla-exchange {helix.helix_mla_exchange} applies to MLA models only "
             f"(DeepSeek-V2/V3); {model.architecture} is GQA/MHA, whose exchange already moves "
             "head_dim-wide values: drop --helix-mla-exchange"
@@ -320,23 +320,23 @@ def describe(config: HelixConfig) -> str:
 
 def _check_features(server: ServerLayout) -> None:
     if server.pp_size > 1:
-        _fail(f"--pp-size {server.pp_size}: Helix needs pipeline parallel 1; drop --pp-size")
+        refuse(f"--pp-size {server.pp_size}: Helix needs pipeline parallel 1; drop --pp-size")
     if server.dcp_size > 1:
-        _fail(
+        refuse(
             f"--dcp-size {server.dcp_size}: SGLang's decode context parallel and Helix both shard "
             "the KV cache; use one of them (drop --dcp-size, Helix's KVP replaces it)"
         )
     if server.enable_prefill_cp:
-        _fail("--enable-prefill-cp is not supported with Helix; drop --enable-prefill-cp")
+        refuse("--enable-prefill-cp is not supported with Helix; drop --enable-prefill-cp")
     if server.attn_cp_size > 1:
-        _fail(f"--attn-cp-size {server.attn_cp_size}: not supported with Helix; drop --attn-cp-size")
+        refuse(f"--attn-cp-size {server.attn_cp_size}: not supported with Helix; drop --attn-cp-size")
     if server.attn_dp_size > 1:
-        _fail(
+        refuse(
             f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
             "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)"
         )
     if server.speculative_algorithm:
-        _fail(
+        refuse(
             f"--speculative-algorithm {server.speculative_algorithm}: speculative decoding is not "
             "supported with Helix yet; drop --speculative-algorithm"
         )
@@ -344,7 +344,7 @@ def _check_features(server: ServerLayout) -> None:
 
 def _check_device(helix: HelixServerArgs, server: ServerLayout) -> None:
     if helix.helix_comm_backend == "nvshmem" and (server.device or "cuda") != "cuda":
-        _fail(
+        refuse(
             f"--helix-comm-backend nvshmem needs CUDA (device={server.device!r}); "
             "use --helix-comm-backend a2a"
         )
@@ -353,20 +353,20 @@ def _check_device(helix: HelixServerArgs, server: ServerLayout) -> None:
 def _check_sizes_vs_tp(helix: HelixServerArgs, server: ServerLayout) -> None:
     kvp, tpa, tp = helix.helix_kvp_size, helix.helix_tpa_size, server.tp_size
     if kvp is not None and tpa is not None and kvp * tpa != tp:
-        _fail(
+        refuse(
             f"--helix-kvp-size {kvp} x --helix-tpa-size {tpa} = {kvp * tpa} != --tp-size {tp}: "
             f"Helix reuses the TP ranks; set --tp-size {kvp * tpa} or sizes whose product is {tp}"
         )
     for flag, given in (("--helix-kvp-size", kvp), ("--helix-tpa-size", tpa)):
         if given is not None and tp % given:
-            _fail(f"{flag} {given} does not divide --tp-size {tp}; pick a divisor of {tp}")
+            refuse(f"{flag} {given} does not divide --tp-size {tp}; pick a divisor of {tp}")
 
 
 def _check_architecture(model: ModelInfo) -> None:
     known = MLA_ARCHITECTURES if model.is_mla else GQA_ARCHITECTURES
     if model.architecture not in known:
         supported = ", ".join(sorted(MLA_ARCHITECTURES | GQA_ARCHITECTURES))
-        _fail(
+        refuse(
             f"--enable-helix: architecture {model.architecture} "
             f"({'MLA' if model.is_mla else 'GQA/MHA'}) has no Helix path; supported: {supported}. "
             "Drop --enable-helix for this model"
@@ -377,7 +377,7 @@ def _check_attention_backends(server: ServerLayout, model: ModelInfo) -> None:
     device = server.device or "cuda"
     allowed = HELIX_ATTENTION_BACKENDS.get(device)
     if allowed is None:
-        _fail(f"--device {device}: Helix runs on {', '.join(HELIX_ATTENTION_BACKENDS)} only")
+        refuse(f"--device {device}: Helix runs on {', '.join(HELIX_ATTENTION_BACKENDS)} only")
     if not model.is_mla:
         allowed = allowed - MLA_ONLY_BACKENDS
     for flag, backend in (
@@ -386,7 +386,7 @@ def _check_attention_backends(server: ServerLayout, model: ModelInfo) -> None:
         ("--decode-attention-backend", server.decode_attention_backend),
     ):
         if backend is not None and backend not in allowed:
-            _fail(
+            refuse(
                 f"{flag} {backend}: no Helix path for this backend on {device}"
                 f"{'' if model.is_mla else ' with GQA'}; use {flag} "
                 f"{' or '.join(sorted(allowed))}"
@@ -400,7 +400,7 @@ def _resolve_sizes(helix: HelixServerArgs, tp: int, model: ModelInfo) -> tuple[i
     if kvp is None:
         kvp = tp // tpa
     if kvp * tpa != tp:
-        _fail(
+        refuse(
             f"--helix-tpa-size {tpa} does not divide --tp-size {tp}; pick a divisor of {tp}"
         )
     _check_heads(tpa, kvp, tp, model)
@@ -409,28 +409,29 @@ def _resolve_sizes(helix: HelixServerArgs, tp: int, model: ModelInfo) -> tuple[i
 
 def _check_heads(tpa: int, kvp: int, tp: int, model: ModelInfo) -> None:
     if model.is_mla and tpa != 1:
-        _fail(
+        refuse(
             f"--helix-tpa-size {tpa} with MLA ({model.architecture}): MLA has one latent KV head, "
             f"so TPA must be 1; set --helix-tpa-size 1 --helix-kvp-size {tp}"
         )
     if tpa > model.num_kv_heads:
-        _fail(
+        refuse(
             f"--helix-tpa-size {tpa} > the model's {model.num_kv_heads} KV heads: each TPA group "
             f"needs at least one KV head; use --helix-tpa-size <= {model.num_kv_heads} and "
             "raise --helix-kvp-size"
         )
     if model.num_kv_heads % tpa or model.num_heads % tpa:
-        _fail(
+        refuse(
             f"--helix-tpa-size {tpa} must divide both the {model.num_heads} query heads and the "
             f"{model.num_kv_heads} KV heads; pick a common divisor"
         )
     if model.num_heads % tp:
-        _fail(
+        refuse(
             f"--tp-size {tp} does not divide the model's {model.num_heads} query heads: after the "
             f"exchange each of KVP x TPA = {kvp * tpa} ranks owns H/N heads; pick a --tp-size "
             f"dividing {model.num_heads}"
         )
 
 
-def _fail(message: str) -> None:
+def refuse(message: str) -> None:
+    """Raise the launch refusal every Helix rule uses: HelixConfigError("Helix: <flag + fix>")."""
     raise HelixConfigError(f"Helix: {message}")

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..config import HelixConfig, HelixConfigError
-from .args import HelixServerArgs, ModelInfo, ServerLayout, resolve_helix_args
+from ..config import HelixConfig
+from .args import HelixServerArgs, ModelInfo, ServerLayout, refuse, resolve_helix_args
 
 # --page-size not given: SGLang resolves it to 1, which the Helix allocator cannot color, so the
 # plugin declares this instead. 64 is a size every backend with a Helix path
@@ -45,7 +45,7 @@ def helix_page_size(page_size: int | None) -> int | None:
 def check_page_size(page_size: int | None) -> None:
     """Refuse a resolved page size < 2 (None counts as SGLang's default 1)."""
     if int(page_size or 1) < 2:
-        _fail(
+        refuse(
             f"--page-size {page_size}: the Helix allocator colors whole pages by KVP owner and "
             "SGLang's page-size-1 path allocates without positions; use --page-size 16 "
             "(or any >= 2)"
@@ -71,7 +71,7 @@ def check_mla_weights(model: ModelInfo, weights: Any) -> None:
     'fp8', torch.float8_e4m3fn, ...) or None (unknown: left to the weight-load check)."""
     if not model.is_mla or weights is None or is_unquantized_weight(weights):
         return
-    _fail(
+    refuse(
         f"--enable-helix with {weight_dtype_name(weights)} weights ({model.architecture}): the "
         "Helix MLA path needs an unquantized (bf16/fp16/fp32) q projection and W_UK/W_UV; serve "
         "a bf16 checkpoint or drop --enable-helix"
@@ -131,7 +131,7 @@ def check_chunked_prefill(chunked_prefill_size: int | None) -> None:
     would run as one forward, its activations and KV writes growing with the whole prompt.
     None (not given) is fine: SGLang then picks a bounded default for the device."""
     if chunked_prefill_size is not None and int(chunked_prefill_size) <= 0:
-        _fail(
+        refuse(
             f"--chunked-prefill-size {chunked_prefill_size} disables chunked prefill, so a long "
             "prompt is prefilled in one forward; give a positive size (e.g. 8192) or leave the "
             "flag out for SGLang's default"
@@ -156,7 +156,3 @@ def decode_graph_blocker(cfg: HelixConfig, device: str) -> str | None:
 
 
 PREFILL_GRAPH_REASON = "the helix extend path plans each chunk on the host"
-
-
-def _fail(message: str) -> None:
-    raise HelixConfigError(f"Helix: {message}")

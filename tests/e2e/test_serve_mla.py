@@ -128,7 +128,21 @@ class TestHelixTp2:
         _check_shared_prefix(server, prompts, follow_up, references)
 
 
-class TestHelixValueExchangeTp2:
+class _SameTokensAsTheHelixServer:
+    """Another server of the same model: transformers' tokens, equal to the Helix (latent)
+    server's when it ran first, and page-floored prefix hits."""
+
+    def test_concurrent_greedy_matches_transformers_and_helix(self, server, prompts, references,
+                                                              served):
+        got = _check(server, prompts, references[:3])
+        if "helix" in served:
+            assert got == served["helix"]
+
+    def test_shared_prefix_cached_page_floored(self, server, prompts, follow_up, references):
+        _check_shared_prefix(server, prompts, follow_up, references)
+
+
+class TestHelixValueExchangeTp2(_SameTokensAsTheHelixServer):
     """--helix-mla-exchange value (W_UV replicated, values exchanged) with HOP-B 2: the same
     tokens as transformers and as the latent exchange."""
 
@@ -145,17 +159,9 @@ class TestHelixValueExchangeTp2:
         state = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
         assert state["layout"]["mla_exchange"] == "value"
 
-    def test_concurrent_greedy_matches_transformers_and_latent(self, server, prompts, references,
-                                                               served):
-        got = _check(server, prompts, references[:3])
-        if "helix" in served:
-            assert got == served["helix"]
-
-    def test_shared_prefix_cached_page_floored(self, server, prompts, follow_up, references):
-        _check_shared_prefix(server, prompts, follow_up, references)
 
 
-class TestHelixOffTp2:
+class TestHelixOffTp2(_SameTokensAsTheHelixServer):
     """Helix off: the plugin's CPU absorbed-MLA fix (srt.cpu.mla_fix) alone makes SGLang serve this shape."""
 
     @pytest.fixture(scope="class")
@@ -166,11 +172,3 @@ class TestHelixOffTp2:
     def test_helix_stays_off(self, server):
         assert "Helix layout" not in server.log(10**7)
 
-    def test_concurrent_greedy_matches_transformers_and_helix(self, server, prompts, references,
-                                                              served):
-        got = _check(server, prompts, references[:3])
-        if "helix" in served:
-            assert got == served["helix"]
-
-    def test_shared_prefix_cached_page_floored(self, server, prompts, follow_up, references):
-        _check_shared_prefix(server, prompts, follow_up, references)

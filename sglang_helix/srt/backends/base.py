@@ -117,14 +117,19 @@ class HelixBackendBase(_attention_backend_base()):
         self._planned = forward_batch  # held, so its id cannot be recycled while it counts
 
     def _plan_extend(self, forward_batch: Any) -> ExtendPlan:
+        prefix = forward_batch.extend_prefix_lens_cpu
+        longest = max((int(n) for n in prefix), default=0) if prefix is not None else 0
         return plan_extend(
-            forward_batch.extend_seq_lens_cpu, forward_batch.extend_prefix_lens_cpu,
+            forward_batch.extend_seq_lens_cpu, prefix,
             self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
-            local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device)))
+            local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device), longest))
 
-    def _local_tables(self, forward_batch: Any, lens: torch.Tensor):
+    def _local_tables(self, forward_batch: Any, lens: torch.Tensor, longest: Optional[int] = None):
+        """This rank's local page table for lengths `lens` [B]; `longest`: their max as a host int
+        when the caller has it (else read from the device once, at plan time)."""
         rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices]
-        longest = int(lens.max()) if lens.numel() else 0
+        if longest is None:
+            longest = int(lens.max()) if lens.numel() else 0
         pages = max(1, -(-longest // self.cfg.page_size))
         return self.pool.local_decode_tables(rows, lens, max_pages=pages)
 

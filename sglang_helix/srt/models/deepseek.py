@@ -33,12 +33,12 @@ import torch.distributed as dist
 from ...config import HelixConfig
 from ...errors import HelixError
 from .. import state
+from ..backends.base import BACKEND_NAME
 from ..backends.mla import find_helix_mla_backend
 from ..hooks import HookSpec
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAME = "helix"
 MLA_CLASS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"
 DISPATCH_TARGET = f"{MLA_CLASS}.dispatch_attn_forward_method"
 PREPARE_TARGET = f"{MLA_CLASS}.forward_absorb_prepare"
