@@ -39,6 +39,16 @@ the flag no W_UV runs and the column reads "-".
 
     python benchmarks/bench_layer.py --model deepseek-v3 --kvp 2 --mla-exchange latent value \
         --ctx-len-start 8192 --ctx-len-end 32768 --backend a2a --hopb-slices 1 2 --batch 1
+
+KV cache dtype (--kv-dtype fp8, i.e. fp8_e4m3, or fp8_e5m2; "auto" = --dtype): every layout runs
+once per KV dtype, the pages stored in it (fp8: SGLang's convention, scale 1) and read by the same
+kernels (fp8 tiles upcast inside them); queries, partials and the exchange stay in --dtype. The
+--dtype rows are always run as the baseline. Extra columns: the KV dtype, "KV vs <dtype>" = this
+row's KV bytes read per rank over the same row's with KV in --dtype (fp8: 0.50), and in the CSV
+kv_cache_bytes_per_rank = bytes of the cache tensors the rank really holds (numel x itemsize).
+
+    python benchmarks/bench_layer.py --model deepseek-v3 --kvp 1 2 --kv-dtype fp8 \
+        --ctx-len-start 8192 --ctx-len-end 32768 --backend a2a
 """
 
 from __future__ import annotations
@@ -60,9 +70,12 @@ from sglang_helix import HelixConfig, sharding  # noqa: E402
 from sglang_helix.attention import partial_attention_gqa, partial_attention_mla, project_values  # noqa: E402
 from sglang_helix.comm import make_exchange  # noqa: E402
 from sglang_helix.hopb import run_hopb  # noqa: E402
+from sglang_helix.kernels import kv_quant  # noqa: E402
 from sglang_helix.ranks import run_ranks  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+KV_ALIASES = {"fp8": "fp8_e4m3"}
 SINGLE, HELIX, PLAIN_TP = "1 rank", "helix", "tp"
 
 
@@ -87,6 +100,9 @@ class Row:
     tpot_ms: float
     mla_exchange: str = "-"  # "latent" | "value" with --mla-exchange (W_UV timed), else "-"
     wuv_ms: float = 0.0  # W_UV time inside step_ms (value: before the exchange; latent: after)
+    kv_dtype: str = "-"  # with --kv-dtype: the pages' dtype ("bf16", "fp8_e4m3", ...), else "-"
+    kv_cache_bytes_per_rank: int = 0  # bytes of the cache tensors one rank holds (max rank)
+    kv_ratio: float = float("nan")  # KV bytes read / the same row's with KV in --dtype
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mla-exchange", nargs="+", choices=["latent", "value"], default=None,
                    help="MLA only: time W_UV too and run every Helix layout with each exchange "
                         "(module doc)")
+    p.add_argument("--kv-dtype", nargs="+", default=None,
+                   choices=["auto", *KV_ALIASES, *KV_DTYPES],
+                   help="KV cache dtypes to run every layout with (fp8 = fp8_e4m3; auto = --dtype, "
+                        "always run as the baseline when any is given; module doc)")
     args = p.parse_args(argv)
+    args.kv_dtypes = kv_dtype_names(args.kv_dtype, args.dtype)
     if args.ctx_len_start < 1 or args.ctx_len_end < args.ctx_len_start:
         p.error("--ctx-len-start must be >= 1 and <= --ctx-len-end")
     if args.batch < 1 or args.iters < 1:
@@ -133,6 +154,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         if why:
             p.error(f"plain TP {n} for {args.model}: {why} (pass --no-plain-tp to skip it)")
     return args
+
+
+def kv_dtype_names(requested, dtype: str) -> list[str]:
+    """KV dtypes to run: ["-"] (the activation dtype, no KV columns) without --kv-dtype; else
+    --dtype first (the baseline), then the others as given, each once."""
+    if not requested:
+        return ["-"]
+    names = [dtype] + [dtype if n == "auto" else KV_ALIASES.get(n, n) for n in requested]
+    return list(dict.fromkeys(names))
+
+
+def kv_torch_dtype(name: str, dtype: str) -> torch.dtype:
+    return KV_DTYPES.get(name, DTYPES[dtype])
 
 
 def ctx_lens(start: int, end: int) -> list[int]:
@@ -176,9 +210,19 @@ def rank_shard(spec: AttentionSpec, opts: dict, rank: int, ctx: int) -> RankShar
     return RankShard(spec.num_heads // tpa, spec.num_kv_heads // tpa, local_len)
 
 
-def make_inputs(spec: AttentionSpec, shard: RankShard, page: int, rank: int, batch: int, dtype, seed: int):
+def make_inputs(spec: AttentionSpec, shard: RankShard, page: int, rank: int, batch: int, dtype, seed: int,
+                kv_dtype=None):
     """Random queries and this rank's shuffled paged cache for `batch` requests of shard.local_len
-    tokens each: (tensors, page_table, seq_lens)."""
+    tokens each: (tensors, page_table, seq_lens). kv_dtype: the pages' dtype (default `dtype`;
+    fp8 pages are stored as SGLang stores them, scale 1)."""
+    tensors, table, seq_lens = _make_inputs(spec, shard, page, rank, batch, dtype, seed)
+    if kv_dtype is None or kv_dtype == dtype:
+        return tensors, table, seq_lens
+    caches = tuple(kv_quant.quantize(t, kv_dtype) for t in tensors[-(1 if spec.mla else 2):])
+    return tensors[:(2 if spec.mla else 1)] + caches, table, seq_lens
+
+
+def _make_inputs(spec: AttentionSpec, shard: RankShard, page: int, rank: int, batch: int, dtype, seed: int):
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     pages_per_req = max(1, sharding.num_pages(shard.local_len, page))
     table = torch.randperm(batch * pages_per_req, generator=gen).reshape(batch, pages_per_req).int()
@@ -192,6 +236,12 @@ def make_inputs(spec: AttentionSpec, shard: RankShard, page: int, rank: int, bat
     v = torch.randn_like(k)
     q = torch.randn(batch, shard.heads, spec.head_dim, generator=gen).to(dtype)
     return (q, k, v), table, seq_lens
+
+
+def kv_cache_bytes(spec: AttentionSpec, tensors) -> int:
+    """Bytes of the KV cache tensors this rank holds (numel x itemsize)."""
+    caches = tensors[2:] if spec.mla else tensors[1:]
+    return sum(t.numel() * t.element_size() for t in caches)
 
 
 def kv_bytes_read(spec: AttentionSpec, tensors, seq_lens) -> int:
@@ -299,7 +349,8 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
     for ctx, backend, slices, mode in cases:
         shard = rank_shard(spec, opts, rank, ctx)
         tensors, table, seq_lens = make_inputs(spec, shard, opts["page_size"], rank, opts["batch"],
-                                               DTYPES[opts["dtype"]], ctx)
+                                               DTYPES[opts["dtype"]], ctx,
+                                               kv_torch_dtype(opts["kv_dtype"], opts["dtype"]))
         exchange = None if plain else make_exchange(backend, group, opts["kvp"])
         w_uv = w_uv_for(spec, opts, world_size, mode, rank)
         step = lambda: time_step(spec, slices, exchange, tensors, table, seq_lens,  # noqa: E731
@@ -321,7 +372,8 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
         medians.append(statistics.median(s[4] for s in samples))
         results.append(dict(ctx_len=ctx, backend=backend, hopb_slices=slices, mode=mode,
                             seconds=medians, bytes_per_step=bytes_per_step,
-                            kv_bytes=kv_bytes_read(spec, tensors, seq_lens)))
+                            kv_bytes=kv_bytes_read(spec, tensors, seq_lens),
+                            kv_cache_bytes=kv_cache_bytes(spec, tensors)))
         if bar:
             bar.update(1)
     if bar:
@@ -338,9 +390,9 @@ def _progress(total: int, desc: str):
         return None
 
 
-def run_layout(args, layout: str, kvp: int, tpa: int) -> list[Row]:
+def run_layout(args, layout: str, kvp: int, tpa: int, kv_dtype: str = "-") -> list[Row]:
     """All contexts of one layout: Helix KVP x TPA (layout "1 rank" when both are 1) or plain
-    TP on tpa ranks (kvp 1)."""
+    TP on tpa ranks (kvp 1); kv_dtype: the pages' dtype name ("-": --dtype, no KV columns)."""
     spec = MODELS[args.model]
     world = kvp * tpa
     exchanging = layout == HELIX
@@ -349,7 +401,8 @@ def run_layout(args, layout: str, kvp: int, tpa: int) -> list[Row]:
     modes = args.mla_exchange if exchanging and args.mla_exchange else (
         ["latent"] if args.mla_exchange else ["-"])
     label = {SINGLE: "1 rank", HELIX: f"Helix KVP={kvp} TPA={tpa}", PLAIN_TP: f"plain TP {tpa}"}[layout]
-    opts = dict(model=args.model, layout=layout, label=label, kvp=kvp, tpa=tpa, batch=args.batch,
+    label += f" KV {kv_dtype}" if kv_dtype != "-" else ""
+    opts = dict(model=args.model, layout=layout, label=label, kvp=kvp, tpa=tpa, batch=args.batch, kv_dtype=kv_dtype,
                 page_size=args.page_size, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                 ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices,
                 modes=modes)
@@ -366,8 +419,21 @@ def run_layout(args, layout: str, kvp: int, tpa: int) -> list[Row]:
                         case["backend"] if exchanging and kvp > 1 else "-", case["hopb_slices"],
                         *ms[:5], max(r[i]["bytes_per_step"] for r in per_rank),
                         max(r[i]["kv_bytes"] for r in per_rank), ms[3] * spec.num_layers,
-                        mla_exchange=case["mode"], wuv_ms=ms[5]))
+                        mla_exchange=case["mode"], wuv_ms=ms[5], kv_dtype=kv_dtype,
+                        kv_cache_bytes_per_rank=max(r[i]["kv_cache_bytes"] for r in per_rank)))
     return rows
+
+
+def _case_key(r: Row) -> tuple:
+    return (r.layout, r.ranks, r.kvp, r.tpa, r.ctx_len, r.backend, r.hopb_slices, r.mla_exchange)
+
+
+def set_kv_ratios(rows: list[Row], dtype: str) -> None:
+    """kv_ratio of every --kv-dtype row: its KV bytes read over the same case's --dtype row's."""
+    base = {_case_key(r): r.kv_bytes_per_rank for r in rows if r.kv_dtype == dtype}
+    for r in rows:
+        if r.kv_dtype != "-" and base.get(_case_key(r)):
+            r.kv_ratio = r.kv_bytes_per_rank / base[_case_key(r)]
 
 
 def layout_label(r: Row) -> str:
@@ -384,15 +450,27 @@ def _with_w_uv(rows: list[Row]) -> bool:
     return any(r.mla_exchange != "-" for r in rows)
 
 
+def _with_kv_dtype(rows: list[Row]) -> bool:
+    """True when the rows were run with --kv-dtype (extra columns: KV dtype, KV vs --dtype)."""
+    return any(r.kv_dtype != "-" for r in rows)
+
+
+def _base_dtype(rows: list[Row]) -> str:
+    return next((r.kv_dtype for r in rows if r.kv_dtype in DTYPES), "bf16")
+
+
 def print_table(rows: list[Row]) -> None:
     mla = _with_w_uv(rows)
     head = f"{'layout':>16} {'N':>2} {'ctx':>7} {'backend':>7} {'hopb':>4} {'attn ms':>9} {'exch ms':>8} " \
            f"{'merge ms':>8} {'step ms':>9} {'x-only ms':>9} {'exch B/rank':>11} {'KV B/rank':>12} {'TPOT ms':>9}"
     head += f" {'MLA x':>6} {'W_UV ms':>8}" if mla else ""
+    kv = _with_kv_dtype(rows)
+    head += f" {'KV dtype':>9} {'KV vs ' + _base_dtype(rows):>10}" if kv else ""
     print(head)
     print("-" * len(head))
     for r in rows:
         extra = f" {r.mla_exchange:>6} {r.wuv_ms:>8.3f}" if mla else ""
+        extra += f" {r.kv_dtype:>9} {r.kv_ratio:>10.2f}" if kv else ""
         print(f"{layout_label(r):>16} {r.ranks:>2} {r.ctx_len:>7} {r.backend:>7} {r.hopb_slices:>4} "
               f"{r.attn_ms:>9.2f} {r.exchange_ms:>8.3f} {r.merge_ms:>8.3f} {r.step_ms:>9.2f} "
               f"{r.exch_only_ms:>9.3f} {r.bytes_per_rank:>11} {r.kv_bytes_per_rank:>12} {r.tpot_ms:>9.1f}"
@@ -405,20 +483,22 @@ def _ratio(num: float, den) -> str:
 
 def markdown_table(rows: list[Row]) -> str:
     """The printed table as Markdown, for docs/results.md."""
-    mla = _with_w_uv(rows)
+    mla, kv = _with_w_uv(rows), _with_kv_dtype(rows)
     lines = ["| layout | N | ctx | backend | HOP-B | attn ms | exch ms | merge ms | step ms | exch-only ms "
              "| exch bytes/rank/step | KV bytes/rank/step | step vs 1 rank | step vs plain TP N |"
-             + (" MLA exchange | W_UV ms |" if mla else ""),
-             "|" + "---|" * (16 if mla else 14)]
-    single = {(r.ctx_len, r.batch): r.step_ms for r in rows if r.layout == SINGLE}
-    plain = {(r.ctx_len, r.batch, r.ranks): r.step_ms for r in rows if r.layout == PLAIN_TP}
+             + (" MLA exchange | W_UV ms |" if mla else "")
+             + (f" KV dtype | KV bytes vs {_base_dtype(rows)} | KV cache bytes/rank |" if kv else ""),
+             "|" + "---|" * (14 + 2 * mla + 3 * kv)]
+    single = {(r.ctx_len, r.batch, r.kv_dtype): r.step_ms for r in rows if r.layout == SINGLE}
+    plain = {(r.ctx_len, r.batch, r.ranks, r.kv_dtype): r.step_ms for r in rows if r.layout == PLAIN_TP}
     for r in rows:
-        vs1 = _ratio(r.step_ms, single.get((r.ctx_len, r.batch)))
-        vs_tp = _ratio(r.step_ms, plain.get((r.ctx_len, r.batch, r.ranks)))
+        vs1 = _ratio(r.step_ms, single.get((r.ctx_len, r.batch, r.kv_dtype)))
+        vs_tp = _ratio(r.step_ms, plain.get((r.ctx_len, r.batch, r.ranks, r.kv_dtype)))
         lines.append(f"| {layout_label(r)} | {r.ranks} | {r.ctx_len} | {r.backend} | {r.hopb_slices} | "
                      f"{r.attn_ms:.2f} | {r.exchange_ms:.3f} | {r.merge_ms:.3f} | {r.step_ms:.2f} | "
                      f"{r.exch_only_ms:.3f} | {r.bytes_per_rank:,} | {r.kv_bytes_per_rank:,} | {vs1} | {vs_tp} |"
-                     + (f" {r.mla_exchange} | {r.wuv_ms:.3f} |" if mla else ""))
+                     + (f" {r.mla_exchange} | {r.wuv_ms:.3f} |" if mla else "")
+                     + (f" {r.kv_dtype} | {r.kv_ratio:.2f} | {r.kv_cache_bytes_per_rank:,} |" if kv else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -429,6 +509,8 @@ def write_outputs(rows: list[Row], out_dir: Path, stem: str) -> list[Path]:
     fields = list(asdict(rows[0]))
     if not _with_w_uv(rows):  # runs without --mla-exchange keep the columns they always had
         fields = [f for f in fields if f not in ("mla_exchange", "wuv_ms")]
+    if not _with_kv_dtype(rows):  # likewise without --kv-dtype
+        fields = [f for f in fields if f not in ("kv_dtype", "kv_cache_bytes_per_rank", "kv_ratio")]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -443,6 +525,7 @@ def _series_label(r: Row) -> str:
     if r.layout == HELIX and r.kvp > 1:
         label += f" {r.backend}"
         label += f" {r.mla_exchange}" if r.mla_exchange != "-" else ""
+    label += f" KV {r.kv_dtype}" if r.kv_dtype != "-" else ""
     return label + (f" HOP-B {r.hopb_slices}" if r.hopb_slices > 1 else "")
 
 
@@ -454,9 +537,10 @@ def _plot(rows: list[Row], path: Path) -> None:
 
     fig, (ax, ax_kv) = plt.subplots(1, 2, figsize=(12, 4.5))
     order = {SINGLE: 0, HELIX: 1, PLAIN_TP: 2}
-    key = lambda r: (order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices, r.mla_exchange)  # noqa: E731
-    for o, ranks, kvp, backend, slices, mode in sorted({key(r) for r in rows}):
-        sel = sorted((r for r in rows if key(r) == (o, ranks, kvp, backend, slices, mode)),
+    key = lambda r: (order[r.layout], r.ranks, r.kvp, r.backend, r.hopb_slices, r.mla_exchange,  # noqa: E731
+                     r.kv_dtype)
+    for o, ranks, kvp, backend, slices, mode, kv_dtype in sorted({key(r) for r in rows}):
+        sel = sorted((r for r in rows if key(r) == (o, ranks, kvp, backend, slices, mode, kv_dtype)),
                      key=lambda r: r.ctx_len)
         # 1 rank: hollow circles, plain TP: dashed crosses (they overlap in the KV panel for MLA)
         style = [dict(ls="-", marker="o", ms=9, mfc="none"), dict(ls="-", marker="o"),
@@ -464,7 +548,8 @@ def _plot(rows: list[Row], path: Path) -> None:
         xs = [r.ctx_len for r in sel]
         ax.plot(xs, [r.step_ms for r in sel], label=_series_label(sel[0]), **style)
         if slices == 1 and backend in ("-", "a2a") and mode in ("-", "latent"):
-            ax_kv.plot(xs, [r.kv_bytes_per_rank / 2**20 for r in sel], label=layout_label(sel[0]), **style)
+            kv_label = layout_label(sel[0]) + (f" KV {kv_dtype}" if kv_dtype != "-" else "")
+            ax_kv.plot(xs, [r.kv_bytes_per_rank / 2**20 for r in sel], label=kv_label, **style)
     for a in (ax, ax_kv):
         a.set_xscale("log", base=2)
         a.set_yscale("log")
@@ -488,9 +573,12 @@ def main(argv=None) -> int:
         HelixConfig(kvp=kvp, tpa=args.tpa, num_heads=spec.num_heads,
                     num_kv_heads=spec.num_kv_heads, mla=spec.mla)  # fail fast
         layout = SINGLE if kvp * args.tpa == 1 else HELIX
-        rows += run_layout(args, layout, kvp, args.tpa)
+        for kv_dtype in args.kv_dtypes:
+            rows += run_layout(args, layout, kvp, args.tpa, kv_dtype)
     for n in plain_tp_sizes(args):
-        rows += run_layout(args, PLAIN_TP, 1, n)
+        for kv_dtype in args.kv_dtypes:
+            rows += run_layout(args, PLAIN_TP, 1, n, kv_dtype)
+    set_kv_ratios(rows, args.dtype)
     print_table(rows)
     stem = f"bench_layer_{args.model}_b{args.batch}"
     paths = write_outputs(rows, args.out_dir, stem)

@@ -22,7 +22,12 @@ Sections, each guarded so one failure does not stop the others:
              replay, compare with eager on the new lengths (bitwise expected; else fp tolerance)
              and with the fp32 reference. A failed capture is a FAIL row with the error text;
   (d) extend Triton extend attention (causal chunk, paged prefix partial; GQA and MLA shapes)
-             vs the fp32 reference through sglang_helix.attention.
+             vs the fp32 reference through sglang_helix.attention;
+  (e) fp8 KV fp8 pages (e4m3 and e5m2, per-tensor k_scale 0.37 / v_scale 1.9, SGLang's
+             convention) with bf16 queries: Triton GQA / MLA decode (split auto and 1 split),
+             impl="auto" (flashinfer paged decode takes fp8 pages for GQA where it imports; the
+             MLA libraries are offered bf16 pages only, so MLA auto is Triton) and the Triton
+             extend prefix partial, vs the fp32 reference on the dequantized pages.
 Ends with one markdown table (check, shape, result, figure), printed and written to --out.
 Exit code 1 if any row is FAIL. On CPU the CUDA-only parts (events, graphs) are "skipped on CPU"
 rows; everything else runs the same code on tiny sizes (perf_counter instead of events).
@@ -572,6 +577,70 @@ def _extend_case(rep: Report, device, hq, kh, d, dv, dtype, shape, quick: bool):
         rep.add(f"(d) triton extend {part}", shape, "PASS" if ok else "FAIL", figure)
 
 
+def fp8_section(rep: Report, device, cfg, quick: bool):
+    """(e) fp8 KV pages read by the kernels vs the fp32 reference on the dequantized pages."""
+    import torch  # noqa: PLC0415
+
+    gqa = [(8, 2, 128, 16, [0, 17, 300])] if quick else [(64, 8, 128, 64, [0, 17, 3000, 5000])]
+    mla = [(16, 16, [0, 5, 300])] if quick else [(128, 64, [0, 33, 4096])]
+    for kv in (torch.float8_e4m3fn, torch.float8_e5m2):
+        name = str(kv).split(".")[-1]
+        for hq, kh, d, page, lens in gqa:
+            shape = f"GQA Hq={hq} K={kh} D={d} P={page} lens={lens} bf16 q, {name} pages"
+            rep.guard("(e) fp8 GQA", shape, _fp8_case, rep, device, cfg, "gqa", (hq, kh, d), page, lens, kv, shape)
+        for heads, page, lens in mla:
+            shape = f"MLA H={heads} R={MLA_R}+{MLA_DR} P={page} lens={lens} bf16 q, {name} pages"
+            rep.guard("(e) fp8 MLA", shape, _fp8_case, rep, device, cfg, "mla", (heads,), page, lens, kv, shape)
+
+
+def _fp8_case(rep: Report, device, cfg, kind, dims, page, lens, kv_dtype, shape):
+    import torch  # noqa: PLC0415
+
+    from sglang_helix import attention  # noqa: PLC0415
+    from sglang_helix.kernels import kv_quant, reference  # noqa: PLC0415
+    from sglang_helix.kernels.triton_decode import gqa_partial_triton, mla_partial_triton  # noqa: PLC0415
+    from sglang_helix.metadata import plan_extend  # noqa: PLC0415
+
+    ks, vs = 0.37, 1.9
+    sc = dict(k_scale=ks, v_scale=vs)
+    if kind == "gqa":
+        hq, kh, d = dims
+        q, kc, vc, pt, sl = gqa_problem(lens, page, hq, kh, d, torch.bfloat16, device, seed=hq + d)
+        kc, vc = kv_quant.quantize(kc.float(), kv_dtype, ks), kv_quant.quantize(vc.float(), kv_dtype, vs)
+        scale = d ** -0.5
+        want = reference.gqa_partial_ref(q, kv_quant.dequantize(kc, ks), kv_quant.dequantize(vc, vs), pt, sl, scale)
+        impls = {"triton split auto": lambda: gqa_partial_triton(q, kc, vc, pt, sl, scale, config=cfg, **sc),
+                 "triton 1 split": lambda: gqa_partial_triton(q, kc, vc, pt, sl, scale, 1, config=cfg, **sc)}
+        if device.type == "cuda":
+            impls["attention impl=auto"] = lambda: attention.partial_attention_gqa(q, kc, vc, pt, sl, scale, **sc)
+        # the extend prefix partial over the same pages: one request per decode row, 3 queries each
+        qx = q.repeat_interleave(3, dim=0)
+        keys, vals = kc, vc
+    else:
+        (heads,) = dims
+        ql, qr, kv, pt, sl = mla_problem(lens, page, heads, torch.bfloat16, device, seed=heads)
+        kv = kv_quant.quantize(kv.float(), kv_dtype, ks)
+        scale = 192 ** -0.5
+        out, lse = reference.mla_partial_ref(ql, qr, kv_quant.dequantize(kv, ks), pt, sl, scale)
+        want = (out * (vs / ks), lse)  # values read with v_scale (SGLang's MLA read)
+        impls = {"triton split auto": lambda: mla_partial_triton(ql, qr, kv, pt, sl, scale, config=cfg, **sc),
+                 "triton 1 split": lambda: mla_partial_triton(ql, qr, kv, pt, sl, scale, 1, config=cfg, **sc)}
+        if device.type == "cuda":
+            impls["attention impl=auto"] = lambda: attention.partial_attention_mla(ql, qr, kv, pt, sl, scale, **sc)
+        qx = torch.cat([ql, qr], -1).repeat_interleave(3, dim=0)
+        keys, vals = kv.unsqueeze(2), kv[..., :MLA_R].unsqueeze(2)
+    for label, fn in impls.items():
+        out, lse = fn()
+        ok, figure = compare(out, lse, want[0], want[1], "bfloat16")
+        rep.add(f"(e) fp8 {label}", shape, "PASS" if ok else "FAIL", figure)
+    plan = plan_extend([3] * len(lens), [int(n) for n in lens], 0, page, 1, local_tables=lambda _: (pt, None))
+    run = lambda impl: attention.prefix_attention_lse(qx, keys, vals, plan, scale, impl=impl, **sc)  # noqa: E731
+    ref_out, ref_lse = run("reference")
+    out, lse = run("triton")
+    ok, figure = compare(out, lse, ref_out, ref_lse, "bfloat16")
+    rep.add("(e) fp8 triton extend prefix", shape, "PASS" if ok else "FAIL", figure)
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
@@ -654,6 +723,7 @@ def main(argv=None) -> int:
                   deadline, args.strict_bandwidth)
         rep.guard("(c) CUDA graph", "-", graph_section, rep, device, args.quick)
         rep.guard("(d) extend", "-", extend_section, rep, device, args.quick)
+        rep.guard("(e) fp8 KV", "-", fp8_section, rep, device, cfg, args.quick)
     fails = sum(r.result == "FAIL" for r in rep.rows)
     table = rep.markdown()
     summary = (f"\n{len(rep.rows)} rows, {fails} FAIL, {time.monotonic() - start:.0f} s on {device} "

@@ -56,8 +56,10 @@ class HelixAttention:
         """seq_lens [B] logical lengths; local_page_table [B, pages] this rank's pages."""
         self.meta.plan(seq_lens, local_page_table)
 
-    def forward_gqa(self, q, k_cache, v_cache, scale: float) -> torch.Tensor:
-        """q [B, H/TPA, D]; k_cache [pages, P, K/TPA, D]; v_cache [pages, P, K/TPA, Dv].
+    def forward_gqa(self, q, k_cache, v_cache, scale: float, *, k_scale: float = 1.0,
+                    v_scale: float = 1.0) -> torch.Tensor:
+        """q [B, H/TPA, D]; k_cache [pages, P, K/TPA, D]; v_cache [pages, P, K/TPA, Dv] (q's
+        dtype, or fp8 pages with per-tensor k_scale / v_scale: kernels/kv_quant.py).
 
         Returns [B, H/N, Dv] in q's dtype: query heads [g*H/N, (g+1)*H/N).
         """
@@ -73,14 +75,16 @@ class HelixAttention:
             out, lse = partial_attention_gqa(
                 q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
-                host_seq_lens=meta.host_seq_lens[start:stop],
+                host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
             )
             return _for_exchange(out, lse, q.dtype)
 
         return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
 
-    def forward_mla(self, q_latent, q_rope, kv_cache, scale: float, w_uv=None) -> torch.Tensor:
-        """q_latent [B, H, R] (absorbed); q_rope [B, H, Dr]; kv_cache [pages, P, R + Dr].
+    def forward_mla(self, q_latent, q_rope, kv_cache, scale: float, w_uv=None, *,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        """q_latent [B, H, R] (absorbed); q_rope [B, H, Dr]; kv_cache [pages, P, R + Dr] (q's
+        dtype, or fp8 pages: k_scale for the scores, v_scale for the values).
 
         cfg.mla_exchange "latent" (w_uv None): returns [B, H/N, R] latent outputs (before W_UV).
         "value": w_uv [H, R, Dv] is W_UV of all H heads; each rank projects its partial
@@ -100,7 +104,7 @@ class HelixAttention:
             out, lse = partial_attention_mla(
                 q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
-                host_seq_lens=meta.host_seq_lens[start:stop],
+                host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
             )
             if w_uv is not None:  # the merge commutes with the per-head linear W_UV
                 out = project_values(out, w_uv, q_latent.dtype)
@@ -117,7 +121,8 @@ class HelixAttention:
 
 
 def _for_exchange(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
-    """Partials travel in the activation dtype (as on a real model); the LSE stays fp32."""
+    """Partials travel in the activation dtype (as on a real model; never the fp8 KV dtype);
+    the LSE stays fp32."""
     return out.to(dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 

@@ -11,6 +11,9 @@ Hn = Hq / KVP heads after the exchange:
    (with its LSE; -inf where the rank holds none), LSE-merged with (1) on the own head slice,
    then one exchange in the KVP group merges every rank's partials into [T, Hn, Dv].
 
+FP8 KV (kernels/kv_quant.py): k_new / v_new and the pages may be fp8 with per-tensor k_scale /
+v_scale; the kernels upcast tile by tile, and the exchange moves activation-dtype partials.
+
 No prefix KV moves between ranks; the same collectives run on every rank (the branch depends
 only on host ints every rank shares). Hq/Hk: GQA H/TPA query and K/TPA KV heads; MLA H query
 heads and one latent KV head whose first R dims are the values.
@@ -54,7 +57,7 @@ def own_kv(k: torch.Tensor, v: torch.Tensor, own: slice, num_q_heads: int):
 def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: ExtendPlan,
                  k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float, *, kvp_rank: int,
                  heads_per_rank: int, exchange: Exchange, w_uv=None,
-                 impl: str = "auto") -> torch.Tensor:
+                 impl: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One chunk's attention on KVP rank `kvp_rank`; returns [T, Hn, Dv] in q's dtype.
 
     q [T, Hq, D]; k_new [T, Hk, D], v_new [T, Hk, Dv]: the chunk's rows, requests back to back
@@ -63,16 +66,18 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     merged [T, Hn, Dv] over the KVP group (sglang_helix.comm). w_uv [Hq, Dv, Dv']: optional
     per-head value projection (MLA's W_UV, module doc); the result is then [T, Hn, Dv'].
     impl: the extend kernels ("auto", "torch", "triton", "reference"; attention.EXTEND_IMPLS).
+    k_scale / v_scale: per-tensor scales of fp8 K/V (the chunk's and the pages'); 1 otherwise.
     """
     own = own_heads(kvp_rank, heads_per_rank)
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale,
-                                               impl=impl)
+                                               impl=impl, **scales)
     if w_uv is not None:
         chunk_out = project_values(chunk_out, w_uv[own])
     if not plan.has_prefix:
         return chunk_out.to(q.dtype)
-    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale, impl=impl)
+    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale, impl=impl, **scales)
     if w_uv is not None:
         out = project_values(out, w_uv)
     out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)

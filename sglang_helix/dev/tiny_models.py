@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Five kinds (all fp32 by default, weights from transformers' own model classes, seeded):
+Seven kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -17,6 +17,9 @@ Five kinds (all fp32 by default, weights from transformers' own model classes, s
 - ``"mla-compat"``: the same with ``kv_lora_rank == qk_nope_head_dim`` (32 / 32): the only MLA
   shape SGLang's own CPU torch_native path starts with (its tokens are wrong;
   tests/e2e/test_serve_helix_off.py pins both facts).
+- ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
+  DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
+  dims are 128-aligned.
 
 Every directory holds config.json, model.safetensors, generation_config.json and a byte-level BPE
 tokenizer trained here on a built-in corpus (a few hundred tokens) with a chat template, so
@@ -46,9 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import fp8_models
+
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -159,8 +164,12 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
         return gqa_config(common)
     if kind in ("qwen2", "qwen3"):
         return qwen_config(common)
+    if kind == "qwen3-fp8":
+        return fp8_models.gqa_fp8_config(qwen_config(common))
     if kind == "mla":
         return mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
+    if kind == "mla-fp8":
+        return fp8_models.mla_fp8_config(mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24))
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
 
 
@@ -220,6 +229,8 @@ _MODEL_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "mla": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "mla-compat": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "mla-fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "qwen3-fp8": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
 # Tensors transformers initialises to constants that real checkpoints learn; randomised so the
@@ -286,6 +297,9 @@ def build_tiny_model(
     _check_max_positions(max_positions)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if kind.endswith("-fp8") and dtype == "float32":
+        raise ValueError(f"{kind}: SGLang's fp8 method runs bf16/fp16 activations; build it "
+                         "with dtype='bfloat16' (ensure_tiny_model's default for fp8 kinds)")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -295,6 +309,8 @@ def build_tiny_model(
         cfg = model_config(kind, len(tok), ids[BOS], ids[EOS], ids[PAD], max_positions)
         build_weights(kind, cfg, work, seed, dtype)
         _finish_config(work, cfg, dtype)
+        if kind.endswith("-fp8"):
+            fp8_models.quantize_checkpoint(work)
         (work / "sglang_helix_tiny.json").write_text(
             json.dumps({"kind": kind, "seed": seed, "dtype": dtype,
                         "builder_version": BUILDER_VERSION, "max_positions": max_positions},
@@ -350,13 +366,15 @@ def default_cache_dir() -> Path:
 
 def ensure_tiny_model(
     kind: str, cache_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
-    dtype: str = "float32", max_positions: int = MAX_POSITIONS,
+    dtype: str | None = None, max_positions: int = MAX_POSITIONS,
 ) -> Path:
     """Path of the cached tiny model `kind`, building it only when missing or incomplete.
 
     A non-default `max_positions` (long-context variant, same weights) gets its own cache entry.
+    `dtype` defaults to float32, bfloat16 for the fp8 kinds (their unquantized tensors).
     """
     _check_kind(kind)
+    dtype = dtype or ("bfloat16" if kind.endswith("-fp8") else "float32")
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = base / f"{kind}-{cache_key(kind, seed, dtype, max_positions)}"
     if not _is_complete(path):

@@ -17,6 +17,13 @@ Each conversion happens exactly once, in _natural_from_base2.
 Empty rows (seq_len 0): libraries disagree (flashinfer wants >= 1 page, FlashMLA reports +inf),
 so the wrappers overwrite them with out 0 / lse -inf, our contract.
 
+FP8 KV pages (kernels/kv_quant.py): flashinfer's paged decode takes an fp8 cache (kv_data_type)
+with fp16/bf16 queries and per-tensor k_scale / v_scale in run(), as SGLang's flashinfer
+backend calls it: passed through. The MLA libraries here are offered bf16/fp16 pages only
+(FlashMLA's fp8 path wants fp8 queries and descales; flashinfer MLA is not wired for fp8 here):
+their availability checks say no for fp8 pages, so "auto" takes the Triton kernel, which reads
+fp8 pages itself.
+
 Plans are rebuilt per call here for simplicity; production should plan once per decode step and
 reuse the wrapper across layers (plans depend only on page_table / seq_lens).
 """
@@ -52,33 +59,39 @@ def _cuda(*tensors: torch.Tensor) -> bool:
 
 
 def flashinfer_gqa_available(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """flashinfer paged decode: CUDA, fp16/bf16, Dv == D, D in its compiled set."""
+    """flashinfer paged decode: CUDA, fp16/bf16 q, pages in q's dtype or fp8 e4m3/e5m2,
+    Dv == D, D in its compiled set."""
     return (
         flashinfer is not None
         and _cuda(q, k_cache, v_cache)
         and q.dtype in (torch.float16, torch.bfloat16)
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in (q.dtype, torch.float8_e4m3fn, torch.float8_e5m2)
         and k_cache.shape[-1] == v_cache.shape[-1]
         and q.shape[-1] in (64, 128, 256)
     )
 
 
 def flashinfer_mla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """flashinfer MLA: CUDA, fp16/bf16, DeepSeek dims R = 512, Dr = 64 only."""
+    """flashinfer MLA: CUDA, fp16/bf16 (pages too: no fp8 here), DeepSeek dims R = 512, Dr = 64."""
     return (
         flashinfer is not None
         and _cuda(q_latent, q_rope, kv_cache)
         and q_latent.dtype in (torch.float16, torch.bfloat16)
+        and kv_cache.dtype == q_latent.dtype
         and q_latent.shape[-1] == 512
         and q_rope.shape[-1] == 64
     )
 
 
 def flashmla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """sgl-kernel FlashMLA: CUDA (Hopper), bf16/fp16, R = 512, Dr = 64, page size 64."""
+    """sgl-kernel FlashMLA: CUDA (Hopper), bf16/fp16 (pages too: no fp8 here), R = 512, Dr = 64,
+    page size 64."""
     return (
         flash_mla_with_kvcache is not None
         and _cuda(q_latent, q_rope, kv_cache)
         and q_latent.dtype in (torch.float16, torch.bfloat16)
+        and kv_cache.dtype == q_latent.dtype
         and q_latent.shape[-1] == 512
         and q_rope.shape[-1] == 64
         and kv_cache.shape[1] == 64
@@ -120,9 +133,11 @@ def _zero_empty_rows(out: torch.Tensor, lse: torch.Tensor, seq_lens: torch.Tenso
     return out, lse
 
 
-def gqa_partial_flashinfer(q, k_cache, v_cache, page_table, seq_lens, scale):
+def gqa_partial_flashinfer(q, k_cache, v_cache, page_table, seq_lens, scale, k_scale: float = 1.0,
+                           v_scale: float = 1.0):
     """flashinfer paged decode with return_lse. Shapes as reference.gqa_partial_ref (NHD layout:
-    k_cache [num_pages, P, Kh, D]). Returns out [B, Hq, D] in q.dtype, lse [B, Hq] fp32 natural."""
+    k_cache [num_pages, P, Kh, D]; fp8 pages with per-tensor k_scale / v_scale).
+    Returns out [B, Hq, D] in q.dtype, lse [B, Hq] fp32 natural."""
     page_size, kh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(q.device), "NHD")
     indptr, indices, last = _csr_pages(page_table, seq_lens, page_size)
@@ -134,7 +149,8 @@ def gqa_partial_flashinfer(q, k_cache, v_cache, page_table, seq_lens, scale):
         kv_data_type=k_cache.dtype,
         sm_scale=scale,
     )
-    out, lse2 = wrapper.run(q, (k_cache, v_cache), return_lse=True)
+    scales = {name: value for name, value in (("k_scale", k_scale), ("v_scale", v_scale)) if value != 1.0}
+    out, lse2 = wrapper.run(q, (k_cache, v_cache), return_lse=True, **scales)
     return _zero_empty_rows(out, _natural_from_base2(lse2), seq_lens)
 
 

@@ -3,6 +3,8 @@
 Every kernel in sglang_helix.kernels is tested against these. LSE is natural log (`lse`).
 Paged layout: a request's local page i holds its local tokens [i*P, (i+1)*P); page_table[b, i]
 is the physical page of that local page in the cache; seq_lens[b] is the local token count.
+Caches may hold fp8 pages: the decode references dequantize each request's gathered tokens
+(x.float() * k_scale / v_scale, kv_quant's convention) and attend those values.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ def gqa_partial_ref(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial GQA/MHA decode attention over one rank's pages.
 
-    q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv];
-    page_table: [B, max_pages] int; seq_lens: [B] int (may be 0).
-    Query head h reads KV head h // (Hq // Kh).
+    q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (q's dtype
+    or fp8 with per-tensor k_scale / v_scale); page_table: [B, max_pages] int; seq_lens: [B]
+    int (may be 0). Query head h reads KV head h // (Hq // Kh).
     Returns out [B, Hq, Dv] fp32 (0 where seq_len == 0) and lse [B, Hq] fp32 (-inf there).
     """
     bsz, hq, _ = q.shape
@@ -41,8 +45,8 @@ def gqa_partial_ref(
         length = int(seq_lens[b])
         if length == 0:
             continue
-        k = _gather_tokens(k_cache, page_table[b], length).float()  # [L, Kh, D]
-        v = _gather_tokens(v_cache, page_table[b], length).float()  # [L, Kh, Dv]
+        k = _gather_tokens(k_cache, page_table[b], length).float() * k_scale  # [L, Kh, D]
+        v = _gather_tokens(v_cache, page_table[b], length).float() * v_scale  # [L, Kh, Dv]
         k = k.repeat_interleave(group, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale  # [Hq, L]
@@ -58,11 +62,14 @@ def mla_partial_ref(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial absorbed-MLA decode attention over one rank's pages.
 
     q_latent: [B, H, R] (q_nope already absorbed through W_UK); q_rope: [B, H, Dr];
-    kv_cache: [num_pages, P, R + Dr] (latent c_kv then rotary k_pe, one shared head);
+    kv_cache: [num_pages, P, R + Dr] (latent c_kv then rotary k_pe, one shared head; fp8 pages
+    dequantized with k_scale for the scores and v_scale for the values, as SGLang reads them);
     page_table: [B, max_pages]; seq_lens: [B].
     Returns out [B, H, R] fp32 in latent space (before W_UV) and lse [B, H] fp32.
     """
@@ -75,10 +82,10 @@ def mla_partial_ref(
         if length == 0:
             continue
         kv = _gather_tokens(kv_cache, page_table[b], length).float()  # [L, R + Dr]
-        latent, rope = kv[:, :rank_r], kv[:, rank_r:]
+        latent, rope = kv[:, :rank_r] * k_scale, kv[:, rank_r:] * k_scale
         scores = (q_latent[b].float() @ latent.T + q_rope[b].float() @ rope.T) * scale  # [H, L]
         lse[b] = torch.logsumexp(scores, dim=-1)
-        out[b] = torch.softmax(scores, dim=-1) @ latent
+        out[b] = torch.softmax(scores, dim=-1) @ (kv[:, :rank_r] * v_scale)
     return out, lse
 
 

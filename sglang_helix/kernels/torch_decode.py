@@ -13,7 +13,9 @@ Same contract as reference.gqa_partial_ref / mla_partial_ref, but:
   loop 43 ms (233 vs 91 ms with 57K-token chunks); 2K x 8: about equal;
 - chunks of ~2-4K tokens keep the gathered fp32 K/V in cache: B=1 L=32K took 43 ms at 1.8K-token
   chunks vs 63 ms at 57K-token chunks;
-- accumulation is fp32; out is returned in q's dtype, lse (natural log) in fp32.
+- accumulation is fp32; out is returned in q's dtype, lse (natural log) in fp32;
+- fp8 pages (kv_quant) are upcast chunk by chunk, where every page is upcast anyway; k_scale is
+  folded into the query scale and v_scale into the output, so no pool is ever dequantized.
 
 Rows with seq_len 0 return out 0 and lse -inf without NaN.
 """
@@ -21,6 +23,8 @@ Rows with seq_len 0 return out 0 and lse -inf without NaN.
 from __future__ import annotations
 
 import torch
+
+from .kv_quant import upcast
 
 # fp32 elements materialised per chunk (gathered K/V + scores): ~8 MB, cache-friendly.
 _CHUNK_ELEMS = 2097152
@@ -108,11 +112,14 @@ def gqa_partial_torch(
     seq_lens: torch.Tensor,
     scale: float,
     host_seq_lens=None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial GQA decode attention over one rank's pages (same contract as gqa_partial_ref).
 
-    q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv];
-    page_table: [B, max_pages] int; seq_lens: [B] int local lengths (may be 0).
+    q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (q's dtype,
+    or fp8 pages with per-tensor k_scale / v_scale); page_table: [B, max_pages] int;
+    seq_lens: [B] int local lengths (may be 0).
     Returns out [B, Hq, Dv] in q.dtype (0 for empty rows) and lse [B, Hq] fp32 natural log (-inf).
     """
     bsz, hq, _ = q.shape
@@ -121,7 +128,9 @@ def gqa_partial_torch(
 
     def run(b0: int, b1: int, longest: int, shortest: int):
         sl = slice(b0, b1)
-        return _gqa_chunked(q[sl], k_cache, v_cache, page_table[sl], seq_lens[sl], scale, longest, shortest)
+        out, lse = _gqa_chunked(q[sl], k_cache, v_cache, page_table[sl], seq_lens[sl],
+                                scale * k_scale, longest, shortest)
+        return (out * v_scale if v_scale != 1.0 else out), lse
 
     return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
@@ -134,11 +143,14 @@ def mla_partial_torch(
     seq_lens: torch.Tensor,
     scale: float,
     host_seq_lens=None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial absorbed-MLA decode attention over one rank's pages (contract of mla_partial_ref).
 
-    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
-    page_table: [B, max_pages]; seq_lens: [B].
+    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr] (q's dtype, or fp8
+    pages: k_scale for the scores, v_scale for the values); page_table: [B, max_pages];
+    seq_lens: [B].
     Returns out [B, H, R] in q_latent.dtype (latent space) and lse [B, H] fp32 natural log.
     """
     bsz, heads, rank_r = q_latent.shape
@@ -147,8 +159,9 @@ def mla_partial_torch(
 
     def run(b0: int, b1: int, longest: int, shortest: int):
         sl = slice(b0, b1)
-        return _mla_chunked(q_latent[sl], q_rope[sl], kv_cache, page_table[sl], seq_lens[sl], scale,
-                            longest, shortest)
+        out, lse = _mla_chunked(q_latent[sl], q_rope[sl], kv_cache, page_table[sl], seq_lens[sl],
+                                scale * k_scale, longest, shortest)
+        return (out * v_scale if v_scale != 1.0 else out), lse
 
     return _per_request(run, bsz, seq_lens, out, lse, host_seq_lens)
 
@@ -178,8 +191,8 @@ def _gqa_chunked(
     for p0 in range(0, total, step):
         p1 = min(total, p0 + step)
         ids, mask, keep = _chunk_tokens(page_table, seq_lens, p0, p1, page_size, longest, shortest)
-        k = _gather(k_cache, ids, keep).float()  # [B, T, Kh, D]
-        v = _gather(v_cache, ids, keep).float()  # [B, T, Kh, Dv]
+        k = upcast(_gather(k_cache, ids, keep))  # [B, T, Kh, D] fp32
+        v = upcast(_gather(v_cache, ids, keep))  # [B, T, Kh, Dv]
         if mask is not None:
             # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
             v.masked_fill_(~mask[:, :, None, None], 0.0)
@@ -212,7 +225,7 @@ def _mla_chunked(
     for p0 in range(0, total, step):
         p1 = min(total, p0 + step)
         ids, mask, keep = _chunk_tokens(page_table, seq_lens, p0, p1, page_size, longest, shortest)
-        kv = _gather(kv_cache, ids, keep).float()  # [B, T, R + Dr]
+        kv = upcast(_gather(kv_cache, ids, keep))  # [B, T, R + Dr] fp32
         if mask is not None:
             # Slots past seq_len may hold stale or uninitialised memory: 0 * NaN would poison p @ v.
             kv.masked_fill_(~mask[:, :, None], 0.0)

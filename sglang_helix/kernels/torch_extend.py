@@ -6,6 +6,8 @@ One algorithm serves both halves of a Helix extend, for GQA and absorbed MLA ali
 Queries are walked in tiles and keys in tiles with an online softmax, so nothing of size
 n x n (or n x prefix) is materialised and each prefix page is read once per query tile.
 Accumulation is fp32; out comes back fp32, lse natural log fp32 (-inf where a query sees no key).
+Keys may be fp8 pages (kv_quant): each fetched tile is upcast on its own, k_scale folded into the
+query scale and v_scale into the output; no pool is dequantized.
 Contract and ground truth: reference.attention_lse_ref.
 """
 
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from .kv_quant import upcast
 from .torch_decode import _OnlineSoftmax
 
 # fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~16 MB, unless _MIN_K_TILE keys x Hq x
@@ -32,10 +35,12 @@ def _k_tile(heads: int, q_tile: int, multiple: int) -> int:
 
 
 def tiled_attention_lse(q: torch.Tensor, fetch: KeyFetch, length: int, dv: int, scale: float, *,
-                        causal_offset: int | None = None, k_multiple: int = 1):
+                        causal_offset: int | None = None, k_multiple: int = 1,
+                        k_scale: float = 1.0, v_scale: float = 1.0):
     """Attention of q [n, Hq, D] over `length` keys supplied tile by tile, with the LSE.
 
-    fetch(k0, k1) -> (k [k1-k0, Hk, D], v [k1-k0, Hk, Dv]) for keys [k0, k1); Hq % Hk == 0.
+    fetch(k0, k1) -> (k [k1-k0, Hk, D], v [k1-k0, Hk, Dv]) for keys [k0, k1); Hq % Hk == 0;
+    fp8 tiles are read as k * k_scale, v * v_scale (kv_quant).
     causal_offset c: query i sees keys 0 .. i + c (None: all keys). k_multiple: key tiles start
     at multiples of it (the page size, so a paged fetch gathers whole pages).
     Returns out [n, Hq, Dv] fp32 (0 where a query sees no key) and lse [n, Hq] fp32 (-inf there).
@@ -46,8 +51,10 @@ def tiled_attention_lse(q: torch.Tensor, fetch: KeyFetch, length: int, dv: int, 
     for q0 in range(0, n, _Q_TILE):
         q1 = min(n, q0 + _Q_TILE)
         stop = length if causal_offset is None else min(length, q1 + causal_offset)
-        _query_tile(q[q0:q1], q0, fetch, stop, scale, causal_offset, k_multiple,
+        _query_tile(q[q0:q1], q0, fetch, stop, scale * k_scale, causal_offset, k_multiple,
                     out[q0:q1], lse[q0:q1])
+    if v_scale != 1.0:
+        out.mul_(v_scale)
     return out, lse
 
 
@@ -64,12 +71,12 @@ def _query_tile(q, q0, fetch, stop, scale, causal_offset, k_multiple, out, lse) 
             # Query head h reads KV head h // G: view q as [Hk, G, n, D] and batch over Hk.
             qf = (q.float() * scale).reshape(n, kh, hq // kh, d).permute(1, 2, 0, 3)
             state = _OnlineSoftmax((kh, hq // kh, n), v.shape[2], q.device)
-        scores = torch.matmul(qf, k.float().permute(1, 2, 0).unsqueeze(1))  # [Hk, G, n, t]
+        scores = torch.matmul(qf, upcast(k).permute(1, 2, 0).unsqueeze(1))  # [Hk, G, n, t]
         if causal_offset is not None and k1 - 1 > q0 + causal_offset:  # tile crosses the diagonal
             rows = torch.arange(q0, q0 + n, device=q.device)[:, None] + causal_offset
             cols = torch.arange(k0, k1, device=q.device)[None, :]
             scores.masked_fill_(cols > rows, float("-inf"))
-        state.update(scores, v.float().permute(1, 0, 2).unsqueeze(1))  # values [Hk, 1, t, Dv]
+        state.update(scores, upcast(v).permute(1, 0, 2).unsqueeze(1))  # values [Hk, 1, t, Dv]
     if state is not None:
         o, l = state.finish()  # [Hk, G, n, Dv], [Hk, G, n]
         out.copy_(o.permute(2, 0, 1, 3).reshape(n, hq, -1))

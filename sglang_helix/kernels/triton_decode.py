@@ -11,6 +11,11 @@ Split-KV (optional): with num_splits > 1 each request's tokens are cut into num_
 pieces computed by separate programs; their partials go through the Triton LSE merge. That is
 the same math as the Helix merge, one level down, and keeps the GPU busy at small batch.
 
+FP8 pages (kernels/kv_quant.py): K/V tiles are loaded as fp8 and upcast to the query's dtype in
+registers (exact); k_scale is folded into the softmax scale, v_scale multiplies the output.
+Queries are never rounded to fp8 (SGLang's Triton MLA decode casts q to the KV dtype for an
+fp8 x fp8 dot; Helix keeps q in the activation dtype).
+
 Block sizes are constexpr powers of two >= 16 (tl.dot's minimum); real dims (D=40, R=48, Dr=8)
 are handled with masks. Runs on CUDA and under TRITON_INTERPRET=1 on CPU tensors.
 
@@ -88,7 +93,7 @@ def _gqa_decode_kernel(
     stride_ptb,
     stride_os, stride_ob, stride_oh,
     stride_ls, stride_lb,
-    scale_log2, group, head_dim, head_dim_v,
+    scale_log2, v_scale, group, head_dim, head_dim_v,
     PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -130,18 +135,18 @@ def _gqa_decode_kernel(
             K + (page * stride_kp + slot * stride_kt + pid_kh * stride_kh)[:, None] + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
-        )
+        ).to(q.dtype)  # fp8 pages: upcast per tile (a no-op otherwise)
         v = tl.load(
             V + (page * stride_vp + slot * stride_vt + pid_kh * stride_vh)[:, None] + offs_dv[None, :],
             mask=mask_n[:, None] & mask_dv[None, :],
             other=0.0,
-        )
+        ).to(q.dtype)
         qk2 = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * scale_log2
         m2, s, acc = _online_step(qk2, mask_n, m2, s, acc, v, DOT_PRECISION, UPCAST)
 
     o_ptrs = O + pid_s * stride_os + pid_b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :]
     lse_ptrs = LSE + pid_s * stride_ls + pid_b * stride_lb + heads
-    _store_partial(o_ptrs, mask_h[:, None] & mask_dv[None, :], lse_ptrs, mask_h, m2, s, acc)
+    _store_partial(o_ptrs, mask_h[:, None] & mask_dv[None, :], lse_ptrs, mask_h, m2, s, acc * v_scale)
 
 
 @triton.jit
@@ -153,7 +158,7 @@ def _mla_decode_kernel(
     stride_ptb,
     stride_os, stride_ob, stride_oh,
     stride_ls, stride_lb,
-    scale_log2, num_heads, rank_r, rope_dim,
+    scale_log2, v_scale, num_heads, rank_r, rope_dim,
     PAGE_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -197,19 +202,19 @@ def _mla_decode_kernel(
         tok = page * stride_kvp + (offs_n % PAGE_SIZE) * stride_kvt
         latent = tl.load(
             KV + tok[:, None] + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0
-        )
+        ).to(ql.dtype)  # fp8 pages: upcast per tile (a no-op otherwise)
         rope = tl.load(
             KV + tok[:, None] + rank_r + offs_dr[None, :],
             mask=mask_n[:, None] & mask_dr[None, :],
             other=0.0,
-        )
+        ).to(qr.dtype)
         qk = _dot(ql, tl.trans(latent), DOT_PRECISION, UPCAST)
         qk += _dot(qr, tl.trans(rope), DOT_PRECISION, UPCAST)
         m2, s, acc = _online_step(qk * scale_log2, mask_n, m2, s, acc, latent, DOT_PRECISION, UPCAST)
 
     o_ptrs = O + pid_s * stride_os + pid_b * stride_ob + heads[:, None] * stride_oh + offs_r[None, :]
     lse_ptrs = LSE + pid_s * stride_ls + pid_b * stride_lb + heads
-    _store_partial(o_ptrs, mask_h[:, None] & mask_r[None, :], lse_ptrs, mask_h, m2, s, acc)
+    _store_partial(o_ptrs, mask_h[:, None] & mask_r[None, :], lse_ptrs, mask_h, m2, s, acc * v_scale)
 
 
 def _block(n: int) -> int:
@@ -351,11 +356,13 @@ def _finish(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
     return merge_triton(out, lse, out_dtype=dtype)
 
 
-def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=None, config=None):
+def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=None, config=None,
+                       k_scale: float = 1.0, v_scale: float = 1.0):
     """Partial GQA decode attention (contract of reference.gqa_partial_ref).
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (last dims
-    contiguous); page_table: [B, max_pages] int32/int64; seq_lens: [B] int.
+    contiguous; q's dtype or fp8 with per-tensor k_scale / v_scale); page_table: [B, max_pages]
+    int32/int64; seq_lens: [B] int.
     num_splits: split-KV count (None: config.splits); config: TritonConfig (None: config_for).
     Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (0 / -inf when empty).
     """
@@ -376,7 +383,7 @@ def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_spl
         page_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        scale * LOG2E, group, d, dv,
+        scale * k_scale * LOG2E, float(v_scale), group, d, dv,
         PAGE_SIZE=page_size,
         NUM_SPLITS=splits,
         BLOCK_H=_block(group),
@@ -390,10 +397,12 @@ def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_spl
     return _finish(out, lse, q.dtype)
 
 
-def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, num_splits=None, config=None):
+def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, num_splits=None, config=None,
+                       k_scale: float = 1.0, v_scale: float = 1.0):
     """Partial absorbed-MLA decode attention (contract of reference.mla_partial_ref).
 
-    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr];
+    q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr] (q's dtype, or fp8:
+    k_scale for the scores, v_scale for the values);
     page_table: [B, max_pages]; seq_lens: [B]. num_splits, config: as gqa_partial_triton.
     Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
     """
@@ -417,7 +426,7 @@ def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, 
         page_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        scale * LOG2E, heads, rank_r, rope_dim,
+        scale * k_scale * LOG2E, float(v_scale), heads, rank_r, rope_dim,
         PAGE_SIZE=page_size,
         NUM_SPLITS=splits,
         BLOCK_H=cfg.block_h_mla,

@@ -21,6 +21,10 @@ rest (MLA: latent 512 + rope 64; small test dims 32 + 16); a power-of-two D is o
 is a view of k's first Dv = part-one columns (MLA: the latent is the value), the values are the
 part-one key tile already loaded (V_FROM_K), not a second read.
 
+FP8 pages (kernels/kv_quant.py): key / value tiles load as fp8 and are upcast to the query's
+dtype in registers; k_scale is folded into the softmax scale and v_scale multiplies the output.
+Tile sizes stay those of the query dtype (the fp8 tiles simply stage half the bytes).
+
 Launch parameters (block sizes, fp32 dot operands on the CPU interpreter, tl.dot precision,
 warps/stages) live in the frozen `ExtendConfig`, `gpu()` / `cpu()` as triton_decode.TritonConfig.
 """
@@ -48,7 +52,7 @@ def _extend_kernel(
     stride_ptb,
     stride_ot, stride_oh,
     stride_lt,
-    scale_log2, group, head_dim, head_dim_v,
+    scale_log2, v_scale, group, head_dim, head_dim_v,
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     V_FROM_K: tl.constexpr,
@@ -112,17 +116,19 @@ def _extend_kernel(
             key = (row0 - pos0 + offs_n).to(tl.int64)
             k_tok = key * stride_kt + pid_kh * stride_kh
             v_tok = key * stride_vt + pid_kh * stride_vh
-        k1 = tl.load(K + k_tok[:, None] + offs_d1[None, :], mask=mask_n[:, None] & mask_d1[None, :], other=0.0)
+        # fp8 pages: upcast per tile (a no-op otherwise)
+        k1 = tl.load(K + k_tok[:, None] + offs_d1[None, :], mask=mask_n[:, None] & mask_d1[None, :],
+                     other=0.0).to(q1.dtype)
         qk = _dot(q1, tl.trans(k1), DOT_PRECISION, UPCAST)
         if BLOCK_D2 > 0:
             k2 = tl.load(K + k_tok[:, None] + offs_d2[None, :], mask=mask_n[:, None] & mask_d2[None, :],
-                         other=0.0)
+                         other=0.0).to(q2.dtype)
             qk += _dot(q2, tl.trans(k2), DOT_PRECISION, UPCAST)
         if V_FROM_K:
             v = k1
         else:
             v = tl.load(V + v_tok[:, None] + offs_dv[None, :], mask=mask_n[:, None] & mask_dv[None, :],
-                        other=0.0)
+                        other=0.0).to(q1.dtype)
         qk2 = qk * scale_log2
         if not PAGED:
             if n0 + BLOCK_N > full_end:  # crosses the diagonal
@@ -132,7 +138,7 @@ def _extend_kernel(
 
     o_ptrs = O + (row0 + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
     lse_ptrs = LSE + (row0 + tok).to(tl.int64) * stride_lt + head
-    _store_partial(o_ptrs, mask_m[:, None] & mask_dv[None, :], lse_ptrs, mask_m, m2, s, acc)
+    _store_partial(o_ptrs, mask_m[:, None] & mask_dv[None, :], lse_ptrs, mask_m, m2, s, acc * v_scale)
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ def _values_in_keys(k: torch.Tensor, v: torch.Tensor, block_d1: int) -> bool:
             and v.stride()[:-1] == k.stride()[:-1] and dv == d1)
 
 
-def _launch(q, k, v, page_table, extend_lens, key_lens, scale, paged, config):
+def _launch(q, k, v, page_table, extend_lens, key_lens, scale, paged, config, k_scale=1.0, v_scale=1.0):
     t, hq, d = q.shape
     kh, dv = k.shape[-2], v.shape[-1]
     cfg = config or config_for(q.device)
@@ -266,7 +272,7 @@ def _launch(q, k, v, page_table, extend_lens, key_lens, scale, paged, config):
         pt.stride(0),
         out.stride(0), out.stride(1),
         lse.stride(0),
-        scale * LOG2E, group, d, dv,
+        scale * k_scale * LOG2E, float(v_scale), group, d, dv,
         PAGED=paged,
         PAGE_SIZE=k.shape[1] if paged else 1,
         V_FROM_K=v_from_k,
@@ -283,22 +289,25 @@ def _launch(q, k, v, page_table, extend_lens, key_lens, scale, paged, config):
     return out, lse
 
 
-def chunk_attention_triton(q, k, v, extend_lens, scale, config=None):
+def chunk_attention_triton(q, k, v, extend_lens, scale, config=None, k_scale: float = 1.0,
+                           v_scale: float = 1.0):
     """Causal attention of each request's chunk over itself, with the LSE.
 
     q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] (Hq % Hk == 0; last dims contiguous; v may be a
-    view of k's first Dv columns); extend_lens: host ints summing to T. config: ExtendConfig
-    (None: config_for). Returns out [T, Hq, Dv] fp32 and lse [T, Hq] fp32 natural log.
+    view of k's first Dv columns; k / v in q's dtype or fp8 with k_scale / v_scale);
+    extend_lens: host ints summing to T. config: ExtendConfig (None: config_for).
+    Returns out [T, Hq, Dv] fp32 and lse [T, Hq] fp32 natural log.
     """
     lens = tuple(int(n) for n in extend_lens)
-    return _launch(q, k, v, None, lens, lens, scale, False, config)
+    return _launch(q, k, v, None, lens, lens, scale, False, config, k_scale, v_scale)
 
 
 def prefix_attention_triton(q, k_pages, v_pages, page_table, extend_lens, local_prefix_lens, scale,
-                            config=None):
+                            config=None, k_scale: float = 1.0, v_scale: float = 1.0):
     """Partial attention of each request's rows over its local prefix pages, with the LSE.
 
-    q [T, Hq, D]; k_pages [slots, P, Hk, D], v_pages [slots, P, Hk, Dv] (last dims contiguous);
+    q [T, Hq, D]; k_pages [slots, P, Hk, D], v_pages [slots, P, Hk, Dv] (last dims contiguous;
+    q's dtype or fp8 pages with k_scale / v_scale);
     page_table [B, pages] int32/int64 local slots (None if every local length is 0);
     extend_lens / local_prefix_lens: host ints per request. Returns out [T, Hq, Dv] fp32 (0 for
     a request with no local prefix token) and lse [T, Hq] fp32 (-inf there).
@@ -308,4 +317,4 @@ def prefix_attention_triton(q, k_pages, v_pages, page_table, extend_lens, local_
     if not any(local):  # nothing on this rank: no launch
         out = torch.zeros(q.shape[0], q.shape[1], v_pages.shape[-1], dtype=torch.float32, device=q.device)
         return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    return _launch(q, k_pages, v_pages, page_table, lens, local, scale, True, config)
+    return _launch(q, k_pages, v_pages, page_table, lens, local, scale, True, config, k_scale, v_scale)

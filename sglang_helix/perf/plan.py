@@ -271,8 +271,9 @@ def refusal(st: Setting, sw: Sweep, i: int, check: Check) -> str | None:
 def nearest_accepted(st: Setting, sw: Sweep, pick: int, batches, min_user: float | None,
                      check: Check) -> Alternative | None:
     """The accepted point nearest a refused pick, meeting the same objective where one does:
-    the same layout with bf16 weights; else the best accepted layout at st's precision; else
-    the best accepted layout with bf16 weights; else the fastest accepted one (objective missed)."""
+    the same layout with wider weights (fp4 -> fp8, then bf16); else the best accepted layout at
+    st's precision; else the best accepted layout with wider weights; else the fastest accepted
+    one (objective missed)."""
     for setting, cand, need, what in _candidates(st, sw, pick, batches, min_user, check):
         i = choose(cand, need)
         if i is not None and refusal(setting, cand, i, check) is None:
@@ -280,16 +281,23 @@ def nearest_accepted(st: Setting, sw: Sweep, pick: int, batches, min_user: float
     return None
 
 
+def _wider(st: Setting) -> list[Setting]:
+    """st at each wider weight precision the hardware runs (fp4 -> fp8, bf16; fp8 -> bf16)."""
+    later = PRECISIONS[PRECISIONS.index(st.precision) + 1:]
+    return [replace(st, precision=p) for p in later if p in st.hw.flops]
+
+
 def _candidates(st: Setting, sw: Sweep, pick: int, batches, min_user, check):
     """(setting, points, tok/s/user floor, description) in order of preference, built lazily."""
-    bf16 = replace(st, precision="bf16") if st.precision != "bf16" and "bf16" in st.hw.flops else None
-    if bf16 is not None:
-        yield bf16, sweep(bf16, [sw.layout(pick)], batches), min_user, "the same layout with bf16 weights"
+    wider = _wider(st)
+    for w in wider:
+        yield (w, sweep(w, [sw.layout(pick)], batches), min_user,
+               f"the same layout with {w.precision} weights")
     accepted = _accepted(st, sw, check)
     yield st, accepted, min_user, f"the best accepted layout at {st.precision}"
-    if bf16 is not None:
-        yield (bf16, _accepted(bf16, sweep(bf16, sw.layouts, batches), check), min_user,
-               "the best accepted layout with bf16 weights")
+    for w in wider:
+        yield (w, _accepted(w, sweep(w, sw.layouts, batches), check), min_user,
+               f"the best accepted layout with {w.precision} weights")
     if min_user is not None:
         yield st, accepted, None, f"the fastest accepted layout at {st.precision} (misses the objective)"
 

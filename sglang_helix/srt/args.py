@@ -19,9 +19,9 @@ defaults
   Only one of the two sizes given -> the other is TP / given.
 refusals (each message names the flag and the fix)
   KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
-  --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1;
-  --speculative-algorithm; --pp-size > 1; nvshmem off CUDA; an attention backend without a Helix
-  path; an architecture without a Helix path; --helix-mla-exchange for a GQA model.
+  --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1; --pp-size > 1;
+  --speculative-algorithm; --ep-size not dividing --tp-size and the routed experts; nvshmem off
+  CUDA; an attention backend or architecture without a Helix path; --helix-mla-exchange for GQA.
 
 The launch-level rules (default page size, page size and MLA weight dtype refusals, a whole
 launch line checked at once) are in srt.launch.
@@ -178,6 +178,7 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     is_mla: bool
+    num_experts: int = 0  # routed experts of an MoE model; 0: dense, or not known
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> ModelInfo:
@@ -186,7 +187,8 @@ class ModelInfo:
         num_heads = int(config["num_attention_heads"])
         is_mla = config.get("kv_lora_rank") is not None
         kv_heads = 1 if is_mla else int(config.get("num_key_value_heads") or num_heads)
-        return cls(str(architectures[0]), num_heads, kv_heads, is_mla)
+        experts = int(config.get("n_routed_experts") or config.get("num_local_experts") or 0)
+        return cls(str(architectures[0]), num_heads, kv_heads, is_mla, experts)
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ class ServerLayout:
     dcp_size: int = 1
     attn_cp_size: int = 1
     attn_dp_size: int = 1
+    ep_size: int = 1
     enable_prefill_cp: bool = False
     speculative_algorithm: str | None = None
     device: str | None = None
@@ -205,6 +208,7 @@ class ServerLayout:
     prefill_attention_backend: str | None = None
     decode_attention_backend: str | None = None
     page_size: int | None = None
+    kv_cache_dtype: str | None = None  # checked by srt.launch.check_kv_cache_dtype
 
     @classmethod
     def of(cls, server_args_like: Any) -> ServerLayout:
@@ -269,6 +273,7 @@ def resolve_helix_args(
     check_server_compat(helix_args, server)
     _check_architecture(model_info)
     _check_attention_backends(server, model_info)
+    _check_ep(server, model_info.num_experts)
     kvp, tpa = _resolve_sizes(helix_args, server.tp_size, model_info)
     return HelixConfig(
         kvp=kvp,
@@ -360,6 +365,14 @@ def _check_sizes_vs_tp(helix: HelixServerArgs, server: ServerLayout) -> None:
     for flag, given in (("--helix-kvp-size", kvp), ("--helix-tpa-size", tpa)):
         if given is not None and tp % given:
             refuse(f"{flag} {given} does not divide --tp-size {tp}; pick a divisor of {tp}")
+    _check_ep(server)
+
+
+def _check_ep(server: ServerLayout, experts: int = 0) -> None:  # experts 0: dense / unknown
+    ep, tp, also = server.ep_size, server.tp_size, f" and the {experts} routed experts" * bool(experts)
+    if ep < 1 or tp % ep or (experts and experts % ep):
+        refuse(f"--ep-size {ep} must divide --tp-size {tp}{also}: with Helix the FFN runs as TP x EP "
+               f"on the same N = KVP x TPA = {tp} ranks; pick such an --ep-size (1 = no EP)")
 
 
 def _check_architecture(model: ModelInfo) -> None:

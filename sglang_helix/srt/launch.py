@@ -3,8 +3,11 @@
 - page size: `helix_page_size` is what Helix declares when --page-size is not given
   (HELIX_DEFAULT_PAGE_SIZE, 64; srt.validate declares it during SGLang's resolution);
   `check_page_size` refuses a page size < 2.
-- MLA weights: `check_mla_weights` refuses a quantized (not bf16/fp16/fp32) MLA checkpoint;
-  `is_unquantized_weight` is the dtype predicate (srt.models.deepseek checks the loaded modules).
+- KV dtype: `check_kv_cache_dtype` refuses a block-scaled --kv-cache-dtype (fp8_e4m3 / fp8_e5m2
+  pages are served: per-tensor scales, kernels/kv_quant.py).
+- MLA weights: `check_mla_weights` refuses an MLA checkpoint quantized other than fp8 (e4m3: block,
+  per-channel or per-tensor scales); `is_helix_mla_weight` is the dtype predicate
+  (srt.models.deepseek checks the loaded modules).
 - `check_launch` runs every pure refusal on one launch (`layout_from_argv` reads the SGLang flags
   of a launch line); the planner CLI (sglang_helix.plan) checks its launch lines with it.
 """
@@ -29,10 +32,14 @@ DEFAULT_PAGE_SIZE_REASON = (
     "FlashMLA needs 64, TRT-LLM MLA 32 or 64, the other Helix backends take any size >= 2; "
     "SGLang's own default 1 cannot be colored by KVP owner"
 )
-# Weight dtypes the Helix MLA path can replicate and bmm as they are (srt.models.deepseek).
+# Weight dtypes the Helix MLA path replicates and applies (srt.models.deepseek): unquantized as
+# they are; fp8 (e4m3) through SGLang's own fp8 linear method and its W_UK/W_UV conversion.
 UNQUANTIZED_WEIGHT_DTYPES = frozenset({"bf16", "fp16", "fp32"})
+HELIX_MLA_WEIGHT_DTYPES = UNQUANTIZED_WEIGHT_DTYPES | {"fp8"}
+# --kv-cache-dtype values whose pools carry block scales: Helix pools hold plain or per-tensor fp8.
+BLOCK_SCALED_KV_DTYPES = frozenset({"mxfp8", "nvfp4", "fp4_mx_block16"})
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
-                  "float": "fp32"}
+                  "float": "fp32", "float8_e4m3fn": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8"}
 
 
 def helix_page_size(page_size: int | None) -> int | None:
@@ -52,6 +59,16 @@ def check_page_size(page_size: int | None) -> None:
         )
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str | None) -> None:
+    """Refuse a block-scaled --kv-cache-dtype: Helix pools hold plain or fp8 (per-tensor scale)
+    pages; auto, bf16/bfloat16, fp8_e4m3 and fp8_e5m2 pass (None: not given, auto)."""
+    if kv_cache_dtype in BLOCK_SCALED_KV_DTYPES:
+        refuse(
+            f"--kv-cache-dtype {kv_cache_dtype}: Helix pools store plain or fp8 (per-tensor scale) "
+            "KV pages, not block-scaled ones; use --kv-cache-dtype auto, bf16, fp8_e4m3 or fp8_e5m2"
+        )
+
+
 def weight_dtype_name(dtype: Any) -> str:
     """'bf16' for torch.bfloat16 / 'bfloat16' / 'bf16' (and fp16, fp32 likewise); other dtypes
     (fp8, fp4, int8, ...) come back as given, lower case, without a 'torch.' prefix."""
@@ -64,17 +81,23 @@ def is_unquantized_weight(dtype: Any) -> bool:
     return weight_dtype_name(dtype) in UNQUANTIZED_WEIGHT_DTYPES
 
 
+def is_helix_mla_weight(dtype: Any) -> bool:
+    """True for the MLA checkpoint dtypes Helix serves: bf16/fp16/fp32 and fp8 (e4m3)."""
+    return weight_dtype_name(dtype) in HELIX_MLA_WEIGHT_DTYPES
+
+
 def check_mla_weights(model: ModelInfo, weights: Any) -> None:
-    """Refuse an MLA checkpoint whose weights are quantized: every Helix MLA rank gathers the q
-    projection and W_UK of all heads and applies them with plain linear/bmm (srt.models.deepseek
-    checks the loaded modules again at weight load). `weights`: the checkpoint's dtype ('bf16',
-    'fp8', torch.float8_e4m3fn, ...) or None (unknown: left to the weight-load check)."""
-    if not model.is_mla or weights is None or is_unquantized_weight(weights):
+    """Refuse an MLA checkpoint quantized other than fp8: every Helix MLA rank gathers the q
+    projection and W_UK of all heads (fp8 ones with their scales) and applies them with SGLang's
+    own linear method (srt.models.deepseek checks the loaded modules again at weight load).
+    `weights`: the checkpoint's dtype ('bf16', 'fp8', torch.float8_e4m3fn, 'fp4', ...) or None
+    (unknown: left to the weight-load check)."""
+    if not model.is_mla or weights is None or is_helix_mla_weight(weights):
         return
     refuse(
         f"--enable-helix with {weight_dtype_name(weights)} weights ({model.architecture}): the "
-        "Helix MLA path needs an unquantized (bf16/fp16/fp32) q projection and W_UK/W_UV; serve "
-        "a bf16 checkpoint or drop --enable-helix"
+        "Helix MLA path serves bf16/fp16/fp32 and fp8 (e4m3, block or per-tensor scales) "
+        "checkpoints; serve the fp8 or bf16 checkpoint or drop --enable-helix"
     )
 
 
@@ -91,6 +114,7 @@ def check_launch(
         server = replace(server, page_size=helix_page_size(None))
     config = resolve_helix_args(helix_args, server, model_info)
     check_page_size(server.page_size)
+    check_kv_cache_dtype(server.kv_cache_dtype)
     check_mla_weights(model_info, weights)
     return config
 
@@ -116,8 +140,10 @@ _SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
     (("--dcp-size", "--decode-context-parallel-size"), "dcp_size", int),
     (("--attn-cp-size", "--attention-context-parallel-size"), "attn_cp_size", int),
     (("--attn-dp-size", "--attention-data-parallel-size"), "attn_dp_size", int),
+    (("--ep-size", "--expert-parallel-size", "--ep"), "ep_size", int),
     (("--enable-prefill-cp",), "enable_prefill_cp", bool),
     (("--speculative-algorithm",), "speculative_algorithm", str),
+    (("--kv-cache-dtype",), "kv_cache_dtype", str),
     (("--device",), "device", str),
     (("--attention-backend",), "attention_backend", str),
     (("--prefill-attention-backend",), "prefill_attention_backend", str),

@@ -25,8 +25,9 @@ from ..config import HelixConfigError
 from . import state
 from .args import ENV_VAR, HelixServerArgs, ModelInfo, ServerLayout, check_server_compat, describe, parse_helix_env, resolve_helix_args
 from .launch import (DEFAULT_PAGE_SIZE_REASON, PREFILL_GRAPH_REASON, check_chunked_prefill,
-                     check_page_size, decode_graph_blocker, helix_page_size)
+                     check_kv_cache_dtype, check_page_size, decode_graph_blocker, helix_page_size)
 from .cpu.env import apply_cpu_env
+from .memory.retraction import HELIX_RETRACTION_BACKUP
 from .cpu.sgl_kernel_stub import cpu_engine_requested
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def early_validation(server_args: Any, previous: Callable[[Any], None], *,
         )
     declare_default_page_size(server_args, view)
     check_chunked_prefill(view.chunked_prefill_size)
+    check_kv_cache_dtype(getattr(view, "kv_cache_dtype", None))
     _apply_cpu_env_if_cpu(view)
 
 
@@ -104,11 +106,14 @@ def late_validation(server_args: Any, previous: Callable[[Any], None], *,
         verify_pd_hooks()
     setattr(server_args, state.CONFIG_ATTR, helix_cfg)
     if pd_mode(view) == "decode" and getattr(view, "disaggregation_decode_retraction_backup", None) is None:
-        declare_resolution(server_args, "sglang_helix", disaggregation_decode_retraction_backup="none")
+        # SGLang would pick host_pool for an MHA pool on GPU; Helix pools back up per KVP rank
+        declare_resolution(server_args, "sglang_helix",
+                           disaggregation_decode_retraction_backup=HELIX_RETRACTION_BACKUP)
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
                        decode_attention_backend="helix",
                        cuda_graph_config=graph_config(helix_cfg, view))
-    logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf))
+    logger.info("sglang_helix: Helix layout %s",
+                describe_serving(helix_cfg, hf, int(getattr(view, "ep_size", 1) or 1)))
     logger.info("sglang_helix: prefill chunks of at most %s tokens (--chunked-prefill-size)",
                 view.chunked_prefill_size)
 
@@ -173,19 +178,21 @@ def check_pd_support(view: Any) -> None:
         raise HelixConfigError("Helix: --disaggregation-decode-host-receive-threshold < 1 "
                                "receives KV into a host pool; leave it at 1")
     backup = getattr(view, "disaggregation_decode_retraction_backup", None)
-    if backup not in (None, "none"):
+    if backup not in (None, "none", HELIX_RETRACTION_BACKUP):
         raise HelixConfigError(
-            f"Helix: --disaggregation-decode-retraction-backup {backup} copies a retracted "
-            "request's KV by loc, which Helix pools (1/KVP of the pages per rank) do not "
-            "support yet; use --disaggregation-decode-retraction-backup none (a retracted "
-            "request gets 503 and the client retries)")
+            f"Helix: --disaggregation-decode-retraction-backup {backup} mirrors a retracted "
+            "request's KV into a HiCache host pool by loc, which Helix pools (1/KVP of the pages "
+            "per rank) do not support; use --disaggregation-decode-retraction-backup "
+            f"{HELIX_RETRACTION_BACKUP} (the Helix default: each KVP rank backs up and restores "
+            "its own pages) or none (a retracted request gets 503)")
 
 
-def describe_serving(helix_cfg: Any, hf: dict) -> str:
+def describe_serving(helix_cfg: Any, hf: dict, ep_size: int = 1) -> str:
     """The helix_cfg line logged once: N, KVP, TPA, FFN TP/EP, page size, backend."""
     n = helix_cfg.world_size
     experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or 0
-    ffn = f"MoE TP x EP = {n} ({int(experts)} experts)" if experts else f"dense TP = {n}"
+    ffn = (f"MoE TP {n // ep_size} x EP {ep_size} = {n} ({int(experts)} experts)" if experts
+           else f"dense TP = {n}")
     return (f"{describe(helix_cfg)}; N={n} = KVP {helix_cfg.kvp} x TPA {helix_cfg.tpa}; FFN {ffn}; "
             f"page_size={helix_cfg.page_size}; attention backend helix (prefill + decode)")
 

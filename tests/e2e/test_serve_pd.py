@@ -5,7 +5,8 @@ Each class starts one deployment (sglang_helix.dev.pd.launch_pd): a plain prefil
 router (sglang-router); KV moves over SGLang's mooncake backend with the TCP transport. Clients
 talk to the router only.
 
-Proof per model (GQA tiny Llama, MLA tiny DeepSeek-V3-style with kv_lora 48 != qk_nope 24):
+Proof per model (GQA tiny Llama, MLA tiny DeepSeek-V3-style with kv_lora 48 != qk_nope 24; the
+MLA deployment runs `--kv-cache-dtype fp8_e4m3` on both sides, against an fp8-rounded reference):
 - greedy tokens through router -> prefill -> Helix decode equal transformers' fp32 greedy on the
   same weights (tests/e2e/test_serve_{gqa,mla}.py show one non-disaggregated Helix server equals that same
   reference), concurrent requests, prompts of 3..44 tokens crossing pages;
@@ -17,6 +18,13 @@ Faults (GQA class, last test; the prefill holds its KV writes while a file exist
 srt.pd.HOLD_ENV, so a transfer is provably in flight): decode killed -> the request fails
 within a bounded time, the prefill stays healthy and serves a new decode server; prefill killed
 -> the request fails, the decode server frees the pages it reserved on every KVP rank.
+With SGLANG_HELIX_E2E_SLOW=1, GQA also runs KVP 2 x TPA 2 (a 4-rank decode server behind the
+same prefill): tokens identical, each (kvp, tpa) rank registered and received its pages.
+Retraction (its own deployment, GQA, decode radix cache off): a decode pool too small for the
+concurrent requests makes the decode server retract; with the default backup under Helix
+(`cpu_tensor`: each KVP rank copies out and restores its own pages, srt.memory.retraction) every
+request completes (no 503), token-identical to transformers and to the same prompts sent one at a
+time (no pressure), and every page is free afterwards.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
+import re
 import threading
 import time
 import urllib.request
@@ -42,6 +52,7 @@ from sglang_helix.dev.pd import (
     pd_args,
     server_state,
 )
+from sglang_helix.dev.fp8_models import fp8_kv_reference_greedy
 from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
 pytestmark = [
@@ -61,6 +72,8 @@ COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
 HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
                 "--disaggregation-decode-enable-radix-cache"]
 GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1"]
+TPA2_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "2"]
+SLOW_ENV = "SGLANG_HELIX_E2E_SLOW"  # opt in to the slow TPA 2 case
 PROMPT_TEXTS = E2E_PROMPT_TEXTS
 SHARED = 30  # shared-prefix length (not a multiple of PAGE)
 FAIL_WITHIN_S = 60.0
@@ -73,15 +86,15 @@ def prompts_for(model):
     return main, [base + [11, 12, 13], base + [21, 22, 23, 24, 25, 26]]
 
 
-def bytes_per_page(model) -> int:
-    """Bytes one decode rank stores per page (fp32): all layers, K and V (GQA, TPA 1) or the
-    latent + rope row (MLA)."""
+def bytes_per_page(model, itemsize: int = 4) -> int:
+    """Bytes one decode rank stores per page (fp32: 4 per element, fp8: 1): all layers, K and V
+    (GQA, TPA 1) or the latent + rope row (MLA)."""
     cfg = json.loads((Path(model) / "config.json").read_text())
     layers = cfg["num_hidden_layers"]
     if "kv_lora_rank" in cfg:
-        return layers * PAGE * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
+        return layers * PAGE * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * itemsize
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return layers * 2 * PAGE * cfg["num_key_value_heads"] * head_dim * 4
+    return layers * 2 * PAGE * cfg["num_key_value_heads"] * head_dim * itemsize
 
 
 def sent_by_rank(prefill_url: str) -> dict[int, dict]:
@@ -104,7 +117,7 @@ def owned_pages(first_page: int, tokens: int) -> list[int]:
     return [sum(1 for j in pages if j % KVP == r) for r in range(KVP)]
 
 
-def check_transfer(pd, model, prompts, run) -> list:
+def check_transfer(pd, model, prompts, run, itemsize: int = 4) -> list:
     before = sent_by_rank(pd.prefill.base_url)
     answers = run()
     after = sent_by_rank(pd.prefill.base_url)
@@ -112,24 +125,24 @@ def check_transfer(pd, model, prompts, run) -> list:
     pages = delta(before, after, "kv_pages")
     assert pages == expect
     got_bytes = delta(before, after, "kv_bytes")
-    assert got_bytes == [n * bytes_per_page(model) for n in expect]
+    assert got_bytes == [n * bytes_per_page(model, itemsize) for n in expect]
     total = sum(got_bytes)
     assert all(abs(b / total - 1 / KVP) < 0.2 for b in got_bytes), got_bytes  # ~1/KVP each
     return answers
 
 
-def run_and_check(pd, model):
+def run_and_check(pd, model, reference=reference_greedy, itemsize: int = 4):
     main, _ = prompts_for(model)
-    refs = reference_greedy(model, main, MAX_NEW)
+    refs = reference(model, main, MAX_NEW)
     answers = check_transfer(pd, model, main, lambda: ts.generate_concurrent(
-        pd.router_url, main, max_new_tokens=MAX_NEW))
+        pd.router_url, main, max_new_tokens=MAX_NEW), itemsize)
     assert [ts.output_ids(a) for a in answers] == [r.tokens for r in refs]
 
 
-def run_shared_prefix(pd, model):
+def run_shared_prefix(pd, model, reference=reference_greedy):
     """The second request's cached prefix pages stay on the decode server: only later pages move."""
     _, (first, second) = prompts_for(model)
-    refs = reference_greedy(model, [first, second], MAX_NEW)
+    refs = reference(model, [first, second], MAX_NEW)
     a = ts.generate(pd.router_url, first, max_new_tokens=MAX_NEW)
     before = sent_by_rank(pd.prefill.base_url)
     b = ts.generate(pd.router_url, second, max_new_tokens=MAX_NEW)
@@ -161,6 +174,31 @@ class TestGQA:
     def test_cached_prefix_pages_are_not_sent_again(self, gqa):
         model, pd, *_ = gqa
         run_shared_prefix(pd, model)
+
+    @pytest.mark.skipif(os.environ.get(SLOW_ENV) != "1",
+                        reason=f"adds 145-180 s on 2 CPU cores (a 4-rank decode server); "
+                               f"{SLOW_ENV}=1 runs it")
+    def test_tpa2_decode_behind_the_same_prefill(self, gqa):
+        """KVP 2 x TPA 2 (decode --tp-size 4, one KV head per rank) behind the same TP 1 prefill:
+        tokens identical, and each rank (kvp r, tpa t) registered as such and received its pages.
+        (Bytes are not checked: the prefill's head-slice path, send_kvcache_slice, writes through
+        engine.batch_transfer_sync directly, past the byte counter on _transfer_data.)"""
+        model, pd, _, env, logs = gqa
+        main, _ = prompts_for(model)
+        refs = reference_greedy(model, main, MAX_NEW)
+        with contextlib.ExitStack() as stack:
+            decode = stack.enter_context(ts.launch_server(
+                model, [*COMMON, *pd_args("decode"), *TPA2_DECODE],
+                tp=KVP * 2, env={**LOOPBACK_ENV, **env}, log_dir=logs))
+            url, _, _ = stack.enter_context(launch_router(pd.prefill, pd.bootstrap_port, decode, logs))
+            answers = ts.generate_concurrent(url, main, max_new_tokens=MAX_NEW)
+        assert [ts.output_ids(a) for a in answers] == [r.tokens for r in refs]
+        sent = server_state(pd.prefill.base_url, SERVER_INFO_KEY)["sent"]
+        tpa2 = [e for e in sent if e["helix"] is not None and e["helix"]["tpa"] == 2]
+        assert sorted((e["helix"]["kvp_rank"], e["helix"]["tpa_rank"]) for e in tpa2) == [
+            (r, t) for r in range(KVP) for t in range(2)]
+        expect = [sum(c) for c in zip(*(owned_pages(0, len(p)) for p in main))]
+        assert [e["kv_pages"] for e in tpa2] == [expect[e["helix"]["kvp_rank"]] for e in tpa2]
 
     def test_faults_fail_cleanly_and_free_pages(self, gqa):
         """Runs last in the class: it kills the deployment's decode, then its prefill."""
@@ -256,19 +294,77 @@ def wait_for(cond, timeout: float, what: str) -> None:
 # ------------------------------------------------------------------------------- MLA
 
 
+FP8_KV = ["--kv-cache-dtype", "fp8_e4m3"]
+
+
 @pytest.fixture(scope="class")
 def mla(tmp_path_factory):
+    """MLA with fp8 KV on both sides: the plain prefill through the CPU-engine fix
+    srt.cpu.fp8_kv_fix, the Helix decode pools storing 1-byte pages; mooncake moves fp8 bytes."""
     model = ensure_tiny_model("mla", tmp_path_factory.getbasetemp() / "tiny-cache")
-    with launch_pd(model, decode_args=HELIX_DECODE, decode_tp=2, common_args=COMMON,
+    with launch_pd(model, decode_args=HELIX_DECODE, decode_tp=2, common_args=[*COMMON, *FP8_KV],
                    env=FAST_FAILURE_ENV, log_dir=tmp_path_factory.mktemp("pd-mla-logs")) as pd:
         yield model, pd
 
 
 class TestMLA:
+    """References: transformers' fp32 greedy with every cached key/value rounded through fp8."""
+
     def test_tokens_identical_and_each_rank_gets_its_pages(self, mla):
         model, pd = mla
-        run_and_check(pd, model)
+        run_and_check(pd, model, fp8_kv_reference_greedy, itemsize=1)
+        info = server_state(pd.decode.base_url, "helix")
+        assert info["kv_cache_dtype"] == "float8_e4m3fn", info
 
     def test_cached_prefix_pages_are_not_sent_again(self, mla):
         model, pd = mla
-        run_shared_prefix(pd, model)
+        run_shared_prefix(pd, model, fp8_kv_reference_greedy)
+
+
+# ------------------------------------------------------------------------------- retraction
+
+# The decode pool holds ~160 logical tokens; six concurrent requests of 30..50 prompt tokens + 48
+# new ones need ~480, and SGLang admits them (it counts running requests as retractable) and then
+# retracts under decode memory pressure. Decode radix cache off: nothing cached eases the pressure.
+RETRACT_POOL = 160
+RETRACT_NEW = 48
+RETRACT_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP), "--helix-tpa-size", "1",
+                  "--max-total-tokens", str(RETRACT_POOL), "--num-reserved-decode-tokens", "8"]
+RETRACT_LOG = re.compile(r"TP0\] KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
+
+
+@pytest.fixture(scope="class")
+def pressured(tmp_path_factory):
+    model = ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
+    with launch_pd(model, decode_args=RETRACT_DECODE, decode_tp=2, common_args=COMMON,
+                   env=FAST_FAILURE_ENV, log_dir=tmp_path_factory.mktemp("pd-retract-logs")) as pd:
+        yield model, pd
+
+
+def retracted_count(server) -> int:
+    """Requests rank 0 of the decode server retracted so far (from its log)."""
+    return sum(int(n) for n in RETRACT_LOG.findall(server.log_path.read_text(errors="replace")))
+
+
+class TestRetraction:
+    def test_retracted_requests_resume_with_their_kv(self, pressured):
+        model, pd = pressured
+        info = ts.request_json(pd.decode.base_url + "/server_info")
+        assert info.get("disaggregation_decode_retraction_backup") == "cpu_tensor"
+        prompts = [[(7 * i + 3 * k) % 200 + 5 for k in range(30 + 4 * i)] for i in range(6)]
+        refs = [r.tokens for r in reference_greedy(model, prompts, RETRACT_NEW)]
+        pages_free = free_pages(pd.decode.base_url)
+
+        # any non-200 answer (503 "Retracted ... without a KV backup") raises here
+        answers = ts.generate_concurrent(pd.router_url, prompts, max_new_tokens=RETRACT_NEW)
+        retracted = retracted_count(pd.decode)
+        assert retracted >= 1, "no retraction happened: the test lost its memory pressure"
+        assert [a["meta_info"]["finish_reason"]["type"] for a in answers] == ["length"] * len(prompts)
+        pressured_out = [ts.output_ids(a) for a in answers]
+        assert pressured_out == refs
+
+        alone = [ts.output_ids(ts.generate(pd.router_url, p, max_new_tokens=RETRACT_NEW))
+                 for p in prompts]  # one at a time: each fits, no pressure
+        assert alone == pressured_out
+        wait_for(lambda: free_pages(pd.decode.base_url) == pages_free, FAIL_WITHIN_S,
+                 "every decode page free again on every KVP rank")

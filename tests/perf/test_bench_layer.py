@@ -86,3 +86,19 @@ def test_bench_layer_mla_exchange_rows(tmp_path):
                     "value": a2a_bytes_per_rank(2, 16, 128, 2, 2)}
     assert all(float(r["wuv_ms"]) > 0 for r in rows)
     assert "| MLA exchange | W_UV ms |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()
+
+
+@pytest.mark.multirank
+def test_bench_layer_fp8_kv_rows(tmp_path):
+    """--kv-dtype fp8: every layout runs with bf16 pages (the baseline) and fp8_e4m3 pages; the fp8
+    rows read and hold half the KV bytes per rank, and exchange exactly as many bytes (partials
+    and LSE stay in the activation dtype)."""
+    rows = run_bench(tmp_path, "deepseek-v3-lite", "--kvp", "2", "--backend", "a2a", "--ctx-len-end", "128",
+                     "--kv-dtype", "fp8", "--no-plain-tp")
+    assert [(r["layout"], r["kv_dtype"]) for r in rows] == [("helix", "bf16"), ("helix", "fp8_e4m3")]
+    bf16, fp8 = rows
+    assert int(fp8["kv_bytes_per_rank"]) * 2 == int(bf16["kv_bytes_per_rank"]) == 2 * 64 * (512 + 64) * 2
+    assert int(fp8["kv_cache_bytes_per_rank"]) * 2 == int(bf16["kv_cache_bytes_per_rank"])
+    assert (float(fp8["kv_ratio"]), float(bf16["kv_ratio"])) == (0.5, 1.0)
+    assert fp8["bytes_per_rank"] == bf16["bytes_per_rank"] == str(a2a_bytes_per_rank(2, 16, 512, 2, 2))
+    assert "| KV dtype | KV bytes vs bf16 |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()

@@ -67,6 +67,12 @@ def test_dry_run_end_to_end(tmp_path):
     assert by_check["(c) CUDA graph capture + replay"][0][1:] == ("SKIP", "skipped on CPU: eager re-plan only")
     replan = by_check["(c) eager re-plan vs fp32 reference"]
     assert {s.split()[0] for s, _, _ in replan} == {"MLA", "GQA"} and all(r == "PASS" for _, r, _ in replan)
+    # (e): fp8 pages (e4m3, e5m2) with bf16 queries: decode (2 split settings) and extend prefix
+    for check in ("(e) fp8 triton split auto", "(e) fp8 triton 1 split", "(e) fp8 triton extend prefix"):
+        shapes = [s for s, r, _ in by_check[check] if r == "PASS"]
+        assert len(shapes) == len(by_check[check]) == 4, check
+        assert {s.split()[0] for s in shapes} == {"GQA", "MLA"}
+        assert {s.split()[-2] for s in shapes} == {"float8_e4m3fn", "float8_e5m2"}
     for lib in ("flashinfer", "sgl-kernel"):
         if importlib.util.find_spec(lib.replace("-", "_")) is None:
             assert by_check[f"env {lib}"][0][2] == "not installed"

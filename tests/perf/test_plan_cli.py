@@ -100,19 +100,29 @@ def test_every_printed_launch_line_is_accepted_by_the_plugin(capsys, model, hw, 
         assert "Nearest accepted (" in out, out
 
 
-def test_refused_fp8_deepseek_says_why_and_prints_the_bf16_line(capsys):
+def test_fp8_deepseek_line_is_accepted(capsys):
     rc = cli.main(["--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200",
                    "--precision", "fp8", "--max-ttl-ms", "5"])
     out = capsys.readouterr().out
-    assert rc == 0
-    assert "Refused by sglang_helix: Helix: --enable-helix with fp8 weights (DeepseekV3ForCausalLM)" in out
-    assert "Nearest accepted (the same layout with bf16 weights)" in out
+    assert rc == 0 and "Refused by sglang_helix" not in out
     line = _launch_line(out)
     argv = shlex.split(line)
-    assert argv[argv.index("--model-path") + 1] == "./DeepSeek-R1-bf16" and "--enable-helix" in argv
-    assert "# ./DeepSeek-R1-bf16: a bf16 copy of deepseek-ai/DeepSeek-R1" in out
+    assert argv[argv.index("--model-path") + 1] == "deepseek-ai/DeepSeek-R1" and "--enable-helix" in argv
     assert _assert_plugin_accepts("deepseek-r1", line) is not None
-    assert _printed_launch_lines(out) == [line]  # the refused fp8 line is not printed
+
+
+def test_refused_fp4_deepseek_says_why_and_prints_the_fp8_line(capsys):
+    rc = cli.main(["--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200",
+                   "--precision", "fp4", "--max-ttl-ms", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Refused by sglang_helix: Helix: --enable-helix with fp4 weights (DeepseekV3ForCausalLM)" in out
+    assert "Nearest accepted (the same layout with fp8 weights)" in out
+    line = _launch_line(out)
+    argv = shlex.split(line)
+    assert argv[argv.index("--model-path") + 1] == "deepseek-ai/DeepSeek-R1" and "--enable-helix" in argv
+    assert _assert_plugin_accepts("deepseek-r1", line) is not None
+    assert _printed_launch_lines(out) == [line]  # the refused fp4 line is not printed
 
 
 def test_unsupported_architecture_gets_an_accepted_baseline(capsys):
@@ -123,17 +133,6 @@ def test_unsupported_architecture_gets_an_accepted_baseline(capsys):
     assert "Nearest accepted (the best accepted layout at fp4)" in out
     line = _launch_line(out)
     assert "--enable-helix" not in line and _assert_plugin_accepts("qwen3-235b", line) is None
-
-
-def test_refused_same_layout_that_does_not_fit_at_bf16_falls_back_to_another_layout(capsys):
-    # DeepSeek-R1 in bf16 (~1.3 TB) does not fit 8 x H200: the accepted line is an fp8 baseline.
-    rc = cli.main(["--model", "deepseek-r1", "--context", "128K", "--gpus", "8", "--hardware", "h200",
-                   "--precision", "fp8"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "Refused by sglang_helix:" in out
-    assert "Nearest accepted (the best accepted layout at fp8)" in out
-    line = _launch_line(out)
-    assert "--enable-helix" not in line and "deepseek-ai/DeepSeek-R1 " in line
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

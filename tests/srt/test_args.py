@@ -215,6 +215,45 @@ def test_refuse_tpa_not_one_for_mla():
             helix(helix_tpa_size=2), server(tp=4), DSV3)
 
 
+DSV3_MOE = ModelInfo("DeepseekV3ForCausalLM", num_heads=16, num_kv_heads=1, is_mla=True, num_experts=256)
+
+
+@pytest.mark.parametrize("tp, ep", [(2, 2), (4, 2), (4, 4), (8, 8), (8, 1)])
+def test_ep_size_dividing_tp_and_experts_accepted(tp, ep):
+    cfg = resolve_helix_args(helix(), server(tp=tp, ep_size=ep), DSV3_MOE)
+    assert cfg.kvp * cfg.tpa == tp  # the FFN's TP x EP shares the same N ranks
+
+
+@pytest.mark.parametrize("tp, ep", [(4, 3), (2, 4), (4, 8), (4, 0)])
+def test_refuse_ep_size_not_dividing_tp(tp, ep):
+    refused(rf"--ep-size {ep} must divide --tp-size {tp}.*FFN runs as TP x EP on the same "
+            rf"N = KVP x TPA = {tp} ranks; pick such an --ep-size", helix(), server(tp=tp, ep_size=ep),
+            DSV3_MOE)
+
+
+def test_refuse_ep_size_not_dividing_the_routed_experts():
+    model = ModelInfo("DeepseekV3ForCausalLM", 16, 1, True, num_experts=6)
+    refused(r"--ep-size 4 must divide --tp-size 4 and the 6 routed experts", helix(),
+            server(tp=4, ep_size=4), model)
+    resolve_helix_args(helix(), server(tp=4, ep_size=2), model)
+
+
+def test_model_info_reads_routed_experts():
+    base = {"architectures": ["DeepseekV3ForCausalLM"], "num_attention_heads": 4, "kv_lora_rank": 48}
+    assert ModelInfo.from_hf_config({**base, "n_routed_experts": 4}).num_experts == 4
+    assert ModelInfo.from_hf_config(base).num_experts == 0
+
+
+def test_check_launch_accepts_ep_size_lines():
+    argv = ["--model-path", "m", "--tp-size", "4", "--ep-size", "4", "--enable-helix"]
+    assert layout_from_argv(argv).ep_size == 4
+    assert layout_from_argv(["--tp-size", "4", "--expert-parallel-size", "2"]).ep_size == 2
+    assert check_launch(parse_helix_argv(argv), layout_from_argv(argv), DSV3).kvp == 4
+    bad = ["--model-path", "m", "--tp-size", "4", "--ep-size", "3", "--enable-helix"]
+    with pytest.raises(HelixConfigError, match=r"--ep-size 3 must divide --tp-size 4"):
+        check_launch(parse_helix_argv(bad), layout_from_argv(bad), DSV3)
+
+
 def test_refuse_dcp():
     refused(r"--dcp-size 2", helix(), server(dcp_size=2))
 
@@ -234,6 +273,21 @@ def test_refuse_speculative():
 
 def test_refuse_pipeline_parallel():
     refused(r"--pp-size 2", helix(), server(pp_size=2))
+
+
+@pytest.mark.parametrize("kv", ["mxfp8", "nvfp4", "fp4_mx_block16"])
+def test_refuse_block_scaled_kv_cache_dtype(kv):
+    layout = layout_from_argv(["--tp-size", "4", "--kv-cache-dtype", kv])
+    assert layout.kv_cache_dtype == kv
+    with pytest.raises(HelixConfigError, match=rf"--kv-cache-dtype {kv}: .*fp8_e4m3"):
+        check_launch(helix(), layout, LLAMA)
+
+
+@pytest.mark.parametrize("kv", [None, "auto", "bf16", "fp8_e4m3", "fp8_e5m2"])
+def test_fp8_and_plain_kv_cache_dtypes_accepted(kv):
+    argv = ["--tp-size", "4"] + (["--kv-cache-dtype", kv] if kv else [])
+    for model in (LLAMA, DSV3):
+        assert check_launch(helix(), layout_from_argv(argv), model) is not None
 
 
 def test_refuse_attention_backend_without_helix_path_on_cpu():
@@ -309,7 +363,7 @@ def test_server_layout_from_argv_reads_sglang_spellings():
             "--decode-attention-backend", "flashmla", "--enable-prefill-cp", "--dcp-size", "2",
             "--pipeline-parallel-size", "2", "--max-running-requests", "4", "--enable-helix"]
     assert layout_from_argv(argv) == ServerLayout(
-        tp_size=8, pp_size=2, dcp_size=2, enable_prefill_cp=True, device="cuda",
+        tp_size=8, pp_size=2, dcp_size=2, ep_size=8, enable_prefill_cp=True, device="cuda",
         attention_backend="fa3", decode_attention_backend="flashmla", page_size=32)
     assert layout_from_argv(["--model-path", "m"]) == ServerLayout()
 
@@ -317,23 +371,26 @@ def test_server_layout_from_argv_reads_sglang_spellings():
 # ------------------------------------------------------------------ MLA weight dtype
 
 
-def test_mla_weights_must_be_unquantized():
-    for ok in ("bf16", "bfloat16", "torch.bfloat16", "fp16", "float16", "fp32", "float32", None):
+def test_mla_weights_unquantized_or_fp8():
+    for ok in ("bf16", "bfloat16", "torch.bfloat16", "fp16", "float16", "fp32", "float32", None,
+               "fp8", "torch.float8_e4m3fn"):
         check_mla_weights(DSV3, ok)
-    for bad in ("fp8", "fp4", "torch.float8_e4m3fn", "int8"):
+    for bad in ("fp4", "int8", "torch.float8_e5m2", "nvfp4"):
         with pytest.raises(HelixConfigError, match=r"--enable-helix with .* weights \(DeepseekV3ForCausalLM\)"
-                                                   r".*serve a bf16 checkpoint or drop --enable-helix"):
+                                                   r".*fp8 \(e4m3.*drop --enable-helix"):
             check_mla_weights(DSV3, bad)
         check_mla_weights(LLAMA, bad)  # GQA: quantized weights are not refused by this rule
     assert is_unquantized_weight("torch.float16") and not is_unquantized_weight("torch.float8_e5m2")
+    assert not is_unquantized_weight("fp8")
 
 
 def test_check_launch_refuses_quantized_mla_weights():
     argv = ["--model-path", "m", "--tp-size", "4", "--enable-helix"]
     helix_args, layout = parse_helix_argv(argv), layout_from_argv(argv)
     assert check_launch(helix_args, layout, DSV3, "bf16").kvp == 4
-    with pytest.raises(HelixConfigError, match="fp8 weights"):
-        check_launch(helix_args, layout, DSV3, "fp8")
+    assert check_launch(helix_args, layout, DSV3, "fp8").kvp == 4
+    with pytest.raises(HelixConfigError, match="fp4 weights"):
+        check_launch(helix_args, layout, DSV3, "fp4")
 
 
 # ------------------------------------------------------------------ cpu_env

@@ -6,7 +6,9 @@ forward_extend, decodes several steps (crossing page boundaries, staggered appen
 init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
 page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
 chunk's causal attention). Every output is compared with fp32 full attention over
-the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N).
+the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N). One run stores fp8_e4m3 pages
+with per-tensor k/v scales: its reference attends every key and value as the pool stores and the
+kernels read them (x / scale through fp8, times scale), the chunk's own tokens included.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ pytestmark = NEEDS_SGLANG
 H, K, D, DV, P = 4, 2, 8, 6, 4
 SEQS = [13, 22, 5, 1]
 STEPS = 6
+K_SCALE, V_SCALE = 0.37, 1.9  # the fp8 run's per-tensor layer scales
+
+
+def _as_read(x, scale, fp8: bool):
+    """What the kernels attend for a stored x: fp8 pages round x / scale, then read it * scale."""
+    return (x / scale).to(torch.float8_e4m3fn).float() * scale if fp8 else x
 
 
 class _Mode:
@@ -45,7 +53,7 @@ def _full(q, keys, vals, scale):
     return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), vals.float())
 
 
-def _rank_main(rank: int, world: int, kvp: int, tpa: int):
+def _rank_main(rank: int, world: int, kvp: int, tpa: int, fp8: bool = False):
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     from sglang_helix.srt.cpu import sgl_kernel_stub as sgl_kernel_cpu_stub
 
@@ -59,7 +67,8 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
 
     cfg = HelixConfig(kvp=kvp, tpa=tpa, num_heads=H, num_kv_heads=K, page_size=P)
     kvp_rank, tpa_rank = cfg.kvp_rank(rank), cfg.tpa_rank(rank)
-    pool = HelixMHATokenToKVPool(256, P, dtype=torch.float32, head_num=K // tpa, head_dim=D, v_head_dim=DV,
+    kv_dtype = torch.float8_e4m3fn if fp8 else torch.float32
+    pool = HelixMHATokenToKVPool(256, P, dtype=kv_dtype, head_num=K // tpa, head_dim=D, v_head_dim=DV,
                                     layer_num=1, device="cpu", enable_memory_saver=False,
                                     kvp=kvp, kvp_rank=kvp_rank)
     alloc = HelixPagedAllocator(256, P, torch.float32, "cpu", pool, False, kvp=kvp)
@@ -68,6 +77,10 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
     backend = HelixAttnBackend(runner, rank=rank, kvp_group=create_kvp_groups(cfg, rank), impl="torch")
     g = torch.Generator().manual_seed(0)  # identical on every rank: same model inputs
     scale, layer = D ** -0.5, SimpleNamespace(layer_id=0, scaling=D ** -0.5)
+    if fp8:
+        layer.k_scale, layer.v_scale = torch.tensor(K_SCALE), torch.tensor(V_SCALE)
+        layer.k_scale_float, layer.v_scale_float = K_SCALE, V_SCALE
+    rk, rv = (lambda x: _as_read(x, K_SCALE, fp8)), (lambda x: _as_read(x, V_SCALE, fp8))
     heads = slice(rank * H // world, (rank + 1) * H // world)  # this rank's output heads
     kv_heads = slice(tpa_rank * K // tpa, (tpa_rank + 1) * K // tpa)
     q_heads = slice(tpa_rank * H // tpa, (tpa_rank + 1) * H // tpa)
@@ -89,8 +102,8 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
     start = 0
     for i, n in enumerate(SEQS):  # causal: token t attends to 0..t
         for t in range(n):
-            ref = _full(q[start + t, heads], keys[i][: t + 1].repeat_interleave(group, 1)[:, heads],
-                        vals[i][: t + 1].repeat_interleave(group, 1)[:, heads], scale)
+            ref = _full(q[start + t, heads], rk(keys[i][: t + 1]).repeat_interleave(group, 1)[:, heads],
+                        rv(vals[i][: t + 1]).repeat_interleave(group, 1)[:, heads], scale)
             errs.append(float((out[start + t] - ref).abs().max()))
         start += n
     lens = seq_t.clone()
@@ -109,18 +122,18 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int):
         out = backend.forward_decode(qd[:, q_heads].reshape(len(SEQS), -1), kd[:, kv_heads], vd[:, kv_heads],
                                      layer, batch).view(len(SEQS), -1, DV)
         for i in range(len(SEQS)):
-            ref = _full(qd[i, heads], keys[i].repeat_interleave(group, 1)[:, heads],
-                        vals[i].repeat_interleave(group, 1)[:, heads], scale)
+            ref = _full(qd[i, heads], rk(keys[i]).repeat_interleave(group, 1)[:, heads],
+                        rv(vals[i]).repeat_interleave(group, 1)[:, heads], scale)
             errs.append(float((out[i] - ref).abs().max()))
     dec_shape = tuple(out.shape)
-    errs.append(_extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer))
+    errs.append(_extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv))
     return max(errs), dec_shape
 
 
 NEW = [5, 3, 9, 1]  # chunk lengths appended after the cached (decoded) prefix
 
 
-def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer) -> float:
+def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv) -> float:
     """A second prefill chunk per request over its cached prefix (lens, not page-aligned)."""
     world, tpa_rank = cfg.world_size, cfg.tpa_rank(rank)
     new = torch.tensor(NEW)
@@ -142,8 +155,8 @@ def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, lay
                                  layer, batch).view(len(qn), -1, DV)
     heads, group, errs, start = slice(rank * H // world, (rank + 1) * H // world), H // K, [], 0
     for i, n in enumerate(NEW):
-        k_all = torch.cat([keys[i], kn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
-        v_all = torch.cat([vals[i], vn[start : start + n]]).repeat_interleave(group, 1)[:, heads]
+        k_all = rk(torch.cat([keys[i], kn[start : start + n]])).repeat_interleave(group, 1)[:, heads]
+        v_all = rv(torch.cat([vals[i], vn[start : start + n]])).repeat_interleave(group, 1)[:, heads]
         for t in range(n):
             stop = int(lens[i]) + t + 1
             ref = _full(qn[start + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
@@ -152,9 +165,9 @@ def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, lay
     return max(errs)
 
 
-@pytest.mark.parametrize("kvp,tpa", [(2, 1), (1, 2), (2, 2)])
-def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa):
-    results = run_ranks(_rank_main, kvp * tpa, (kvp, tpa), timeout=150)
+@pytest.mark.parametrize("kvp,tpa,fp8", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)])
+def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa, fp8):
+    results = run_ranks(_rank_main, kvp * tpa, (kvp, tpa, fp8), timeout=150)
     for err, shape in results:
         assert shape == (len(SEQS), H // (kvp * tpa), DV)  # decode; extend errors are in err
         assert err < 1e-5, results

@@ -502,10 +502,142 @@ def test_install_pool_hooks_live_after_apply():
         "from sglang_helix.srt.memory.hooks import POOL_HOOKS\n"
         "from sglang.srt.plugins.hook_registry import HookRegistry\n"
         "hooks.install(POOL_HOOKS); hooks.install(POOL_HOOKS)\n"
-        "assert len(hooks.missing_hooks(POOL_HOOKS)) == len(POOL_HOOKS) == 4\n"
+        "assert len(hooks.missing_hooks(POOL_HOOKS)) == len(POOL_HOOKS) == 6\n"
         "HookRegistry.apply_hooks()\n"
         "assert hooks.missing_hooks(POOL_HOOKS) == [], hooks.missing_hooks(POOL_HOOKS)\n"
         "print('OK')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- fp8 KV pages
+
+FP8 = torch.float8_e4m3fn
+
+
+def _pool(kind, dtype, kvp=2, rank=0, size=256):
+    kw = dict(MHA_KW if kind == "mha" else MLA_KW, dtype=dtype)
+    if kind == "mha":
+        return pools.HelixMHATokenToKVPool(size, P, head_num=2, kvp=kvp, kvp_rank=rank, **kw)
+    return pools.HelixMLATokenToKVPool(size, P, kvp=kvp, kvp_rank=rank, **kw)
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_fp8_pool_is_one_byte_per_element_like_sglangs(kind):
+    """Helix fp8 pages: uint8 storage (as SGLang stores fp8), half a bf16 pool's bytes, 1/KVP of
+    SGLang's own fp8 pool; the paged views read as the fp8 dtype."""
+    fp8, bf16 = _pool(kind, FP8), _pool(kind, torch.bfloat16)
+    assert fp8.store_dtype == torch.uint8 and fp8.dtype == FP8
+    assert total_bytes(fp8) * 2 == total_bytes(bf16)
+    stock_cls, kw = (MHATokenToKVPool, dict(MHA_KW, head_num=2)) if kind == "mha" else (MLATokenToKVPool, MLA_KW)
+    stock = total_bytes(stock_cls(256, P, **dict(kw, dtype=FP8)))
+    assert abs(total_bytes(fp8) - stock / 2) <= stock // (256 // P + 1)
+    views = fp8.get_paged_kv(0)
+    assert all(v.dtype == FP8 for v in (views if kind == "mha" else (views,)))
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_fp8_writes_follow_sglangs_scale_convention(kind):
+    """Stored = (x / layer scale).to(fp8) on the owner's rows (SGLang's convention); the caller's
+    tensors are left intact (SGLang's own pool divides them in place)."""
+    kvp = 2
+    sim = stored_batch(kvp, [13, 22, 5], prefix_of=True)
+    locs = torch.cat([sim.reqs[0], sim.reqs[1][8:], sim.reqs[2]])
+    g = torch.Generator().manual_seed(2)
+    ks, vs = torch.tensor(0.37), torch.tensor(1.9)
+    for rank in range(kvp):
+        pool = _pool(kind, FP8, kvp, rank)
+        rows, owned = pool.local_rows(locs)
+        if kind == "mha":
+            k, v = torch.randn(len(locs), 2, 8, generator=g), torch.randn(len(locs), 2, 6, generator=g)
+            kept = (k.clone(), v.clone())
+            pool.set_kv_buffer(None, locs, k, v, ks, vs, layer_id_override=1)
+            assert torch.equal(k, kept[0]) and torch.equal(v, kept[1])
+            got = pool.get_kv_buffer(1)
+            for buf, src, s in ((got[0], k, ks), (got[1], v, vs)):
+                assert buf.dtype == FP8
+                assert torch.equal(buf[rows[owned]].view(torch.uint8), (src[owned] / s).to(FP8).view(torch.uint8))
+        else:
+            k = torch.randn(len(locs), 1, 20, generator=g)
+            kept = k.clone()
+            pool.set_kv_buffer(None, locs, k, None, layer_id_override=1, k_scale=ks)
+            assert torch.equal(k, kept)
+            want = (k[owned] / ks).to(FP8).view(torch.uint8)
+            assert torch.equal(pool.kv_buffer[1][rows[owned]], want)
+            other = _pool(kind, FP8, kvp, rank)
+            other.set_mla_kv_buffer(None, locs, k[..., :16], k[..., 16:], layer_id_override=1, k_scale=ks)
+            assert torch.equal(other.kv_buffer[1], pool.kv_buffer[1])
+
+
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_server_info_bytes_follow_the_kv_dtype(kind, monkeypatch):
+    """/server_info's helix bytes per rank for fp8 pages are half those of bf16 pages, for the
+    Helix rank and for the plain-TP comparison alike, and name the dtype."""
+    from sglang_helix.config import HelixConfig
+
+    cfg = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1 if kind == "mla" else 2, mla=kind == "mla",
+                      page_size=P)
+    monkeypatch.setattr(mem_hooks.state, "current_config", lambda: cfg)
+    states = {}
+    for dtype in (FP8, torch.bfloat16):
+        pool = _pool(kind, dtype)
+        alloc = alloc_mod.HelixPagedAllocator(256, P, dtype, "cpu", pool, False, kvp=2)
+        states[dtype] = mem_hooks.helix_kv_state(alloc)
+    fp8, bf16 = states[FP8], states[torch.bfloat16]
+    assert fp8["kv_cache_dtype"] == "float8_e4m3fn" and bf16["kv_cache_dtype"] == "bfloat16"
+    for key in ("kv_bytes_per_rank", "plain_tp_kv_bytes_per_token", "plain_tp_kv_bytes_per_rank"):
+        assert fp8[key] * 2 == bf16[key], key
+    pool = _pool(kind, FP8)
+    assert fp8["kv_bytes_per_rank"] == sum(b.numel() for b in (
+        pool.kv_buffer if kind == "mla" else pool.k_buffer + pool.v_buffer))  # 1 byte each
+
+
+class _FakeKvcDtype(_FakeKvc):
+    def __init__(self, layout, dtype, name=None):
+        super().__init__(layout)
+        self.kv_cache_dtype, self.kv_cache_dtype_str = dtype, name
+
+
+class _Stop(Exception):
+    pass
+
+
+def _configurator(layout, mla: bool):
+    """Just what SGLang 0.5.23's KVCacheConfigurator.configure reads up to its pool sizing, which
+    stops the run (raising _Stop with the KV dtype the sizing would see)."""
+    def resolve(kvc, *args, **kwargs):
+        raise _Stop(kvc.kv_cache_dtype)
+
+    kvc = _FakeKvcDtype(layout, FP8)
+    kvc.use_mla_backend, kvc.is_draft_worker = mla, False
+    kvc.spec_algorithm = SimpleNamespace(is_none=lambda: True)
+    kvc._resolve_memory_pool_config = lambda *a, **k: mem_hooks._around_resolve_config(resolve, kvc, *a, **k)
+    return kvc
+
+
+@pytest.mark.parametrize("mla, refusal", [(True, "is only supported for MHA"), (False, "requires Intel AMX")])
+def test_sglang_cpu_engine_refuses_fp8_kv_and_helix_steps_over_it(mla, refusal):
+    """SGLang 0.5.23's own configure on this CPU (no AMX): fp8_e4m3 KV is refused with Helix off
+    (MLA always; MHA without AMX / the intel_amx backend), which is why the fp8 server tests
+    compare Helix on with an independent reference. Under Helix (the pool hooks' configure
+    wrapper) the same configure goes past that check and sizes the pool with the real dtype."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang_helix.config import HelixConfig
+
+    configure = KVCacheConfigurator.configure
+    with pytest.raises(ValueError, match=f"CPU FP8 KV cache {refusal}"):
+        mem_hooks._around_configure(configure, _configurator(None, mla), pre_model_load_memory=0)
+    layout = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1 if mla else 2, mla=mla, page_size=P)
+    kvc = _configurator(layout, mla)
+    with pytest.raises(_Stop) as stop:
+        mem_hooks._around_configure(configure, kvc, pre_model_load_memory=0)
+    assert stop.value.args == (FP8,) and kvc.kv_cache_dtype == FP8
+
+
+@pytest.mark.parametrize("name, dtype", [("mxfp8", FP8), ("nvfp4", torch.uint8)])
+def test_block_scaled_kv_caches_are_refused(name, dtype):
+    with pytest.raises(pools.HelixPoolError, match="--kv-cache-dtype"):
+        mem_hooks.check_kv_dtype(_FakeKvcDtype(None, dtype, name))
+    for ok in (FP8, torch.float8_e5m2, torch.bfloat16):
+        mem_hooks.check_kv_dtype(_FakeKvcDtype(None, ok, "fp8_e4m3"))

@@ -131,14 +131,47 @@ def test_replicated_q_weights_are_the_full_tensors():
         assert torch.equal(m.helix_w_vc, w.kvb.view(H, DN + DV, R)[:, DN:].transpose(1, 2))
 
 
-def test_replicate_refuses_quantized_and_wrong_group():
+def test_replicate_refuses_unsupported_weights_and_wrong_group():
     w = full_weights()
     mods = [rank_module(w, g) for g in range(N)]
-    mods[0].w_kc = mods[0].w_kc.to(torch.float8_e4m3fn)
-    with pytest.raises(sm.HelixMLAError, match="unquantized"):
+    mods[0].w_kc = mods[0].w_kc.to(torch.float8_e4m3fn)  # fp8 without SGLang's w_scale
+    with pytest.raises(sm.HelixMLAError, match="without a per-tensor w_scale.*fp8 \\(e4m3\\)"):
+        sm.replicate_q_weights(mods[0], lambda t: t)
+    mods[0].w_kc, mods[0].use_deep_gemm_bmm = mods[1].w_kc, True
+    with pytest.raises(sm.HelixMLAError, match="SGLANG_USE_DEEPGEMM_BMM"):
+        sm.replicate_q_weights(mods[0], lambda t: t)
+    mods[0].use_deep_gemm_bmm = False
+    mods[0].q_proj.quant_method = type("AWQLinearMethod", (), {})()
+    with pytest.raises(sm.HelixMLAError, match="quantized with AWQLinearMethod"):
         sm.replicate_q_weights(mods[0], lambda t: t)
     with pytest.raises(sm.HelixMLAError, match="--tp-size"):
         sm.replicate_q_weights(mods[1], lambda t: t)  # a 1-rank "group": only H/N heads
+
+
+def test_fp8_w_uk_w_uv_are_replicated_as_sglang_cpu_applies_them():
+    """SGLang turns a block-fp8 kv_b_proj into per-rank fp8 w_kc / w_vc + a per-tensor w_scale;
+    Helix gathers `w.to(bf16) * w_scale` of every rank (each with its own scale), the same tensor
+    SGLang's CPU branch multiplies, and the absorbed bmm then runs in bf16 like SGLang's."""
+    w = full_weights()
+    mods = [rank_module(w, g) for g in range(N)]
+    expected_kc, expected_vc = [], []
+    for g, m in enumerate(mods):
+        scale = torch.tensor(0.01 * (g + 1))
+        m.w_kc, m.w_vc = (m.w_kc / scale).to(torch.float8_e4m3fn), (m.w_vc / scale).to(torch.float8_e4m3fn)
+        m.w_scale = scale
+        expected_kc.append(m.w_kc.to(torch.bfloat16) * scale)
+        expected_vc.append(m.w_vc.to(torch.bfloat16) * scale)
+    gather = lambda t: torch.cat([  # noqa: E731
+        *(x for x in (expected_kc if any(torch.equal(t, e) for e in expected_kc) else
+                      expected_vc if any(torch.equal(t, e) for e in expected_vc) else
+                      [m.q_proj.weight.data for m in mods]))])
+    for m in mods:
+        sm.replicate_q_weights(m, gather)
+        sm.replicate_w_uv(m, gather)
+        assert m.helix_w_kc.dtype == torch.bfloat16
+        torch.testing.assert_close(m.helix_w_kc, torch.cat(expected_kc), atol=0, rtol=0)
+        torch.testing.assert_close(m.helix_w_vc, torch.cat(expected_vc), atol=0, rtol=0)
+        assert m.w_kc.dtype == torch.float8_e4m3fn  # SGLang's own tensors are left as they are
 
 
 class CoreBackend:
@@ -254,9 +287,26 @@ def sequences(seed=5):
     return [(torch.randn(n, H, R + DR, generator=g), torch.randn(n, R + DR, generator=g)) for n in LENS]
 
 
-def fake_runner(rank, mode="latent"):
+# --kv-cache-dtype fp8_e4m3 runs: the layer's per-tensor scales (k for the scores, v for the
+# values, SGLang's MLA read convention; the latent is stored divided by k_scale)
+FP8_K_SCALE, FP8_V_SCALE = 0.37, 0.41
+
+
+def fp8_latent(kv):
+    """The latent as an fp8 pool stores it and the kernels read it: (scores, values)."""
+    stored = (kv / FP8_K_SCALE).to(torch.float8_e4m3fn).float()
+    return stored * FP8_K_SCALE, stored[..., :R] * FP8_V_SCALE
+
+
+def fp8_layer(layer):
+    layer.k_scale, layer.v_scale = torch.tensor(FP8_K_SCALE), torch.tensor(FP8_V_SCALE)
+    layer.k_scale_float, layer.v_scale_float = FP8_K_SCALE, FP8_V_SCALE
+    return layer
+
+
+def fake_runner(rank, mode="latent", kv_dtype=torch.float32):
     cfg = HelixConfig(**CFG, mla_exchange=mode)
-    pool = HelixMLATokenToKVPool(2 * N * P * 20, P, kvp=N, kvp_rank=rank, dtype=torch.float32,
+    pool = HelixMLATokenToKVPool(2 * N * P * 20, P, kvp=N, kvp_rank=rank, dtype=kv_dtype,
                                  kv_lora_rank=R, qk_rope_head_dim=DR, layer_num=1, device="cpu",
                                  enable_memory_saver=False)
     req_to_token = torch.zeros(len(LENS), CTX, dtype=torch.int32)
@@ -281,13 +331,16 @@ def w_uv_all():
     return torch.randn(H, R, DV, generator=torch.Generator().manual_seed(6)) * R ** -0.5
 
 
-def _backend_rank(rank, world, mode="latent"):
+def _backend_rank(rank, world, mode="latent", fp8=False):
     import torch.distributed as dist
 
     seqs = sequences()
-    backend = HelixMLAAttnBackend(fake_runner(rank, mode), rank=rank, kvp_group=dist.group.WORLD)
+    kv_dtype = torch.float8_e4m3fn if fp8 else torch.float32
+    backend = HelixMLAAttnBackend(fake_runner(rank, mode, kv_dtype), rank=rank, kvp_group=dist.group.WORLD)
     extra = {"w_uv": w_uv_all()} if mode == "value" else {}
     layer = SimpleNamespace(layer_id=0, scaling=SCALE)
+    if fp8:
+        layer = fp8_layer(layer)
     plan = [(ForwardMode.EXTEND, [(0, CHUNK1[i]) for i in range(2)]),
             (ForwardMode.EXTEND, [(CHUNK1[i], CHUNK2_END[i]) for i in range(2)])]
     plan += [(ForwardMode.DECODE, [(CHUNK2_END[i] + s, CHUNK2_END[i] + s + 1) for i in range(2)])
@@ -299,18 +352,21 @@ def _backend_rank(rank, world, mode="latent"):
         kv = torch.cat([seqs[i][1][a:b] for i, (a, b) in enumerate(spans)])
         if mode == ForwardMode.DECODE:
             backend.init_forward_metadata(fb)
+        kv_in = kv.clone()
         out = backend.forward(q, kv[:, None], kv[:, None, :R], layer, fb, **extra)
+        assert torch.equal(kv, kv_in)  # the fp8 store divides a copy, never the caller's tensor
         results.append((spans, out))
     return results
 
 
-@pytest.mark.parametrize("mode", ["latent", "value"])
-def test_backend_extend_prefix_and_decode_match_dense_attention(mode):
+@pytest.mark.parametrize("mode, fp8", [("latent", False), ("value", False), ("latent", True)])
+def test_backend_extend_prefix_and_decode_match_dense_attention(mode, fp8):
     """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix) and 3 decode steps
     crossing page boundaries, 2 KVP ranks: rank g's heads == dense attention over all tokens
     (value exchange: the backend is handed W_UV of all heads and returns values == dense
-    attention then W_UV)."""
-    per_rank = run_ranks(_backend_rank, N, args=(mode,), timeout=240)
+    attention then W_UV). fp8: an fp8_e4m3 pool with per-tensor scales; the reference attends
+    the latent as stored and read (every token, the chunk's own included, through fp8)."""
+    per_rank = run_ranks(_backend_rank, N, args=(mode, fp8), timeout=240)
     seqs = sequences()
     width = DV if mode == "value" else R
     for step in range(len(per_rank[0])):
@@ -319,7 +375,13 @@ def test_backend_extend_prefix_and_decode_match_dense_attention(mode):
         row = 0
         for i, (a, b) in enumerate(spans):
             for pos in range(a, b):
-                want = dense_latent_attention(seqs[i][0][pos], seqs[i][1][:pos + 1], SCALE, R)
+                visible = seqs[i][1][:pos + 1]
+                if fp8:
+                    keys, values = fp8_latent(visible)
+                    scores = seqs[i][0][pos].double() @ keys.double().T * SCALE
+                    want = (torch.softmax(scores, -1) @ values.double()).float()
+                else:
+                    want = dense_latent_attention(seqs[i][0][pos], visible, SCALE, R)
                 if mode == "value":
                     want = torch.einsum("hr,hrd->hd", want, w_uv_all())
                 torch.testing.assert_close(outs[row], want, rtol=1e-4, atol=1e-5)

@@ -45,14 +45,14 @@ def test_apply_helix_heads_kvp2_rebuilds_qkv_tpa_ways(monkeypatch):
     assert (attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size) == (4, 1, 64, 16)
 
 
-def test_apply_helix_heads_refuses_mismatched_heads_and_quantized_kv():
+def test_apply_helix_heads_refuses_mismatched_heads_keeps_kv_scales():
     layout = HelixConfig(kvp=1, tpa=2, num_heads=8, num_kv_heads=2, page_size=4)
     with pytest.raises(sm.HelixModelError, match="H=16"):
         sm.apply_helix_heads(_attn(h=16, k=4), layout, bias=False, quant_config=None, qkv_prefix="")
     attn = _attn()
-    attn.attn.quant_method = object()
-    with pytest.raises(sm.HelixModelError, match="quantized attention"):
-        sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="")
+    method = attn.attn.quant_method = object()  # an fp8 checkpoint's Fp8KVCacheMethod (k/v scales)
+    sm.apply_helix_heads(attn, layout, bias=False, quant_config=None, qkv_prefix="")
+    assert attn.attn.quant_method is method and attn.attn.tp_q_head_num == 4
 
 
 def test_hooked_classes_are_exactly_the_validated_architectures():

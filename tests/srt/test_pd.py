@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from sglang_helix.srt import pd as sglang_pd
 from sglang_helix.config import HelixConfigError
@@ -191,8 +192,8 @@ def cfg(**kw):
     (dict(disaggregation_decode_enable_offload_kvcache=True),
      "--disaggregation-decode-enable-offload-kvcache"),
     (dict(disaggregation_decode_host_receive_threshold=0.5), "leave it at 1"),
-    (dict(disaggregation_decode_retraction_backup="cpu_tensor"),
-     "--disaggregation-decode-retraction-backup none"),
+    (dict(disaggregation_decode_retraction_backup="host_pool"),
+     "--disaggregation-decode-retraction-backup cpu_tensor"),
 ], ids=["prefill", "nixl", "offload", "host-receive", "retraction-backup"])
 def test_pd_refusals_name_flag_and_fix(kw, text):
     from sglang_helix.srt.validate import check_pd_support
@@ -208,3 +209,31 @@ def test_pd_decode_over_mooncake_is_accepted():
     check_pd_support(cfg(disaggregation_mode="null"))
     check_pd_support(cfg(disaggregation_transfer_backend="mooncake_tcp",
                          disaggregation_decode_retraction_backup="none"))
+    check_pd_support(cfg(disaggregation_decode_retraction_backup="cpu_tensor"))
+
+
+def test_cpu_prefill_skips_the_early_cached_prefix_send_only_under_overlap():
+    """SGLang's early send records a torch.cuda.Event (kills the CPU prefill scheduler); on CPU
+    it is skipped and the regular sends carry the prefix."""
+    import pkgutil
+
+    from sglang_helix.srt.cpu import pd_fix
+
+    owner, name = pd_fix.EARLY_SEND_TARGET.rsplit(".", 1)
+    assert callable(getattr(pkgutil.resolve_name(owner), name))  # the target exists in 0.5.23
+    calls = []
+    original = lambda sched, req, allow_send=True: calls.append((req, allow_send))  # noqa: E731
+    assert pd_fix._around_early_send(original, SimpleNamespace(enable_overlap=True), "r") is None
+    assert calls == ([] if not torch.cuda.is_available() else [("r", True)])
+    pd_fix._around_early_send(original, SimpleNamespace(enable_overlap=False), "r", allow_send=False)
+    assert calls[-1] == ("r", False)
+
+
+def test_cpu_pd_hooks_apply_to_sglang():
+    from helpers import check_hooks_apply
+
+    check_hooks_apply("sglang_helix.srt.cpu.pd_fix", "CPU_PD_HOOKS", 3,
+                      after="from sglang.srt.managers.scheduler import Scheduler\n"
+                            "from sglang_helix.srt.cpu import pd_fix\n"
+                            "assert hooks.wraps_hook(Scheduler.maybe_send_cached_prefix_chunk, "
+                            "pd_fix._around_early_send)\n")

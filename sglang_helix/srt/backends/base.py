@@ -7,6 +7,12 @@ buffers; extend -> an `ExtendPlan` (host lengths + local prefix page table). Lay
 kernels: decode = partial + exchange + merge (HOP-B slices when configured); extend = core
 `extend.helix_extend` (one algorithm for GQA and MLA).
 
+FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): the pool stores fp8 pages in SGLang's per-tensor
+scale convention (kernels/kv_quant.py; the layer's k_scale / v_scale, 1 without a KV quant
+method); the kernels upcast them tile by tile with those scales; a chunk's own new K/V go through
+the same fp8 rounding as the pages they are stored in (as SGLang's torch_native backend reads
+them back from its pool); partials and LSEs are exchanged in the activation dtype / fp32.
+
 The KVP group and rank come from srt.state.runtime() (created collectively right after SGLang's
 initialize_model_parallel); the constructor runs no collective.
 """
@@ -22,6 +28,7 @@ import torch
 from ...config import HelixConfig, HelixConfigError
 from ...decode import HelixAttention
 from ...extend import helix_extend
+from ...kernels import kv_quant
 from ...metadata import ExtendPlan, plan_extend
 from .. import state
 from ..memory.pools import HelixPoolError
@@ -183,10 +190,12 @@ class HelixBackendBase(_attention_backend_base()):
         if save_kv_cache and k is not None:
             self._store(k, v, layer, forward_batch)
         q3, k_new, v_new, k_pages, v_pages = self._extend_inputs(q, k, v, layer)
+        k_scale, v_scale = self.kv_scales(layer)
         out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
                            kvp_rank=self.cfg.kvp_rank(self.rank),
                            heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange,
-                           w_uv=self._value_projection(kwargs), impl=self._extend_impl())
+                           w_uv=self._value_projection(kwargs), impl=self._extend_impl(),
+                           k_scale=k_scale, v_scale=v_scale)
         return out.reshape(out.shape[0], -1)
 
     def _extend_impl(self) -> str:
@@ -195,7 +204,25 @@ class HelixBackendBase(_attention_backend_base()):
         return self.impl if self.impl in ("reference", "torch", "triton") else "auto"
 
     def _store(self, k, v, layer, forward_batch) -> None:
-        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,
+                                getattr(layer, "k_scale", None), getattr(layer, "v_scale", None))
+
+    @property
+    def fp8_kv(self) -> bool:
+        """The pool holds fp8 pages (--kv-cache-dtype fp8_e4m3 / fp8_e5m2)."""
+        return kv_quant.is_fp8(self.pool.dtype)
+
+    def kv_scales(self, layer) -> tuple[float, float]:
+        """(k_scale, v_scale) the kernels read this layer's pages with: for fp8 pages the layer's
+        per-tensor scales as host floats (SGLang's k_scale_float / v_scale_float; 1 where the
+        layer has no KV quant method); 1 for pages in the activation dtype (stored unscaled)."""
+        if not self.fp8_kv:
+            return 1.0, 1.0
+        return (getattr(layer, "k_scale_float", None) or 1.0, getattr(layer, "v_scale_float", None) or 1.0)
+
+    def _as_stored(self, x, scale):
+        """The chunk's new K/V rounded as the pool stores them (fp8 pages; else x itself)."""
+        return kv_quant.quantize(x, self.pool.dtype, scale) if self.fp8_kv else x
 
     def _value_projection(self, kwargs) -> Optional[torch.Tensor]:
         """The per-head value projection applied before the exchange (MLA --helix-mla-exchange

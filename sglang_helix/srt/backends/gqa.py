@@ -34,10 +34,13 @@ class HelixAttnBackend(HelixBackendBase):
             self._store(k, v, layer, forward_batch)
         q3 = q.reshape(q.shape[0], self.cfg.heads_per_tpa, -1)
         k_cache, v_cache = self.pool.get_paged_kv(layer.layer_id)
-        out = self.helix.forward_gqa(q3, k_cache, v_cache, layer.scaling)
+        k_scale, v_scale = self.kv_scales(layer)
+        out = self.helix.forward_gqa(q3, k_cache, v_cache, layer.scaling, k_scale=k_scale, v_scale=v_scale)
         return out.reshape(out.shape[0], -1)
 
     def _extend_inputs(self, q, k, v, layer):
         q3 = q.reshape(q.shape[0], self.cfg.heads_per_tpa, -1)
         k_pages, v_pages = self.pool.get_paged_kv(layer.layer_id)
-        return q3, k, v, k_pages, v_pages
+        k_new = self._as_stored(k, getattr(layer, "k_scale", None))
+        v_new = self._as_stored(v, getattr(layer, "v_scale", None))
+        return q3, k_new, v_new, k_pages, v_pages

@@ -33,7 +33,8 @@ class HelixMLAAttnBackend(HelixBackendBase):
         return HelixMLATokenToKVPool
 
     def _store(self, k, v, layer, forward_batch) -> None:
-        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, 1, k.shape[-1]), v)
+        self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, 1, k.shape[-1]), v,
+                                k_scale=getattr(layer, "k_scale", None))
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         """q [B, H, R+Dr]; k [B, 1, R+Dr]; v [B, 1, R] -> [B, H/N * R] (value exchange:
@@ -44,9 +45,10 @@ class HelixMLAAttnBackend(HelixBackendBase):
             self._store(k, v, layer, forward_batch)
         q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)
         rank_r = self.kv_lora_rank
+        k_scale, v_scale = self.kv_scales(layer)
         out = self.helix.forward_mla(q3[..., :rank_r].contiguous(), q3[..., rank_r:].contiguous(),
                                      self.pool.get_paged_kv(layer.layer_id), layer.scaling,
-                                     w_uv=w_uv)
+                                     w_uv=w_uv, k_scale=k_scale, v_scale=v_scale)
         return out.reshape(out.shape[0], -1)
 
     def _value_projection(self, kwargs):
@@ -62,7 +64,8 @@ class HelixMLAAttnBackend(HelixBackendBase):
 
     def _extend_inputs(self, q, k, v, layer):
         q3 = q.reshape(q.shape[0], self.cfg.num_heads, -1)
-        k_new = k.reshape(k.shape[0], 1, -1)
+        # the latent (values = its first R dims) rounded as stored: scaled by k_scale (kv_quant)
+        k_new = self._as_stored(k.reshape(k.shape[0], 1, -1), getattr(layer, "k_scale", None))
         pages = self.pool.get_paged_kv(layer.layer_id).unsqueeze(2)  # [slots, P, 1, R+Dr]
         rank_r = self.kv_lora_rank
         return q3, k_new, k_new[..., :rank_r], pages, pages[..., :rank_r]

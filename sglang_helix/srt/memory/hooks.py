@@ -2,6 +2,12 @@
 leak check), and the per-KVP-rank KV state reported in /server_info.
 
 Each hook calls straight through unless the configurator's ServerArgs carries a HelixConfig.
+
+FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): the pools store 1-byte pages and every byte count
+here and in /server_info follows the pool's dtype. SGLang 0.5.23's CPU engine refuses fp8_e4m3 KV
+at the top of KVCacheConfigurator.configure (its CPU attention reads fp8 only through AMX kernels;
+MLA not at all); under Helix the pools and kernels are the plugin's and read fp8 pages on any CPU,
+so `_around_configure` steps over that one check (Helix on, CPU, fp8 only).
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from ...config import HelixConfig
+from ...kernels import kv_quant
 from ...sharding import helix_logical_tokens
 from .. import state
+from ..launch import BLOCK_SCALED_KV_DTYPES
 from ..hooks import HookSpec
 from .allocator import HelixPagedAllocator
 from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError
@@ -22,6 +30,8 @@ from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError
 logger = logging.getLogger(__name__)
 
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+CONFIGURE_TARGET = f"{CONFIGURATOR}.configure"
+RESOLVE_TARGET = f"{CONFIGURATOR}._resolve_memory_pool_config"
 POOL_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool"
 ALLOCATOR_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool_allocator"
 CAPACITY_TARGET = f"{CONFIGURATOR}.logical_token_capacity"
@@ -57,11 +67,23 @@ def _check_plain_model(kvc: Any) -> None:
                              f"or those features")
 
 
+def check_kv_dtype(kvc: Any) -> None:
+    """Helix pools hold the activation dtype, bf16/fp16/fp32, or fp8 pages with a per-tensor
+    scale; a block-scaled KV cache (FP4, MXFP8) is refused, naming the flag."""
+    name, dtype = getattr(kvc, "kv_cache_dtype_str", None), kvc.kv_cache_dtype
+    plain = dtype in (torch.float16, torch.bfloat16, torch.float32) or kv_quant.is_fp8(dtype)
+    if name in BLOCK_SCALED_KV_DTYPES or not plain:
+        raise HelixPoolError(f"--kv-cache-dtype {name or dtype}: Helix pools store plain or fp8 "
+                             f"(per-tensor scale) KV pages, not block-scaled ones; use "
+                             f"--kv-cache-dtype auto, bf16, fp8_e4m3 or fp8_e5m2 with --enable-helix")
+
+
 def build_helix_pool(kvc: Any, cfg: HelixConfig, logical_size: int):
     """The Helix KV pool of this rank for a KVCacheConfigurator `kvc` (logical capacity)."""
     from sglang.srt.runtime_context import get_exec
 
     _check_plain_model(kvc)
+    check_kv_dtype(kvc)
     rank = _rank_of(cfg)
     common = dict(page_size=kvc.page_size, dtype=kvc.kv_cache_dtype,
                   layer_num=kvc.layer_info.num_effective_layers, device=kvc.device,
@@ -93,6 +115,50 @@ def logical_size_for(kvc: Any, cfg: HelixConfig, stock_tokens: int) -> int:
     stock_heads = kvc.model_config.get_num_kv_heads(get_parallel().attn_tp_size)
     return helix_logical_tokens(stock_tokens, _bytes_per_token(kvc, stock_heads),
                                 _bytes_per_token(kvc, cfg.kv_heads_per_tpa), kvc.page_size, cfg.kvp)
+
+
+def cpu_fp8_refused(kvc: Any) -> bool:
+    """SGLang's configure would refuse this KV dtype on this platform (CPU, fp8_e4m3)."""
+    from sglang.srt.platforms import current_platform
+
+    return current_platform.is_cpu() and kvc.kv_cache_dtype == torch.float8_e4m3fn
+
+
+# id(configurator) -> its real KV dtype while _around_configure has it read as another one
+_STEPPED_OVER: dict[int, torch.dtype] = {}
+
+
+def _around_configure(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """Helix on, CPU, fp8_e4m3 KV: run configure past SGLang's CPU fp8 check ("CPU FP8 KV cache
+    is only supported for MHA" / "requires Intel AMX support" / "requires the intel_amx attention
+    backend"), which guards SGLang's own CPU attention kernels, not Helix's. That check is the
+    first statement of configure and compares kv_cache_dtype: the dtype reads as another 1-byte
+    fp8 type for that comparison only; _around_resolve_config restores it before the next step
+    of configure reads it (and so does the return, whatever happens)."""
+    if config_of_configurator(kvc) is None or not cpu_fp8_refused(kvc):
+        return original(kvc, *args, **kwargs)
+    return configure_past_cpu_fp8_check(original, kvc, *args, **kwargs)
+
+
+def configure_past_cpu_fp8_check(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """Run configure with the kv dtype read as fp8_e5m2 by its first check only (see
+    _around_configure; also the CPU engine's Helix-off fix, srt.cpu.fp8_kv_fix)."""
+    real = kvc.kv_cache_dtype
+    _STEPPED_OVER[id(kvc)] = real
+    kvc.kv_cache_dtype = torch.float8_e5m2
+    try:
+        return original(kvc, *args, **kwargs)
+    finally:
+        _STEPPED_OVER.pop(id(kvc), None)
+        kvc.kv_cache_dtype = real
+
+
+def _around_resolve_config(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """The real KV dtype back before the pool is sized (see _around_configure)."""
+    real = _STEPPED_OVER.pop(id(kvc), None)
+    if real is not None:
+        kvc.kv_cache_dtype = real
+    return original(kvc, *args, **kwargs)
 
 
 def _around_build_pool(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
@@ -141,6 +207,8 @@ def _around_check_full_pool(original: Callable, checker: Any, ps: Any, *args: An
 
 
 POOL_HOOKS = (
+    HookSpec(CONFIGURE_TARGET, "AROUND", _around_configure),
+    HookSpec(RESOLVE_TARGET, "AROUND", _around_resolve_config),
     HookSpec(POOL_TARGET, "AROUND", _around_build_pool),
     HookSpec(ALLOCATOR_TARGET, "AROUND", _around_build_allocator),
     HookSpec(CAPACITY_TARGET, "AROUND", _around_logical_capacity),
@@ -159,6 +227,8 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
     "layout" (the HelixConfig), the logical capacity, the rows of one rank's pool (padding page
     excluded), and the KV bytes of one rank next to plain TP on the same N = KVP x TPA ranks:
 
+    - kv_cache_dtype: the pages' dtype (e.g. "bfloat16", "float8_e4m3fn"); every byte count
+      below is in it (fp8: 1 byte per element; pages are stored as uint8, as SGLang stores them).
     - kv_bytes_per_rank: bytes this rank's Helix pool really allocated: sum of numel x itemsize
       over its KV buffers (k_buffer + v_buffer, or the MLA kv_buffer; every layer, padding page
       included).
@@ -190,6 +260,7 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
             "page_size": cfg.page_size, "comm_backend": cfg.comm_backend,
             "hopb_slices": cfg.hopb_slices, "mla_exchange": cfg.mla_exchange},
         "page_size": allocator.page_size,
+        "kv_cache_dtype": str(pool.dtype).removeprefix("torch."),
         "logical_tokens": int(allocator.size),
         "local_pool_rows": int(pool.size),
         "kv_bytes_per_rank": int(sum(t.numel() * t.element_size() for t in buffers)),

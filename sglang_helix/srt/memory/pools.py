@@ -4,6 +4,12 @@
 (pages/KVP + 1) pages. Writes arrive with *logical* locs; a loc's page id p gives its owner
 p % KVP and local slot p // KVP, local row slot * P + loc % P. Rows owned by other KVP ranks are
 redirected to the padding page (slot 0: dropped, sync-free, fixed shapes).
+
+FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): pages are stored as SGLang stores them (dtype the
+fp8 type, store_dtype uint8, 1 byte per element) with its per-tensor scale convention
+(kernels/kv_quant.py: x / k_scale, cast); writes never divide the caller's tensor in place.
+`get_paged_kv` returns fp8 views; the kernels upcast them tile by tile. The block-scaled KV
+caches (FP4, MXFP8) are refused.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Optional
 import torch
 
 from ...errors import HelixError
+from ...kernels import kv_quant
 from ...sharding import colored_page_id_to_slot, local_page_table, local_pool_tokens, local_seq_len, page_owner, pages_per_color
 
 
@@ -63,6 +70,12 @@ class _HelixPoolMixin:
         lens = local_seq_len(seq_lens.to(torch.int64), self.kvp_rank, self.page_size, self.kvp)
         return table.to(torch.int32), lens.to(torch.int32)
 
+    def _scaled(self, x: torch.Tensor, scale) -> torch.Tensor:
+        """x in this pool's dtype: fp8 pages divide by the layer's scale first (kv_quant)."""
+        if x.dtype == self.dtype:
+            return x
+        return kv_quant.quantize(x, self.dtype, scale if kv_quant.is_fp8(self.dtype) else None)
+
     def _refuse(self, what: str, fix: str):
         raise HelixPoolError(f"{type(self).__name__}.{what} is not supported under Helix: {fix}")
 
@@ -70,10 +83,18 @@ class _HelixPoolMixin:
         self._refuse("move_kv_cache", "drop speculative decoding (--speculative-algorithm)")
 
     def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
-        self._refuse("get_cpu_copy", "drop --enable-hierarchical-cache / request offload")
+        """PD decode retraction (cpu_tensor backup): this rank's rows of logical locs `indices`
+        to host memory (srt.memory.retraction)."""
+        from .retraction import copy_out
+
+        return copy_out(self, indices)
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
-        self._refuse("load_cpu_copy", "drop --enable-hierarchical-cache / request offload")
+        """Restore a get_cpu_copy backup into the rows of the new logical locs `indices` (same
+        owner color per logical page, checked; srt.memory.retraction)."""
+        from .retraction import restore
+
+        restore(self, kv_cache_cpu, indices)
 
 
 def _mha_base():
@@ -97,9 +118,12 @@ class HelixMHATokenToKVPool(_HelixPoolMixin, _mha_base()):
     """
 
     def __init__(self, size: int, page_size: int, *args, kvp: int, kvp_rank: int, **kwargs):
-        if kwargs.get("quant_method") is not None or kwargs.get("post_capture_active"):
-            raise HelixPoolError("Helix pools support plain KV dtypes only; drop FP4/MXFP8 KV "
-                                 "cache and post-capture KV resizing")
+        if kwargs.get("quant_method") is not None:
+            raise HelixPoolError("Helix pools store plain or fp8 (per-tensor scale) KV pages, not "
+                                 "block-scaled ones: use --kv-cache-dtype auto, bf16, fp8_e4m3 or "
+                                 "fp8_e5m2 (not mxfp8 / nvfp4 / fp4_mx_block16) with --enable-helix")
+        if kwargs.get("post_capture_active"):
+            raise HelixPoolError("Helix pools do not support post-capture KV resizing; drop it")
         super().__init__(local_pool_tokens(size, page_size, kvp), page_size, *args, **kwargs)
         if self.kv_cache_layout != "nhd":
             raise HelixPoolError(f"Helix pools need the NHD KV layout, got {self.kv_cache_layout}; "
@@ -109,14 +133,16 @@ class HelixMHATokenToKVPool(_HelixPoolMixin, _mha_base()):
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
         """cache_k [n, K/TPA, D], cache_v [n, K/TPA, Dv] for logical locs [n]; stores owned
-        rows only (others land in the padding page)."""
+        rows only (others land in the padding page). fp8 pages: cache_k / k_scale and
+        cache_v / v_scale, cast (the caller's tensors are left intact)."""
         from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
 
         if dcp_kv_mask is not None:
             raise HelixPoolError("dcp_kv_mask reached a Helix pool: drop --dcp-size with --enable-helix")
         loc, _, _ = unwrap_write_loc(loc_info)
         rows, _ = self.local_rows(loc)
-        super().set_kv_buffer(layer, rows, cache_k, cache_v, k_scale, v_scale, layer_id_override)
+        cache_k, cache_v = self._scaled(cache_k, k_scale), self._scaled(cache_v, v_scale)
+        super().set_kv_buffer(layer, rows, cache_k, cache_v, None, None, layer_id_override)
 
     def get_paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k [slots, P, K/TPA, D], v [slots, P, K/TPA, Dv]) views for paged partial attention."""
@@ -136,29 +162,33 @@ class HelixMLATokenToKVPool(_HelixPoolMixin, _mla_base()):
         super().__init__(local_pool_tokens(size, page_size, kvp), page_size, *args, **kwargs)
         self._init_helix(kvp, kvp_rank, size)
 
-    def _store(self, layer_id: int, loc: torch.Tensor, rows_value: torch.Tensor) -> None:
+    def _store(self, layer_id: int, loc: torch.Tensor, rows_value: torch.Tensor, k_scale=None) -> None:
         rows, _ = self.local_rows(loc)
-        value = rows_value.to(self.dtype)
+        value = self._scaled(rows_value, k_scale)
         if self.store_dtype != self.dtype:
             value = value.view(self.store_dtype)
         self.kv_buffer[layer_id - self.start_layer][rows] = value
 
-    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, layer_id_override=None):
-        """cache_k [n, 1, R + Dr] latent + rope for logical locs [n] (cache_v unused)."""
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, layer_id_override=None, k_scale=None):
+        """cache_k [n, 1, R + Dr] latent + rope for logical locs [n] (cache_v unused).
+        k_scale (fp8 pages): the layer's k_scale, divided out before the cast (SGLang's MLA pool
+        takes no scale; its Triton backend divides the latent by k_scale before the write)."""
         from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
 
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        self._store(layer_id, loc, cache_k)
+        self._store(layer_id, loc, cache_k, k_scale)
 
-    def set_mla_kv_buffer(self, layer, loc_info, cache_k_nope, cache_k_rope, layer_id_override=None):
-        """cache_k_nope [n, 1, R], cache_k_rope [n, 1, Dr] for logical locs [n]."""
+    def set_mla_kv_buffer(self, layer, loc_info, cache_k_nope, cache_k_rope, layer_id_override=None,
+                          k_scale=None):
+        """cache_k_nope [n, 1, R], cache_k_rope [n, 1, Dr] for logical locs [n]; k_scale as
+        set_kv_buffer."""
         from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
 
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         parts = [cache_k_nope] + ([cache_k_rope] if cache_k_rope is not None and cache_k_rope.numel() else [])
-        self._store(layer_id, loc, torch.cat([p.to(self.dtype) for p in parts], dim=-1))
+        self._store(layer_id, loc, torch.cat(parts, dim=-1), k_scale)
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):
         self._refuse("get_mla_kv_buffer", "each rank holds only its KVP pages, and the helix "

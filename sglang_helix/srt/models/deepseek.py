@@ -62,46 +62,115 @@ def mla_config() -> Optional[HelixConfig]:
 # ----------------------------------------------------------------------------- weights
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+# q projection methods Helix replicates: as is, or as a ReplicatedLinear with the same fp8 method.
+HELIX_Q_METHODS = ("UnquantizedLinearMethod", "NoneType", "Fp8LinearMethod")
+
+
+def _q_linear(attn: Any) -> Any:
+    return attn.q_b_proj if attn.q_lora_rank is not None else attn.q_proj
+
+
 def check_helix_weights(attn: Any) -> None:
-    """Refuse attention modules whose absorbed path is not plain bmm (fp8, DeepGEMM, DSA, LoRA)."""
+    """Refuse attention modules whose absorbed path Helix cannot replicate (DeepGEMM bmm, DSA,
+    LoRA, a q projection quantized other than fp8, fp8 W_UK/W_UV without a per-tensor scale)."""
     bad = []
     if getattr(attn, "use_dsa", False):
         bad.append("DeepSeek sparse attention (DSA, V3.2)")
-    if getattr(attn, "use_deep_gemm_bmm", False) or attn.w_kc.dtype not in (
-        torch.float32, torch.float16, torch.bfloat16
-    ):
+    if getattr(attn, "use_deep_gemm_bmm", False):
+        bad.append("DeepGEMM block-fp8 W_UK/W_UV bmm (SGLANG_USE_DEEPGEMM_BMM=1: unset it)")
+    elif attn.w_kc.dtype in _FP8_DTYPES and getattr(attn, "w_scale", None) is None:
+        bad.append(f"{attn.w_kc.dtype} W_UK/W_UV without a per-tensor w_scale")
+    elif attn.w_kc.dtype not in _FLOAT_DTYPES + _FP8_DTYPES:
         bad.append(f"quantized W_UK/W_UV ({attn.w_kc.dtype})")
     if getattr(getattr(attn, "kv_b_proj", None), "set_lora", False):
         bad.append("LoRA on kv_b_proj")
-    q_lin = attn.q_b_proj if attn.q_lora_rank is not None else attn.q_proj
-    method = type(getattr(q_lin, "quant_method", None)).__name__
-    if method not in ("UnquantizedLinearMethod", "NoneType"):
-        bad.append(f"quantized q projection ({method})")
+    method = type(getattr(_q_linear(attn), "quant_method", None)).__name__
+    if method not in HELIX_Q_METHODS:
+        bad.append(f"q projection quantized with {method}")
     if bad:
         raise HelixMLAError(f"--enable-helix with MLA layer {attn.layer_id}: not supported: "
-                            f"{', '.join(bad)}; use an unquantized (bf16/fp16/fp32) checkpoint "
-                            f"or drop --enable-helix")
+                            f"{', '.join(bad)}; Helix serves bf16/fp16/fp32 and fp8 (e4m3) "
+                            f"checkpoints: use one of those or drop --enable-helix")
+
+
+def absorb_weight(attn: Any, w: torch.Tensor) -> torch.Tensor:
+    """W_UK (w_kc) / W_UV (w_vc) as the absorbed bmm applies it: unquantized as is; fp8 with its
+    per-tensor `w_scale` (SGLang converts a block-fp8 kv_b_proj to that at load) dequantized to
+    bf16 exactly as SGLang's CPU branch does (`w.to(bf16) * w_scale`; its CUDA branch runs
+    bmm_fp8 on per-tensor-quantized activations instead, docs/usage.md)."""
+    if w.dtype in _FLOAT_DTYPES:
+        return w
+    return w.to(torch.bfloat16) * attn.w_scale
+
+
+def replicated_projection(q_lin: Any, gather: Callable[[torch.Tensor], torch.Tensor],
+                          out_features: int, prefix: str) -> Any:
+    """A ReplicatedLinear with q_lin's quant method holding the q projection of all heads.
+
+    Built at post_load_weights, before SGLang's postprocess_weights, with the raw checkpoint
+    tensors (fp8 weight [out, in] + its scales) gathered over the attention TP group; registered
+    as a submodule, so SGLang processes it like every other fp8 layer on this platform.
+    """
+    from sglang.srt.layers.linear import ReplicatedLinear
+
+    with torch.device(q_lin.weight.device):
+        proj = ReplicatedLinear(q_lin.input_size, out_features, bias=False,
+                                params_dtype=q_lin.params_dtype, quant_config=q_lin.quant_config,
+                                prefix=prefix)
+    if type(proj.quant_method) is not type(q_lin.quant_method):
+        raise HelixMLAError(f"{prefix}: the replicated q projection got "
+                            f"{type(proj.quant_method).__name__}, the stock one "
+                            f"{type(q_lin.quant_method).__name__}; drop --enable-helix")
+    own = dict(q_lin.named_parameters(recurse=False))
+    for name, param in proj.named_parameters(recurse=False):
+        if name not in own:
+            raise HelixMLAError(f"{prefix}: the stock q projection has no {name!r} to replicate")
+        data = own[name].data
+        full = data if data.shape == param.shape else gather(data.contiguous())
+        if full.shape != param.shape:
+            raise HelixMLAError(f"{prefix}.{name}: gathered {tuple(full.shape)}, expected "
+                                f"{tuple(param.shape)}; the attention TP group must be the N "
+                                f"Helix ranks (--tp-size N)")
+        param.data.copy_(full)
+    return proj
 
 
 def replicate_q_weights(attn: Any, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Give `attn` the q projection and W_UK of all H heads.
 
     gather(t): concatenation along dim 0 of every attention-TP rank's t, in rank order (rank g
-    holds heads [g*H/N, (g+1)*H/N)). Sets helix_q_weight [H*(dn+dr), q_lora_rank or hidden] and
-    helix_w_kc [H, dn, R]; checks the full shapes.
+    holds heads [g*H/N, (g+1)*H/N)). Sets helix_w_kc [H, dn, R] (fp8: dequantized, absorb_weight)
+    and, unquantized, helix_q_weight [H*(dn+dr), q_lora_rank or hidden]; fp8, the submodule
+    helix_q_proj (replicated_projection). Checks the full shapes.
     """
     check_helix_weights(attn)
-    q_lin = attn.q_b_proj if attn.q_lora_rank is not None else attn.q_proj
-    q_weight = gather(q_lin.weight.data.contiguous())
-    w_kc = gather(attn.w_kc.contiguous())
+    q_lin = _q_linear(attn)
     want_q = attn.num_heads * attn.qk_head_dim
+    if type(getattr(q_lin, "quant_method", None)).__name__ == "Fp8LinearMethod":
+        attn.helix_q_proj = replicated_projection(
+            q_lin, gather, want_q, f"model.layers.{attn.layer_id}.self_attn.helix_q_proj")
+        q_rows = want_q
+    else:
+        attn.helix_q_weight = gather(q_lin.weight.data.contiguous())
+        q_rows = attn.helix_q_weight.shape[0]
+    w_kc = gather(absorb_weight(attn, attn.w_kc).contiguous())
     want_kc = (attn.num_heads, attn.qk_nope_head_dim, attn.kv_lora_rank)
-    if q_weight.shape[0] != want_q or tuple(w_kc.shape) != want_kc:
-        raise HelixMLAError(f"layer {attn.layer_id}: gathered q weight {tuple(q_weight.shape)} / "
+    if q_rows != want_q or tuple(w_kc.shape) != want_kc:
+        raise HelixMLAError(f"layer {attn.layer_id}: gathered q weight [{q_rows}, *] / "
                             f"w_kc {tuple(w_kc.shape)}, expected [{want_q}, *] / {want_kc}; the "
                             f"attention TP group must be the N Helix ranks (--tp-size N)")
-    attn.helix_q_weight = q_weight
     attn.helix_w_kc = w_kc
+
+
+def _weights_kind(attn: Any) -> str:
+    """'fp8 q projection, W_UK fp8 -> bf16' or 'unquantized': what the Helix path replicated."""
+    proj = getattr(attn, "helix_q_proj", None)
+    if proj is None:
+        return "unquantized"
+    return (f"{type(proj.quant_method).__name__} q projection, W_UK {attn.w_kc.dtype} -> "
+            f"{attn.helix_w_kc.dtype}").replace("torch.", "")
 
 
 def replicate_w_uv(attn: Any, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -110,7 +179,7 @@ def replicate_w_uv(attn: Any, gather: Callable[[torch.Tensor], torch.Tensor]) ->
     gather(t): as in replicate_q_weights; rank g's w_vc [H/N, R, Dv] holds heads g*H/N...
     """
     check_helix_weights(attn)
-    w_vc = gather(attn.w_vc.contiguous())
+    w_vc = gather(absorb_weight(attn, attn.w_vc).contiguous())
     want = (attn.num_heads, attn.kv_lora_rank, attn.v_head_dim)
     if tuple(w_vc.shape) != want:
         raise HelixMLAError(f"layer {attn.layer_id}: gathered w_vc {tuple(w_vc.shape)}, expected "
@@ -127,6 +196,8 @@ def group_gather(group_coordinator: Any) -> Callable[[torch.Tensor], torch.Tenso
     group = group_coordinator.device_group
 
     def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype in _FP8_DTYPES:  # gloo has no fp8: move the bytes
+            return gather(t.view(torch.uint8)).view(t.dtype)
         parts = [torch.empty_like(t) for _ in range(size)]
         dist.all_gather(parts, t, group=group)
         return torch.cat(parts, dim=0)
@@ -142,14 +213,16 @@ def _after_post_load(result: Any, model: Any, *args: Any, **kwargs: Any) -> None
     from sglang.srt.runtime_context import get_parallel
 
     gather = group_gather(get_parallel().attn_tp_group)
-    count = 0
-    for module in model.modules():
+    count, kinds = 0, set()
+    for module in list(model.modules()):  # replicate_q_weights may add a submodule
         if isinstance(module, DeepseekV2AttentionMLA) and module.w_kc is not None:
             replicate_q_weights(module, gather)
             if cfg.mla_exchange == "value":
                 replicate_w_uv(module, gather)
             count += 1
-    logger.info("sglang_helix: replicated q projection + W_UK (all heads) in %d MLA layers", count)
+            kinds.add(_weights_kind(module))
+    logger.info("sglang_helix: replicated q projection + W_UK (all heads) in %d MLA layers (%s)",
+                count, ", ".join(sorted(kinds)) or "none")
     if cfg.mla_exchange == "value":
         logger.info("sglang_helix: replicated W_UV (all heads, --helix-mla-exchange value) in %d "
                     "MLA layers", count)
@@ -171,7 +244,8 @@ def absorbed_qkv(attn: Any, positions: torch.Tensor, q: torch.Tensor, latent: to
     q_nope, q_pe = q.split([attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
     k_nope = attn.kv_a_layernorm(latent[..., :rank_r]).unsqueeze(1)
     k_pe = latent[..., rank_r:].unsqueeze(1)
-    q_nope_out = torch.bmm(q_nope.transpose(0, 1), attn.helix_w_kc).transpose(0, 1)
+    w_kc = attn.helix_w_kc
+    q_nope_out = torch.bmm(q_nope.transpose(0, 1).to(w_kc.dtype), w_kc).transpose(0, 1)
     if attn.rotary_emb is not None:
         q_pe, k_pe = attn.rotary_emb(positions, q_pe, k_pe)
     return q_nope_out, q_pe, k_nope, k_pe
@@ -184,9 +258,16 @@ def _project(attn: Any, hidden_states: torch.Tensor):
 
         q_lora, latent = get_attn_tp_context().fetch_qkv_latent().split(
             [attn.q_lora_rank, attn.kv_lora_rank + attn.qk_rope_head_dim], dim=-1)
-        return torch.nn.functional.linear(attn.q_a_layernorm(q_lora), attn.helix_q_weight), latent
-    q = torch.nn.functional.linear(hidden_states, attn.helix_q_weight)
-    return q, attn.kv_a_proj_with_mqa(hidden_states)[0]
+        return _q_projection(attn, attn.q_a_layernorm(q_lora)), latent
+    return _q_projection(attn, hidden_states), attn.kv_a_proj_with_mqa(hidden_states)[0]
+
+
+def _q_projection(attn: Any, x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] -> q [T, H*(dn+dr)] with the replicated projection (fp8 module or weight)."""
+    proj = getattr(attn, "helix_q_proj", None)
+    if proj is not None:
+        return proj(x)[0]
+    return torch.nn.functional.linear(x, attn.helix_q_weight)
 
 
 def helix_absorb_prepare(attn, positions, hidden_states, forward_batch, zero_allocator,
@@ -206,7 +287,8 @@ def helix_absorb_prepare(attn, positions, hidden_states, forward_batch, zero_all
 def latent_to_output(attn: Any, latent: torch.Tensor) -> torch.Tensor:
     """latent [T, H/N * R] (this rank's merged heads) -> W_UV -> o_proj (row parallel, TP = N)."""
     lat = latent.view(-1, attn.num_local_heads, attn.kv_lora_rank)
-    values = torch.bmm(lat.transpose(0, 1), attn.w_vc).transpose(0, 1)  # w_vc [H/N, R, Dv]
+    w_vc = absorb_weight(attn, attn.w_vc)  # [H/N, R, Dv]
+    values = torch.bmm(lat.transpose(0, 1).to(w_vc.dtype), w_vc).transpose(0, 1)
     return values_to_output(attn, values.flatten(1, 2))
 
 

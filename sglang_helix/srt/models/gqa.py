@@ -97,9 +97,8 @@ def apply_helix_heads(attn: Any, cfg: HelixConfig, *, bias: bool, quant_config: 
     if attn.total_num_heads != cfg.num_heads or attn.total_num_kv_heads != cfg.num_kv_heads:
         raise HelixModelError(f"layer has H={attn.total_num_heads}, K={attn.total_num_kv_heads} but the "
                               f"HelixConfig says H={cfg.num_heads}, K={cfg.num_kv_heads}")
-    if getattr(attn.attn, "quant_method", None) is not None:
-        raise HelixModelError("quantized attention (KV scales) is not supported with Helix; drop "
-                              "the KV-cache quantization or --enable-helix")
+    # An fp8 checkpoint gives RadixAttention SGLang's Fp8KVCacheMethod (per-layer k/v scales,
+    # read only with an fp8 KV cache); the head counts below do not touch it.
     if cfg.kvp > 1:  # KVP == 1: TP = N = TPA sharding is already right
         attn.qkv_proj = _tpa_qkv(attn, cfg, bias, quant_config, qkv_prefix)
     attn.num_heads = cfg.heads_per_tpa

@@ -1,0 +1,134 @@
+"""FP8 block-quantized tiny checkpoints in the on-disk format of DeepSeek-V3 / Qwen3-FP8.
+
+Format (what SGLang's `Fp8Config` reads): every linear weight of the attention and MLP / expert
+layers is stored as float8_e4m3fn [N, K] with a float32 `<name>_scale_inv` of shape
+[ceil(N / bn), ceil(K / bk)] (W ~= fp8 * scale_inv, one scale per bn x bk block), and config.json
+carries `quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
+"dynamic", "weight_block_size": [bn, bk]}`. Embeddings, norms, the MoE router (`mlp.gate`) and
+lm_head stay unquantized, as in the real checkpoints.
+
+The tiny kinds that use it (`"mla-fp8"`, `"qwen3-fp8"` in dev.tiny_models) have every sharded
+dimension a multiple of 128 at TP 2, so SGLang's block-quant shape rules accept the real 128 x 128
+blocks: MLA hidden 128, q_lora_rank 128, kv_lora_rank 192 (!= qk_nope_head_dim 64), rope 64,
+v_head_dim 64, 4 heads, dense / expert intermediate 256; Qwen3 hidden 512 (= H x D), 4 query heads, 2 KV
+heads, head_dim 128, intermediate 512.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+BLOCK = (128, 128)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def mla_fp8_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiny MLA + MoE config with 128-aligned dimensions (see the module docstring)."""
+    return {**cfg, "hidden_size": 128, "intermediate_size": 256, "q_lora_rank": 128,
+            "kv_lora_rank": 192, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
+            "v_head_dim": 64, "head_dim": 64, "moe_intermediate_size": 256}
+
+
+def gqa_fp8_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiny GQA (Qwen3) config with 128-aligned dimensions (see the module docstring).
+
+    Qwen3, not Llama: SGLang 0.5.23's Llama loader renames `weight_scale_inv` to `weight_scale`
+    and so drops every block scale of a block-fp8 Llama checkpoint (Helix off too)."""
+    return {**cfg, "hidden_size": 512, "intermediate_size": 512, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}
+
+
+def quantization_config(block: tuple[int, int] = BLOCK) -> dict[str, Any]:
+    """config.json's quantization_config of a block-fp8 checkpoint (DeepSeek-V3's keys)."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(block)}
+
+
+def is_quantized(name: str, ndim: int) -> bool:
+    """True for the linear weights a block-fp8 checkpoint stores in fp8."""
+    parts = name.split(".")
+    if ndim != 2 or parts[-1] != "weight" or "proj" not in parts[-2]:
+        return False
+    return ".self_attn." in name or ".mlp." in name
+
+
+def block_quantize(weight: Any, block: tuple[int, int] = BLOCK) -> tuple[Any, Any]:
+    """weight [N, K] -> (fp8 [N, K], scale_inv fp32 [ceil(N/bn), ceil(K/bk)]), W ~= q * s."""
+    import torch
+
+    bn, bk = block
+    n, k = weight.shape
+    rows, cols = math.ceil(n / bn), math.ceil(k / bk)
+    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
+    padded[:n, :k] = weight.float()
+    tiles = padded.view(rows, bn, cols, bk)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [rows, cols]
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * bn, cols * bk)[:n, :k].contiguous(), scale.contiguous()
+
+
+def block_dequantize(q: Any, scale: Any, block: tuple[int, int] = BLOCK) -> Any:
+    """Inverse of block_quantize up to fp8 rounding: fp32 [N, K]."""
+    bn, bk = block
+    full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: q.shape[0], : q.shape[1]]
+    return q.float() * full
+
+
+def quantize_checkpoint(directory: str | Path, block: tuple[int, int] = BLOCK) -> int:
+    """Rewrite `directory`'s model.safetensors and config.json as a block-fp8 checkpoint, in place.
+
+    Returns the number of weights quantized.
+    """
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    tensors = load_file(directory / "model.safetensors")
+    out, count = {}, 0
+    for name, tensor in tensors.items():
+        if is_quantized(name, tensor.dim()):
+            out[name], out[f"{name}_scale_inv"] = block_quantize(tensor, block)
+            count += 1
+        else:
+            out[name] = tensor
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = quantization_config(block)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return count
+
+
+def fp8_kv_reference_greedy(path, prompts, max_new_tokens: int) -> list[SimpleNamespace]:
+    """transformers fp32 greedy, full recomputation per step, with the KV cache rounded through
+    float8_e4m3fn where SGLang stores it (a DynamicCache whose update rounds what it keeps and
+    returns: every token's key/value, the current ones included, as SGLang's pool holds them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    class Fp8Cache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            def rnd(x):
+                return x.to(torch.float8_e4m3fn).to(x.dtype)
+
+            return super().update(rnd(key_states), rnd(value_states), layer_idx, *args, **kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, tokens, logprobs, margin = list(prompt), [], [], float("inf")
+            for _ in range(max_new_tokens):
+                logits = model(torch.tensor([ids]), past_key_values=Fp8Cache(config=model.config),
+                               use_cache=True).logits[0, -1].float()
+                top2 = torch.topk(logits, 2)
+                token = int(top2.indices[0])
+                margin = min(margin, float(top2.values[0] - top2.values[1]))
+                logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                tokens.append(token)
+                ids.append(token)
+            out.append(SimpleNamespace(tokens=tokens, logprobs=logprobs, min_margin=margin))
+    return out

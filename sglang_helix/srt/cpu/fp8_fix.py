@@ -1,0 +1,187 @@
+"""CPU engine: block-FP8 checkpoints without AMX, by an exact torch path.
+
+Why: SGLang 0.5.23 serves an fp8 checkpoint on CPU only through Intel AMX kernels
+(`Fp8LinearMethod` / `Fp8MoEMethod` assert "requires that CPU has AMX support", then pack weights
+for `sgl_kernel.fp8_scaled_mm_cpu` / `fused_experts_cpu`, CPU builds of sgl-kernel that are not on
+PyPI). On a CPU without AMX (this project's machines, CI) an fp8 DeepSeek or Llama checkpoint
+cannot even start, Helix on or off.
+
+What: SGLang's own CPU weight processing still runs (scale merging for fused shards, the
+transposes its CPU path does); only the AMX step is replaced: while
+`process_weights_after_loading` runs, the module's `_is_cpu_amx_available` reads True and its
+`_amx_process_weight_after_loading` only marks the layer (`_helix_torch_fp8`, no packing). The
+marked layers' `apply` then computes what the AMX kernels compute (weight-only fp8, "W8A16"):
+the fp8 weight dequantized with SGLang's own `block_quant_dequant` (fp32 product, cast to the
+activation dtype) or `weight * weight_scale` per tensor / channel, then `F.linear`; MoE experts
+run SGLang's `moe_forward_native` over a view whose expert weights are dequantized one expert at
+a time, only for the experts a batch routes to. Weights stay fp8 in memory.
+
+Inert on GPU and on AMX CPUs with a real sgl-kernel: the hooks are installed only on the CPU engine
+(srt.plugin), and every hook calls straight through unless SGLang's fp8 module runs on CPU without
+AMX. Per-tensor / per-channel fp8 checkpoints still stop inside SGLang's own load-time
+requantization (`requantize_with_max_scale` -> a CUDA-only kernel) before reaching the marker;
+`apply` would handle them. The absorbed MLA bmm with an fp8 W_UK/W_UV needs nothing here: SGLang's CPU branch already
+does it in torch (`w_kc.to(bf16) * w_scale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..hooks import HookSpec, install, missing_hooks
+from .sgl_kernel_stub import cpu_engine_requested
+
+FP8_MODULE = "sglang.srt.layers.quantization.fp8"
+LINEAR = f"{FP8_MODULE}.Fp8LinearMethod"
+MOE = f"{FP8_MODULE}.Fp8MoEMethod"
+MARK = "_helix_torch_fp8"
+
+
+class CpuFp8Error(RuntimeError):
+    """An fp8 layout the CPU torch path does not implement (names what is missing)."""
+
+
+def _fp8_module() -> Any:
+    import importlib
+
+    return importlib.import_module(FP8_MODULE)
+
+
+def torch_path_wanted() -> bool:
+    """True where SGLang's fp8 layers would need AMX kernels this CPU lacks."""
+    mod = _fp8_module()
+    return bool(mod._is_cpu) and not mod._is_cpu_amx_available
+
+
+def _mark(module: Any, weight_names: list[str], *args: Any, **kwargs: Any) -> None:
+    """Stands in for `_amx_process_weight_after_loading`: no packing, just remember the names."""
+    module.use_intel_amx_backend = False
+    setattr(module, MARK, tuple(weight_names))
+
+
+@contextlib.contextmanager
+def _cpu_processing_without_amx() -> Iterator[None]:
+    mod = _fp8_module()
+    saved = mod._is_cpu_amx_available, mod._amx_process_weight_after_loading
+    mod._is_cpu_amx_available, mod._amx_process_weight_after_loading = True, _mark
+    try:
+        yield
+    finally:
+        mod._is_cpu_amx_available, mod._amx_process_weight_after_loading = saved
+
+
+def _around_process(original: Callable, method: Any, layer: Any, *args: Any, **kwargs: Any):
+    if not torch_path_wanted():
+        return original(method, layer, *args, **kwargs)
+    with _cpu_processing_without_amx():
+        return original(method, layer, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- dense layers
+
+
+def dequantize_weight(layer: Any, block_size: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 weight of a marked linear layer as `dtype`, [N, K] (output, input features)."""
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
+
+    weight = layer.weight
+    if block_size is not None:
+        return block_quant_dequant(weight, layer.weight_scale_inv, block_size, dtype)
+    scale = layer.weight_scale.float()
+    scale = scale.reshape(-1, 1) if scale.numel() == weight.shape[0] else scale.reshape(())
+    return (weight.float() * scale).to(dtype)
+
+
+def fp8_linear(layer: Any, block_size: list[int] | None, x: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T + bias -> [..., N] in x's dtype (W8A16, as the AMX kernels)."""
+    if isinstance(x, tuple):
+        raise CpuFp8Error("pre-quantized fp8 activations reached the CPU fp8 path; they come "
+                          "from GPU-only fused kernels")
+    return F.linear(x, dequantize_weight(layer, block_size, x.dtype), bias)
+
+
+def _around_linear_apply(original: Callable, method: Any, layer: Any, x: Any, bias: Any = None,
+                         *args: Any, **kwargs: Any):
+    if getattr(layer, MARK, None) is None:
+        return original(method, layer, x, bias, *args, **kwargs)
+    return fp8_linear(layer, method.weight_block_size if method.block_quant else None, x, bias)
+
+
+# ---------------------------------------------------------------- MoE experts
+
+
+class _DequantExperts:
+    """Indexable like `layer.w13_weight` for `moe_forward_native`: item e is expert e's weight,
+    dequantized to `dtype` on access ([2I, H] for w13, [H, I] for w2)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: list[int] | None,
+                 dtype: torch.dtype):
+        self.weight, self.scale, self.block, self.dtype = weight, scale, block, dtype
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
+
+        if self.block is not None:
+            return block_quant_dequant(self.weight[e], self.scale[e], self.block, self.dtype)
+        scale = self.scale[e].float()
+        scale = scale.reshape(-1, 1) if scale.numel() == self.weight.shape[1] else scale.reshape(())
+        return (self.weight[e].float() * scale).to(self.dtype)
+
+
+class _ExpertsView:
+    """What `moe_forward_native` reads of a FusedMoE layer, with dequantizing expert weights."""
+
+    def __init__(self, layer: Any, block: list[int] | None, dtype: torch.dtype):
+        suffix = "_scale_inv" if block is not None else "_scale"
+        self.num_experts = layer.num_experts
+        self.w13_weight = _DequantExperts(layer.w13_weight, getattr(layer, "w13_weight" + suffix),
+                                          block, dtype)
+        self.w2_weight = _DequantExperts(layer.w2_weight, getattr(layer, "w2_weight" + suffix),
+                                         block, dtype)
+        self.w13_weight_bias = getattr(layer, "w13_weight_bias", None)
+        self.w2_weight_bias = getattr(layer, "w2_weight_bias", None)
+
+
+def fp8_moe(method: Any, layer: Any, dispatch_output: Any) -> Any:
+    """SGLang's native torch MoE over the layer's fp8 experts (dequantized per routed expert)."""
+    from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
+    from sglang.srt.layers.moe.token_dispatcher import StandardCombineInput
+
+    x = dispatch_output.hidden_states
+    block = method.quant_config.weight_block_size if method.block_quant else None
+    view = _ExpertsView(layer, block, x.dtype)
+    out = moe_forward_native(view, x, dispatch_output.topk_output, method.moe_runner_config)
+    return StandardCombineInput(hidden_states=out)
+
+
+def _around_moe_apply(original: Callable, method: Any, layer: Any, dispatch_output: Any,
+                      *args: Any, **kwargs: Any):
+    if getattr(layer, MARK, None) is None:
+        return original(method, layer, dispatch_output, *args, **kwargs)
+    return fp8_moe(method, layer, dispatch_output)
+
+
+CPU_FP8_HOOKS = (
+    HookSpec(f"{LINEAR}.process_weights_after_loading", "AROUND", _around_process),
+    HookSpec(f"{LINEAR}.apply", "AROUND", _around_linear_apply),
+    HookSpec(f"{MOE}.process_weights_after_loading", "AROUND", _around_process),
+    HookSpec(f"{MOE}.apply", "AROUND", _around_moe_apply),
+)
+
+
+def install_cpu_fp8(environ=None) -> bool:
+    """Register the CPU fp8 torch path (only with SGLANG_USE_CPU_ENGINE=1); True if registered."""
+    if not cpu_engine_requested(environ):
+        return False
+    install(CPU_FP8_HOOKS)
+    return True
+
+
+def cpu_fp8_missing() -> list[str]:
+    """[] once every CPU fp8 hook is applied."""
+    return missing_hooks(CPU_FP8_HOOKS)

@@ -1,0 +1,86 @@
+"""dev.fp8_models: the block-fp8 on-disk format of DeepSeek-V3 / Qwen3-FP8, built locally."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sglang_helix.dev import fp8_models as fm
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_block_quantize_shapes_and_error(n, k, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q, s = fm.block_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (n, k)
+    assert s.dtype == torch.float32 and s.shape == (-(-n // 128), -(-k // 128))
+    back = fm.block_dequantize(q, s)
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of the value, or one block scale's
+    # subnormal step near zero
+    step = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k] * 2.0 ** -9
+    assert bool(((back - w).abs() <= w.abs() * 2.0 ** -4 + step).all())
+    assert float(q.float().abs().max()) <= fm.FP8_MAX
+
+
+def test_scale_is_per_block():
+    w = torch.ones(256, 256)
+    w[:128, 128:] *= 100.0  # one block 100x larger: only its scale moves
+    _, s = fm.block_quantize(w)
+    torch.testing.assert_close(s, torch.tensor([[1.0, 100.0], [1.0, 1.0]]) / fm.FP8_MAX)
+
+
+@pytest.mark.parametrize("name, quantized", [
+    ("model.layers.0.self_attn.q_b_proj.weight", True),
+    ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", True),
+    ("model.layers.3.mlp.experts.2.down_proj.weight", True),
+    ("model.layers.3.mlp.shared_experts.up_proj.weight", True),
+    ("model.layers.0.self_attn.qkv_proj.weight", True),
+    ("model.layers.3.mlp.gate.weight", False),  # the MoE router stays unquantized
+    ("model.layers.0.self_attn.kv_a_layernorm.weight", False),
+    ("model.embed_tokens.weight", False),
+    ("lm_head.weight", False),
+    ("model.layers.0.self_attn.q_proj.bias", False),
+])
+def test_which_weights_are_fp8(name, quantized):
+    assert fm.is_quantized(name, 2 if name.endswith("weight") else 1) is quantized
+
+
+def test_quantize_checkpoint_writes_the_real_format(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.randn(64, 200),
+               "model.norm.weight": torch.ones(64)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    assert fm.quantize_checkpoint(tmp_path) == 1
+    t = load_file(tmp_path / "model.safetensors")
+    assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert t["model.layers.0.mlp.down_proj.weight_scale_inv"].shape == (1, 2)
+    assert t["model.norm.weight"].dtype == torch.float32
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3",
+                                          "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}
+    assert cfg["hidden_size"] == 64
+
+
+def test_fp8_kinds_shard_on_128_blocks_at_tp2():
+    mla = fm.mla_fp8_config({})
+    per_rank = lambda x: x // 2  # noqa: E731
+    heads = 4
+    for width in (per_rank(heads * (mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"])),  # q_b
+                  per_rank(heads * (mla["qk_nope_head_dim"] + mla["v_head_dim"])),  # kv_b
+                  per_rank(heads * mla["v_head_dim"]),  # o_proj input
+                  per_rank(mla["intermediate_size"]), per_rank(mla["moe_intermediate_size"]),
+                  mla["q_lora_rank"], mla["kv_lora_rank"] + mla["qk_rope_head_dim"]):
+        assert width % 128 == 0
+    assert mla["kv_lora_rank"] != mla["qk_nope_head_dim"]  # the realistic MLA proportions
+    gqa = fm.gqa_fp8_config({})
+    assert gqa["hidden_size"] == gqa["num_attention_heads"] * gqa["head_dim"]
+    for width in (gqa["head_dim"], per_rank(gqa["intermediate_size"]),
+                  per_rank(gqa["num_attention_heads"] * gqa["head_dim"])):
+        assert width % 128 == 0

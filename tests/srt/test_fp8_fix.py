@@ -1,0 +1,177 @@
+"""The CPU-engine fp8 torch path (sglang_helix.srt.cpu.fp8_fix) on SGLang's real fp8 layers.
+
+- SGLang 0.5.23 alone cannot process an fp8 layer on this AMX-less CPU (pinned);
+- through the hooks, SGLang's own `Fp8LinearMethod` (block 128 x 128 with ragged edge blocks)
+  keeps the weight fp8 and its `apply` equals F.linear with the dequantized
+  weight bit for bit, and the fp32 reference within bf16 rounding;
+- fp8 MoE experts equal SGLang's native MoE on the dequantized experts, bit for bit;
+- per-tensor fp8 still stops inside SGLang's own requantization (a CUDA-only kernel; pinned, so
+  the day it works the docs' support table gets updated);
+- the hook table applies to SGLang's live targets in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_hooks_apply
+
+from sglang_helix.dev.fp8_models import block_dequantize, block_quantize, quantization_config
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
+                                reason="sglang not installed")
+
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+if importlib.util.find_spec("sglang") is not None:
+    from sglang_helix.srt.cpu import sgl_kernel_stub
+
+    sgl_kernel_stub.install()
+    import sglang.srt.layers.quantization.fp8 as sglang_fp8
+    from sglang.srt.layers.linear import ReplicatedLinear
+    from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8LinearMethod
+
+    from sglang_helix.srt.cpu import fp8_fix
+
+N, K = 320, 200  # 3 x 2 blocks of 128, the last row / column blocks ragged
+
+
+def _layer(block: bool, seed: int = 0):
+    """A real SGLang ReplicatedLinear with Fp8LinearMethod, loaded with a quantized random weight."""
+    qc = quantization_config() if block else {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    layer = ReplicatedLinear(K, N, bias=False, params_dtype=torch.bfloat16,
+                             quant_config=Fp8Config.from_config(qc))
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) / K ** 0.5
+    if block:
+        q, s = block_quantize(w)
+        layer.weight.data.copy_(q)
+        layer.weight_scale_inv.data.copy_(s)
+        return layer, block_dequantize(q, s)
+    scale = w.abs().max() / 448.0
+    q = (w / scale).to(torch.float8_e4m3fn)
+    layer.weight.data.copy_(q)
+    layer.weight_scale.data.fill_(float(scale))
+    return layer, q.float() * scale
+
+
+def _process(layer):
+    fp8_fix._around_process(Fp8LinearMethod.process_weights_after_loading, layer.quant_method, layer)
+
+
+def _apply(layer, x):
+    return fp8_fix._around_linear_apply(Fp8LinearMethod.apply, layer.quant_method, layer, x)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None
+                    and not fp8_fix.torch_path_wanted(), reason="this CPU has AMX")
+def test_sglang_alone_needs_amx_kernels():
+    layer, _ = _layer(block=True)
+    with pytest.raises(AssertionError, match="requires that CPU has AMX support"):
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def test_fp8_linear_is_w8a16_of_the_dequantized_weight():
+    layer, w_ref = _layer(block=True)
+    _process(layer)
+    assert layer.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
+    assert getattr(layer, fp8_fix.MARK) == ("weight",) and not layer.use_intel_amx_backend
+    assert sglang_fp8._is_cpu_amx_available is False  # the module flag is restored
+    assert sglang_fp8._amx_process_weight_after_loading is not fp8_fix._mark
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = _apply(layer, x)
+    assert out.shape == (5, N) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, w_ref.to(torch.bfloat16)), atol=0, rtol=0)
+    ref = x.float() @ w_ref.T
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_per_tensor_fp8_still_needs_a_cuda_kernel_on_cpu():
+    layer, _ = _layer(block=False)
+    with pytest.raises(NameError, match="sgl_per_tensor_quant_fp8"):
+        _process(layer)
+
+
+def test_unmarked_layers_call_sglang():
+    layer, _ = _layer(block=True)
+    calls = []
+    fp8_fix._around_linear_apply(lambda *a, **k: calls.append(a) or "sglang", layer.quant_method,
+                                 layer, torch.zeros(1, K))
+    assert len(calls) == 1
+
+
+def test_fp8_moe_equals_native_moe_on_dequantized_experts():
+    E, H, I, T, top = 4, 256, 128, 7, 2
+    g = torch.Generator().manual_seed(3)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    q13, s13 = zip(*(block_quantize(w) for w in w13))
+    q2, s2 = zip(*(block_quantize(w) for w in w2))
+    layer = SimpleNamespace(num_experts=E, w13_weight=torch.stack(q13), w2_weight=torch.stack(q2),
+                            w13_weight_scale_inv=torch.stack(s13), w2_weight_scale_inv=torch.stack(s2))
+    runner = SimpleNamespace(apply_router_weight_on_input=False, activation="silu",
+                             gemm1_alpha=None, gemm1_clamp_limit=None)
+    method = SimpleNamespace(block_quant=True, quant_config=SimpleNamespace(weight_block_size=[128, 128]),
+                             moe_runner_config=runner)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=g)[:top] for _ in range(T)]).to(torch.int32)
+    weights = torch.rand(T, top, generator=g).softmax(-1)
+    topk = StandardTopKOutput(weights, ids, torch.zeros(T, E))
+    out = fp8_fix.fp8_moe(method, layer, SimpleNamespace(hidden_states=x, topk_output=topk))
+    deq = SimpleNamespace(
+        num_experts=E,
+        w13_weight=torch.stack([block_dequantize(a, b) for a, b in zip(q13, s13)]).to(torch.bfloat16),
+        w2_weight=torch.stack([block_dequantize(a, b) for a, b in zip(q2, s2)]).to(torch.bfloat16))
+    torch.testing.assert_close(out.hidden_states, moe_forward_native(deq, x, topk, runner),
+                               atol=0, rtol=0)
+
+
+def test_cpu_fp8_hooks_apply_to_sglang():
+    check_hooks_apply("sglang_helix.srt.cpu.fp8_fix", "CPU_FP8_HOOKS", 4)
+
+
+def test_installed_on_the_cpu_engine_only():
+    from sglang_helix.srt import plugin
+
+    names = lambda cpu: [name for name, _ in plugin.serving_hooks(cpu)]  # noqa: E731
+    assert "CPU fp8 torch path" in names(True) and "CPU fp8 torch path" not in names(False)
+    assert not fp8_fix.install_cpu_fp8({"SGLANG_USE_CPU_ENGINE": "0"})
+
+
+# ---------------------------------------------------------------- fp8 KV, Helix off
+
+
+def test_helix_off_fp8_kv_refuses_scales_torch_native_would_ignore():
+    from sglang_helix.srt.cpu import fp8_kv_fix
+
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    model.attn.k_scale, model.attn.v_scale = torch.tensor(1.0), torch.tensor(-1.0)  # 1 / not loaded
+    fp8_kv_fix.check_unit_kv_scales(model)
+    model.attn.v_scale = torch.tensor(0.5)
+    with pytest.raises(fp8_kv_fix.CpuFp8KvError, match="attn.v_scale = 0.5.*--enable-helix"):
+        fp8_kv_fix.check_unit_kv_scales(model)
+
+
+def test_helix_off_fp8_kv_steps_over_only_sglangs_cpu_check(monkeypatch):
+    """Helix off, CPU, fp8_e4m3, torch_native, no AMX: configure sees fp8_e5m2 in its first check
+    only (the real dtype is back when configure returns); anything else calls straight through."""
+    from sglang_helix.srt.cpu import fp8_kv_fix
+    from sglang_helix.srt.memory import hooks as mh
+
+    monkeypatch.setattr(fp8_kv_fix, "_torch_native_only", lambda: True)
+    monkeypatch.setattr(fp8_kv_fix, "_no_amx", lambda: True)
+    monkeypatch.setattr(mh, "cpu_fp8_refused", lambda kvc: kvc.kv_cache_dtype == torch.float8_e4m3fn)
+    seen = []
+    kvc = SimpleNamespace(kv_cache_dtype=torch.float8_e4m3fn, model=torch.nn.Module())
+    fp8_kv_fix._around_configure(lambda k: seen.append(k.kv_cache_dtype), kvc)
+    assert seen == [torch.float8_e5m2] and kvc.kv_cache_dtype == torch.float8_e4m3fn
+    kvc.kv_cache_dtype = torch.bfloat16
+    fp8_kv_fix._around_configure(lambda k: seen.append(k.kv_cache_dtype), kvc)
+    assert seen[-1] == torch.bfloat16
+    check_hooks_apply("sglang_helix.srt.cpu.fp8_kv_fix", "CPU_FP8_KV_HOOKS", 1)
