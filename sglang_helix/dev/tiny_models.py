@@ -173,6 +173,10 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
 
 
+def _default_dtype(kind: str) -> str:  # SGLang's fp8 method runs bf16/fp16 activations only
+    return "bfloat16" if kind.endswith("-fp8") else "float32"
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {KINDS}")
@@ -283,7 +287,7 @@ def build_weights(kind: str, cfg: dict[str, Any], directory: Path, seed: int, dt
 
 
 def build_tiny_model(
-    kind: str, path: str | os.PathLike[str], *, seed: int = 0, dtype: str = "float32",
+    kind: str, path: str | os.PathLike[str], *, seed: int = 0, dtype: str | None = None,
     max_positions: int = MAX_POSITIONS,
 ) -> Path:
     """Build tiny model `kind` into directory `path` (created; existing files replaced).
@@ -295,11 +299,9 @@ def build_tiny_model(
     """
     _check_kind(kind)
     _check_max_positions(max_positions)
+    dtype = dtype or _default_dtype(kind)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    if kind.endswith("-fp8") and dtype == "float32":
-        raise ValueError(f"{kind}: SGLang's fp8 method runs bf16/fp16 activations; build it "
-                         "with dtype='bfloat16' (ensure_tiny_model's default for fp8 kinds)")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -374,7 +376,7 @@ def ensure_tiny_model(
     `dtype` defaults to float32, bfloat16 for the fp8 kinds (their unquantized tensors).
     """
     _check_kind(kind)
-    dtype = dtype or ("bfloat16" if kind.endswith("-fp8") else "float32")
+    dtype = dtype or _default_dtype(kind)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = base / f"{kind}-{cache_key(kind, seed, dtype, max_positions)}"
     if not _is_complete(path):

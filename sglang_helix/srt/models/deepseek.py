@@ -7,7 +7,11 @@ heads on rank g. Under Helix:
 - weights (AFTER hook on post_load_weights): the q projection and W_UK (`w_kc`) are replicated
   for all H heads on every rank (`helix_q_weight` [H*(dn+dr), in], `helix_w_kc` [H, dn, R],
   gathered once over the attention TP group right after loading: more weight memory, no
-  per-layer Q collective). o_proj keeps rank g's H/N slice; so does W_UV (`w_vc`), except with
+  per-layer Q collective). fp8 checkpoints: the q projection becomes `helix_q_proj`, a
+  ReplicatedLinear with the checkpoint's fp8 method holding every rank's raw fp8 shard + block
+  scales (post_load_weights runs before SGLang's postprocess_weights, which processes it like any
+  fp8 layer); an fp8 `w_kc` / `w_vc` (SGLang's per-tensor conversion of kv_b_proj) is gathered as
+  `w.to(bf16) * w_scale`, the tensor SGLang's CPU branch multiplies (absorb_weight). o_proj keeps rank g's H/N slice; so does W_UV (`w_vc`), except with
   --helix-mla-exchange value, where W_UV is replicated too (`helix_w_vc` [H, R, Dv], gathered
   the same way: H x R x Dv more weight elements per layer, docs/math.md section 4).
 - prepare (AROUND forward_absorb_prepare): every rank computes all H absorbed queries
