@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..hooks import HookSpec, install, missing_hooks
+from ..hooks import HookSpec, install
 from .sgl_kernel_stub import cpu_engine_requested
 
 FP8_MODULE = "sglang.srt.layers.quantization.fp8"
@@ -84,16 +84,23 @@ def _around_process(original: Callable, method: Any, layer: Any, *args: Any, **k
 # ---------------------------------------------------------------- dense layers
 
 
-def dequantize_weight(layer: Any, block_size: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
-    """The fp8 weight of a marked linear layer as `dtype`, [N, K] (output, input features)."""
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block_size: list[int] | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight [N, K] as `dtype`: block scales through SGLang's own `block_quant_dequant`,
+    else a per-tensor or per-channel (one per output row) scale."""
     from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
 
-    weight = layer.weight
     if block_size is not None:
-        return block_quant_dequant(weight, layer.weight_scale_inv, block_size, dtype)
-    scale = layer.weight_scale.float()
+        return block_quant_dequant(weight, scale, block_size, dtype)
+    scale = scale.float()
     scale = scale.reshape(-1, 1) if scale.numel() == weight.shape[0] else scale.reshape(())
     return (weight.float() * scale).to(dtype)
+
+
+def dequantize_weight(layer: Any, block_size: list[int] | None, dtype: torch.dtype) -> torch.Tensor:
+    """The fp8 weight of a marked linear layer as `dtype`, [N, K] (output, input features)."""
+    scale = layer.weight_scale_inv if block_size is not None else layer.weight_scale
+    return dequantize(layer.weight, scale, block_size, dtype)
 
 
 def fp8_linear(layer: Any, block_size: list[int] | None, x: torch.Tensor,
@@ -124,13 +131,7 @@ class _DequantExperts:
         self.weight, self.scale, self.block, self.dtype = weight, scale, block, dtype
 
     def __getitem__(self, e: int) -> torch.Tensor:
-        from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
-
-        if self.block is not None:
-            return block_quant_dequant(self.weight[e], self.scale[e], self.block, self.dtype)
-        scale = self.scale[e].float()
-        scale = scale.reshape(-1, 1) if scale.numel() == self.weight.shape[1] else scale.reshape(())
-        return (self.weight[e].float() * scale).to(self.dtype)
+        return dequantize(self.weight[e], self.scale[e], self.block, self.dtype)
 
 
 class _ExpertsView:
@@ -180,8 +181,3 @@ def install_cpu_fp8(environ=None) -> bool:
         return False
     install(CPU_FP8_HOOKS)
     return True
-
-
-def cpu_fp8_missing() -> list[str]:
-    """[] once every CPU fp8 hook is applied."""
-    return missing_hooks(CPU_FP8_HOOKS)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..hooks import HookSpec, missing_hooks
+from ..hooks import HookSpec
 
 # srt.memory.hooks is imported inside the hook: it loads SGLang's memory pools, which on the CPU
 # engine may import only after register() installed the sgl_kernel stand-in.
@@ -69,8 +69,3 @@ def _around_configure(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
 
 
 CPU_FP8_KV_HOOKS = (HookSpec(CONFIGURE_TARGET, "AROUND", _around_configure),)
-
-
-def cpu_fp8_kv_missing() -> list[str]:
-    """[] once the hook is applied."""
-    return missing_hooks(CPU_FP8_KV_HOOKS)
