@@ -41,7 +41,7 @@ from typing import Any
 
 from . import hooks, state, validate
 from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
-from .cpu import fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub
+from .cpu import fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix
 from .hooks import HelixHookError, HookSpec, wraps_hook
 from .pd import PD_HOOKS
 
@@ -84,7 +84,8 @@ def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], .
         tables += (("CPU native-MoE fix (EP -1 ids, empty batch)", moe_fix.CPU_MOE_HOOKS),)
     if cpu_engine:
         tables += (("CPU fp8 torch path", fp8_fix.CPU_FP8_HOOKS),
-                   ("CPU fp8 KV, Helix off", fp8_kv_fix.CPU_FP8_KV_HOOKS))
+                   ("CPU fp8 KV, Helix off", fp8_kv_fix.CPU_FP8_KV_HOOKS),
+                   ("CPU speculative decoding ops (NGRAM)", spec_fix.CPU_SPEC_HOOKS))
     return tables
 
 

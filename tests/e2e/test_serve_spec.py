@@ -1,0 +1,93 @@
+"""End to end: NGRAM speculative decoding on a real SGLang 0.5.23 CPU server, Helix off, lossless.
+
+Without the plugin's CPU-engine speculative ops (sglang_helix.srt.cpu.spec_fix) this server does
+not start on CPU ("No module named 'sgl_kernel.speculative'", then the CPU sgl-kernel ops and
+torch_native's missing TARGET_VERIFY path).
+
+Tiny Llama GQA model, TP 1, fp32, page size 4, `--speculative-algorithm NGRAM
+--speculative-num-draft-tokens 4 --speculative-ngram-max-bfs-breadth 1` (SGLang requires breadth 1
+at page size > 1). The same requests go to a server without speculative decoding (same flags
+otherwise): round 1 sends four prompts at once (three texts and a repetitive token pattern), round
+2 sends the same four again. The random-weight model rarely repeats itself, so round 1's drafts are
+mostly rejected (zero-accept verifies); in round 2 the n-gram corpus holds round 1's continuations,
+so drafts are accepted (full accepts, and partial ones where the known continuation ends). Every
+greedy answer must be token-identical to the server without speculative decoding, and each
+answer's meta_info must show verify steps (spec_verify_ct) and, in round 2, accepted drafts
+(spec_num_correct_drafts, spec_accept_length). 2 server launches, one alive at a time.
+
+`--speculative-ngram-capacity 100000` (SGLang's default: 10 million): with the default capacity
+and the harness's `--mem-fraction-static 0.05` SGLang 0.5.23 refused to start here ("Loaded weights
+leave no GPU memory for the KV cache under --mem-fraction-static=0.05 ... minimum viable ...
+0.0983" at TP 1, 0.1929 at TP 2: the n-gram corpus each rank allocates is counted against the
+host's free memory).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import E2E_PROMPT_TEXTS, e2e_marks
+
+from sglang_helix.dev import server as ts
+from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer
+
+pytestmark = e2e_marks(900)
+
+P = 4
+DRAFTS = 4
+MAX_NEW = 40
+START_TIMEOUT_S = 300
+COMMON = ["--page-size", str(P)]
+NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", str(DRAFTS),
+         "--speculative-ngram-max-bfs-breadth", "1", "--speculative-ngram-capacity", "100000"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    tok = load_tokenizer(model)
+    return [tok.encode(text) for text in E2E_PROMPT_TEXTS] + [[40, 41, 42, 43, 44, 45] * 5]
+
+
+def _serve(model, prompts, extra):
+    """Both rounds on one server: [round 1 answers, round 2 answers]."""
+    with ts.launch_server(model, [*COMMON, *extra], tp=1, timeout=START_TIMEOUT_S) as server:
+        return [ts.generate_concurrent(server.base_url, prompts, max_new_tokens=MAX_NEW)
+                for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def plain(model, prompts):
+    return _serve(model, prompts, [])
+
+
+@pytest.fixture(scope="module")
+def spec(model, prompts, plain):  # after `plain`: one server alive at a time
+    return _serve(model, prompts, NGRAM)
+
+
+def test_ngram_is_lossless(plain, spec):
+    for plain_round, spec_round in zip(plain, spec):
+        for want, got in zip(plain_round, spec_round):
+            assert len(ts.output_ids(want)) == MAX_NEW
+            assert ts.output_ids(got) == ts.output_ids(want)
+
+
+def test_drafts_were_verified_and_accepted(spec):
+    histogram = [0] * DRAFTS  # verify steps by number of correct drafts, over every answer
+    for answers in spec:
+        for answer in answers:
+            meta = answer["meta_info"]
+            assert meta["spec_verify_ct"] > 0
+            histogram = [a + b for a, b in zip(histogram, meta["spec_correct_drafts_histogram"]
+                                               + [0] * DRAFTS)]
+    for answer in spec[1]:  # round 2: the corpus holds round 1's continuations
+        meta = answer["meta_info"]
+        assert meta["spec_num_correct_drafts"] > 0 and meta["spec_accept_length"] > 1.5, meta
+        # fewer verify steps than tokens: several tokens per target forward
+        assert meta["spec_verify_ct"] < MAX_NEW - 1
+    assert histogram[0] > 0 and histogram[DRAFTS - 1] > 0  # zero and full accepts
+    assert sum(histogram[1:DRAFTS - 1]) > 0  # partial accepts
