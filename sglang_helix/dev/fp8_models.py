@@ -132,3 +132,75 @@ def fp8_kv_reference_greedy(path, prompts, max_new_tokens: int) -> list[SimpleNa
                 ids.append(token)
             out.append(SimpleNamespace(tokens=tokens, logprobs=logprobs, min_margin=margin))
     return out
+
+
+def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """An fp32 copy of block-fp8 checkpoint `src` in `dst`: every fp8 weight replaced by
+    fp8 * scale_inv, no quantization_config; tokenizer and other files copied. transformers loads
+    it on CPU (its fp8 loader needs a GPU): the fp32 reference of the fp8 weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.name not in ("model.safetensors", "config.json"):
+            shutil.copy2(item, dst / item.name)
+    tensors = load_file(src / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            tensor = block_dequantize(tensor, tensors[f"{name}_scale_inv"])
+        out[name] = tensor.float().contiguous()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return dst
+
+
+def fp8_latent_sensitivity(path, sequences, starts, *, eps: float = 2.0 ** -9, seeds: int = 4,
+                           top: int = 5) -> list[list[float]]:
+    """How far bf16-sized noise moves an MLA model's next-token logprobs once its KV latent is
+    rounded through float8_e4m3fn (as fp8 KV pages store it).
+
+    transformers fp32 on the unquantized checkpoint `path` (dequantize_checkpoint), the output of
+    every kv_a_layernorm (the latent) rounded through fp8; each attention output (o_proj's input)
+    multiplied by 1 + eps * N(0, 1) per element, `seeds` times. sequences[i]: token ids; returns,
+    per sequence, for each position p >= starts[i] - 1, the largest move of the noiseless top-`top`
+    next-token logprobs. Two correct implementations whose attention rounds differently (one rank
+    vs a KV-sharded merge, in bf16) can disagree by about this much at that position.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    noise = {"eps": 0.0}
+    for layer in model.model.layers:
+        layer.self_attn.kv_a_layernorm.register_forward_hook(
+            lambda mod, inp, out: out.to(torch.float8_e4m3fn).to(out.dtype))
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, args: (args[0] * (1 + noise["eps"] * torch.randn_like(args[0])),))
+    result = []
+    with torch.no_grad():
+        for ids, start in zip(sequences, starts):
+            def logprobs():
+                return torch.log_softmax(model(torch.tensor([list(ids)])).logits[0, start - 1:], -1)
+
+            noise["eps"] = 0.0
+            base = logprobs()
+            keep = base.topk(top, dim=-1).indices
+            worst = torch.zeros(keep.shape[0])
+            noise["eps"] = eps
+            for seed in range(seeds):
+                torch.manual_seed(seed)
+                moved = (logprobs() - base).gather(1, keep).abs().amax(-1)
+                worst = torch.maximum(worst, moved)
+            result.append(worst.tolist())
+    return result

@@ -84,3 +84,39 @@ def test_fp8_kinds_shard_on_128_blocks_at_tp2():
     for width in (gqa["head_dim"], per_rank(gqa["intermediate_size"]),
                   per_rank(gqa["num_attention_heads"] * gqa["head_dim"])):
         assert width % 128 == 0
+
+
+def test_dequantize_checkpoint_inverts_the_format(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src, dst = tmp_path / "fp8", tmp_path / "fp32"
+    src.mkdir()
+    w = torch.randn(130, 200)
+    save_file({"model.layers.0.mlp.down_proj.weight": w, "model.norm.weight": torch.ones(64)},
+              src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    (src / "tokenizer.json").write_text("{}")
+    fm.quantize_checkpoint(src)
+    q = load_file(src / "model.safetensors")
+    fm.dequantize_checkpoint(src, dst)
+    t = load_file(dst / "model.safetensors")
+    assert sorted(t) == ["model.layers.0.mlp.down_proj.weight", "model.norm.weight"]
+    expect = fm.block_dequantize(q["model.layers.0.mlp.down_proj.weight"],
+                                 q["model.layers.0.mlp.down_proj.weight_scale_inv"])
+    torch.testing.assert_close(t["model.layers.0.mlp.down_proj.weight"], expect, atol=0, rtol=0)
+    assert (t["model.layers.0.mlp.down_proj.weight"] - w).abs().max() <= w.abs().max() / 8
+    cfg = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["hidden_size"] == 64
+    assert (dst / "tokenizer.json").read_text() == "{}"
+
+
+def test_fp8_latent_sensitivity_is_zero_without_noise_and_moves_with_it(tmp_path):
+    from sglang_helix.dev.tiny_models import ensure_tiny_model
+
+    fp32 = fm.dequantize_checkpoint(ensure_tiny_model("mla-fp8", tmp_path / "cache"), tmp_path / "fp32")
+    seqs, starts = [[11, 5, 9, 13, 17, 21], [12, 14, 16]], [3, 1]  # no pad id (its value is 0)
+    quiet = fm.fp8_latent_sensitivity(fp32, seqs, starts, eps=0.0, seeds=2)
+    assert quiet == [[0.0] * 4, [0.0] * 3]  # same rounding, same logprobs, bit for bit
+    moved = fm.fp8_latent_sensitivity(fp32, seqs, starts, eps=2.0 ** -6, seeds=2)
+    assert [len(m) for m in moved] == [4, 3]
+    assert all(x > 0 for m in moved for x in m)

@@ -5,13 +5,15 @@ K=2), each at --tp-size 2 = KVP 2 x TPA 1, page size 4, chunked prefill 16 (late
 the fp8 pages of earlier ones), concurrent requests, and a follow-up request that hits the radix
 cache (extend over cached fp8 prefix pages).
 
-The reference. Helix off cannot be the reference here: SGLang 0.5.23's CPU engine refuses fp8 KV
-at start ("CPU FP8 KV cache is only supported for MHA" for MLA, "... requires Intel AMX support"
-for GQA on CPUs without AMX; pinned by tests/srt/test_memory.py against SGLang's own configure).
-So Helix on is compared with an independent reference: transformers' fp32 greedy on the same
+The reference. SGLang 0.5.23's own CPU engine refuses fp8 KV at start ("CPU FP8 KV cache is only
+supported for MHA" for MLA, "... requires Intel AMX support" for GQA on CPUs without AMX; pinned
+by tests/srt/test_memory.py against SGLang's own configure); Helix off runs it only through the
+plugin's CPU-engine fix (srt.cpu.fp8_kv_fix). So Helix on, and for MLA that Helix off too (the
+reference of tests/e2e/test_serve_fp8.py's fp8-weights + fp8-KV comparison), are each compared
+with an independent reference: transformers' fp32 greedy on the same
 weights with every cached key/value (GQA: k after RoPE and v; MLA: the normalized latent and the
 rotary k_pe) rounded through float8_e4m3fn where SGLang's pool stores it (the layer scales are 1
-for these unquantized checkpoints: x.to(fp8)). 2 server launches, one alive at a time.
+for these unquantized checkpoints: x.to(fp8)). 3 server launches, one alive at a time.
 
 /server_info: kv_cache_dtype is float8_e4m3fn and every byte count is 1 byte per element.
 """
@@ -46,6 +48,19 @@ MODELS = {  # kind -> Helix flags for TP 2 = KVP 2 x TPA 1
 ELEMS_PER_TOKEN_LAYER = {"mla": 56, "gqa": 64}
 
 
+def _check_against(server, prompts, references):
+    """The e2e prompts concurrently, then the follow-up (extend over cached fp8 prefix pages):
+    tokens equal to the fp8 reference's, logprobs within LOGPROB_TOL."""
+    main, follow_up = prompts
+    answers = ts.generate_concurrent(server.base_url, main, max_new_tokens=MAX_NEW, return_logprob=True)
+    follow = ts.generate(server.base_url, follow_up, max_new_tokens=MAX_NEW, return_logprob=True)
+    assert follow["meta_info"]["cached_tokens"] == SHARED // P * P
+    for answer, ref in zip([*answers, follow], references):
+        assert ts.output_ids(answer) == ref.tokens
+        got = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
+        assert all(math.isclose(g, r, abs_tol=LOGPROB_TOL) for g, r in zip(got, ref.logprobs))
+
+
 class _Fp8Case:
     kind = ""
 
@@ -70,20 +85,12 @@ class _Fp8Case:
         return refs
 
     def test_helix_on_matches_the_fp8_reference(self, model, prompts, references):
-        main, follow_up = prompts
         args = ["--page-size", str(P), "--chunked-prefill-size", str(CHUNK), "--kv-cache-dtype", "fp8_e4m3",
                 *MODELS[self.kind]]
         with ts.launch_server(model, args, tp=2, timeout=START_TIMEOUT_S) as server:
-            answers = ts.generate_concurrent(server.base_url, main, max_new_tokens=MAX_NEW,
-                                             return_logprob=True)
-            follow = ts.generate(server.base_url, follow_up, max_new_tokens=MAX_NEW, return_logprob=True)
+            _check_against(server, prompts, references)
             info = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
             log = server.log(10**7)
-        assert follow["meta_info"]["cached_tokens"] == SHARED // P * P  # extend over cached fp8 pages
-        for answer, ref in zip([*answers, follow], references):
-            assert ts.output_ids(answer) == ref.tokens
-            got = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
-            assert all(math.isclose(g, r, abs_tol=LOGPROB_TOL) for g, r in zip(got, ref.logprobs))
         pool = "HelixMLATokenToKVPool" if self.kind == "mla" else "HelixMHATokenToKVPool"
         assert pool in log and "Helix layout" in log
         # 1 byte per element: buffers = (local rows + padding page) x elements per token x layers
@@ -100,6 +107,14 @@ class _Fp8Case:
 
 class TestMla(_Fp8Case):
     kind = "mla"
+
+    def test_helix_off_matches_the_fp8_reference(self, model, prompts, references):
+        """Helix off with fp8 KV (the plugin's CPU-engine fix srt.cpu.fp8_kv_fix): the reference
+        the bf16 fp8-checkpoint comparisons of tests/e2e/test_serve_fp8.py are made against."""
+        args = ["--page-size", str(P), "--chunked-prefill-size", str(CHUNK), "--kv-cache-dtype", "fp8_e4m3"]
+        with ts.launch_server(model, args, tp=2, timeout=START_TIMEOUT_S) as server:
+            _check_against(server, prompts, references)
+            assert "Helix layout" not in server.log(10**7)
 
 
 class TestGqa(_Fp8Case):
