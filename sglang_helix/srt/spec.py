@@ -5,9 +5,12 @@ request's n drafts are an extend chunk over its committed tokens, causal among t
 the one prefill-over-a-sharded-prefix algorithm, core `extend.helix_extend`, runs them). NGRAM
 with `--speculative-ngram-max-bfs-breadth 1` matches chains, but its corpus pads a short match
 up to n tokens with token 0 nodes hanging off the *root* (`fillResult` in SGLang's
-`ngram_corpus/result.cpp`), i.e. a tree. Under Helix the AROUND hook below turns every request's
-[n, n] draft mask into the chain mask (lower triangular): the padding drafts become the chain's
-continuation instead of the root's siblings.
+`ngram_corpus/result.cpp`), i.e. a tree. Under Helix the AROUND hook below on the corpus lookup
+(`NgramCorpus.batch_get`, which NGRAMWorker._prepare_draft_tokens calls; hooked there rather than
+on the worker because the worker module imports sgl_kernel.speculative, absent off the CPU engine
+on a machine without a GPU build) turns every request's [n, n] draft mask into the chain mask
+(lower triangular): the padding drafts become the chain's continuation instead of the root's
+siblings.
 
 Lossless either way: greedy verification accepts draft i only if it equals the target's own
 argmax after drafts 0..i-1, and with the chain mask the target sees exactly those ancestors.
@@ -27,7 +30,7 @@ import numpy as np
 from . import state
 from .hooks import HookSpec
 
-PREPARE_DRAFTS_TARGET = "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens"
+BATCH_GET_TARGET = "sglang.srt.speculative.cpp_ngram.ngram_corpus.NgramCorpus.batch_get"
 
 
 def chain_mask(mask: np.ndarray, num_drafts: int) -> np.ndarray:
@@ -41,13 +44,13 @@ def chain_mask(mask: np.ndarray, num_drafts: int) -> np.ndarray:
     return np.broadcast_to(tril, (bs, n, n)).reshape(mask.shape).copy()
 
 
-def _around_prepare_draft_tokens(original: Callable, worker: Any, batch: Any) -> Any:
-    """NGRAMWorker._prepare_draft_tokens -> (draft tokens [B * n], mask [B * n * n]); with Helix on
-    the mask is replaced by the chain mask (module doc)."""
-    drafts, mask = original(worker, batch)
-    if state.config_of(worker.server_args) is None:
+def _around_batch_get(original: Callable, corpus: Any, *args: Any, **kwargs: Any) -> Any:
+    """NgramCorpus.batch_get -> (draft tokens [B * n], mask [B * n * n]); with Helix on in this
+    process (the published ServerArgs carry a HelixConfig) the mask becomes the chain mask."""
+    drafts, mask = original(corpus, *args, **kwargs)
+    if state.current_config() is None:
         return drafts, mask
-    return drafts, chain_mask(mask, worker.draft_token_num)
+    return drafts, chain_mask(mask, corpus.draft_token_num)
 
 
-SPEC_HOOKS = (HookSpec(PREPARE_DRAFTS_TARGET, "AROUND", _around_prepare_draft_tokens),)
+SPEC_HOOKS = (HookSpec(BATCH_GET_TARGET, "AROUND", _around_batch_get),)

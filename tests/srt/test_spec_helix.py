@@ -48,14 +48,13 @@ def test_chain_mask_turns_padding_siblings_into_a_chain():
     assert pos.tolist() == [5, 6, 7, 8] * 2  # draft i at position seq_len + i
 
 
-def test_prepare_draft_hook_only_with_helix():
+def test_batch_get_hook_only_with_helix(monkeypatch):
     n, mask = 2, ngram_mask([[-1, 0]], 2)
-    worker = SimpleNamespace(server_args=SimpleNamespace(), draft_token_num=n)
-    orig = lambda w, b: ("drafts", mask)
-    assert spec._around_prepare_draft_tokens(orig, worker, None)[1] is mask  # Helix off: unchanged
-    from sglang_helix.srt import state
-    setattr(worker.server_args, state.CONFIG_ATTR, object())
-    drafts, got = spec._around_prepare_draft_tokens(orig, worker, None)
+    corpus = SimpleNamespace(draft_token_num=n)
+    orig = lambda c, ids, tokens, lens: ("drafts", mask)
+    assert spec._around_batch_get(orig, corpus, ["r"], [[1]], [1])[1] is mask  # Helix off: unchanged
+    monkeypatch.setattr(spec.state, "current_config", lambda: object())
+    drafts, got = spec._around_batch_get(orig, corpus, ["r"], [[1]], [1])
     assert drafts == "drafts" and np.array_equal(got, np.tril(np.ones((2, 2), np.uint8)).reshape(-1))
 
 
