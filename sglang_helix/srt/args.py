@@ -20,8 +20,9 @@ defaults
 refusals (each message names the flag and the fix)
   KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
   --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1; --pp-size > 1;
-  --speculative-algorithm; --ep-size not dividing --tp-size and the routed experts; nvshmem off
-  CUDA; an attention backend or architecture without a Helix path; --helix-mla-exchange for GQA.
+  speculative decoding but NGRAM chains on GQA (srt.spec_rules); --ep-size not dividing --tp-size
+  and the experts; nvshmem off CUDA; an attention backend or architecture without a Helix path;
+  --helix-mla-exchange for GQA.
 
 The launch-level rules (default page size, page size and MLA weight dtype refusals, a whole
 launch line checked at once) are in srt.launch.
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import COMM_BACKENDS, DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES, HelixConfig, HelixConfigError
+from .spec_rules import check_speculative
 
 GROUP_TITLE = "Helix"
 GROUP_DESCRIPTION = (
@@ -203,6 +205,7 @@ class ServerLayout:
     ep_size: int = 1
     enable_prefill_cp: bool = False
     speculative_algorithm: str | None = None
+    speculative_ngram_max_bfs_breadth: int | None = None
     device: str | None = None
     attention_backend: str | None = None
     prefill_attention_backend: str | None = None
@@ -272,6 +275,7 @@ def resolve_helix_args(
     server = ServerLayout.of(server_args_like)
     check_server_compat(helix_args, server)
     _check_architecture(model_info)
+    check_speculative(server.speculative_algorithm, is_mla=model_info.is_mla)
     _check_attention_backends(server, model_info)
     _check_ep(server, model_info.num_experts)
     kvp, tpa = _resolve_sizes(helix_args, server.tp_size, model_info)
@@ -340,11 +344,7 @@ def _check_features(server: ServerLayout) -> None:
             f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
             "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)"
         )
-    if server.speculative_algorithm:
-        refuse(
-            f"--speculative-algorithm {server.speculative_algorithm}: speculative decoding is not "
-            "supported with Helix yet; drop --speculative-algorithm"
-        )
+    check_speculative(server.speculative_algorithm, breadth=server.speculative_ngram_max_bfs_breadth)
 
 
 def _check_device(helix: HelixServerArgs, server: ServerLayout) -> None:

@@ -143,6 +143,7 @@ _SERVER_FLAGS: tuple[tuple[tuple[str, ...], str, Any], ...] = (
     (("--ep-size", "--expert-parallel-size", "--ep"), "ep_size", int),
     (("--enable-prefill-cp",), "enable_prefill_cp", bool),
     (("--speculative-algorithm",), "speculative_algorithm", str),
+    (("--speculative-ngram-max-bfs-breadth",), "speculative_ngram_max_bfs_breadth", int),
     (("--kv-cache-dtype",), "kv_cache_dtype", str),
     (("--device",), "device", str),
     (("--attention-backend",), "attention_backend", str),
@@ -164,7 +165,7 @@ def check_chunked_prefill(chunked_prefill_size: int | None) -> None:
         )
 
 
-def decode_graph_blocker(cfg: HelixConfig, device: str) -> str | None:
+def decode_graph_blocker(cfg: HelixConfig, device: str, speculative: str | None = None) -> str | None:
     """Why Helix decode must run without CUDA graphs here, or None (SGLang may capture it).
 
     The helix backends plan each batch outside the graph into buffers allocated once and run
@@ -176,6 +177,9 @@ def decode_graph_blocker(cfg: HelixConfig, device: str) -> str | None:
     if cfg.hopb_slices > 1:
         return ("--helix-hopb-slices > 1 issues asynchronous collectives inside the step, whose "
                 "capture is not verified yet")
+    if speculative:
+        return (f"--speculative-algorithm {speculative}: the helix backend plans each target-verify "
+                "batch on the host (like an extend chunk)")
     if cfg.comm_backend == "nvshmem":
         return "--helix-comm-backend nvshmem (symmetric memory) capture is not verified yet"
     return None

@@ -68,7 +68,7 @@ def _cli_hooks() -> tuple[HookSpec, ...]:
 
 def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], ...]:
     """(name, specs) of every serving hook table; the CPU fixes only on the CPU engine."""
-    from . import info
+    from . import info, spec
     from .memory.hooks import POOL_HOOKS
     from .models.deepseek import MLA_HOOKS
     from .models.gqa import GQA_HOOKS
@@ -77,7 +77,8 @@ def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], .
               ("KV pool / allocator / capacity", POOL_HOOKS),
               ("GQA attention layers", GQA_HOOKS),
               ("DeepSeek MLA layers", MLA_HOOKS),
-              ("/server_info", info.INFO_HOOKS))
+              ("/server_info", info.INFO_HOOKS),
+              ("NGRAM chain drafts", spec.SPEC_HOOKS))
     if cpu_engine and mla_fix.cpu_mla_fix_wanted():
         tables += (("CPU absorbed-MLA fix", mla_fix.CPU_MLA_HOOKS),)
     if cpu_engine and moe_fix.cpu_moe_fix_wanted():

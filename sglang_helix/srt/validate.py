@@ -126,7 +126,7 @@ def graph_config(helix_cfg: Any, view: Any):
 
     config = with_phase(view.cuda_graph_config, Phase.PREFILL, backend=Backend.DISABLED)
     logger.info("sglang_helix: prefill CUDA graphs off: %s", PREFILL_GRAPH_REASON)
-    blocker = decode_graph_blocker(helix_cfg, view.device)
+    blocker = decode_graph_blocker(helix_cfg, view.device, getattr(view, "speculative_algorithm", None))
     if blocker is not None:
         config = with_phase(config, Phase.DECODE, backend=Backend.DISABLED)
         if str(view.device) == "cuda":

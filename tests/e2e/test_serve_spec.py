@@ -15,6 +15,13 @@ greedy answer must be token-identical to the server without speculative decoding
 answer's meta_info must show verify steps (spec_verify_ct) and, in round 2, accepted drafts
 (spec_num_correct_drafts, spec_accept_length). 2 server launches, one alive at a time.
 
+Helix on (TP 2 = KVP 2 x TPA 1, same page size): the same two rounds on a Helix server without
+speculative decoding and on one with the same NGRAM flags (chain drafts: breadth 1). Helix +
+NGRAM must be token-identical to Helix without it and to Helix off with NGRAM, show accepted
+drafts in round 2, and leave no KV behind: after /flush_cache every page of every KVP rank is
+free again (/server_info; the scheduler's own idle leak check runs under Helix as well). 2 more
+launches (4 in all), one alive at a time.
+
 `--speculative-ngram-capacity 100000` (SGLang's default: 10 million): with the default capacity
 and the harness's `--mem-fraction-static 0.05` SGLang 0.5.23 refused to start here ("Loaded weights
 leave no GPU memory for the KV cache under --mem-fraction-static=0.05 ... minimum viable ...
@@ -23,6 +30,8 @@ host's free memory).
 """
 
 from __future__ import annotations
+
+import urllib.request
 
 import pytest
 from helpers import E2E_PROMPT_TEXTS, e2e_marks
@@ -52,11 +61,26 @@ def prompts(model):
     return [tok.encode(text) for text in E2E_PROMPT_TEXTS] + [[40, 41, 42, 43, 44, 45] * 5]
 
 
-def _serve(model, prompts, extra):
+HELIX = ["--enable-helix", "--helix-kvp-size", "2", "--helix-tpa-size", "1"]
+
+
+def _serve(model, prompts, extra, tp=1):
     """Both rounds on one server: [round 1 answers, round 2 answers]."""
-    with ts.launch_server(model, [*COMMON, *extra], tp=1, timeout=START_TIMEOUT_S) as server:
+    with ts.launch_server(model, [*COMMON, *extra], tp=tp, timeout=START_TIMEOUT_S) as server:
         return [ts.generate_concurrent(server.base_url, prompts, max_new_tokens=MAX_NEW)
                 for _ in range(2)]
+
+
+def _serve_helix(model, prompts, extra):
+    """Both rounds on a Helix TP 2 server, then /flush_cache: (answers, per-KVP-rank pages)."""
+    with ts.launch_server(model, [*COMMON, *HELIX, *extra], tp=2, timeout=START_TIMEOUT_S) as server:
+        answers = [ts.generate_concurrent(server.base_url, prompts, max_new_tokens=MAX_NEW)
+                   for _ in range(2)]
+        req = urllib.request.Request(server.base_url + "/flush_cache", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200
+        info = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
+        return answers, info["per_kvp_rank"]
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +115,34 @@ def test_drafts_were_verified_and_accepted(spec):
         assert meta["spec_verify_ct"] < MAX_NEW - 1
     assert histogram[0] > 0 and histogram[DRAFTS - 1] > 0  # zero and full accepts
     assert sum(histogram[1:DRAFTS - 1]) > 0  # partial accepts
+
+
+@pytest.fixture(scope="module")
+def helix_plain(model, prompts, spec):  # after `spec`: one server alive at a time
+    return _serve_helix(model, prompts, [])
+
+
+@pytest.fixture(scope="module")
+def helix_spec(model, prompts, helix_plain):
+    return _serve_helix(model, prompts, NGRAM)
+
+
+def test_helix_ngram_is_lossless(plain, spec, helix_plain, helix_spec):
+    """Helix + NGRAM == Helix without NGRAM == Helix off with NGRAM (== Helix off without)."""
+    for r in range(2):
+        for i, want in enumerate(helix_plain[0][r]):
+            want_ids = ts.output_ids(want)
+            assert len(want_ids) == MAX_NEW
+            assert ts.output_ids(helix_spec[0][r][i]) == want_ids
+            assert ts.output_ids(spec[r][i]) == want_ids
+            assert ts.output_ids(plain[r][i]) == want_ids
+
+
+def test_helix_ngram_accepts_drafts_and_frees_every_page(helix_plain, helix_spec):
+    for answer in helix_spec[0][1]:  # round 2: the corpus holds round 1's continuations
+        meta = answer["meta_info"]
+        assert meta["spec_num_correct_drafts"] > 0 and meta["spec_accept_length"] > 1.5, meta
+        assert meta["spec_verify_ct"] < MAX_NEW - 1
+    for _, ranks in (helix_plain, helix_spec):
+        assert len(ranks) == 2
+        assert all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks

@@ -267,8 +267,30 @@ def test_refuse_attn_cp_and_attn_dp():
     refused(r"--attn-dp-size 2", helix(), server(attn_dp_size=2))
 
 
-def test_refuse_speculative():
-    refused(r"--speculative-algorithm EAGLE", helix(), server(speculative_algorithm="EAGLE"))
+@pytest.mark.parametrize("algo", ["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "DFLASH"])
+def test_refuse_speculative_other_than_ngram(algo):
+    refused(rf"--speculative-algorithm {algo}: with Helix only NGRAM .*--speculative-algorithm NGRAM",
+            helix(), server(speculative_algorithm=algo))
+
+
+def test_ngram_chain_drafts_accepted_for_gqa():
+    srv = server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1)
+    assert resolve_helix_args(helix(), srv, LLAMA) is not None
+    # planner / launch lines: breadth not given is not known yet (SGLang resolves its default)
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM"]
+    assert check_launch(helix(), layout_from_argv(argv), LLAMA) is not None
+
+
+def test_refuse_ngram_trees_and_mla():
+    # SGLang's resolved default breadth is 10: a draft tree
+    refused(r"--speculative-ngram-max-bfs-breadth 10: Helix verifies chain drafts only.*"
+            r"--speculative-ngram-max-bfs-breadth 1", helix(),
+            server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=10))
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "2"]
+    with pytest.raises(HelixConfigError, match=r"--speculative-ngram-max-bfs-breadth 2"):
+        check_launch(helix(), layout_from_argv(argv), LLAMA)
+    refused(r"--speculative-algorithm NGRAM with an MLA model.*drop --speculative-algorithm", helix(),
+            server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1), model=DSV3)
 
 
 def test_refuse_pipeline_parallel():
@@ -424,6 +446,7 @@ def test_decode_graph_blockers():
     assert "CUDA only" in decode_graph_blocker(HelixConfig(**base), "cpu")
     assert "--helix-hopb-slices" in decode_graph_blocker(HelixConfig(**base, hopb_slices=2), "cuda")
     assert "nvshmem" in decode_graph_blocker(HelixConfig(**base, comm_backend="nvshmem"), "cuda")
+    assert "target-verify" in decode_graph_blocker(HelixConfig(**base), "cuda", "NGRAM")
 
 
 @pytest.mark.parametrize("size, ok", [(None, True), (16, True), (8192, True), (0, False), (-1, False)])

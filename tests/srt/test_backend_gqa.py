@@ -5,7 +5,8 @@ HelixAttnBackend with its KVP group from create_kvp_groups, prefills a ragged ba
 forward_extend, decodes several steps (crossing page boundaries, staggered append) through
 init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
 page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
-chunk's causal attention). Every output is compared with fp32 full attention over
+chunk's causal attention), then verifies chain drafts (a TARGET_VERIFY batch: each request's n
+drafts attend its committed tokens and the drafts before them; a draft tree is refused). Every output is compared with fp32 full attention over
 the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N). One run stores fp8_e4m3 pages
 with per-tensor k/v scales: its reference attends every key and value as the pool stores and the
 kernels read them (x / scale through fp8, times scale), the chunk's own tokens included.
@@ -37,11 +38,14 @@ def _as_read(x, scale, fp8: bool):
 
 
 class _Mode:
-    def __init__(self, decode: bool):
-        self.decode = decode
+    def __init__(self, decode: bool, verify: bool = False):
+        self.decode, self.verify = decode, verify
 
     def is_decode(self) -> bool:
         return self.decode
+
+    def is_target_verify(self) -> bool:
+        return self.verify
 
     def is_idle(self) -> bool:
         return False
@@ -127,6 +131,8 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int, fp8: bool = False):
             errs.append(float((out[i] - ref).abs().max()))
     dec_shape = tuple(out.shape)
     errs.append(_extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv))
+    errs.append(_verify_chain(backend, alloc, r2t, lens + torch.tensor(NEW), keys, vals, g, cfg, rank,
+                              layer, rk, rv))
     return max(errs), dec_shape
 
 
@@ -161,7 +167,52 @@ def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, lay
             stop = int(lens[i]) + t + 1
             ref = _full(qn[start + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
             errs.append(float((out[start + t] - ref).abs().max()))
+        keys[i], vals[i] = torch.cat([keys[i], kn[start : start + n]]), torch.cat([vals[i], vn[start : start + n]])
         start += n
+    return max(errs)
+
+
+DRAFTS = 3
+
+
+def _verify_chain(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv) -> float:
+    """A TARGET_VERIFY batch of DRAFTS chain drafts per request over its committed `lens` tokens
+    (slots allocated ahead, as SGLang's spec decode does); then a draft tree is refused."""
+    import pytest as _pytest
+
+    from sglang_helix.config import HelixConfigError
+
+    n, bs = DRAFTS, len(lens)
+    req_idx = torch.arange(bs)
+    locs = alloc.alloc_extend(lens, lens, lens + n, lens + n, r2t[req_idx, lens - 1].to(torch.int64), bs * n)
+    for i in range(bs):
+        r2t[i, int(lens[i]) : int(lens[i]) + n] = locs[i * n : (i + 1) * n].to(torch.int32)
+    nxt = torch.tensor([1, 2, -1]).repeat(bs, 1)
+    spec = SimpleNamespace(draft_token_num=n, retrieve_next_token=nxt,
+                           retrieve_next_sibling=torch.full((bs, n), -1))
+    batch = SimpleNamespace(forward_mode=_Mode(False, verify=True), out_cache_loc=locs, seq_lens=lens.clone(),
+                            seq_lens_cpu=lens.clone(), req_pool_indices=req_idx, spec_info=spec)
+    backend.init_forward_metadata(batch)
+    qn = torch.randn(bs * n, H, D, generator=g)
+    kn, vn = torch.randn(bs * n, K, D, generator=g), torch.randn(bs * n, K, DV, generator=g)
+    tpa_rank, world = cfg.tpa_rank(rank), cfg.world_size
+    q_heads = slice(tpa_rank * H // cfg.tpa, (tpa_rank + 1) * H // cfg.tpa)
+    kv_heads = slice(tpa_rank * K // cfg.tpa, (tpa_rank + 1) * K // cfg.tpa)
+    out = backend.forward_extend(qn[:, q_heads].reshape(len(qn), -1), kn[:, kv_heads], vn[:, kv_heads],
+                                 layer, batch).view(len(qn), -1, DV)
+    heads, group, errs = slice(rank * H // world, (rank + 1) * H // world), H // K, []
+    for i in range(bs):
+        rows = slice(i * n, (i + 1) * n)
+        k_all = rk(torch.cat([keys[i], kn[rows]])).repeat_interleave(group, 1)[:, heads]
+        v_all = rv(torch.cat([vals[i], vn[rows]])).repeat_interleave(group, 1)[:, heads]
+        for t in range(n):
+            stop = int(lens[i]) + t + 1
+            ref = _full(qn[i * n + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
+            errs.append(float((out[i * n + t] - ref).abs().max()))
+    spec.retrieve_next_token = torch.tensor([1, -1, -1]).repeat(bs, 1)  # root -> {1, 2}: a tree
+    spec.retrieve_next_sibling = torch.tensor([-1, 2, -1]).repeat(bs, 1)
+    with _pytest.raises(HelixConfigError, match="chain drafts only"):
+        backend.init_forward_metadata(batch)
     return max(errs)
 
 

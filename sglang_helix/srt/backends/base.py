@@ -114,8 +114,28 @@ class HelixBackendBase(_attention_backend_base()):
             self.extend_plan = None
             self._plan_decode(forward_batch)
         else:
-            self.extend_plan = self._plan_extend(forward_batch)
+            self.extend_plan = self._plan_batch(forward_batch)
             self._planned = forward_batch
+
+    def _plan_batch(self, forward_batch: Any) -> ExtendPlan:
+        """The ExtendPlan of an extend or a speculative TARGET_VERIFY batch."""
+        if forward_batch.forward_mode.is_target_verify():
+            return self._plan_verify(forward_batch)
+        return self._plan_extend(forward_batch)
+
+    def _plan_verify(self, forward_batch: Any) -> ExtendPlan:
+        """TARGET_VERIFY: each request's n draft tokens are an extend chunk over its committed
+        seq_lens tokens (the cached prefix), causal among themselves: exact for chain drafts
+        (draft i's ancestors are drafts 0..i-1), which `check_chain_drafts` makes sure of."""
+        spec = forward_batch.spec_info
+        n = int(spec.draft_token_num)
+        check_chain_drafts(spec.retrieve_next_token, spec.retrieve_next_sibling, n)
+        prefix = forward_batch.seq_lens_cpu
+        prefix = prefix if prefix is not None else forward_batch.seq_lens.cpu()
+        return plan_extend(
+            (n,) * len(prefix), prefix, self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
+            local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device),
+                                                         int(max(prefix, default=0))))
 
     def _plan_decode(self, forward_batch: Any) -> None:
         seq_lens = forward_batch.seq_lens
@@ -185,7 +205,7 @@ class HelixBackendBase(_attention_backend_base()):
         rank's partial over its pages of the cached prefix (core extend.helix_extend).
         """
         if self.extend_plan is None or self._planned is not forward_batch:  # not planned by a wrapper
-            self.extend_plan, self._planned = self._plan_extend(forward_batch), forward_batch
+            self.extend_plan, self._planned = self._plan_batch(forward_batch), forward_batch
         plan = self.extend_plan
         if save_kv_cache and k is not None:
             self._store(k, v, layer, forward_batch)
@@ -235,6 +255,19 @@ class HelixBackendBase(_attention_backend_base()):
 
     def support_triton(self):
         return False
+
+
+def check_chain_drafts(next_token: torch.Tensor, next_sibling: torch.Tensor, n: int) -> None:
+    """Refuse draft trees: next_token / next_sibling [B, n] are the verify tree's links (SGLang's
+    retrieve_next_token / retrieve_next_sibling); a chain has draft i -> i + 1 and no siblings.
+    One host sync per verify batch (at plan time, not per layer)."""
+    chain = torch.arange(1, n + 1, device=next_token.device)
+    chain[-1] = -1
+    if not (bool((next_sibling == -1).all()) and bool((next_token == chain).all())):
+        raise HelixConfigError(
+            "Helix: the helix backend verifies chain drafts only (each draft the child of the one "
+            "before), but this TARGET_VERIFY batch holds a draft tree; use "
+            "--speculative-ngram-max-bfs-breadth 1 (NGRAM; the plugin turns its drafts into chains)")
 
 
 def rank_and_group(cfg: HelixConfig, rank: Optional[int], kvp_group):

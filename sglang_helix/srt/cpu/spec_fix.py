@@ -34,6 +34,8 @@ What, on the CPU engine only (srt.plugin `serving_hooks`; never installed on GPU
   of the draft queries over the request's cached prefix plus its drafts under the draft tree's
   mask (the prefix fully visible, the tree mask among the drafts, sliding windows by position),
   storing the drafts' KV first as every other path does; all other batches go to SGLang unchanged;
+- an AROUND hook on `mem_cache.allocation.get_last_loc`: CPU tensors take SGLang's torch version
+  (its Triton one is picked whenever the backends are not torch_native, e.g. Helix's "helix");
 - an AROUND hook on `MHATokenToKVPool._init_kv_copy_and_warmup` (run when speculative decoding
   asks the pool for KV moves; its warm-up already calls the absent copy op): the pool is set to
   SGLang's own torch move instead (`move_kv_cache_native`, its `SGLANG_NATIVE_MOVE_KV_CACHE` branch).
@@ -58,6 +60,7 @@ REQ_TO_TOKEN_TARGET = "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_
 ACCEPT_LOCS_TARGET = f"{SPEC_OPS}.eagle.fill_accept_out_cache_loc_cpu"
 EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
 KV_COPY_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
+LAST_LOC_TARGET = "sglang.srt.mem_cache.allocation.get_last_loc"
 
 
 class CpuSpecError(NotImplementedError):
@@ -253,6 +256,19 @@ def _around_init_kv_copy(original: Callable, pool: Any, *args: Any, **kwargs: An
     pool.use_native_move_kv_cache = True
 
 
+def _around_get_last_loc(original: Callable, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                         prefix_lens: torch.Tensor) -> torch.Tensor:
+    """CPU tensors: SGLang's own torch `get_last_loc_torch` (same result). SGLang picks its Triton
+    kernel unless the prefill and decode backends are torch_native / ascend, and with Helix they
+    are "helix", so the speculative decode allocation (`alloc_for_spec_decode`) died on CPU in
+    Triton ("0 active drivers")."""
+    if req_to_token.device.type != "cpu":
+        return original(req_to_token, req_pool_indices, prefix_lens)
+    from sglang.srt.mem_cache.allocation import get_last_loc_torch
+
+    return get_last_loc_torch(req_to_token, req_pool_indices, prefix_lens)
+
+
 CPU_SPEC_HOOKS = (
     HookSpec(RECONSTRUCT_TARGET, "REPLACE", reconstruct_indices_from_tree_mask),
     HookSpec(VERIFY_TARGET, "REPLACE", verify_tree_greedy_cpu),
@@ -261,4 +277,5 @@ CPU_SPEC_HOOKS = (
     HookSpec(ACCEPT_LOCS_TARGET, "REPLACE", fill_accept_out_cache_loc_cpu),
     HookSpec(EXTEND_TARGET, "AROUND", _around_forward_extend),
     HookSpec(KV_COPY_TARGET, "AROUND", _around_init_kv_copy),
+    HookSpec(LAST_LOC_TARGET, "AROUND", _around_get_last_loc),
 )

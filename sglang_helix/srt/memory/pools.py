@@ -20,7 +20,8 @@ import torch
 
 from ...errors import HelixError
 from ...kernels import kv_quant
-from ...sharding import colored_page_id_to_slot, local_page_table, local_pool_tokens, local_seq_len, page_owner, pages_per_color
+from ...sharding import (colored_page_id_to_slot, kv_move_is_local, local_page_table, local_pool_tokens,
+                         local_seq_len, page_owner, pages_per_color)
 
 
 class HelixPoolError(HelixError):
@@ -143,6 +144,22 @@ class HelixMHATokenToKVPool(_HelixPoolMixin, _mha_base()):
         rows, _ = self.local_rows(loc)
         cache_k, cache_v = self._scaled(cache_k, k_scale), self._scaled(cache_v, v_scale)
         super().set_kv_buffer(layer, rows, cache_k, cache_v, None, None, layer_id_override)
+
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+        """Speculative accept: KV of logical locs src_loc [n] -> tgt_loc [n], every layer.
+
+        Only moves within one KVP rank exist here (chain drafts: an accepted draft already sits at
+        its own position, tgt == src); a move across page colors would need the KV of another
+        rank and is refused (tree drafts; srt.validate refuses them at launch)."""
+        if not bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
+            self._refuse("move_kv_cache across KVP ranks", "use chain drafts "
+                         "(--speculative-ngram-max-bfs-breadth 1)")
+        tgt, owned = self.local_rows(tgt_loc)
+        src, _ = self.local_rows(src_loc)
+        tgt, src = tgt[owned], src[owned]
+        for k, v in zip(self.k_buffer, self.v_buffer):
+            k[tgt] = k[src]
+            v[tgt] = v[src]
 
     def get_paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k [slots, P, K/TPA, D], v [slots, P, K/TPA, Dv]) views for paged partial attention."""

@@ -1,0 +1,63 @@
+"""Helix on + NGRAM: the drafter's chain masks (srt.spec) and the helix backend's verify plan
+(srt.backends.base: chain check, TARGET_VERIFY planned as an extend over the committed tokens)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_helix.config import HelixConfigError
+from sglang_helix.srt import spec
+from sglang_helix.srt.backends.base import check_chain_drafts
+from sglang_helix.srt.cpu.spec_fix import reconstruct_indices_from_tree_mask
+
+
+def ngram_mask(prevs_per_req, n):
+    """SGLang's fillResult mask from parent lists (prev -1: root; padding nodes have prev 0)."""
+    out = []
+    for prevs in prevs_per_req:
+        m = np.zeros((n, n), dtype=np.uint8)
+        for i, p in enumerate(prevs):
+            if p != -1:
+                m[i, : p + 1] = m[p, : p + 1]
+            m[i, i] = 1
+        out.append(m)
+    return np.stack(out).reshape(-1)
+
+
+def links(mask, bs, n):
+    t = lambda *s: torch.empty(*s, dtype=torch.int64)
+    pos, idx, nxt, sib = t(bs * n), t(bs, n), t(bs, n), t(bs, n)
+    reconstruct_indices_from_tree_mask(torch.from_numpy(mask.astype(bool)), torch.tensor([5] * bs),
+                                       pos, idx, nxt, sib, bs, n)
+    return pos, nxt, sib
+
+
+def test_chain_mask_turns_padding_siblings_into_a_chain():
+    n = 4
+    # request 0: one real draft, two padding nodes under the root; request 1: a full chain
+    mask = ngram_mask([[-1, 0, 0, 0], [-1, 0, 1, 2]], n)
+    with pytest.raises(HelixConfigError, match="chain drafts only.*bfs-breadth 1"):
+        check_chain_drafts(*links(mask, 2, n)[1:], n)
+    chain = spec.chain_mask(mask, n)
+    assert chain.dtype == mask.dtype and chain.shape == mask.shape
+    assert np.array_equal(chain.reshape(2, n, n)[1], mask.reshape(2, n, n)[1])  # chains unchanged
+    pos, nxt, sib = links(chain, 2, n)
+    check_chain_drafts(nxt, sib, n)
+    assert pos.tolist() == [5, 6, 7, 8] * 2  # draft i at position seq_len + i
+
+
+def test_batch_get_hook_only_with_helix(monkeypatch):
+    n, mask = 2, ngram_mask([[-1, 0]], 2)
+    corpus = SimpleNamespace(draft_token_num=n)
+    orig = lambda c, ids, tokens, lens: ("drafts", mask)
+    assert spec._around_batch_get(orig, corpus, ["r"], [[1]], [1])[1] is mask  # Helix off: unchanged
+    monkeypatch.setattr(spec.state, "current_config", lambda: object())
+    drafts, got = spec._around_batch_get(orig, corpus, ["r"], [[1]], [1])
+    assert drafts == "drafts" and np.array_equal(got, np.tril(np.ones((2, 2), np.uint8)).reshape(-1))
+
+
+def test_chain_mask_refuses_a_bad_layout():
+    with pytest.raises(ValueError, match=r"not \[B, 3, 3\]"):
+        spec.chain_mask(np.ones(10, dtype=np.uint8), 3)
