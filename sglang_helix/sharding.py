@@ -226,24 +226,7 @@ def color_counts(page_index: torch.Tensor, kvp: int) -> list[int]:
     return torch.bincount(page_owner(page_index, kvp), minlength=kvp).tolist()
 
 
-# ---- speculative verify (draft windows, KV moves) -----------------------------------------
-
-
-def loc_owner(loc: IntLike, page_size: int, kvp: int) -> IntLike:
-    """KVP rank storing logical KV loc `loc` of a colored allocator: the color of its page id."""
-    _check_kvp_page(page_size, kvp)
-    return (loc // page_size) % kvp
-
-
-def draft_owners(seq_lens: torch.Tensor, num_drafts: int, page_size: int, kvp: int) -> torch.Tensor:
-    """[B, n] KVP rank storing draft i of request b: the owner of position seq_lens[b] + i.
-
-    A verify step writes its n draft tokens at the positions right after the committed
-    seq_lens [B]; their slots keep the staggered-append owners of those positions.
-    """
-    pos = seq_lens.to(torch.int64)[:, None] + torch.arange(num_drafts, dtype=torch.int64,
-                                                           device=seq_lens.device)
-    return token_owner(pos, page_size, kvp)
+# ---- speculative verify (KV moves) -----------------------------------------------------
 
 
 def kv_move_is_local(tgt_loc: torch.Tensor, src_loc: torch.Tensor, page_size: int,
@@ -253,5 +236,6 @@ def kv_move_is_local(tgt_loc: torch.Tensor, src_loc: torch.Tensor, page_size: in
     Moves between ranks would need a collective; chain drafts never make one (an accepted draft
     already sits at its own position, tgt == src).
     """
-    return loc_owner(tgt_loc.to(torch.int64), page_size, kvp) == loc_owner(src_loc.to(torch.int64),
-                                                                           page_size, kvp)
+    # a colored allocator's logical loc has its page id's color, i.e. token_owner of the loc
+    return token_owner(tgt_loc.to(torch.int64), page_size, kvp) == token_owner(src_loc.to(torch.int64),
+                                                                               page_size, kvp)

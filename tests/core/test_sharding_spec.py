@@ -1,5 +1,5 @@
-"""Property tests of the speculative-verify index math (sharding.loc_owner, draft_owners,
-kv_move_is_local): draft slots keep their positions' owners, chain accepts never move KV
+"""Property tests of the speculative-verify index math (sharding.token_owner of draft positions
+and of colored locs, kv_move_is_local): draft slots keep their positions' owners, chain accepts never move KV
 between ranks, the staggered append stays balanced over verify steps of any accept length."""
 
 import torch
@@ -31,9 +31,9 @@ def colored_locs(seq_len: int, page_size: int, kvp: int, seed: int) -> torch.Ten
 @settings(max_examples=150, deadline=None)
 def test_draft_slots_keep_their_positions_owner(seq, n, page_size, kvp, seed):
     locs = colored_locs(seq + n, page_size, kvp, seed)
-    owners = layout.draft_owners(torch.tensor([seq]), n, page_size, kvp)[0]
+    owners = layout.token_owner(seq + torch.arange(n), page_size, kvp)
     assert owners.tolist() == [layout.token_owner(seq + i, page_size, kvp) for i in range(n)]
-    assert torch.equal(layout.loc_owner(locs[seq:], page_size, kvp), owners)
+    assert torch.equal(layout.token_owner(locs[seq:], page_size, kvp), owners)
 
 
 @given(seq=st.integers(0, 500), n=st.integers(1, 12), page_size=PAGE, kvp=KVP,
@@ -60,7 +60,7 @@ def test_verify_steps_keep_the_staggered_append_balanced(start, n, page_size, kv
     seq = start
     for a in accepts:
         a = min(a, n)  # accepted drafts incl. the root, at most the window
-        owners = layout.draft_owners(torch.tensor([seq]), n, page_size, kvp)[0, :a]
+        owners = layout.token_owner(seq + torch.arange(n), page_size, kvp)[:a]
         before = [layout.local_seq_len(seq, r, page_size, kvp) for r in range(kvp)]
         seq += a
         after = [layout.local_seq_len(seq, r, page_size, kvp) for r in range(kvp)]
