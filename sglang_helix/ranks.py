@@ -93,8 +93,22 @@ def _rank_main(fn, rank, world_size, args, init_method, workdir, timeout, thread
     path = os.path.join(workdir, f"result_{rank}.pt")
     torch.save(result, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: the parent never reads a half-written file
-    if result[0] == "error":
-        raise SystemExit(1)
+    _exit_now(1 if result[0] == "error" else 0)
+
+
+def _exit_now(code: int) -> None:
+    """Leave without interpreter finalization, as fork-started children always do.
+
+    The result is already on disk and the process groups are destroyed. A spawn child otherwise
+    runs full finalization, where C++ teardown of libraries the rank imported (gloo worker threads
+    still referencing tensors, see pytorch/pytorch#179291) can SIGABRT ("terminate called without
+    an active exception") at random, long after fn finished: CI saw one such exit code -6.
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _join_all(procs, timeout: float) -> set[int]:
