@@ -88,6 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -593,14 +594,23 @@ def _server_warmup(base_url: str, vocab: int) -> None:
         raise ServingCompareError(f"warm-up request returned {len(got)} tokens, expected 8")
 
 
-def _flush_and_count(base_url: str) -> tuple[int, int] | None:
-    """POST /flush_cache (idle server: its speculative counters restart at 0), then read them."""
+def _flush_and_count(base_url: str, timeout_s: float = 60.0) -> tuple[int, int] | None:
+    """POST /flush_cache until the server takes it, then read its speculative counters (an idle
+    flush restarts them at 0). SGLang answers 400 while a request is still in the scheduler,
+    which happens for a moment after the previous answer came back (seen after the warm-up)."""
     from sglang_helix.dev.server import request_json
 
-    req = urllib.request.Request(base_url + "/flush_cache", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        if resp.status != 200:
-            raise ServingCompareError(f"/flush_cache answered HTTP {resp.status}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = urllib.request.Request(base_url + "/flush_cache", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60):
+                break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or time.monotonic() > deadline:
+                raise ServingCompareError(f"/flush_cache answered HTTP {exc.code} "
+                                          f"(server not idle after {timeout_s:.0f} s?)") from exc
+        time.sleep(0.5)
     return spec_counts(request_json(base_url + "/server_info"))
 
 

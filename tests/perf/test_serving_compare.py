@@ -427,3 +427,37 @@ def test_repetitive_prompt_set_repeats_one_phrase_after_distinct_indices(tmp_pat
         sc.write_local_sharegpt(tmp_path / "x.json", prompt_set="sharegpt")
     with pytest.raises(ValueError):
         sc.write_local_sharegpt(tmp_path / "x.json", n=1001, prompt_set="repetitive")
+
+
+def test_flush_and_count_retries_while_the_server_is_busy():
+    """SGLang answers /flush_cache with 400 while a request is still in its scheduler."""
+    import http.server
+    import threading
+
+    answers = [400, 400, 200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(answers.pop(0))
+            self.end_headers()
+
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"internal_states": [{"helix": {"spec": {
+                "verify_steps": 0, "accept_tokens": 0, "avg_accept_length": None}}}]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert sc._flush_and_count(url) == (0, 0) and answers == []
+        answers.extend([400] * 100)
+        with pytest.raises(sc.ServingCompareError, match="HTTP 400"):
+            sc._flush_and_count(url, timeout_s=0.0)
+    finally:
+        server.shutdown()
