@@ -10,6 +10,26 @@ tp 2 with the same page size and the same per-rank KV budget:
     helix-a2a        --enable-helix --helix-kvp-size 2 --helix-tpa-size 1 --helix-comm-backend a2a
     helix-ag_rs      the same with --helix-comm-backend ag_rs
     helix-a2a-hopb2  helix-a2a with --helix-hopb-slices 2 (HOP-B on; helix-a2a is HOP-B off)
+    helix-a2a-ngram  helix-a2a with NGRAM speculative decoding (chain drafts, the flags of
+                     tests/e2e/test_serve_spec.py): --speculative-algorithm NGRAM
+                     --speculative-num-draft-tokens 4 --speculative-ngram-max-bfs-breadth 1
+                     --speculative-ngram-capacity 100000 (GQA only: --model gqa; not in the
+                     default --configs)
+
+`--model gqa` serves the tiny Llama GQA model instead (8 query heads, 2 KV heads, head dim 16,
+4 layers, random weights). Its per-rank KV rows differ between layouts: plain TP 2 keeps one KV
+head per rank for every token, Helix KVP 2 x TPA 1 both KV heads for half of the pages, so the
+same per-rank bytes hold half as many rows on a Helix rank (the KV columns account for it).
+
+`--prompt-set repetitive`: every prompt is a 3-digit index followed by one shared phrase of 4-8
+words repeated to L tokens (distinct first tokens: no radix-cache reuse), so n-gram drafts can hit
+even with random weights (on what earlier requests generated after the same text); `random` (the
+default) samples 60-160 words per text.
+
+Acceptance length (accept_len, NGRAM configs): tokens committed per verified request-step in one
+measured run, from the plugin's /server_info counters (internal_states[0]["helix"]["spec"], read
+after a /flush_cache before the run, which restarts them, and after the run); empty for configs
+without speculative decoding.
 
 Each server is reused for every context length L and concurrency C; for each (L, C) this runs
 
@@ -44,6 +64,8 @@ clients are killed on exit, on error, on Ctrl-C and on SIGTERM.
     python benchmarks/serving_compare.py --quick          # smoke run: L 512, 1024; ~6 min on 2 cores
     python benchmarks/serving_compare.py                  # the run in docs/results.md
     python benchmarks/serving_compare.py --context-lens 4096 16384 65536 --kv-budget-tokens 139264
+    python benchmarks/serving_compare.py --model gqa --configs helix-a2a helix-a2a-ngram \
+        --prompt-set repetitive --context-lens 1024 --concurrency 1 --waves 4 --output-len 64
 
 Outputs (default docs/results/, --quick: benchmarks/out/): serving_compare.csv (with '#' comment
 lines: command, machine, date) and serving_compare.png (per context: tok/s/user vs output tok/s,
@@ -66,6 +88,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -85,7 +109,7 @@ CSV_FIELDS = (
     "config", "context_len", "concurrency", "num_prompts", "output_len",
     "ttft_mean_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
     "output_tok_s", "tok_s_user", "kv_bytes_per_request_per_rank", "kv_pool_bytes_per_rank",
-    "max_concurrency_in_budget", "duration_s",
+    "max_concurrency_in_budget", "duration_s", "accept_len",
 )
 # Keys of sglang.benchmark.serving's --output-file JSON (0.5.23) -> our columns.
 METRIC_KEYS = {
@@ -110,16 +134,27 @@ class ServerConfig:
     kvp: int = 1
     comm: str = "a2a"
     hopb_slices: int = 1
+    ngram: bool = False
 
     @property
     def helix(self) -> bool:
         return self.kvp > 1
 
     def server_args(self) -> list[str]:
+        spec = list(NGRAM_ARGS) if self.ngram else []
         if not self.helix:
-            return []
+            return spec
         return ["--enable-helix", "--helix-kvp-size", str(self.kvp), "--helix-tpa-size", "1",
-                "--helix-comm-backend", self.comm, "--helix-hopb-slices", str(self.hopb_slices)]
+                "--helix-comm-backend", self.comm, "--helix-hopb-slices", str(self.hopb_slices),
+                *spec]
+
+
+# NGRAM chain drafts as tests/e2e/test_serve_spec.py runs them: Helix verifies chains only
+# (breadth 1); SGLang's default corpus capacity (10M) did not fit --mem-fraction-static 0.05.
+NGRAM_DRAFT_TOKENS = 4
+NGRAM_ARGS = ("--speculative-algorithm", "NGRAM",
+              "--speculative-num-draft-tokens", str(NGRAM_DRAFT_TOKENS),
+              "--speculative-ngram-max-bfs-breadth", "1", "--speculative-ngram-capacity", "100000")
 
 
 CONFIGS: dict[str, ServerConfig] = {
@@ -128,8 +163,17 @@ CONFIGS: dict[str, ServerConfig] = {
         ServerConfig("helix-a2a", KVP, "a2a", 1),
         ServerConfig("helix-ag_rs", KVP, "ag_rs", 1),
         ServerConfig("helix-a2a-hopb2", KVP, "a2a", 2),
+        ServerConfig("helix-a2a-ngram", KVP, "a2a", 1, ngram=True),
     )
 }
+# The run in docs/results.md (MLA model: Helix refuses NGRAM there).
+DEFAULT_CONFIGS = ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2")
+MODELS = ("mla", "gqa")
+MODEL_NAMES = {
+    "mla": "tiny DeepSeek-V3-style MLA+MoE (sglang_helix.dev.tiny_models 'mla', random weights)",
+    "gqa": "tiny Llama GQA, 8 heads / 2 KV heads (sglang_helix.dev.tiny_models 'gqa', random weights)",
+}
+PROMPT_SETS = ("random", "repetitive")
 
 
 # ---------------------------------------------------------------- KV arithmetic (pure)
@@ -142,13 +186,34 @@ def pages(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def kv_bytes_per_token(model_config: Mapping[str, Any], dtype: str) -> int:
-    """Bytes of one token's MLA latent KV (all layers) on a rank that holds it:
-    layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes."""
+def kv_bytes_per_token(model_config: Mapping[str, Any], dtype: str, kvp: int = 1) -> int:
+    """Bytes of one KV row (one token, all layers) on a rank that holds it, in the layout of
+    `kvp` (1 = plain TP over TP ranks, > 1 = Helix KVP x TPA 1).
+
+    MLA: layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes, any layout (the latent is
+    replicated under plain TP). GQA: layers x heads x (head_dim + v_head_dim) x dtype bytes, with
+    heads = ceil(K / TP) under plain TP (SGLang's CPU engine pads K up to a multiple of TP) and
+    all K under Helix with TPA 1."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown KV dtype {dtype!r}; one of {sorted(DTYPE_BYTES)}")
-    dims = int(model_config["kv_lora_rank"]) + int(model_config["qk_rope_head_dim"])
-    return int(model_config["num_hidden_layers"]) * dims * DTYPE_BYTES[dtype]
+    if kvp < 1:
+        raise ValueError(f"kvp must be >= 1, got {kvp}")
+    layers = int(model_config["num_hidden_layers"])
+    if "kv_lora_rank" in model_config:
+        dims = int(model_config["kv_lora_rank"]) + int(model_config["qk_rope_head_dim"])
+        return layers * dims * DTYPE_BYTES[dtype]
+    kv_heads = int(model_config["num_key_value_heads"])
+    head_dim = int(model_config.get("head_dim")
+                   or int(model_config["hidden_size"]) // int(model_config["num_attention_heads"]))
+    heads = kv_heads if kvp > 1 else -(-kv_heads // TP)
+    return layers * heads * 2 * head_dim * DTYPE_BYTES[dtype]
+
+
+def budget_rows(budget_tokens: int, model_config: Mapping[str, Any], dtype: str, kvp: int) -> int:
+    """KV rows per rank the layout of `kvp` holds in the per-rank bytes of `budget_tokens` plain-TP
+    rows (MLA: the same rows; GQA with TP <= K under Helix TPA 1: rows x ceil(K/TP) / K)."""
+    plain = kv_bytes_per_token(model_config, dtype, 1)
+    return budget_tokens * plain // kv_bytes_per_token(model_config, dtype, kvp)
 
 
 def request_pages_per_rank(tokens: int, page_size: int, kvp: int) -> int:
@@ -173,22 +238,25 @@ def max_concurrency_in_budget(pool_pages_per_rank: int, tokens: int, page_size: 
 
 
 def check_budget(budget_tokens: int, page_size: int, context_lens: Sequence[int],
-                 output_len: int, concurrency: Sequence[int], kvp_values: Sequence[int]) -> None:
-    """Before any server starts: every (L, C) must fit the per-rank budget on every layout."""
+                 output_len: int, concurrency: Sequence[int], kvp_values: Sequence[int],
+                 rows_per_rank: Mapping[int, int] | None = None) -> None:
+    """Before any server starts: every (L, C) must fit the per-rank budget on every layout
+    (`rows_per_rank[kvp]`: that layout's rows in the budget, default `budget_tokens`)."""
     if budget_tokens % page_size:
         raise ServingCompareError(
             f"--kv-budget-tokens {budget_tokens} must be a multiple of --page-size {page_size}")
-    budget_pages = budget_tokens // page_size
     for kvp in sorted(set(kvp_values)):
+        rows = (rows_per_rank or {}).get(kvp, budget_tokens)
         for length in context_lens:
-            fit = max_concurrency_in_budget(budget_pages, length + output_len, page_size, kvp)
+            fit = max_concurrency_in_budget(rows // page_size, length + output_len, page_size, kvp)
             if fit < max(concurrency):
                 need = max(concurrency) * request_pages_per_rank(length + output_len, page_size, kvp)
                 raise ServingCompareError(
                     f"{'plain TP' if kvp == 1 else f'Helix KVP {kvp}'}: {max(concurrency)} "
                     f"concurrent requests of {length}+{output_len} tokens need {need * page_size} "
-                    f"KV rows per rank, the budget holds {budget_tokens} (fits {fit}); raise "
-                    f"--kv-budget-tokens to >= {need * page_size} or lower --concurrency")
+                    f"KV rows per rank, the budget holds {rows} (fits {fit}); raise "
+                    f"--kv-budget-tokens to >= {-(-need * page_size * budget_tokens // rows)} "
+                    f"or lower --concurrency")
 
 
 @dataclass(frozen=True)
@@ -227,7 +295,8 @@ def pool_info(server_info: Mapping[str, Any], config: ServerConfig, page_size: i
 
 
 def check_pool_matches_budget(pool: PoolInfo, budget_tokens: int, name: str) -> None:
-    """The live per-rank pool must be the budget (to within one page)."""
+    """The live per-rank pool must be the budget (`budget_tokens`: rows of this layout, see
+    `budget_rows`) to within one page."""
     if abs(pool.rows_per_rank - budget_tokens) > pool.page_size:
         raise ServingCompareError(
             f"{name}: per-rank KV pool holds {pool.rows_per_rank} rows, the budget is "
@@ -290,13 +359,41 @@ def parse_result(jsonl_path: Path, *, num_prompts: int, input_len: int, output_l
     return out
 
 
+def spec_counts(server_info: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(verify_steps, accept_tokens) of a Helix server's speculative counters in /server_info
+    (internal_states[0]["helix"]["spec"]); None when the server runs no speculative decoding."""
+    states = server_info.get("internal_states") or [{}]
+    spec = (states[0].get("helix") or {}).get("spec")
+    if spec is None:
+        return None
+    return int(spec["verify_steps"]), int(spec["accept_tokens"])
+
+
+def run_accept_length(before: tuple[int, int] | None, after: tuple[int, int] | None,
+                      name: str) -> float:
+    """Average acceptance length of one run: tokens committed / request-steps verified between
+    two readings of `spec_counts` (errors if the server reported none or verified nothing)."""
+    if before is None or after is None:
+        raise ServingCompareError(
+            f"{name}: /server_info has no internal_states[0]['helix']['spec'] (speculative "
+            f"decoding not active, or a plugin without the speculative counters)")
+    steps, tokens = after[0] - before[0], after[1] - before[1]
+    if steps <= 0 or tokens < steps:
+        raise ServingCompareError(
+            f"{name}: {steps} verify steps and {tokens} accepted tokens in the run "
+            f"(counters {before} -> {after})")
+    return tokens / steps
+
+
 def make_row(config: str, context_len: int, concurrency: int, num_prompts: int, output_len: int,
-             metrics: Mapping[str, float], pool: PoolInfo, bytes_per_token: int) -> dict[str, Any]:
-    """One CSV row: client metrics + the per-rank KV arithmetic of the live pool."""
+             metrics: Mapping[str, float], pool: PoolInfo, bytes_per_token: int,
+             accept_len: float | None = None) -> dict[str, Any]:
+    """One CSV row: client metrics + the per-rank KV arithmetic of the live pool (+ the run's
+    acceptance length for speculative configs, None otherwise)."""
     tokens = context_len + output_len
     row: dict[str, Any] = {
         "config": config, "context_len": context_len, "concurrency": concurrency,
-        "num_prompts": num_prompts, "output_len": output_len, **metrics,
+        "num_prompts": num_prompts, "output_len": output_len, **metrics, "accept_len": accept_len,
         "kv_bytes_per_request_per_rank": kv_bytes_per_request_per_rank(
             tokens, pool.page_size, pool.kvp, bytes_per_token),
         "kv_pool_bytes_per_rank": pool.rows_per_rank * bytes_per_token,
@@ -338,7 +435,7 @@ TABLE_COLUMNS = (
     ("TPOT p99", "tpot_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.1f}"),
     ("out tok/s", "output_tok_s", "{:.2f}"), ("tok/s/user", "tok_s_user", "{:.2f}"),
     ("KV B/req/rank", "kv_bytes_per_request_per_rank", "{:,}"),
-    ("max C in budget", "max_concurrency_in_budget", "{}"),
+    ("max C in budget", "max_concurrency_in_budget", "{}"), ("accept len", "accept_len", "{:.2f}"),
 )
 
 
@@ -350,7 +447,10 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         cells = []
         for _, key, fmt in TABLE_COLUMNS:
-            value = row[key]
+            value = row.get(key)
+            if value is None or value == "":  # no speculative decoding (or an older CSV)
+                cells.append("-")
+                continue
             if fmt != "{}" and isinstance(value, str):
                 value = float(value) if "." in value or "e" in value else int(value)
             cells.append(fmt.format(value))
@@ -367,7 +467,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") 
 
     lengths = sorted({int(r["context_len"]) for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.4), squeeze=False)
-    markers = dict(zip(CONFIGS, "osD^"))
+    markers = dict(zip(CONFIGS, "osD^v"))
     for ax, length in zip(axes[0], lengths):
         for name in dict.fromkeys(r["config"] for r in rows):
             pts = sorted((int(r["concurrency"]), float(r["tok_s_user"]), float(r["output_tok_s"]))
@@ -395,17 +495,35 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") 
 # ---------------------------------------------------------------- local dataset
 
 
-def write_local_sharegpt(path: Path, *, n: int = 512, seed: int = 0) -> Path:
+def write_local_sharegpt(path: Path, *, n: int = 512, seed: int = 0,
+                         prompt_set: str = "random", min_words: int = 0) -> Path:
     """A ShareGPT-format JSON (`conversations`, 2 turns) of seeded random word sequences from the
     tiny tokenizer's corpus: the "random" dataset samples its token ids from it instead of
-    downloading ShareGPT. Distinct openings, so prompts share no KV page in the radix cache."""
+    downloading ShareGPT. Distinct openings, so prompts share no KV page in the radix cache.
+
+    prompt_set "random": "<i> " + 60-160 random words per text. "repetitive": one seeded phrase of
+    4-8 words, shared by every text, repeated to at least `min_words` words after a zero-padded
+    index ("007 phrase phrase ..."; the tiny tokenizer gives every 3-digit index 3 tokens), so
+    prompts differ in their first tokens only and, cut to L tokens, end at the same point of the
+    phrase: n-gram drafts can then hit on what earlier requests generated after the same text."""
     from sglang_helix.dev.tiny_models import CORPUS
 
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"prompt_set {prompt_set!r} not in {PROMPT_SETS}")
+    if prompt_set == "repetitive" and n > 1000:
+        raise ValueError(f"repetitive prompts use 3-digit indices: n <= 1000, got {n}")
     words = sorted(set(CORPUS.split()))
     rng = random.Random(seed)
+    # its own generator: the "random" texts stay those of earlier runs with the same seed
+    phrase_rng = random.Random(f"phrase-{seed}")
+    phrase = [phrase_rng.choice(words) for _ in range(phrase_rng.randint(4, 8))]
+    reps = max(1, -(-max(min_words, 1) // len(phrase)))
     data = []
     for i in range(n):
-        text = f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(60, 160)))
+        if prompt_set == "repetitive":
+            text = f"{i:03d} " + " ".join(phrase * reps)
+        else:
+            text = f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(60, 160)))
         data.append({"id": str(i), "conversations": [
             {"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]})
     path.write_text(json.dumps(data))
@@ -476,6 +594,26 @@ def _server_warmup(base_url: str, vocab: int) -> None:
         raise ServingCompareError(f"warm-up request returned {len(got)} tokens, expected 8")
 
 
+def _flush_and_count(base_url: str, timeout_s: float = 60.0) -> tuple[int, int] | None:
+    """POST /flush_cache until the server takes it, then read its speculative counters (an idle
+    flush restarts them at 0). SGLang answers 400 while a request is still in the scheduler,
+    which happens for a moment after the previous answer came back (seen after the warm-up)."""
+    from sglang_helix.dev.server import request_json
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = urllib.request.Request(base_url + "/flush_cache", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60):
+                break
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or time.monotonic() > deadline:
+                raise ServingCompareError(f"/flush_cache answered HTTP {exc.code} "
+                                          f"(server not idle after {timeout_s:.0f} s?)") from exc
+        time.sleep(0.5)
+    return spec_counts(request_json(base_url + "/server_info"))
+
+
 def _check_alive(server: Any, name: str) -> None:
     if server.process.poll() is not None:
         raise ServingCompareError(
@@ -489,7 +627,12 @@ def _check_alive(server: Any, name: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS),
+                   help=f"default: {' '.join(DEFAULT_CONFIGS)} (helix-a2a-ngram needs --model gqa)")
+    p.add_argument("--model", choices=MODELS, default="mla",
+                   help="tiny random-weight model: mla (DeepSeek-V3-style, default) or gqa (Llama)")
+    p.add_argument("--prompt-set", choices=PROMPT_SETS, default="random",
+                   help="random (default) or repetitive: each prompt repeats a short phrase")
     p.add_argument("--context-lens", type=int, nargs="+", default=[4096, 16384],
                    help="prompt lengths L (default: 4096 16384, the run in docs/results.md, "
                         "~14 min on 2 cores; plain TP's CPU prefill of 32K ran out of memory)")
@@ -529,6 +672,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.context_lens = sorted(dict.fromkeys(args.context_lens))
     args.concurrency = sorted(dict.fromkeys(args.concurrency))
     args.configs = list(dict.fromkeys(args.configs))
+    spec = [n for n in args.configs if CONFIGS[n].ngram]
+    if spec and args.model != "gqa":
+        p.error(f"{' '.join(spec)} needs --model gqa (Helix refuses NGRAM on MLA models)")
+    # Keep docs/results' main CSV for the default model and prompts; other runs get their own.
+    args.stem = STEM if (args.model, args.prompt_set) == ("mla", "random") else (
+        f"{STEM}-{args.model}-{args.prompt_set}")
     return args
 
 
@@ -557,16 +706,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     configs = [CONFIGS[n] for n in args.configs]
     longest = max(args.context_lens) + args.output_len + args.page_size
-    check_budget(args.kv_budget_tokens, args.page_size, args.context_lens, args.output_len,
-                 args.concurrency, [c.kvp for c in configs])
     max_positions = max(131072, 1 << (longest - 1).bit_length())
-    model = ensure_tiny_model("mla", max_positions=max_positions)
+    model = ensure_tiny_model(args.model, max_positions=max_positions)
     model_cfg = json.loads((model / "config.json").read_text())
-    bpt = kv_bytes_per_token(model_cfg, args.dtype)
+    kvps = sorted({c.kvp for c in configs})
+    check_budget(args.kv_budget_tokens, args.page_size, args.context_lens, args.output_len,
+                 args.concurrency, kvps,
+                 {k: budget_rows(args.kv_budget_tokens, model_cfg, args.dtype, k) for k in kvps})
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="serving_compare_"))
     work.mkdir(parents=True, exist_ok=True)
-    dataset = write_local_sharegpt(work / "local_sharegpt.json", seed=args.seed)
-    print(f"model {model} (max_position_embeddings {max_positions}), KV {bpt} B/token/rank; "
+    dataset = write_local_sharegpt(work / "local_sharegpt.json", seed=args.seed,
+                                   prompt_set=args.prompt_set, min_words=max(args.context_lens))
+    bpt = {k: kv_bytes_per_token(model_cfg, args.dtype, k) for k in kvps}
+    print(f"model {model} (max_position_embeddings {max_positions}), KV B/token/rank by KVP {bpt}; "
           f"logs and JSONL in {work}", file=sys.stderr)
     server_common = [
         "--page-size", str(args.page_size), "--max-total-tokens", str(args.kv_budget_tokens),
@@ -581,13 +733,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for config in configs:
             bar.set_postfix_str(f"starting {config.name}")
             try:
-                _run_config(args, config, model, model_cfg, bpt, dataset, work, server_common,
-                            bar, rows)
+                _run_config(args, config, model, model_cfg, dataset, work, server_common, bar,
+                            rows)
             except (ServerStartError, RequestError, ProcessesLeftError) as exc:
                 raise ServingCompareError(f"{config.name}: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         if rows:
-            partial = args.out_dir / f"{STEM}.partial.csv"
+            partial = args.out_dir / f"{args.stem}.partial.csv"
             write_csv(partial, rows, {"status": "INCOMPLETE: the run failed or was interrupted",
                                       "command": shlex.join(sys.argv)})
             print(f"\n{len(rows)} rows measured before the failure: {partial}", file=sys.stderr)
@@ -598,15 +750,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
-                model_cfg: Mapping[str, Any], bpt: int, dataset: Path, work: Path,
+                model_cfg: Mapping[str, Any], dataset: Path, work: Path,
                 server_common: Sequence[str], bar: Any, rows: list[dict[str, Any]]) -> None:
     """One server for `config`: check its pool, warm it up, run every (L, C); rows appended."""
     from sglang_helix.dev.server import launch_server, request_json
 
+    bpt = kv_bytes_per_token(model_cfg, args.dtype, config.kvp)
     with launch_server(model, [*server_common, *config.server_args()], tp=TP,
                        timeout=args.start_timeout, log_dir=work) as server:
-        pool = pool_info(request_json(server.base_url + "/server_info"), config, args.page_size)
-        check_pool_matches_budget(pool, args.kv_budget_tokens, config.name)
+        info_url = server.base_url + "/server_info"
+        pool = pool_info(request_json(info_url), config, args.page_size)
+        check_pool_matches_budget(
+            pool, budget_rows(args.kv_budget_tokens, model_cfg, args.dtype, config.kvp), config.name)
         _server_warmup(server.base_url, int(model_cfg["vocab_size"]))
         for length in args.context_lens:
             for conc in args.concurrency:
@@ -619,14 +774,20 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                                    input_len=length, output_len=args.output_len,
                                    num_prompts=n, concurrency=conc, seed=args.seed)
                 try:
+                    # SGLang's /flush_cache resets its speculative counters, and the client
+                    # flushes again when it starts: read them after our own flush, so the
+                    # difference below is this run whether or not the client's flush succeeds.
+                    before = (_flush_and_count(server.base_url) if config.ngram else None)
                     run_client(argv, work / f"{tag}.log", args.run_timeout)
                     _check_alive(server, config.name)
                     metrics = parse_result(out_file, num_prompts=n, input_len=length,
                                            output_len=args.output_len, concurrency=conc)
+                    accept = run_accept_length(before, spec_counts(request_json(info_url)),
+                                               tag) if config.ngram else None
                 except ServingCompareError as exc:
                     raise ServingCompareError(f"{tag}: {exc}\n(server log {server.log_path})") from exc
                 rows.append(make_row(config.name, length, conc, n, args.output_len, metrics,
-                                     pool, bpt))
+                                     pool, bpt, accept))
                 bar.update(1)
 
 
@@ -649,15 +810,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": _machine(),
         "started_utc": started.isoformat(timespec="seconds"),
         "wall_s": f"{wall:.0f}",
-        "model": "tiny DeepSeek-V3-style MLA+MoE (sglang_helix.dev.tiny_models 'mla', random weights)",
+        "model": MODEL_NAMES[args.model],
         "setup": (f"tp {TP}, page {args.page_size}, per-rank KV budget {args.kv_budget_tokens} rows "
-                  f"(--max-total-tokens), {args.dtype}, torch_native/helix attention, "
-                  f"output {args.output_len} tokens, N = {args.waves} x C"),
+                  f"of plain TP (--max-total-tokens), {args.dtype}, torch_native/helix attention, "
+                  f"{args.prompt_set} prompts, output {args.output_len} tokens, N = {args.waves} x C"),
         "tok_s_user": "1000 / TPOT p50; output_tok_s over all requests of the run",
+        "accept_len": "NGRAM configs: tokens committed per verified request-step in the run",
     }
-    csv_path = write_csv(args.out_dir / f"{STEM}.csv", rows, meta)
-    png_path = plot_pareto(rows, args.out_dir / f"{STEM}.png",
-                           title=f"sglang.benchmark.serving, tiny MLA, tp 2, CPU ranks ({meta['machine'].split(':')[0]})")
+    csv_path = write_csv(args.out_dir / f"{args.stem}.csv", rows, meta)
+    png_path = plot_pareto(rows, args.out_dir / f"{args.stem}.png",
+                           title=f"sglang.benchmark.serving, tiny {args.model.upper()}, tp 2, CPU "
+                                 f"ranks ({meta['machine'].split(':')[0]})")
     print(format_table(rows))
     print(f"\nwall {wall:.0f} s; wrote {csv_path} and {png_path}")
     return 0

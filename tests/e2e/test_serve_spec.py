@@ -20,7 +20,12 @@ speculative decoding and on one with the same NGRAM flags (chain drafts: breadth
 NGRAM must be token-identical to Helix without it and to Helix off with NGRAM, show accepted
 drafts in round 2, and leave no KV behind: after /flush_cache every page of every KVP rank is
 free again (/server_info; the scheduler's own idle leak check runs under Helix as well). 2 more
-launches (4 in all), one alive at a time.
+launches (4 in all), one alive at a time. The Helix + NGRAM server runs with
+`--decode-log-interval 1` so that SGLang's own `avg_spec_accept_length` in /server_info covers
+every decode batch (SGLang folds its counters into that figure only when it logs a decode batch:
+every 40 by default); it and the plugin's `helix.spec` counters (current to the last batch at any
+interval) must both report an average acceptance length above 1 (read before /flush_cache, which
+resets SGLang's speculative counters).
 
 `--speculative-ngram-capacity 100000` (SGLang's default: 10 million): with the default capacity
 and the harness's `--mem-fraction-static 0.05` SGLang 0.5.23 refused to start here ("Loaded weights
@@ -72,15 +77,18 @@ def _serve(model, prompts, extra, tp=1):
 
 
 def _serve_helix(model, prompts, extra):
-    """Both rounds on a Helix TP 2 server, then /flush_cache: (answers, per-KVP-rank pages)."""
+    """Both rounds on a Helix TP 2 server, then /flush_cache: (answers, per-KVP-rank pages after
+    the flush, scheduler rank 0's internal state from /server_info before it)."""
     with ts.launch_server(model, [*COMMON, *HELIX, *extra], tp=2, timeout=START_TIMEOUT_S) as server:
         answers = [ts.generate_concurrent(server.base_url, prompts, max_new_tokens=MAX_NEW)
                    for _ in range(2)]
+        # before the flush: /flush_cache also resets SGLang's speculative counters
+        state = ts.request_json(server.base_url + "/server_info")["internal_states"][0]
         req = urllib.request.Request(server.base_url + "/flush_cache", data=b"{}", method="POST")
         with urllib.request.urlopen(req, timeout=60) as resp:
             assert resp.status == 200
         info = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
-        return answers, info["per_kvp_rank"]
+        return answers, info["per_kvp_rank"], state
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +132,7 @@ def helix_plain(model, prompts, spec):  # after `spec`: one server alive at a ti
 
 @pytest.fixture(scope="module")
 def helix_spec(model, prompts, helix_plain):
-    return _serve_helix(model, prompts, NGRAM)
+    return _serve_helix(model, prompts, [*NGRAM, "--decode-log-interval", "1"])
 
 
 def test_helix_ngram_is_lossless(plain, spec, helix_plain, helix_spec):
@@ -143,6 +151,21 @@ def test_helix_ngram_accepts_drafts_and_frees_every_page(helix_plain, helix_spec
         meta = answer["meta_info"]
         assert meta["spec_num_correct_drafts"] > 0 and meta["spec_accept_length"] > 1.5, meta
         assert meta["spec_verify_ct"] < MAX_NEW - 1
-    for _, ranks in (helix_plain, helix_spec):
+    for _, ranks, _ in (helix_plain, helix_spec):
         assert len(ranks) == 2
         assert all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+
+
+def test_helix_ngram_server_info_reports_acceptance_length(helix_plain, helix_spec):
+    """/server_info under Helix + NGRAM shows the average acceptance length (tokens committed
+    per verified request-step), SGLang's own figure and the plugin's counters; none without NGRAM."""
+    state = helix_spec[2]
+    counts = state["helix"]["spec"]
+    verified = sum(a["meta_info"]["spec_verify_ct"] for r in helix_spec[0] for a in r)
+    # the counters also hold SGLang's start-up warm-up request
+    assert counts["verify_steps"] >= verified > 0, (counts, verified)
+    assert counts["avg_accept_length"] == counts["accept_tokens"] / counts["verify_steps"]
+    assert 1 < counts["avg_accept_length"] <= DRAFTS, counts
+    assert 1 < state["avg_spec_accept_length"] <= DRAFTS, state["avg_spec_accept_length"]
+    plain_state = helix_plain[2]
+    assert "spec" not in plain_state["helix"] and "avg_spec_accept_length" not in plain_state

@@ -302,7 +302,162 @@ def test_parse_args_quick_and_errors():
     assert quick.out_dir == sc.QUICK_OUT_DIR
     full = sc.parse_args(["--context-lens", "16384", "4096", "4096", "--concurrency", "2", "1"])
     assert full.context_lens == [4096, 16384] and full.concurrency == [1, 2]
-    assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(sc.CONFIGS)
-    for bad in (["--output-len", "1"], ["--concurrency", "0"], ["--configs", "tp4"]):
+    assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(sc.DEFAULT_CONFIGS)
+    assert (full.model, full.prompt_set, full.stem) == ("mla", "random", sc.STEM)
+    for bad in (["--output-len", "1"], ["--concurrency", "0"], ["--configs", "tp4"],
+                ["--configs", "helix-a2a-ngram"], ["--prompt-set", "sharegpt"],
+                ["--model", "qwen3"]):
         with pytest.raises(SystemExit):
             sc.parse_args(bad)
+
+
+def test_parse_args_ngram_on_gqa_with_repetitive_prompts():
+    args = sc.parse_args(["--model", "gqa", "--configs", "helix-a2a", "helix-a2a-ngram",
+                          "--prompt-set", "repetitive", "--context-lens", "1024"])
+    assert args.configs == ["helix-a2a", "helix-a2a-ngram"]
+    # its own CSV: the default run's docs/results/serving_compare.csv is not overwritten
+    assert args.stem == "serving_compare-gqa-repetitive" != sc.STEM
+    assert "helix-a2a-ngram" not in sc.DEFAULT_CONFIGS
+
+
+# ---------------------------------------------------------------- NGRAM configs, GQA, prompts
+
+
+GQA_TINY = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "head_dim": 16, "hidden_size": 64}
+
+
+def test_ngram_config_adds_the_e2e_flags_helix_accepts():
+    from sglang_helix.srt.args import HELIX_FLAGS
+    from sglang_helix.srt.spec_rules import check_speculative
+
+    args = sc.CONFIGS["helix-a2a-ngram"].server_args()
+    assert args[:len(sc.CONFIGS["helix-a2a"].server_args())] == sc.CONFIGS["helix-a2a"].server_args()
+
+    def flag(name):
+        return args[args.index(name) + 1]
+
+    assert (flag("--speculative-algorithm"), flag("--speculative-num-draft-tokens"),
+            flag("--speculative-ngram-max-bfs-breadth")) == ("NGRAM", "4", "1")
+    check_speculative(flag("--speculative-algorithm"), breadth=int(flag("--speculative-ngram-max-bfs-breadth")),
+                      is_mla=False)
+    assert {a for a in args if a.startswith("--helix")} <= {f.flag for f in HELIX_FLAGS}
+    for name in ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
+        assert not sc.CONFIGS[name].ngram
+        assert "--speculative-algorithm" not in sc.CONFIGS[name].server_args()
+
+
+def test_gqa_kv_rows_per_layout():
+    # plain TP 2: one of the 2 KV heads per rank; Helix KVP 2 x TPA 1: both heads, half the pages
+    assert sc.kv_bytes_per_token(GQA_TINY, "float32", 1) == 4 * 1 * 32 * 4 == 512
+    assert sc.kv_bytes_per_token(GQA_TINY, "float32", 2) == 1024
+    no_head_dim = {k: v for k, v in GQA_TINY.items() if k != "head_dim"}  # hidden / heads = 8
+    assert sc.kv_bytes_per_token(no_head_dim, "bfloat16", 2) == 4 * 2 * 16 * 2
+    assert sc.budget_rows(4096, GQA_TINY, "float32", 1) == 4096
+    assert sc.budget_rows(4096, GQA_TINY, "float32", 2) == 2048
+    assert sc.budget_rows(4096, MLA_TINY, "float32", 2) == 4096  # MLA: the same rows
+    assert sc.kv_bytes_per_token(MLA_TINY, "float32", 2) == sc.kv_bytes_per_token(MLA_TINY, "float32")
+    with pytest.raises(ValueError):
+        sc.kv_bytes_per_token(GQA_TINY, "float32", 0)
+
+
+def test_check_budget_per_layout_rows():
+    # Helix GQA holds 2048 rows per rank: 3 requests of 1024 + 64 tokens (9 pages per rank) fit
+    sc.check_budget(4096, 64, [1024], 64, [3], [1, 2], {1: 4096, 2: 2048})
+    with pytest.raises(sc.ServingCompareError) as err:
+        sc.check_budget(4096, 64, [1024], 64, [4], [2], {2: 2048})
+    assert "need 2304 KV rows per rank, the budget holds 2048" in str(err.value)
+    assert "--kv-budget-tokens to >= 4608" in str(err.value)
+
+
+def test_run_accept_length_from_server_info_counters():
+    def info(steps, tokens):
+        return {"internal_states": [{"helix": {"spec": {
+            "verify_steps": steps, "accept_tokens": tokens,
+            "avg_accept_length": tokens / steps if steps else None}}}]}
+
+    before, after = sc.spec_counts(info(10, 12)), sc.spec_counts(info(74, 140))
+    assert before == (10, 12) and after == (74, 140)
+    assert sc.run_accept_length(before, after, "x") == 2.0
+    assert sc.spec_counts(_helix_info()) is None
+    assert sc.spec_counts({"internal_states": [{}]}) is None
+    with pytest.raises(sc.ServingCompareError, match="no internal_states"):
+        sc.run_accept_length(None, after, "x")
+    with pytest.raises(sc.ServingCompareError, match="0 verify steps"):
+        sc.run_accept_length(after, after, "x")
+
+
+def test_accept_len_in_rows_csv_and_table(tmp_path):
+    pool = sc.PoolInfo(32, 64, 2)
+    metrics = {"ttft_mean_ms": 200.0, "ttft_p99_ms": 250.0, "tpot_p50_ms": 50.0,
+               "tpot_p99_ms": 60.0, "itl_p50_ms": 50.0, "output_tok_s": 20.0,
+               "tok_s_user": 20.0, "duration_s": 3.0}
+    rows = [sc.make_row("helix-a2a", 1024, 1, 4, 64, metrics, pool, 1024),
+            sc.make_row("helix-a2a-ngram", 1024, 1, 4, 64, metrics, pool, 1024, 2.5)]
+    assert rows[0]["accept_len"] is None and rows[1]["accept_len"] == 2.5
+    table = sc.format_table(rows).splitlines()
+    assert table[0].endswith("| accept len |")
+    assert table[2].endswith("| - |") and table[3].endswith("| 2.50 |")
+    back = sc.read_csv(sc.write_csv(tmp_path / "x.csv", rows, {}))
+    assert back[0]["accept_len"] == "" and float(back[1]["accept_len"]) == 2.5
+    assert sc.format_table(back) == "\n".join(table)
+    old = [{k: v for k, v in r.items() if k != "accept_len"} for r in back]  # a pre-NGRAM CSV
+    assert sc.format_table(old).splitlines()[3].endswith("| - |")
+
+
+def test_repetitive_prompt_set_repeats_one_phrase_after_distinct_indices(tmp_path):
+    from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer
+
+    rep = json.loads(sc.write_local_sharegpt(tmp_path / "r.json", n=50, seed=3,
+                                             prompt_set="repetitive", min_words=300).read_text())
+    texts = [c["conversations"][0]["value"].split() for c in rep]
+    assert [t[0] for t in texts] == [f"{i:03d}" for i in range(50)]  # distinct openings
+    body = texts[0][1:]
+    assert len(body) >= 300 and all(t[1:] == body for t in texts)  # one shared text after them
+    period = next(k for k in range(4, 9) if body[k:] == body[:-k])  # a 4-8 word phrase repeated
+    assert len(body) % period == 0
+    # the tiny tokenizer: every index is 3 tokens, so prompts cut to L tokens end alike
+    tok = load_tokenizer(ensure_tiny_model("gqa", tmp_path / "tiny"))
+    assert {len(tok.encode(f"{i:03d}")) for i in range(1000)} == {3}
+    # the "random" texts do not depend on the repetitive option's phrase
+    rnd = sc.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3).read_text()
+    assert json.loads(rnd)[0]["conversations"][0]["value"].split()[0] == "0"
+    assert all(len(c["conversations"][0]["value"].split()) >= 61 for c in json.loads(rnd))
+    with pytest.raises(ValueError):
+        sc.write_local_sharegpt(tmp_path / "x.json", prompt_set="sharegpt")
+    with pytest.raises(ValueError):
+        sc.write_local_sharegpt(tmp_path / "x.json", n=1001, prompt_set="repetitive")
+
+
+def test_flush_and_count_retries_while_the_server_is_busy():
+    """SGLang answers /flush_cache with 400 while a request is still in its scheduler."""
+    import http.server
+    import threading
+
+    answers = [400, 400, 200]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.send_response(answers.pop(0))
+            self.end_headers()
+
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"internal_states": [{"helix": {"spec": {
+                "verify_steps": 0, "accept_tokens": 0, "avg_accept_length": None}}}]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert sc._flush_and_count(url) == (0, 0) and answers == []
+        answers.extend([400] * 100)
+        with pytest.raises(sc.ServingCompareError, match="HTTP 400"):
+            sc._flush_and_count(url, timeout_s=0.0)
+    finally:
+        server.shutdown()

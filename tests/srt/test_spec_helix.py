@@ -61,3 +61,20 @@ def test_batch_get_hook_only_with_helix(monkeypatch):
 def test_chain_mask_refuses_a_bad_layout():
     with pytest.raises(ValueError, match=r"not \[B, 3, 3\]"):
         spec.chain_mask(np.ones(10, dtype=np.uint8), 3)
+
+
+def test_speculative_counts_add_the_open_log_interval():
+    """/server_info's helix.spec: SGLang's lifetime totals + the interval it has not logged yet."""
+    from sglang_helix.srt.info import speculative_counts
+
+    algo = lambda none: SimpleNamespace(is_none=lambda: none)  # noqa: E731
+    reporter = SimpleNamespace(spec_total_num_forward_ct=40, spec_num_forward_ct=10,
+                               spec_total_num_accept_tokens=60, spec_num_accept_tokens=40)
+    got = speculative_counts(SimpleNamespace(spec_algorithm=algo(False), metrics_reporter=reporter))
+    assert got == {"verify_steps": 50, "accept_tokens": 100, "avg_accept_length": 2.0}
+    fresh = SimpleNamespace(spec_total_num_forward_ct=0, spec_num_forward_ct=0,
+                            spec_total_num_accept_tokens=0, spec_num_accept_tokens=0)
+    assert speculative_counts(SimpleNamespace(spec_algorithm=algo(False), metrics_reporter=fresh)) == {
+        "verify_steps": 0, "accept_tokens": 0, "avg_accept_length": None}
+    assert speculative_counts(SimpleNamespace(spec_algorithm=algo(True), metrics_reporter=reporter)) is None
+    assert speculative_counts(None) is None
