@@ -255,19 +255,23 @@ def kv_bytes_read(spec: AttentionSpec, tensors, seq_lens) -> int:
     return tokens * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size()
 
 
-def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int):
+def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int, out_dtype=None):
+    """Partial attention of requests [lo, hi); out in out_dtype (default the activation dtype;
+    torch.float32 where it goes to the exchange, as sglang_helix.decode sends it)."""
     scale = 1.0 / (spec.head_dim + spec.rope_dim) ** 0.5
     if spec.mla:
         q_lat, q_rope, cache = tensors
-        return partial_attention_mla(q_lat[lo:hi], q_rope[lo:hi], cache, table[lo:hi], seq_lens[lo:hi], scale)
+        return partial_attention_mla(q_lat[lo:hi], q_rope[lo:hi], cache, table[lo:hi], seq_lens[lo:hi], scale,
+                                     out_dtype=out_dtype)
     q, k, v = tensors
-    return partial_attention_gqa(q[lo:hi], k, v, table[lo:hi], seq_lens[lo:hi], scale)
+    return partial_attention_gqa(q[lo:hi], k, v, table[lo:hi], seq_lens[lo:hi], scale, out_dtype=out_dtype)
 
 
 def value_partial(spec, tensors, table, seq_lens, lo: int, hi: int, w_uv):
-    """partial(), then W_UV of all heads on it when w_uv is given (the value exchange)."""
-    out, lse = partial(spec, tensors, table, seq_lens, lo, hi)
-    return (out, lse) if w_uv is None else (project_values(out, w_uv), lse)
+    """The fp32 partial that goes to the exchange: partial(), then W_UV of all heads on it when
+    w_uv is given (the value exchange)."""
+    out, lse = partial(spec, tensors, table, seq_lens, lo, hi, torch.float32)
+    return (out, lse) if w_uv is None else (project_values(out, w_uv, torch.float32), lse)
 
 
 def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, group,
@@ -297,10 +301,10 @@ def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, grou
             project_values(merged, after)
         total = time.perf_counter() - t0
         return float("nan"), float("nan"), float("nan"), total, float("nan")
-    out, lse = partial(spec, tensors, table, seq_lens, 0, batch)
+    out, lse = partial(spec, tensors, table, seq_lens, 0, batch, torch.float32)
     t1 = time.perf_counter()
     if before is not None:
-        out = project_values(out, before)
+        out = project_values(out, before, torch.float32)
     t1b = time.perf_counter()
     pending = exchange.start(out, lse)
     pending.wait()

@@ -20,7 +20,8 @@ KV pages (decode caches, extend prefix pages and chunk K/V) are in the query's d
 every path upcasts fp8 tiles inside the kernel. The MLA library paths take no fp8 pages
 ("auto" uses Triton there; asking for them by name is refused).
 
-Every impl returns out in the query's dtype and lse fp32 natural log; rows with no local token
+Every impl returns out in the query's dtype (or the decode partials' out_dtype: fp32 for the
+exchange) and lse fp32 natural log; rows with no local token
 give out 0 and lse -inf. Validation runs on every call; its one host sync (lengths vs page-table capacity) is skipped
 with check_lengths=False by callers that validated at plan time, as HelixAttention does.
 """
@@ -78,14 +79,16 @@ def _resolve(impl: str, device: torch.device, gpu_ok: bool, blackwell_ok: bool =
 
 def partial_attention_gqa(
     q, k_cache, v_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True,
-    host_seq_lens=None, k_scale: float = 1.0, v_scale: float = 1.0,
+    host_seq_lens=None, k_scale: float = 1.0, v_scale: float = 1.0, out_dtype=None,
 ):
     """Partial GQA decode attention over this rank's pages.
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (q's dtype,
     or fp8 pages read as k * k_scale, v * v_scale); page_table: [B, max_pages] int32/int64;
     seq_lens: [B] int32/int64 local lengths.
-    Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (-inf, out 0 for empty).
+    Returns out [B, Hq, Dv] in out_dtype (default q.dtype) and lse [B, Hq] fp32 natural log (-inf,
+    out 0 for empty). out_dtype=torch.float32 keeps the fp32 accumulation unrounded for the
+    exchange (decode.py); the GPU library paths return q's dtype, upcast to it.
     check_lengths=False skips the one host-syncing check (lengths vs page-table capacity) for
     callers that validated the batch at plan time (HelixDecodeMetadata.plan); host_seq_lens
     (seq_lens as host ints, from that plan) spares the CPU torch path its loop-bound sync. The
@@ -96,36 +99,39 @@ def partial_attention_gqa(
     args = (q, k_cache, v_cache, page_table, seq_lens, scale)
     scales = dict(k_scale=kv_quant.check_scale("k_scale", k_scale),
                   v_scale=kv_quant.check_scale("v_scale", v_scale))
+    out_dtype = out_dtype or q.dtype
     chosen = _resolve(impl, q.device, gpu.flashinfer_gqa_available(q, k_cache, v_cache))
     if chosen == "reference":
         out, lse = reference.gqa_partial_ref(*args, **scales)
-        return out.to(q.dtype), lse
+        return out.to(out_dtype), lse
     if chosen == "torch":
-        return torch_decode.gqa_partial_torch(*args, host_seq_lens=host_seq_lens, **scales)
+        return torch_decode.gqa_partial_torch(*args, host_seq_lens=host_seq_lens, out_dtype=out_dtype,
+                                              **scales)
     if chosen == "triton":
         _triton_ok(q.device)
         from .kernels.triton_decode import gqa_partial_triton  # noqa: PLC0415
 
-        return gqa_partial_triton(*args, **scales)
+        return gqa_partial_triton(*args, out_dtype=out_dtype, **scales)
     if not gpu.flashinfer_gqa_available(q, k_cache, v_cache):
         raise ValueError(
             "impl='flashinfer' needs CUDA tensors, flashinfer installed, fp16/bf16 q, pages in q's "
             "dtype or fp8 e4m3/e5m2, Dv == D in (64, 128, 256); use impl='triton' or 'auto'"
         )
-    return gpu.gqa_partial_flashinfer(*args, **scales)
+    out, lse = gpu.gqa_partial_flashinfer(*args, **scales)
+    return out.to(out_dtype), lse
 
 
 def partial_attention_mla(
     q_latent, q_rope, kv_cache, page_table, seq_lens, scale, impl="auto", *, check_lengths: bool = True,
-    host_seq_lens=None, k_scale: float = 1.0, v_scale: float = 1.0,
+    host_seq_lens=None, k_scale: float = 1.0, v_scale: float = 1.0, out_dtype=None,
 ):
     """Partial absorbed-MLA decode attention over this rank's pages.
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr] (q's dtype, or
     fp8 pages: k_scale for the scores, v_scale for the values); page_table: [B, max_pages];
     seq_lens: [B].
-    Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
-    check_lengths, host_seq_lens: as in partial_attention_gqa.
+    Returns out [B, H, R] in out_dtype (default q_latent.dtype) and lse [B, H] fp32 natural log.
+    check_lengths, host_seq_lens, out_dtype: as in partial_attention_gqa.
     """
     _check_impl(impl, MLA_IMPLS)
     _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, check_lengths)
@@ -138,27 +144,32 @@ def partial_attention_mla(
                          f"reads fp8 pages), or serve with --kv-cache-dtype auto")
     bw = blackwell.choose_backend(q_latent, q_rope, kv_cache) if impl == "auto" else None
     fi_ok = gpu.flashinfer_mla_available(q_latent, q_rope, kv_cache)
+    out_dtype = out_dtype or q_latent.dtype
     if impl == "auto" and bw is None and not fi_ok and gpu.flashmla_available(q_latent, q_rope, kv_cache):
-        return gpu.mla_partial_flashmla(*args)
+        out, lse = gpu.mla_partial_flashmla(*args)
+        return out.to(out_dtype), lse
     chosen = _resolve(impl, q_latent.device, fi_ok, blackwell_ok=bw is not None)
     if chosen in blackwell.IMPLS:  # raises, naming the requirement, where it cannot run
-        return blackwell.mla_partial_blackwell(*args, backend=bw or chosen)
+        out, lse = blackwell.mla_partial_blackwell(*args, backend=bw or chosen)
+        return out.to(out_dtype), lse
     if chosen == "reference":
         out, lse = reference.mla_partial_ref(*args, **scales)
-        return out.to(q_latent.dtype), lse
+        return out.to(out_dtype), lse
     if chosen == "torch":
-        return torch_decode.mla_partial_torch(*args, host_seq_lens=host_seq_lens, **scales)
+        return torch_decode.mla_partial_torch(*args, host_seq_lens=host_seq_lens, out_dtype=out_dtype,
+                                              **scales)
     if chosen == "triton":
         _triton_ok(q_latent.device)
         from .kernels.triton_decode import mla_partial_triton  # noqa: PLC0415
 
-        return mla_partial_triton(*args, **scales)
+        return mla_partial_triton(*args, out_dtype=out_dtype, **scales)
     if not fi_ok:
         raise ValueError(
             "impl='flashinfer' needs CUDA tensors, flashinfer installed, fp16/bf16, R=512, Dr=64; "
             "use impl='triton' or 'auto'"
         )
-    return gpu.mla_partial_flashinfer(*args)
+    out, lse = gpu.mla_partial_flashinfer(*args)
+    return out.to(out_dtype), lse
 
 
 def merge_partials(outs: torch.Tensor, lses: torch.Tensor, impl="auto"):

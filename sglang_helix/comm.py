@@ -3,6 +3,9 @@
 Every KVP rank of a group holds partials (out [B, Hl, Dv], lse [B, Hl] fp32 natural log) for the
 same Hl heads, each over its own slice of the KV sequence. After the exchange, KVP rank d owns head
 slice d ([d*Hl/KVP, (d+1)*Hl/KVP)) merged over all KVP shards: out [B, Hl/KVP, Dv] in out's dtype.
+The backends take any float out dtype; Helix's decode and extend hand them fp32 partials and
+round the merged result to the activation dtype once (docs/math.md section 4), so with them
+itemsize below is 4 whatever the activation dtype.
 
     ex = make_exchange("a2a", group, kvp)
     pending = ex.start(out, lse)   # launches communication (async where the backend allows)

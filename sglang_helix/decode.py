@@ -76,10 +76,11 @@ class HelixAttention:
                 q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
                 host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
+                out_dtype=torch.float32,
             )
-            return _for_exchange(out, lse, q.dtype)
+            return _for_exchange(out, lse)
 
-        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
+        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q.dtype)
 
     def forward_mla(self, q_latent, q_rope, kv_cache, scale: float, w_uv=None, *,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
@@ -105,12 +106,13 @@ class HelixAttention:
                 q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
                 host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
+                out_dtype=torch.float32,
             )
             if w_uv is not None:  # the merge commutes with the per-head linear W_UV
-                out = project_values(out, w_uv, q_latent.dtype)
-            return _for_exchange(out, lse, q_latent.dtype)
+                out = project_values(out, w_uv, torch.float32)
+            return _for_exchange(out, lse)
 
-        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices)
+        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q_latent.dtype)
 
     def _check_q(self, q: torch.Tensor, heads: int) -> None:
         if q.dim() != 3 or q.shape[1] != heads:
@@ -120,10 +122,10 @@ class HelixAttention:
                              f"{self.meta.batch_size} requests")
 
 
-def _for_exchange(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
-    """Partials travel in the activation dtype (as on a real model; never the fp8 KV dtype);
-    the LSE stays fp32."""
-    return out.to(dtype).contiguous(), lse.to(torch.float32).contiguous()
+def _for_exchange(out: torch.Tensor, lse: torch.Tensor):
+    """Partials travel in fp32, as the kernels accumulate them, and so does the LSE; the merged
+    result is rounded to the activation dtype once (docs/math.md section 3)."""
+    return out.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous()
 
 
 def _check_group(cfg: HelixConfig, kvp_rank: int, group) -> None:

@@ -12,7 +12,8 @@ Hn = Hq / KVP heads after the exchange:
    then one exchange in the KVP group merges every rank's partials into [T, Hn, Dv].
 
 FP8 KV (kernels/kv_quant.py): k_new / v_new and the pages may be fp8 with per-tensor k_scale /
-v_scale; the kernels upcast tile by tile, and the exchange moves activation-dtype partials.
+v_scale; the kernels upcast tile by tile, and the exchange moves fp32 partials (rounded to q's
+dtype once, after the merge: docs/math.md section 4).
 
 No prefix KV moves between ranks; the same collectives run on every rank (the branch depends
 only on host ints every rank shares). Hq/Hk: GQA H/TPA query and K/TPA KV heads; MLA H query
@@ -81,4 +82,4 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     if w_uv is not None:
         out = project_values(out, w_uv)
     out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)
-    return exchange(out.to(q.dtype).contiguous(), lse.contiguous())
+    return exchange(out.contiguous(), lse.contiguous()).to(q.dtype)

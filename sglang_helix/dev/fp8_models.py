@@ -165,7 +165,7 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:
 
 
 def fp8_latent_sensitivity(path, sequences, starts, *, eps: float = 2.0 ** -9, seeds: int = 4,
-                           top: int = 5) -> list[list[float]]:
+                           top: int = 5, fp8_latent: bool = True) -> list[list[float]]:
     """How far bf16-sized noise moves an MLA model's next-token logprobs once its KV latent is
     rounded through float8_e4m3fn (as fp8 KV pages store it).
 
@@ -175,6 +175,7 @@ def fp8_latent_sensitivity(path, sequences, starts, *, eps: float = 2.0 ** -9, s
     per sequence, for each position p >= starts[i] - 1, the largest move of the noiseless top-`top`
     next-token logprobs. Two correct implementations whose attention rounds differently (one rank
     vs a KV-sharded merge, in bf16) can disagree by about this much at that position.
+    fp8_latent=False: the latent is not rounded (bf16-sized noise alone, as with bf16 KV pages).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -183,8 +184,9 @@ def fp8_latent_sensitivity(path, sequences, starts, *, eps: float = 2.0 ** -9, s
                                                  local_files_only=True).eval()
     noise = {"eps": 0.0}
     for layer in model.model.layers:
-        layer.self_attn.kv_a_layernorm.register_forward_hook(
-            lambda mod, inp, out: out.to(torch.float8_e4m3fn).to(out.dtype))
+        if fp8_latent:
+            layer.self_attn.kv_a_layernorm.register_forward_hook(
+                lambda mod, inp, out: out.to(torch.float8_e4m3fn).to(out.dtype))
         layer.self_attn.o_proj.register_forward_pre_hook(
             lambda mod, args: (args[0] * (1 + noise["eps"] * torch.randn_like(args[0])),))
     result = []

@@ -13,7 +13,7 @@ Same contract as reference.gqa_partial_ref / mla_partial_ref, but:
   loop 43 ms (233 vs 91 ms with 57K-token chunks); 2K x 8: about equal;
 - chunks of ~2-4K tokens keep the gathered fp32 K/V in cache: B=1 L=32K took 43 ms at 1.8K-token
   chunks vs 63 ms at 57K-token chunks;
-- accumulation is fp32; out is returned in q's dtype, lse (natural log) in fp32;
+- accumulation is fp32; out is returned in q's dtype (or out_dtype), lse (natural log) in fp32;
 - fp8 pages (kv_quant) are upcast chunk by chunk, where every page is upcast anyway; k_scale is
   folded into the query scale and v_scale into the output, so no pool is ever dequantized.
 
@@ -114,16 +114,18 @@ def gqa_partial_torch(
     host_seq_lens=None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    out_dtype=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial GQA decode attention over one rank's pages (same contract as gqa_partial_ref).
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (q's dtype,
     or fp8 pages with per-tensor k_scale / v_scale); page_table: [B, max_pages] int;
     seq_lens: [B] int local lengths (may be 0).
-    Returns out [B, Hq, Dv] in q.dtype (0 for empty rows) and lse [B, Hq] fp32 natural log (-inf).
+    Returns out [B, Hq, Dv] in out_dtype (default q.dtype; 0 for empty rows) and lse [B, Hq] fp32
+    natural log (-inf).
     """
     bsz, hq, _ = q.shape
-    out = torch.zeros(bsz, hq, v_cache.shape[3], dtype=q.dtype, device=q.device)
+    out = torch.zeros(bsz, hq, v_cache.shape[3], dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((bsz, hq), float("-inf"), dtype=torch.float32, device=q.device)
 
     def run(b0: int, b1: int, longest: int, shortest: int):
@@ -145,16 +147,18 @@ def mla_partial_torch(
     host_seq_lens=None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    out_dtype=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial absorbed-MLA decode attention over one rank's pages (contract of mla_partial_ref).
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr] (q's dtype, or fp8
     pages: k_scale for the scores, v_scale for the values); page_table: [B, max_pages];
     seq_lens: [B].
-    Returns out [B, H, R] in q_latent.dtype (latent space) and lse [B, H] fp32 natural log.
+    Returns out [B, H, R] in out_dtype (default q_latent.dtype; latent space) and lse [B, H] fp32
+    natural log.
     """
     bsz, heads, rank_r = q_latent.shape
-    out = torch.zeros(bsz, heads, rank_r, dtype=q_latent.dtype, device=q_latent.device)
+    out = torch.zeros(bsz, heads, rank_r, dtype=out_dtype or q_latent.dtype, device=q_latent.device)
     lse = torch.full((bsz, heads), float("-inf"), dtype=torch.float32, device=q_latent.device)
 
     def run(b0: int, b1: int, longest: int, shortest: int):

@@ -357,14 +357,15 @@ def _finish(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
 
 
 def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=None, config=None,
-                       k_scale: float = 1.0, v_scale: float = 1.0):
+                       k_scale: float = 1.0, v_scale: float = 1.0, out_dtype=None):
     """Partial GQA decode attention (contract of reference.gqa_partial_ref).
 
     q: [B, Hq, D]; k_cache: [num_pages, P, Kh, D]; v_cache: [num_pages, P, Kh, Dv] (last dims
     contiguous; q's dtype or fp8 with per-tensor k_scale / v_scale); page_table: [B, max_pages]
     int32/int64; seq_lens: [B] int.
     num_splits: split-KV count (None: config.splits); config: TritonConfig (None: config_for).
-    Returns out [B, Hq, Dv] in q.dtype and lse [B, Hq] fp32 natural log (0 / -inf when empty).
+    Returns out [B, Hq, Dv] in out_dtype (default q.dtype) and lse [B, Hq] fp32 natural log
+    (0 / -inf when empty).
     """
     bsz, hq, d = q.shape
     page_size, kh, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
@@ -372,9 +373,10 @@ def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_spl
     page_table, seq_lens, cfg, splits = _prepare(
         page_table, seq_lens, num_splits, config, q.device, bsz * kh, page_table.shape[1] * page_size
     )
-    out, lse = _outputs(splits, bsz, hq, dv, q.dtype, q.device)
+    dtype = out_dtype or q.dtype
+    out, lse = _outputs(splits, bsz, hq, dv, dtype, q.device)
     if bsz == 0:
-        return _finish(out, lse, q.dtype)
+        return _finish(out, lse, dtype)
     _gqa_decode_kernel[(bsz, kh, splits)](
         q, k_cache, v_cache, page_table, seq_lens, out, lse,
         q.stride(0), q.stride(1),
@@ -394,17 +396,17 @@ def gqa_partial_triton(q, k_cache, v_cache, page_table, seq_lens, scale, num_spl
         UPCAST=cfg.upcast,
         **cfg.launch_options(),
     )
-    return _finish(out, lse, q.dtype)
+    return _finish(out, lse, dtype)
 
 
 def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, num_splits=None, config=None,
-                       k_scale: float = 1.0, v_scale: float = 1.0):
+                       k_scale: float = 1.0, v_scale: float = 1.0, out_dtype=None):
     """Partial absorbed-MLA decode attention (contract of reference.mla_partial_ref).
 
     q_latent: [B, H, R]; q_rope: [B, H, Dr]; kv_cache: [num_pages, P, R + Dr] (q's dtype, or fp8:
     k_scale for the scores, v_scale for the values);
     page_table: [B, max_pages]; seq_lens: [B]. num_splits, config: as gqa_partial_triton.
-    Returns out [B, H, R] in q_latent.dtype and lse [B, H] fp32 natural log.
+    Returns out [B, H, R] in out_dtype (default q_latent.dtype) and lse [B, H] fp32 natural log.
     """
     bsz, heads, rank_r = q_latent.shape
     rope_dim = q_rope.shape[-1]
@@ -415,9 +417,10 @@ def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, 
     page_table, seq_lens, cfg, splits = _prepare(
         page_table, seq_lens, num_splits, cfg, q_latent.device, bsz * head_blocks, capacity
     )
-    out, lse = _outputs(splits, bsz, heads, rank_r, q_latent.dtype, q_latent.device)
+    dtype = out_dtype or q_latent.dtype
+    out, lse = _outputs(splits, bsz, heads, rank_r, dtype, q_latent.device)
     if bsz == 0:
-        return _finish(out, lse, q_latent.dtype)
+        return _finish(out, lse, dtype)
     _mla_decode_kernel[(bsz, head_blocks, splits)](
         q_latent, q_rope, kv_cache, page_table, seq_lens, out, lse,
         q_latent.stride(0), q_latent.stride(1),
@@ -437,4 +440,4 @@ def mla_partial_triton(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, 
         UPCAST=cfg.upcast,
         **cfg.launch_options(),
     )
-    return _finish(out, lse, q_latent.dtype)
+    return _finish(out, lse, dtype)

@@ -148,6 +148,25 @@ def test_torch_all_rows_empty():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+@pytest.mark.parametrize("impl", ["torch", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_out_dtype_fp32_is_the_unrounded_partial(impl):
+    """out_dtype=torch.float32 (what decode.HelixAttention sends to the exchange): the same fp32
+    accumulation, not rounded to bf16; the default output is exactly that rounded once (torch,
+    reference; Triton's own fp32 -> bf16 store may round differently, so there: close)."""
+    ql, qr, kv, pt, sl = _mla_problem([90, 0, 33], 16, 5, 48, 8, torch.bfloat16)
+    q, kc, vc, gpt, gsl = _gqa_problem([0, 77, 5], 16, 4, 2, 40, 24, torch.bfloat16)
+    for fn, args in ((partial_attention_mla, (ql, qr, kv, pt, sl, 0.2)),
+                     (partial_attention_gqa, (q, kc, vc, gpt, gsl, 0.3))):
+        out32, lse32 = fn(*args, impl=impl, out_dtype=torch.float32)
+        out16, lse16 = fn(*args, impl=impl)
+        assert out32.dtype == torch.float32 and out16.dtype == torch.bfloat16
+        if impl == "triton":
+            torch.testing.assert_close(out32, out16.float(), atol=2**-7, rtol=2**-7)
+            continue
+        assert torch.equal(out32.to(torch.bfloat16), out16) and torch.equal(lse32, lse16)
+        assert not torch.equal(out32, out16.float())  # bf16 rounding really was skipped
+
+
 # ------------------------------------------------------------------------- Triton
 
 

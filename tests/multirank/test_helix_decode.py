@@ -168,9 +168,8 @@ def _expected_bytes(spec: dict) -> int:
         return 0
     bsz, hl = len(spec["seqs"]), cfg.heads_per_tpa
     dv = R if spec["kind"] == "mla" else DV
-    item = torch.empty((), dtype=spec["dtype"]).element_size()
-    if spec["backend"] == "a2a":
-        return a2a_bytes_per_rank(bsz, hl, dv, item, cfg.kvp)
+    if spec["backend"] == "a2a":  # partials travel in fp32 whatever the activation dtype
+        return a2a_bytes_per_rank(bsz, hl, dv, 4, cfg.kvp)
     return bsz * hl * 4 * (cfg.kvp - 1) + bsz * hl * dv * 4 * (cfg.kvp - 1) // cfg.kvp
 
 

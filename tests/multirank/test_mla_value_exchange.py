@@ -161,14 +161,15 @@ def test_extend_value_exchange_equals_latent_then_w_uv():
 
 @pytest.mark.multirank
 def test_value_exchange_bytes_at_deepseek_v3_dims():
-    """bf16, batch 1, KVP 2: the latent a2a sends 128 x (512 x 2 + 4) / 2 = 65,792 bytes per
-    rank per step, the value a2a 128 x (128 x 2 + 4) / 2 = 16,640: 3.95x fewer."""
+    """bf16 activations, batch 1, KVP 2; partials travel in fp32 (docs/math.md section 4): the
+    latent a2a sends 128 x (512 x 4 + 4) / 2 = 131,328 bytes per rank per step, the value a2a
+    128 x (128 x 4 + 4) / 2 = 33,024: 3.98x fewer."""
     d = DSV3
     for rank_bytes in results():
         latent, value = rank_bytes["bytes"]["latent"], rank_bytes["bytes"]["value"]
-        assert latent == a2a_bytes_per_rank(1, d["h"], d["r"], 2, KVP) == 65_792
-        assert value == a2a_bytes_per_rank(1, d["h"], d["dv"], 2, KVP) == 16_640
-        assert latent / value == pytest.approx((512 * 2 + 4) / (128 * 2 + 4))
+        assert latent == a2a_bytes_per_rank(1, d["h"], d["r"], 4, KVP) == 131_328
+        assert value == a2a_bytes_per_rank(1, d["h"], d["dv"], 4, KVP) == 33_024
+        assert latent / value == pytest.approx((512 * 4 + 4) / (128 * 4 + 4))
 
 
 def test_forward_mla_checks_w_uv_against_the_config():

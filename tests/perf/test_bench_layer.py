@@ -36,7 +36,8 @@ def test_bench_layer_smoke(tmp_path):
     assert "| plain TP 2 | 2 |" in md and "| Helix KVP 2 | 2 |" in md and "| 1 rank | 1 |" in md
     itemsize, latent = 2, 512 + 64  # bf16; MLA R + Dr
     for row in rows:
-        expected = 0 if row["layout"] != "helix" else a2a_bytes_per_rank(2, 16, 512, 2, 2)
+        # partials travel in fp32 (docs/math.md section 4): 4 bytes per element
+        expected = 0 if row["layout"] != "helix" else a2a_bytes_per_rank(2, 16, 512, 4, 2)
         if row["backend"] == "ag_rs":  # fp32 all-gather of LSE + fp32 reduce-scatter
             expected = 2 * 16 * 4 * 1 + 2 * 16 * 512 * 4 // 2
         assert int(row["bytes_per_rank"]) == expected, row
@@ -82,8 +83,8 @@ def test_bench_layer_mla_exchange_rows(tmp_path):
     assert [(r["layout"], r["mla_exchange"]) for r in rows] == [
         ("1 rank", "latent"), ("helix", "latent"), ("helix", "value"), ("tp", "latent")]
     sent = {r["mla_exchange"]: int(r["bytes_per_rank"]) for r in rows if r["layout"] == "helix"}
-    assert sent == {"latent": a2a_bytes_per_rank(2, 16, 512, 2, 2),
-                    "value": a2a_bytes_per_rank(2, 16, 128, 2, 2)}
+    assert sent == {"latent": a2a_bytes_per_rank(2, 16, 512, 4, 2),
+                    "value": a2a_bytes_per_rank(2, 16, 128, 4, 2)}
     assert all(float(r["wuv_ms"]) > 0 for r in rows)
     assert "| MLA exchange | W_UV ms |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()
 
@@ -92,7 +93,7 @@ def test_bench_layer_mla_exchange_rows(tmp_path):
 def test_bench_layer_fp8_kv_rows(tmp_path):
     """--kv-dtype fp8: every layout runs with bf16 pages (the baseline) and fp8_e4m3 pages; the fp8
     rows read and hold half the KV bytes per rank, and exchange exactly as many bytes (partials
-    and LSE stay in the activation dtype)."""
+    and LSE travel in fp32 whatever the page dtype)."""
     rows = run_bench(tmp_path, "deepseek-v3-lite", "--kvp", "2", "--backend", "a2a", "--ctx-len-end", "128",
                      "--kv-dtype", "fp8", "--no-plain-tp")
     assert [(r["layout"], r["kv_dtype"]) for r in rows] == [("helix", "bf16"), ("helix", "fp8_e4m3")]
@@ -100,5 +101,5 @@ def test_bench_layer_fp8_kv_rows(tmp_path):
     assert int(fp8["kv_bytes_per_rank"]) * 2 == int(bf16["kv_bytes_per_rank"]) == 2 * 64 * (512 + 64) * 2
     assert int(fp8["kv_cache_bytes_per_rank"]) * 2 == int(bf16["kv_cache_bytes_per_rank"])
     assert (float(fp8["kv_ratio"]), float(bf16["kv_ratio"])) == (0.5, 1.0)
-    assert fp8["bytes_per_rank"] == bf16["bytes_per_rank"] == str(a2a_bytes_per_rank(2, 16, 512, 2, 2))
+    assert fp8["bytes_per_rank"] == bf16["bytes_per_rank"] == str(a2a_bytes_per_rank(2, 16, 512, 4, 2))
     assert "| KV dtype | KV bytes vs bf16 |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()

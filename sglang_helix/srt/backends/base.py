@@ -11,7 +11,7 @@ FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): the pool stores fp8 pages in SGLa
 scale convention (kernels/kv_quant.py; the layer's k_scale / v_scale, 1 without a KV quant
 method); the kernels upcast them tile by tile with those scales; a chunk's own new K/V go through
 the same fp8 rounding as the pages they are stored in (as SGLang's torch_native backend reads
-them back from its pool); partials and LSEs are exchanged in the activation dtype / fp32.
+them back from its pool); partials and LSEs are exchanged in fp32 (rounded to the activation dtype once, after the merge).
 
 The KVP group and rank come from srt.state.runtime() (created collectively right after SGLang's
 initialize_model_parallel); the constructor runs no collective.
