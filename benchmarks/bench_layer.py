@@ -42,7 +42,7 @@ the flag no W_UV runs and the column reads "-".
 
 KV cache dtype (--kv-dtype fp8, i.e. fp8_e4m3, or fp8_e5m2; "auto" = --dtype): every layout runs
 once per KV dtype, the pages stored in it (fp8: SGLang's convention, scale 1) and read by the same
-kernels (fp8 tiles upcast inside them); queries, partials and the exchange stay in --dtype. The
+kernels (fp8 tiles upcast inside them); queries stay in --dtype, partials in --exchange-dtype. The
 --dtype rows are always run as the baseline. Extra columns: the KV dtype, "KV vs <dtype>" = this
 row's KV bytes read per rank over the same row's with KV in --dtype (fp8: 0.50), and in the CSV
 kv_cache_bytes_per_rank = bytes of the cache tensors the rank really holds (numel x itemsize).
@@ -68,7 +68,8 @@ from models import MODELS, AttentionSpec  # noqa: E402
 
 from sglang_helix import HelixConfig, sharding  # noqa: E402
 from sglang_helix.attention import partial_attention_gqa, partial_attention_mla, project_values  # noqa: E402
-from sglang_helix.comm import make_exchange  # noqa: E402
+from sglang_helix.comm import make_exchange, partial_dtype  # noqa: E402
+from sglang_helix.config import DEFAULT_EXCHANGE_DTYPE, EXCHANGE_DTYPES  # noqa: E402
 from sglang_helix.hopb import run_hopb  # noqa: E402
 from sglang_helix.kernels import kv_quant  # noqa: E402
 from sglang_helix.ranks import run_ranks  # noqa: E402
@@ -136,6 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mla-exchange", nargs="+", choices=["latent", "value"], default=None,
                    help="MLA only: time W_UV too and run every Helix layout with each exchange "
                         "(module doc)")
+    p.add_argument("--exchange-dtype", choices=list(EXCHANGE_DTYPES), default=DEFAULT_EXCHANGE_DTYPE,
+                   help="dtype of the exchanged partials, as --helix-exchange-dtype (fp32: 4 bytes "
+                        "per element; activation: --dtype)")
     p.add_argument("--kv-dtype", nargs="+", default=None,
                    choices=["auto", *KV_ALIASES, *KV_DTYPES],
                    help="KV cache dtypes to run every layout with (fp8 = fp8_e4m3; auto = --dtype, "
@@ -267,19 +271,20 @@ def partial(spec: AttentionSpec, tensors, table, seq_lens, lo: int, hi: int, out
     return partial_attention_gqa(q[lo:hi], k, v, table[lo:hi], seq_lens[lo:hi], scale, out_dtype=out_dtype)
 
 
-def value_partial(spec, tensors, table, seq_lens, lo: int, hi: int, w_uv):
-    """The fp32 partial that goes to the exchange: partial(), then W_UV of all heads on it when
-    w_uv is given (the value exchange)."""
-    out, lse = partial(spec, tensors, table, seq_lens, lo, hi, torch.float32)
-    return (out, lse) if w_uv is None else (project_values(out, w_uv, torch.float32), lse)
+def value_partial(spec, tensors, table, seq_lens, lo: int, hi: int, w_uv, sent=torch.float32):
+    """The partial that goes to the exchange, in `sent` (--exchange-dtype): partial(), then W_UV
+    of all heads on it when w_uv is given (the value exchange)."""
+    out, lse = partial(spec, tensors, table, seq_lens, lo, hi, sent)
+    return (out, lse) if w_uv is None else (project_values(out, w_uv, sent), lse)
 
 
 def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, group,
-              w_uv=None, mode="-") -> tuple[float, float, float, float, float]:
+              w_uv=None, mode="-", sent=torch.float32) -> tuple[float, float, float, float, float]:
     """One decode step of one layer on this rank: (attn, exchange, merge, step, W_UV) seconds.
     exchange None (plain TP): attention over the whole sequence is the step. w_uv (MLA, with
     --mla-exchange): W_UV of the output heads after the merge (mode "latent"), or of all heads
-    on the partial before the exchange ("value"); included in step."""
+    on the partial before the exchange ("value"); included in step. sent: the exchanged
+    partials' dtype (--exchange-dtype, as sglang_helix.comm.partial_dtype picks it)."""
     import torch.distributed as dist
 
     before = w_uv if mode == "value" else None  # value: projected inside the partial
@@ -295,16 +300,16 @@ def time_step(spec, hopb_slices, exchange, tensors, table, seq_lens, batch, grou
         total = time.perf_counter() - t0
         return t1 - t0, 0.0, 0.0, total, total - (t1 - t0)
     if hopb_slices > 1:
-        merged = run_hopb(lambda lo, hi: value_partial(spec, tensors, table, seq_lens, lo, hi, before),
+        merged = run_hopb(lambda lo, hi: value_partial(spec, tensors, table, seq_lens, lo, hi, before, sent),
                           exchange, batch, hopb_slices)
         if after is not None:
             project_values(merged, after)
         total = time.perf_counter() - t0
         return float("nan"), float("nan"), float("nan"), total, float("nan")
-    out, lse = partial(spec, tensors, table, seq_lens, 0, batch, torch.float32)
+    out, lse = partial(spec, tensors, table, seq_lens, 0, batch, sent)
     t1 = time.perf_counter()
     if before is not None:
-        out = project_values(out, before, torch.float32)
+        out = project_values(out, before, sent)
     t1b = time.perf_counter()
     pending = exchange.start(out, lse)
     pending.wait()
@@ -357,8 +362,9 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
                                                kv_torch_dtype(opts["kv_dtype"], opts["dtype"]))
         exchange = None if plain else make_exchange(backend, group, opts["kvp"])
         w_uv = w_uv_for(spec, opts, world_size, mode, rank)
+        sent = partial_dtype(opts["exchange_dtype"], DTYPES[opts["dtype"]])
         step = lambda: time_step(spec, slices, exchange, tensors, table, seq_lens,  # noqa: E731
-                                 opts["batch"], group, w_uv, mode)
+                                 opts["batch"], group, w_uv, mode, sent)
         for _ in range(opts["warmup"]):
             step()
         if exchange is not None:
@@ -369,7 +375,7 @@ def rank_worker(rank: int, world_size: int, opts: dict) -> list[dict]:
         else:
             bytes_per_step = exchange.stats.bytes_sent // opts["iters"]
             out, lse = value_partial(spec, tensors, table, seq_lens, 0, opts["batch"],
-                                     w_uv if mode == "value" else None)
+                                     w_uv if mode == "value" else None, sent)
             exch_only = statistics.median(time_exchange_only(exchange, out, lse, group)
                                           for _ in range(opts["iters"]))
         medians = [statistics.median(s[i] for s in samples) for i in range(4)] + [exch_only]
@@ -409,7 +415,7 @@ def run_layout(args, layout: str, kvp: int, tpa: int, kv_dtype: str = "-") -> li
     opts = dict(model=args.model, layout=layout, label=label, kvp=kvp, tpa=tpa, batch=args.batch, kv_dtype=kv_dtype,
                 page_size=args.page_size, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                 ctx_lens=ctx_lens(args.ctx_len_start, args.ctx_len_end), backends=backends, slices=slices,
-                modes=modes)
+                modes=modes, exchange_dtype=args.exchange_dtype)
     per_rank = run_ranks(rank_worker, world, args=(opts,), timeout=args.timeout, threads=args.threads_per_rank)
     rows = []
     for i, case in enumerate(per_rank[0]):

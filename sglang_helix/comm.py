@@ -3,9 +3,10 @@
 Every KVP rank of a group holds partials (out [B, Hl, Dv], lse [B, Hl] fp32 natural log) for the
 same Hl heads, each over its own slice of the KV sequence. After the exchange, KVP rank d owns head
 slice d ([d*Hl/KVP, (d+1)*Hl/KVP)) merged over all KVP shards: out [B, Hl/KVP, Dv] in out's dtype.
-The backends take any float out dtype; Helix's decode and extend hand them fp32 partials and
-round the merged result to the activation dtype once (docs/math.md section 4), so with them
-itemsize below is 4 whatever the activation dtype.
+The backends take any float out dtype; Helix's decode and extend hand them partials in
+`partial_dtype(cfg.exchange_dtype, activation)`: fp32 by default (the merged result is rounded to
+the activation dtype once, docs/math.md section 4; itemsize below is 4), or the activation dtype
+with --helix-exchange-dtype activation (itemsize 2 on bf16 models).
 
     ex = make_exchange("a2a", group, kvp)
     pending = ex.start(out, lse)   # launches communication (async where the backend allows)
@@ -66,6 +67,17 @@ class ExchangeStats:
     def reset(self) -> None:
         self.bytes_sent = 0
         self.calls = 0
+
+
+def partial_dtype(exchange_dtype: str, activation: torch.dtype) -> torch.dtype:
+    """The dtype partial outputs travel in: fp32, or the model's `activation` dtype
+    (HelixConfig.exchange_dtype "fp32" / "activation")."""
+    if exchange_dtype == "fp32":
+        return torch.float32
+    if exchange_dtype == "activation":
+        return activation
+    raise HelixCommError(f"exchange_dtype {exchange_dtype!r}: choose fp32 or activation "
+                         "(--helix-exchange-dtype)")
 
 
 def lse_slots(dtype: torch.dtype) -> int:

@@ -17,6 +17,12 @@ COMM_BACKENDS = ("a2a", "ag_rs", "nvshmem")
 # applied to each rank's partial before the exchange; W_UV replicated like W_UK).
 MLA_EXCHANGES = ("latent", "value")
 DEFAULT_MLA_EXCHANGE = "latent"
+# Dtype the exchanged partial outputs travel in (docs/math.md section 4): "fp32", as the kernels
+# accumulate them, rounded to the activation dtype once after the merge (Helix off rounds its
+# output once too), or "activation" (the model's dtype: half the bytes of a bf16 model's fp32
+# partials, one more rounding per partial). The LSE is fp32 either way.
+EXCHANGE_DTYPES = ("fp32", "activation")
+DEFAULT_EXCHANGE_DTYPE = "fp32"
 
 
 class HelixConfigError(HelixError, ValueError):
@@ -39,6 +45,7 @@ class HelixConfig:
     mla_exchange: MLA only: "latent" (exchange the R-wide latent partials, W_UV after the merge)
         or "value" (W_UV of all H heads on each rank's partial, exchange Dv-wide values).
         GQA has no W_UV: it must stay "latent" (the field's neutral value).
+    exchange_dtype: "fp32" or "activation": the dtype of the exchanged partials (EXCHANGE_DTYPES).
     """
 
     kvp: int = 1
@@ -50,6 +57,7 @@ class HelixConfig:
     comm_backend: str = "a2a"
     hopb_slices: int = 1
     mla_exchange: str = DEFAULT_MLA_EXCHANGE
+    exchange_dtype: str = DEFAULT_EXCHANGE_DTYPE
 
     def __post_init__(self) -> None:
         for name in ("kvp", "tpa", "num_heads", "num_kv_heads", "page_size", "hopb_slices"):
@@ -67,6 +75,11 @@ class HelixConfig:
             _fail(
                 f"mla_exchange={self.mla_exchange!r} is unknown; choose one of "
                 f"{', '.join(MLA_EXCHANGES)} (--helix-mla-exchange)"
+            )
+        if self.exchange_dtype not in EXCHANGE_DTYPES:
+            _fail(
+                f"exchange_dtype={self.exchange_dtype!r} is unknown; choose one of "
+                f"{', '.join(EXCHANGE_DTYPES)} (--helix-exchange-dtype)"
             )
         if not self.mla and self.mla_exchange != "latent":
             _fail(

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import partial_attention_gqa, partial_attention_mla, project_values
-from .comm import make_exchange
+from .comm import make_exchange, partial_dtype
 from .config import HelixConfig, HelixConfigError
 from .hopb import run_hopb
 from .metadata import HelixDecodeMetadata
@@ -69,16 +69,16 @@ class HelixAttention:
         if k_cache.dim() != 4 or k_cache.shape[2] != self.cfg.kv_heads_per_tpa:
             raise ValueError(f"k_cache must be [pages, P, K/TPA={self.cfg.kv_heads_per_tpa}, D], "
                              f"got {tuple(k_cache.shape)}")
-        meta = self.meta
+        meta, sent = self.meta, partial_dtype(self.cfg.exchange_dtype, q.dtype)
 
         def partial(start: int, stop: int):
             out, lse = partial_attention_gqa(
                 q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
                 host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
-                out_dtype=torch.float32,
+                out_dtype=sent,
             )
-            return _for_exchange(out, lse)
+            return _for_exchange(out, lse, sent)
 
         return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q.dtype)
 
@@ -99,18 +99,18 @@ class HelixAttention:
                 f"mla_exchange={self.cfg.mla_exchange!r} "
                 f"{'needs' if w_uv is None else 'takes no'} w_uv (W_UV of all heads, [H, R, Dv])")
         self._check_q(q_latent, self.cfg.num_heads)
-        meta = self.meta
+        meta, sent = self.meta, partial_dtype(self.cfg.exchange_dtype, q_latent.dtype)
 
         def partial(start: int, stop: int):
             out, lse = partial_attention_mla(
                 q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
                 meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
                 host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
-                out_dtype=torch.float32,
+                out_dtype=sent,
             )
             if w_uv is not None:  # the merge commutes with the per-head linear W_UV
-                out = project_values(out, w_uv, torch.float32)
-            return _for_exchange(out, lse)
+                out = project_values(out, w_uv, sent)
+            return _for_exchange(out, lse, sent)
 
         return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q_latent.dtype)
 
@@ -122,10 +122,10 @@ class HelixAttention:
                              f"{self.meta.batch_size} requests")
 
 
-def _for_exchange(out: torch.Tensor, lse: torch.Tensor):
-    """Partials travel in fp32, as the kernels accumulate them, and so does the LSE; the merged
-    result is rounded to the activation dtype once (docs/math.md section 3)."""
-    return out.to(torch.float32).contiguous(), lse.to(torch.float32).contiguous()
+def _for_exchange(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype):
+    """Partials travel in `dtype` (cfg.exchange_dtype: fp32 by default, the merged result then
+    rounded to the activation dtype once; docs/math.md section 4), the LSE in fp32."""
+    return out.to(dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 
 def _check_group(cfg: HelixConfig, kvp_rank: int, group) -> None:

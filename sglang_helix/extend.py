@@ -12,8 +12,8 @@ Hn = Hq / KVP heads after the exchange:
    then one exchange in the KVP group merges every rank's partials into [T, Hn, Dv].
 
 FP8 KV (kernels/kv_quant.py): k_new / v_new and the pages may be fp8 with per-tensor k_scale /
-v_scale; the kernels upcast tile by tile, and the exchange moves fp32 partials (rounded to q's
-dtype once, after the merge: docs/math.md section 4).
+v_scale; the kernels upcast tile by tile, and the exchange moves fp32 partials by default (rounded
+to q's dtype once, after the merge: docs/math.md section 4), never fp8.
 
 No prefix KV moves between ranks; the same collectives run on every rank (the branch depends
 only on host ints every rank shares). Hq/Hk: GQA H/TPA query and K/TPA KV heads; MLA H query
@@ -58,7 +58,8 @@ def own_kv(k: torch.Tensor, v: torch.Tensor, own: slice, num_q_heads: int):
 def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: ExtendPlan,
                  k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float, *, kvp_rank: int,
                  heads_per_rank: int, exchange: Exchange, w_uv=None,
-                 impl: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                 impl: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0,
+                 partial_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One chunk's attention on KVP rank `kvp_rank`; returns [T, Hn, Dv] in q's dtype.
 
     q [T, Hq, D]; k_new [T, Hk, D], v_new [T, Hk, Dv]: the chunk's rows, requests back to back
@@ -68,6 +69,7 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     per-head value projection (MLA's W_UV, module doc); the result is then [T, Hn, Dv'].
     impl: the extend kernels ("auto", "torch", "triton", "reference"; attention.EXTEND_IMPLS).
     k_scale / v_scale: per-tensor scales of fp8 K/V (the chunk's and the pages'); 1 otherwise.
+    partial_dtype: the dtype the partials travel in (comm.partial_dtype; fp32 by default).
     """
     own = own_heads(kvp_rank, heads_per_rank)
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
@@ -82,4 +84,4 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     if w_uv is not None:
         out = project_values(out, w_uv)
     out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)
-    return exchange(out.contiguous(), lse.contiguous()).to(q.dtype)
+    return exchange(out.to(partial_dtype).contiguous(), lse.contiguous()).to(q.dtype)

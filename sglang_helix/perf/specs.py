@@ -15,9 +15,9 @@ from ..errors import HelixError
 # Bytes per element of weights / KV cache at each precision. FP4 ignores block-scale overhead
 # (NVFP4 adds one fp8 scale per 16 values, +6%): ASSUMPTION, as the paper quotes plain FP4.
 PRECISION_BYTES = {"fp4": 0.5, "fp8": 1.0, "bf16": 2.0, "fp32": 4.0}
-# Activations travel in bf16. The exchanged partial outputs are counted at bf16 too (the
-# paper's design); sglang_helix sends them in fp32 since 2026-11-28 (docs/math.md section 4),
-# twice these exchange bytes: not re-modelled here.
+# Activations travel in bf16. The exchanged partial outputs are counted at bf16 too: the paper's
+# design and `--helix-exchange-dtype activation`; the default fp32 exchange (docs/math.md
+# section 4) sends about twice these exchange bytes, not modelled here.
 ACT_BYTES = 2.0
 LSE_BYTES = 4.0  # the LSE always travels as fp32 (docs/math.md section 4)
 

@@ -10,6 +10,9 @@ Flags (argparse group "Helix"; argparse is only touched by `add_helix_group` / `
     --helix-hopb-slices N              HOP-B batch slices (1 = off)
     --helix-mla-exchange {latent,value} MLA only: exchange latent partials (W_UV after the
                                        merge) or values (replicated W_UV before the exchange)
+    --helix-exchange-dtype {fp32,activation}  dtype of the exchanged partials (default fp32)
+
+The flags as data (name, dest, default, help) are srt.flags.HELIX_FLAGS.
 
 `resolve_helix_args(helix_args, server_args_like, model_info)` applies the defaults and refusals:
 
@@ -44,7 +47,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import COMM_BACKENDS, DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES, HelixConfig, HelixConfigError
+from ..config import (COMM_BACKENDS, DEFAULT_EXCHANGE_DTYPE, DEFAULT_MLA_EXCHANGE, EXCHANGE_DTYPES,
+                      MLA_EXCHANGES, HelixConfig, HelixConfigError)
+from .flags import HELIX_FLAGS
 from .spec_rules import check_speculative
 
 GROUP_TITLE = "Helix"
@@ -68,68 +73,6 @@ HELIX_ATTENTION_BACKENDS: Mapping[str, frozenset[str]] = {
 MLA_ONLY_BACKENDS = frozenset({"flashmla", "trtllm_mla"})
 
 @dataclass(frozen=True)
-class HelixFlag:
-    """One CLI flag: `dest` is the argparse destination and the HelixServerArgs field."""
-
-    flag: str
-    dest: str
-    help: str
-    default: Any = None
-    type: Any = None
-    choices: tuple[str, ...] | None = None
-    store_true: bool = False
-
-    def add_to(self, group: argparse._ArgumentGroup) -> None:
-        if self.store_true:
-            group.add_argument(self.flag, dest=self.dest, action="store_true", help=self.help)
-            return
-        group.add_argument(
-            self.flag,
-            dest=self.dest,
-            type=self.type,
-            default=self.default,
-            choices=self.choices,
-            help=self.help,
-        )
-
-
-HELIX_FLAGS: tuple[HelixFlag, ...] = (
-    HelixFlag(
-        "--enable-helix", "enable_helix", "Enable Helix decode parallelism.", False,
-        store_true=True,
-    ),
-    HelixFlag(
-        "--helix-kvp-size", "helix_kvp_size",
-        "KV-parallel ranks: the KV cache is split this many ways by page. "
-        "Default: tp-size / helix-tpa-size.", None, int,
-    ),
-    HelixFlag(
-        "--helix-tpa-size", "helix_tpa_size",
-        "Attention tensor-parallel ranks (KV heads split this many ways). "
-        "Default: 1 for MLA, the largest valid value for GQA.", None, int,
-    ),
-    HelixFlag(
-        "--helix-comm-backend", "helix_comm_backend",
-        "Exchange of partial outputs + LSE: a2a (one all-to-all), ag_rs (all-gather + "
-        "reduce-scatter baseline), nvshmem (CUDA only).", "a2a", str, COMM_BACKENDS,
-    ),
-    HelixFlag(
-        "--helix-hopb-slices", "helix_hopb_slices",
-        "HOP-B: split the decode batch into this many slices to overlap the exchange "
-        "with attention (1 = off).", 1, int,
-    ),
-    HelixFlag(
-        "--helix-mla-exchange", "helix_mla_exchange",
-        "MLA models only: what the decode exchange moves per head. latent: the kv_lora_rank-wide "
-        "partial, W_UV after the merge on the rank's H/N heads. value: W_UV replicated for all "
-        "heads (like W_UK) and applied to each rank's partial first, so v_head_dim-wide values "
-        f"travel (~4x fewer bytes for DeepSeek-V3). Default: {DEFAULT_MLA_EXCHANGE}.",
-        None, str, MLA_EXCHANGES,
-    ),
-)
-
-
-@dataclass(frozen=True)
 class HelixServerArgs:
     """The Helix flags as parsed (not yet checked against the model or the server layout)."""
 
@@ -139,6 +82,7 @@ class HelixServerArgs:
     helix_comm_backend: str = "a2a"
     helix_hopb_slices: int = 1
     helix_mla_exchange: str | None = None
+    helix_exchange_dtype: str = DEFAULT_EXCHANGE_DTYPE
 
     def __post_init__(self) -> None:
         for flag, value in (("--helix-kvp-size", self.helix_kvp_size),
@@ -157,6 +101,9 @@ class HelixServerArgs:
                 f"--helix-mla-exchange {self.helix_mla_exchange!r}: choose one of "
                 f"{', '.join(MLA_EXCHANGES)}"
             )
+        if self.helix_exchange_dtype not in EXCHANGE_DTYPES:
+            refuse(f"--helix-exchange-dtype {self.helix_exchange_dtype!r}: choose one of "
+                   f"{', '.join(EXCHANGE_DTYPES)}")
         if not self.enable_helix and self.explicit_flags():
             refuse(
                 f"{', '.join(self.explicit_flags())} given without --enable-helix: "
@@ -289,6 +236,7 @@ def resolve_helix_args(
         comm_backend=helix_args.helix_comm_backend,
         hopb_slices=helix_args.helix_hopb_slices,
         mla_exchange=_resolve_mla_exchange(helix_args, model_info),
+        exchange_dtype=helix_args.helix_exchange_dtype,
     )
 
 
@@ -322,7 +270,8 @@ def describe(config: HelixConfig) -> str:
     return (
         f"{kind} KVP={config.kvp} x TPA={config.tpa} (N={config.world_size}), "
         f"H={config.num_heads}, K={config.num_kv_heads}, page_size={config.page_size}, "
-        f"comm={config.comm_backend}, hopb_slices={config.hopb_slices}"
+        f"comm={config.comm_backend}, hopb_slices={config.hopb_slices}, "
+        f"exchange_dtype={config.exchange_dtype}"
         + (f", mla_exchange={config.mla_exchange}" if config.mla else "")
     )
 

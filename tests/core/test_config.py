@@ -38,6 +38,7 @@ def test_frozen():
         (dict(kvp=3, num_heads=8, num_kv_heads=1), "not divisible by KVP x TPA = 3"),
         (dict(mla=True, mla_exchange="values"), "--helix-mla-exchange"),
         (dict(num_heads=4, num_kv_heads=2, mla_exchange="value"), "GQA layout.*drop --helix-mla"),
+        (dict(exchange_dtype="bf16"), "exchange_dtype='bf16' is unknown.*--helix-exchange-dtype"),
     ],
 )
 def test_invalid_configs_name_the_field(kwargs, match):
@@ -51,3 +52,16 @@ def test_rank_bounds():
         cfg.kvp_rank(2)
     with pytest.raises(HelixConfigError, match="outside"):
         cfg.kvp_group_ranks(1)
+
+
+def test_partial_dtype_follows_exchange_dtype():
+    import torch
+
+    from sglang_helix.comm import HelixCommError, partial_dtype
+
+    assert HelixConfig().exchange_dtype == "fp32"
+    assert partial_dtype("fp32", torch.bfloat16) is torch.float32
+    assert partial_dtype("activation", torch.bfloat16) is torch.bfloat16
+    assert partial_dtype("activation", torch.float16) is torch.float16
+    with pytest.raises(HelixCommError, match="--helix-exchange-dtype"):
+        partial_dtype("bf16", torch.bfloat16)

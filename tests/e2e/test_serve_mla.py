@@ -143,21 +143,25 @@ class _SameTokensAsTheHelixServer:
 
 
 class TestHelixValueExchangeTp2(_SameTokensAsTheHelixServer):
-    """--helix-mla-exchange value (W_UV replicated, values exchanged) with HOP-B 2: the same
-    tokens as transformers and as the latent exchange."""
+    """--helix-mla-exchange value (W_UV replicated, values exchanged) with HOP-B 2 and
+    --helix-exchange-dtype activation (the partials in the model dtype: fp32 here, so the same
+    numbers; this proves the flag reaches the layout): the same tokens as transformers and as the
+    latent exchange."""
 
     @pytest.fixture(scope="class")
     def server(self, model):
-        args = ["--enable-helix", "--helix-mla-exchange", "value", "--helix-hopb-slices", "2"]
+        args = ["--enable-helix", "--helix-mla-exchange", "value", "--helix-hopb-slices", "2",
+                "--helix-exchange-dtype", "activation"]
         with _serve(model, args) as server:
             yield server
 
     def test_value_exchange_is_live(self, server):
         log = server.log(10**7)
-        assert "mla_exchange=value" in log
+        assert "mla_exchange=value" in log and "exchange_dtype=activation" in log
         assert "replicated W_UV (all heads, --helix-mla-exchange value) in 3 MLA layers" in log
         state = ts.request_json(server.base_url + "/server_info")["internal_states"][0]["helix"]
         assert state["layout"]["mla_exchange"] == "value"
+        assert state["layout"]["exchange_dtype"] == "activation"
 
 
 

@@ -7,9 +7,9 @@ Ranks rebuild their inputs from the case spec (seeded) and return [B, H/N, Dv]; 
 gathers the N head slices in rank order and compares with full attention.
 
 Tolerances: fp32 atol=rtol=1e-5 (only summation order differs). bf16: inputs are bf16 and the
-reference runs in fp32 on those same values; Helix rounds each partial to bf16 before the
-exchange and the merged output again (a2a), so expect ~2 bf16 roundings (2^-8 relative each):
-atol=rtol=1.6e-2.
+reference runs in fp32 on those same values; Helix exchanges fp32 partials by default and rounds
+the merged output once; the "activation" exchange cases (--helix-exchange-dtype) round each
+partial to bf16 too, so expect ~2 bf16 roundings (2^-8 relative each): atol=rtol=1.6e-2 for both.
 """
 
 from __future__ import annotations
@@ -49,11 +49,17 @@ def make_specs(world: int) -> list[dict]:
         for (pi, page), slices, (bi, backend), (ii, impl) in combos:
             dtype = (torch.float32, torch.bfloat16)[(pi + bi + ii) % 2]
             specs.append(dict(kind=kind, kvp=kvp, tpa=tpa, page=page, slices=slices,
-                              backend=backend, dtype=dtype, seqs=SEQS[page], seed=7, impl=impl))
+                              backend=backend, dtype=dtype, seqs=SEQS[page], seed=7, impl=impl,
+                              exchange="fp32"))
         # same batch size, much longer context: bytes on the wire must not change
         twin = next(s for s in specs[-36:] if s["page"] == 16 and s["slices"] == 1
                     and s["backend"] == "a2a" and s["impl"] == "auto")
         specs.append({**twin, "seqs": LONG_SEQS, "seed": 8})
+        # --helix-exchange-dtype activation: bf16 partials on the wire (HOP-B 1 and 2, both backends)
+        for slices, backend in itertools.product((1, 2), ("a2a", "ag_rs")):
+            specs.append(dict(kind=kind, kvp=kvp, tpa=tpa, page=16, slices=slices, backend=backend,
+                              dtype=torch.bfloat16, seqs=SEQS[16], seed=9, impl="auto",
+                              exchange="activation"))
     return specs
 
 
@@ -80,7 +86,8 @@ def config_of(spec: dict) -> HelixConfig:
     mla = spec["kind"] == "mla"
     return HelixConfig(kvp=spec["kvp"], tpa=spec["tpa"], num_heads=H,
                        num_kv_heads=1 if mla else K_GQA, mla=mla, page_size=spec["page"],
-                       comm_backend=spec["backend"], hopb_slices=spec["slices"])
+                       comm_backend=spec["backend"], hopb_slices=spec["slices"],
+                       exchange_dtype=spec["exchange"])
 
 
 def reference(spec: dict) -> torch.Tensor:
@@ -159,7 +166,7 @@ def _case_id(case) -> str:
     w, i = case
     s = make_specs(w)[i]
     return (f"{s['kind']}-kvp{s['kvp']}xtpa{s['tpa']}-P{s['page']}-s{s['slices']}-{s['backend']}-"
-            f"{str(s['dtype'])[6:]}-{s['impl']}-L{max(s['seqs'])}")
+            f"{str(s['dtype'])[6:]}-{s['impl']}-L{max(s['seqs'])}-x{s['exchange']}")
 
 
 def _expected_bytes(spec: dict) -> int:
@@ -168,8 +175,9 @@ def _expected_bytes(spec: dict) -> int:
         return 0
     bsz, hl = len(spec["seqs"]), cfg.heads_per_tpa
     dv = R if spec["kind"] == "mla" else DV
-    if spec["backend"] == "a2a":  # partials travel in fp32 whatever the activation dtype
-        return a2a_bytes_per_rank(bsz, hl, dv, 4, cfg.kvp)
+    if spec["backend"] == "a2a":  # fp32 partials, or the activation dtype's (--helix-exchange-dtype)
+        itemsize = 4 if spec["exchange"] == "fp32" else spec["dtype"].itemsize
+        return a2a_bytes_per_rank(bsz, hl, dv, itemsize, cfg.kvp)
     return bsz * hl * 4 * (cfg.kvp - 1) + bsz * hl * dv * 4 * (cfg.kvp - 1) // cfg.kvp
 
 

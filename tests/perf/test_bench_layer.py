@@ -103,3 +103,14 @@ def test_bench_layer_fp8_kv_rows(tmp_path):
     assert (float(fp8["kv_ratio"]), float(bf16["kv_ratio"])) == (0.5, 1.0)
     assert fp8["bytes_per_rank"] == bf16["bytes_per_rank"] == str(a2a_bytes_per_rank(2, 16, 512, 4, 2))
     assert "| KV dtype | KV bytes vs bf16 |" in (tmp_path / "bench_layer_deepseek-v3-lite_b2.md").read_text()
+
+
+@pytest.mark.multirank
+def test_bench_layer_exchange_dtype_activation(tmp_path):
+    """--exchange-dtype activation: bf16 partials on the wire, 2 bytes per element (the fp32
+    default sends 4: test_bench_layer_smoke); ag_rs reduce-scatters fp32 either way."""
+    rows = run_bench(tmp_path, "deepseek-v3-lite", "--kvp", "2", "--ctx-len-end", "128",
+                     "--exchange-dtype", "activation", "--no-plain-tp")
+    sent = {r["backend"]: int(r["bytes_per_rank"]) for r in rows}
+    assert sent == {"a2a": a2a_bytes_per_rank(2, 16, 512, 2, 2),
+                    "ag_rs": 2 * 16 * 4 * 1 + 2 * 16 * 512 * 4 // 2}

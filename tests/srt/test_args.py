@@ -176,6 +176,25 @@ def test_mla_exchange_flag_default_and_value():
         HelixServerArgs(helix_mla_exchange="value")
 
 
+def test_exchange_dtype_flag_default_and_activation():
+    from sglang_helix.config import DEFAULT_EXCHANGE_DTYPE
+    from sglang_helix.srt.args import describe
+
+    assert DEFAULT_EXCHANGE_DTYPE == "fp32"
+    for model, tp in ((DSV3, 2), (LLAMA, 4)):
+        assert resolve_helix_args(helix(), server(tp=tp), model).exchange_dtype == "fp32"
+        args = parse_helix_argv(["--enable-helix", "--helix-exchange-dtype", "activation"])
+        assert args == helix(helix_exchange_dtype="activation")
+        cfg = resolve_helix_args(args, server(tp=tp), model)
+        assert cfg.exchange_dtype == "activation" and "exchange_dtype=activation" in describe(cfg)
+    with pytest.raises(SystemExit):  # argparse choices
+        parse_helix_argv(["--enable-helix", "--helix-exchange-dtype", "bf16"])
+    with pytest.raises(HelixConfigError, match="--helix-exchange-dtype 'bf16': choose one of fp32, activation"):
+        helix(helix_exchange_dtype="bf16")
+    with pytest.raises(HelixConfigError, match="--helix-exchange-dtype.*without --enable-helix"):
+        HelixServerArgs(helix_exchange_dtype="activation")
+
+
 @pytest.mark.parametrize("mode", ["value", "latent"])
 def test_refuse_mla_exchange_for_gqa(mode):
     refused(rf"--helix-mla-exchange {mode} applies to MLA models only.*drop --helix-mla-exchange",

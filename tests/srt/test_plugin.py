@@ -136,7 +136,8 @@ def test_hooks_store_helix_args_that_survive_pickle_and_spawn(tmp_path, tiny_lla
     assert "prepare_server_args" in out["before_apply"]
     assert out["plain_attr"] is False and out["plain_resolved"] is True
     expected = ("HelixServerArgs(enable_helix=True, helix_kvp_size=2, helix_tpa_size=2, "
-                "helix_comm_backend='a2a', helix_hopb_slices=2, helix_mla_exchange=None)")
+                "helix_comm_backend='a2a', helix_hopb_slices=2, helix_mla_exchange=None, "
+                "helix_exchange_dtype='fp32')")
     assert out["attr"] == out["pickled"] == out["child"] == expected
     assert out["child_server_args"] is True
 

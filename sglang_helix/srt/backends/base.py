@@ -11,7 +11,8 @@ FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): the pool stores fp8 pages in SGLa
 scale convention (kernels/kv_quant.py; the layer's k_scale / v_scale, 1 without a KV quant
 method); the kernels upcast them tile by tile with those scales; a chunk's own new K/V go through
 the same fp8 rounding as the pages they are stored in (as SGLang's torch_native backend reads
-them back from its pool); partials and LSEs are exchanged in fp32 (rounded to the activation dtype once, after the merge).
+them back from its pool); partials are exchanged in fp32 (rounded to the activation dtype once,
+after the merge) or, with --helix-exchange-dtype activation, in the activation dtype; LSEs in fp32.
 
 The KVP group and rank come from srt.state.runtime() (created collectively right after SGLang's
 initialize_model_parallel); the constructor runs no collective.
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from ...comm import partial_dtype
 from ...config import HelixConfig, HelixConfigError
 from ...decode import HelixAttention
 from ...extend import helix_extend
@@ -215,7 +217,8 @@ class HelixBackendBase(_attention_backend_base()):
                            kvp_rank=self.cfg.kvp_rank(self.rank),
                            heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange,
                            w_uv=self._value_projection(kwargs), impl=self._extend_impl(),
-                           k_scale=k_scale, v_scale=v_scale)
+                           k_scale=k_scale, v_scale=v_scale,
+                           partial_dtype=partial_dtype(self.cfg.exchange_dtype, q3.dtype))
         return out.reshape(out.shape[0], -1)
 
     def _extend_impl(self) -> str:
