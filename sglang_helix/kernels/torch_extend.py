@@ -3,8 +3,12 @@
 One algorithm serves both halves of a Helix extend, for GQA and absorbed MLA alike:
 - the chunk's causal self-attention (keys = the chunk's own new K/V, dense), and
 - the partial over this rank's pages of a cached prefix (keys gathered page by page).
-Queries are walked in tiles and keys in tiles with an online softmax, so nothing of size
-n x n (or n x prefix) is materialised and each prefix page is read once per query tile.
+Keys are fetched in tiles (each prefix page read once per query tile) and tiles are combined by
+their LSEs, so nothing of size n x n (or n x prefix) is materialised. A tile's attention is, on
+CPU, ATen's fused flash attention (`_scaled_dot_product_flash_attention_for_cpu`: blocked
+online softmax in fp32, returns the natural-log LSE; about 2x the rate of the matmul / exp
+passes on 2 AVX-512 cores, docs/results.md "Long contexts"), elsewhere (or without that op)
+explicit matmuls with an online softmax per query tile.
 Accumulation is fp32; out comes back fp32, lse natural log fp32 (-inf where a query sees no key).
 Keys may be fp8 pages (kv_quant): each fetched tile is upcast on its own, k_scale folded into the
 query scale and v_scale into the output; no pool is dequantized.
@@ -20,11 +24,13 @@ import torch
 from .kv_quant import upcast
 from .torch_decode import _OnlineSoftmax
 
-# fp32 elements of one scores tile [Hq, q_tile, k_tile]: ~16 MB, unless _MIN_K_TILE keys x Hq x
-# q_tile is more (many heads: then a tile is _MIN_K_TILE keys wide).
+# fp32 elements of one scores tile [Hq, q_tile, k_tile] (matmul path) or of one fetched fp32
+# K/V tile (flash path): ~16 MB, unless _MIN_K_TILE keys are more (many heads).
 _TILE_ELEMS = 4 * 1024 * 1024
 _Q_TILE = 512
 _MIN_K_TILE = 256
+# ATen's fused CPU flash attention (q, k, v same dtype and head size; no empty q or k).
+_SDPA_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 KeyFetch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,21 +47,91 @@ def tiled_attention_lse(q: torch.Tensor, fetch: KeyFetch, length: int, dv: int, 
 
     fetch(k0, k1) -> (k [k1-k0, Hk, D], v [k1-k0, Hk, Dv]) for keys [k0, k1); Hq % Hk == 0;
     fp8 tiles are read as k * k_scale, v * v_scale (kv_quant).
-    causal_offset c: query i sees keys 0 .. i + c (None: all keys). k_multiple: key tiles start
-    at multiples of it (the page size, so a paged fetch gathers whole pages).
+    causal_offset c >= 0: query i sees keys 0 .. i + c (None: all keys). k_multiple: key tiles
+    start at multiples of it (the page size, so a paged fetch gathers whole pages).
     Returns out [n, Hq, Dv] fp32 (0 where a query sees no key) and lse [n, Hq] fp32 (-inf there).
     """
     n, hq, _ = q.shape
+    if causal_offset is not None and causal_offset < 0:
+        raise ValueError(f"causal_offset must be >= 0 or None, got {causal_offset}")
     out = torch.zeros(n, hq, dv, dtype=torch.float32, device=q.device)
     lse = torch.full((n, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    if n == 0 or length <= 0:
+        return out, lse
+    flash = q.device.type == "cpu" and _SDPA_CPU is not None
+    tile = _flash_query_tile if flash else _query_tile
     for q0 in range(0, n, _Q_TILE):
         q1 = min(n, q0 + _Q_TILE)
         stop = length if causal_offset is None else min(length, q1 + causal_offset)
-        _query_tile(q[q0:q1], q0, fetch, stop, scale * k_scale, causal_offset, k_multiple,
-                    out[q0:q1], lse[q0:q1])
+        tile(q[q0:q1], q0, fetch, stop, scale * k_scale, causal_offset, k_multiple,
+             out[q0:q1], lse[q0:q1])
     if v_scale != 1.0:
         out.mul_(v_scale)
     return out, lse
+
+
+def _flash_query_tile(q, q0, fetch, stop, scale, causal_offset, k_multiple, out, lse) -> None:
+    """One query tile by fused flash attention: the keys every query of the tile sees
+    ([0, q0 + c), or all) in key tiles without a mask, then the causal square [q0 + c, stop),
+    top-left aligned (query i of the tile sees its keys 0..i). Every query sees at least one key
+    of each call, so no row is empty; the calls are combined by their LSEs."""
+    open_end = stop if causal_offset is None else min(stop, q0 + causal_offset)
+    acc = None
+    if open_end > 0:
+        k, v = fetch(0, min(open_end, k_multiple))  # one page: the per-key width
+        step = _k_tile(k.shape[1] * (k.shape[2] + v.shape[2]), 1, k_multiple)
+        for k0 in range(0, open_end, step):
+            k1 = min(open_end, k0 + step)
+            acc = _combine(acc, _flash(q, *_fetch_range(fetch, k0, k1, k_multiple), scale, False))
+    if stop > open_end:
+        acc = _combine(acc, _flash(q, *_fetch_range(fetch, open_end, stop, k_multiple), scale, True))
+    out.copy_(acc[0])
+    lse.copy_(acc[1])
+
+
+def _fetch_range(fetch: KeyFetch, k0: int, k1: int, k_multiple: int):
+    """fetch() of keys [k0, k1) where k0 need not be a multiple of k_multiple."""
+    a0 = k0 // k_multiple * k_multiple
+    k, v = fetch(a0, k1)
+    return k[k0 - a0:], v[k0 - a0:]
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """One fused flash-attention call: q [n, Hq, D], k [t, Hk, D], v [t, Hk, Dv] ->
+    (out [n, Hq, Dv] fp32, lse [n, Hq] fp32 natural log). causal: top-left (query i sees keys
+    0..i). Without a mask the G = Hq / Hk query heads of a KV head fold into the query rows."""
+    n, hq, d = q.shape
+    t, hk, dv = v.shape
+    group = hq // hk
+    kf = upcast(k)
+    shared = v.data_ptr() == k.data_ptr() and v.stride() == k.stride()  # MLA: v = k[..., :Dv]
+    vf = kf if shared else upcast(v)
+    width = max(d, vf.shape[2])
+    qf = _pad(q.float(), width).reshape(n, hk, group, width)
+    kf, vf = _pad(kf, width).permute(1, 0, 2), _pad(vf, width).permute(1, 0, 2)  # [Hk, t, W]
+    if causal:  # [Hk, G, n, W] against keys broadcast over G (a stride-0 view)
+        qq = qf.permute(1, 2, 0, 3)
+        kk, vv = (x.unsqueeze(1).expand(hk, group, t, width) for x in (kf, vf))
+    else:  # [Hk, 1, G * n, W], rows ordered (g, i)
+        qq = qf.permute(1, 2, 0, 3).reshape(hk, 1, group * n, width)
+        kk, vv = kf.unsqueeze(1), vf.unsqueeze(1)
+    o, l = _SDPA_CPU(qq, kk, vv, 0.0, causal, scale=scale)[:2]
+    o = o.reshape(hk, group, n, width)[..., :dv].permute(2, 0, 1, 3).reshape(n, hq, dv)
+    return o, l.reshape(hk, group, n).permute(2, 0, 1).reshape(n, hq)
+
+
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dim to width (zeros change neither q . k nor the used value columns)."""
+    return x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _combine(acc, part):
+    """LSE-merge of two attention results over disjoint keys (no -inf rows: see callers)."""
+    if acc is None:
+        return part
+    (o1, l1), (o2, l2) = acc, part
+    lse = torch.logaddexp(l1, l2)
+    return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1), lse
 
 
 def _query_tile(q, q0, fetch, stop, scale, causal_offset, k_multiple, out, lse) -> None:

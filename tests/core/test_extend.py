@@ -33,22 +33,67 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(torch_extend, "_TILE_ELEMS", 8)
 
 
+@pytest.fixture(params=["flash", "matmul"])
+def tile_path(request, monkeypatch):
+    """Both tile primitives: ATen's fused CPU flash attention (what CPU runs) and the explicit
+    matmul + online softmax (other devices, or a torch without the op); the flash calls are
+    counted so a test knows it really ran."""
+    calls = []
+    if request.param == "matmul":
+        monkeypatch.setattr(torch_extend, "_SDPA_CPU", None)
+    else:
+        real = torch_extend._SDPA_CPU
+        assert real is not None, "this torch has no _scaled_dot_product_flash_attention_for_cpu"
+        monkeypatch.setattr(torch_extend, "_SDPA_CPU", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
+    return request.param, calls
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
-@pytest.mark.parametrize("hq, hk", [(4, 2), (6, 1), (3, 3)])
-@pytest.mark.parametrize("causal", [True, False])
-def test_tiled_attention_matches_reference(small_tiles, dtype, hq, hk, causal):
-    g = torch.Generator().manual_seed(hq * 10 + hk)
-    n, length = 23, 23 if causal else 31
+@pytest.mark.parametrize("hq, hk, dv", [(4, 2, 5), (6, 1, 5), (3, 3, 5), (4, 2, 11)])
+@pytest.mark.parametrize("offset", [0, 7, None], ids=["causal", "causal-offset", "full"])
+def test_tiled_attention_matches_reference(small_tiles, tile_path, dtype, hq, hk, dv, offset):
+    """Dv < D and Dv > D (the flash path pads to one head size), causal with and without an
+    offset (query i sees keys 0..i + offset), small tiles so every tile boundary is crossed."""
+    g = torch.Generator().manual_seed(hq * 10 + hk + dv)
+    n = 23
+    length = 31 if offset is None else n + offset
     q = torch.randn(n, hq, 8, generator=g).to(dtype)
     k = torch.randn(length, hk, 8, generator=g).to(dtype)
-    v = torch.randn(length, hk, 5, generator=g).to(dtype)
-    offset = 0 if causal else None
-    out, lse = torch_extend.tiled_attention_lse(q, torch_extend.dense_fetch(k, v), length, 5, 0.4,
+    v = torch.randn(length, hk, dv, generator=g).to(dtype)
+    out, lse = torch_extend.tiled_attention_lse(q, torch_extend.dense_fetch(k, v), length, dv, 0.4,
                                                 causal_offset=offset)
     ref_out, ref_lse = attention_lse_ref(q, k, v, 0.4, offset)
+    path, calls = tile_path
+    if path == "flash":  # several key tiles, and the causal square where there is one
+        assert len(calls) > 2 and any(calls) == (offset is not None)
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out, ref_out, **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
+
+
+def test_tiled_attention_mla_values_share_the_key_rows(small_tiles, tile_path):
+    """MLA: v = k[..., :R] is a view of the same paged rows (read once); ragged last page."""
+    g = torch.Generator().manual_seed(5)
+    page, length, rank_r = 4, 18, 6
+    cache = torch.randn(7, page, 1, rank_r + 2, generator=g)
+    pages = torch.tensor([5, 0, 3, 6, 2])
+    q = torch.randn(9, 4, rank_r + 2, generator=g)
+    fetch = torch_extend.paged_fetch(cache, cache[..., :rank_r], pages, page)
+    out, lse = torch_extend.tiled_attention_lse(q, fetch, length, rank_r, 0.3, k_multiple=page)
+    rows = cache[pages].flatten(0, 1)[:length]
+    want_out, want_lse = attention_lse_ref(q, rows, rows[..., :rank_r], 0.3)
+    torch.testing.assert_close(out, want_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
+
+
+def test_tiled_attention_empty_inputs_and_bad_offset(tile_path):
+    q = torch.randn(3, 2, 4)
+    out, lse = torch_extend.tiled_attention_lse(q, lambda a, b: (None, None), 0, 4, 0.5)
+    assert torch.equal(out, torch.zeros(3, 2, 4)) and torch.isneginf(lse).all()
+    out, lse = torch_extend.tiled_attention_lse(q[:0], lambda a, b: (None, None), 5, 4, 0.5)
+    assert out.shape == (0, 2, 4) and lse.shape == (0, 2)
+    with pytest.raises(ValueError, match="causal_offset must be >= 0"):
+        torch_extend.tiled_attention_lse(q, lambda a, b: (None, None), 5, 4, 0.5, causal_offset=-1)
 
 
 def test_chunk_attention_is_causal_per_request(small_tiles):
