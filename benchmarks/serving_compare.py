@@ -53,7 +53,9 @@ max_total_num_tokens) before anything is measured.
 Columns: TTFT mean / p99, TPOT p50 / p99, ITL p50 (ms), output tok/s (all requests),
 tok/s/user = 1000 / TPOT p50, per-rank KV bytes of one request (plain TP: all its pages on every
 rank; Helix: the KVP rank holding the most of its pages, ceil(pages / KVP)), per-rank KV pool bytes,
-and the largest concurrency whose L + OUT-token contexts fit the per-rank budget.
+the largest concurrency whose L + OUT-token contexts fit the per-rank budget, and the peak RSS
+of the busier rank process during the run (VmHWM of each sglang::scheduler process, reset through
+/proc/<pid>/clear_refs before the run; Linux).
 
 Every failure is an error, never a row: a server that does not start (log tail), a client that
 exits non-zero or times out (its log tail), a failed request, a count of completed requests or of
@@ -109,7 +111,7 @@ CSV_FIELDS = (
     "config", "context_len", "concurrency", "num_prompts", "output_len",
     "ttft_mean_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p50_ms",
     "output_tok_s", "tok_s_user", "kv_bytes_per_request_per_rank", "kv_pool_bytes_per_rank",
-    "max_concurrency_in_budget", "duration_s", "accept_len",
+    "max_concurrency_in_budget", "duration_s", "accept_len", "peak_rss_mb_per_rank",
 )
 # Keys of sglang.benchmark.serving's --output-file JSON (0.5.23) -> our columns.
 METRIC_KEYS = {
@@ -387,13 +389,15 @@ def run_accept_length(before: tuple[int, int] | None, after: tuple[int, int] | N
 
 def make_row(config: str, context_len: int, concurrency: int, num_prompts: int, output_len: int,
              metrics: Mapping[str, float], pool: PoolInfo, bytes_per_token: int,
-             accept_len: float | None = None) -> dict[str, Any]:
+             accept_len: float | None = None, peak_rss: Sequence[int] = ()) -> dict[str, Any]:
     """One CSV row: client metrics + the per-rank KV arithmetic of the live pool (+ the run's
-    acceptance length for speculative configs, None otherwise)."""
+    acceptance length for speculative configs, None otherwise; + the largest peak RSS of the
+    rank processes during the run, bytes per rank in `peak_rss`, shown in MB)."""
     tokens = context_len + output_len
     row: dict[str, Any] = {
         "config": config, "context_len": context_len, "concurrency": concurrency,
         "num_prompts": num_prompts, "output_len": output_len, **metrics, "accept_len": accept_len,
+        "peak_rss_mb_per_rank": max(peak_rss) / 2**20 if peak_rss else None,
         "kv_bytes_per_request_per_rank": kv_bytes_per_request_per_rank(
             tokens, pool.page_size, pool.kvp, bytes_per_token),
         "kv_pool_bytes_per_rank": pool.rows_per_rank * bytes_per_token,
@@ -436,6 +440,7 @@ TABLE_COLUMNS = (
     ("out tok/s", "output_tok_s", "{:.2f}"), ("tok/s/user", "tok_s_user", "{:.2f}"),
     ("KV B/req/rank", "kv_bytes_per_request_per_rank", "{:,}"),
     ("max C in budget", "max_concurrency_in_budget", "{}"), ("accept len", "accept_len", "{:.2f}"),
+    ("peak RSS/rank MB", "peak_rss_mb_per_rank", "{:,.0f}"),
 )
 
 
@@ -753,7 +758,8 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                 model_cfg: Mapping[str, Any], dataset: Path, work: Path,
                 server_common: Sequence[str], bar: Any, rows: list[dict[str, Any]]) -> None:
     """One server for `config`: check its pool, warm it up, run every (L, C); rows appended."""
-    from sglang_helix.dev.server import launch_server, request_json
+    from sglang_helix.dev.server import (launch_server, peak_rss_bytes, rank_pids, request_json,
+                                         reset_peak_rss)
 
     bpt = kv_bytes_per_token(model_cfg, args.dtype, config.kvp)
     with launch_server(model, [*server_common, *config.server_args()], tp=TP,
@@ -763,6 +769,10 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
         check_pool_matches_budget(
             pool, budget_rows(args.kv_budget_tokens, model_cfg, args.dtype, config.kvp), config.name)
         _server_warmup(server.base_url, int(model_cfg["vocab_size"]))
+        ranks = rank_pids(server.process.pid)
+        if len(ranks) != TP:
+            raise ServingCompareError(f"{config.name}: found {len(ranks)} sglang::scheduler "
+                                      f"processes, expected {TP} (peak RSS per rank)")
         for length in args.context_lens:
             for conc in args.concurrency:
                 bar.set_postfix_str(f"{config.name} L={length} C={conc}")
@@ -778,8 +788,10 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                     # flushes again when it starts: read them after our own flush, so the
                     # difference below is this run whether or not the client's flush succeeds.
                     before = (_flush_and_count(server.base_url) if config.ngram else None)
+                    reset_peak_rss(ranks)
                     run_client(argv, work / f"{tag}.log", args.run_timeout)
                     _check_alive(server, config.name)
+                    peak = peak_rss_bytes(ranks)
                     metrics = parse_result(out_file, num_prompts=n, input_len=length,
                                            output_len=args.output_len, concurrency=conc)
                     accept = run_accept_length(before, spec_counts(request_json(info_url)),
@@ -787,7 +799,7 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                 except ServingCompareError as exc:
                     raise ServingCompareError(f"{tag}: {exc}\n(server log {server.log_path})") from exc
                 rows.append(make_row(config.name, length, conc, n, args.output_len, metrics,
-                                     pool, bpt, accept))
+                                     pool, bpt, accept, peak))
                 bar.update(1)
 
 

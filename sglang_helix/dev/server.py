@@ -127,6 +127,40 @@ def _alive(procs: Sequence[Any]) -> list[Any]:
     return out
 
 
+def rank_pids(pid: int) -> list[int]:
+    """Pids of the SGLang scheduler (rank) processes under `pid` (titled sglang::scheduler_*)."""
+    import psutil
+
+    out = []
+    for proc in _descendants(pid):
+        try:
+            title = " ".join(proc.cmdline()) or proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        if title.startswith("sglang::scheduler"):
+            out.append(proc.pid)
+    return sorted(out)
+
+
+def vm_hwm_bytes(status_text: str) -> int:
+    """Peak resident set size from a /proc/<pid>/status text (its VmHWM line, in kB)."""
+    for line in status_text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("no VmHWM line in the status text (not Linux /proc/<pid>/status?)")
+
+
+def peak_rss_bytes(pids: Sequence[int]) -> list[int]:
+    """Peak RSS of each pid since it started or since reset_peak_rss (Linux /proc)."""
+    return [vm_hwm_bytes(Path(f"/proc/{pid}/status").read_text()) for pid in pids]
+
+
+def reset_peak_rss(pids: Sequence[int]) -> None:
+    """Restart each pid's peak RSS from its current RSS ("5" > /proc/<pid>/clear_refs; Linux)."""
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def kill_tree(popen: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM the process group (and any descendant that left it), then SIGKILL; verify.
 

@@ -164,6 +164,15 @@ class TestHelixValueExchangeTp2(_SameTokensAsTheHelixServer):
         assert state["layout"]["exchange_dtype"] == "activation"
 
 
+    def test_rank_processes_and_their_peak_rss(self, server):
+        """What serving_compare's peak-RSS column reads: the TP 2 scheduler processes."""
+        from sglang_helix.dev.server import peak_rss_bytes, rank_pids
+
+        ranks = rank_pids(server.process.pid)
+        assert len(ranks) == 2
+        assert all(peak > 100 * 2**20 for peak in peak_rss_bytes(ranks))  # a loaded model each
+
+
 
 class TestHelixOffTp2(_SameTokensAsTheHelixServer):
     """Helix off: the plugin's CPU absorbed-MLA fix (srt.cpu.mla_fix) alone makes SGLang serve this shape."""

@@ -396,13 +396,13 @@ def test_accept_len_in_rows_csv_and_table(tmp_path):
             sc.make_row("helix-a2a-ngram", 1024, 1, 4, 64, metrics, pool, 1024, 2.5)]
     assert rows[0]["accept_len"] is None and rows[1]["accept_len"] == 2.5
     table = sc.format_table(rows).splitlines()
-    assert table[0].endswith("| accept len |")
-    assert table[2].endswith("| - |") and table[3].endswith("| 2.50 |")
+    assert table[0].endswith("| accept len | peak RSS/rank MB |")  # no RSS given: "-"
+    assert table[2].endswith("| - | - |") and table[3].endswith("| 2.50 | - |")
     back = sc.read_csv(sc.write_csv(tmp_path / "x.csv", rows, {}))
     assert back[0]["accept_len"] == "" and float(back[1]["accept_len"]) == 2.5
     assert sc.format_table(back) == "\n".join(table)
     old = [{k: v for k, v in r.items() if k != "accept_len"} for r in back]  # a pre-NGRAM CSV
-    assert sc.format_table(old).splitlines()[3].endswith("| - |")
+    assert sc.format_table(old).splitlines()[3].endswith("| - | - |")
 
 
 def test_repetitive_prompt_set_repeats_one_phrase_after_distinct_indices(tmp_path):
@@ -461,3 +461,34 @@ def test_flush_and_count_retries_while_the_server_is_busy():
             sc._flush_and_count(url, timeout_s=0.0)
     finally:
         server.shutdown()
+
+
+def test_peak_rss_column_in_rows_and_table():
+    pool = sc.PoolInfo(64, 64, 2)
+    metrics = {"ttft_mean_ms": 1.0, "ttft_p99_ms": 1.0, "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0,
+               "itl_p50_ms": 1.0, "output_tok_s": 1.0, "tok_s_user": 1.0, "duration_s": 1.0}
+    row = sc.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672, None, [300 * 2**20, 512 * 2**20])
+    assert row["peak_rss_mb_per_rank"] == 512.0  # the busier rank
+    assert sc.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672)["peak_rss_mb_per_rank"] is None
+    assert "| peak RSS/rank MB |" in sc.format_table([row]) and "| 512 |" in sc.format_table([row])
+
+
+def test_peak_rss_reads_and_resets_vmhwm_of_a_process():
+    """On this process: touching 256 MB raises VmHWM by about that; after freeing it, the
+    clear_refs reset brings the peak back down (what serving_compare does before each run)."""
+    import os
+
+    from sglang_helix.dev.server import peak_rss_bytes, reset_peak_rss, vm_hwm_bytes
+
+    assert vm_hwm_bytes("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t 1 kB\n") == 2048 * 1024
+    with pytest.raises(ValueError, match="VmHWM"):
+        vm_hwm_bytes("Name:\tx\n")
+    me = [os.getpid()]
+    reset_peak_rss(me)
+    before = peak_rss_bytes(me)[0]
+    block = bytearray(256 * 2**20)  # zero-filled: every page touched
+    high = peak_rss_bytes(me)[0]
+    del block
+    reset_peak_rss(me)
+    low = peak_rss_bytes(me)[0]
+    assert high - before > 200 * 2**20 and high - low > 200 * 2**20, (before, high, low)
