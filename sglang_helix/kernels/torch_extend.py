@@ -60,8 +60,10 @@ def tiled_attention_lse(q: torch.Tensor, fetch: KeyFetch, length: int, dv: int, 
         return out, lse
     flash = q.device.type == "cpu" and _SDPA_CPU is not None
     tile = _flash_query_tile if flash else _query_tile
-    for q0 in range(0, n, _Q_TILE):
-        q1 = min(n, q0 + _Q_TILE)
+    # Without a mask the flash kernel blocks the queries itself: one tile reads each key once.
+    q_step = n if flash and causal_offset is None else _Q_TILE
+    for q0 in range(0, n, q_step):
+        q1 = min(n, q0 + q_step)
         stop = length if causal_offset is None else min(length, q1 + causal_offset)
         tile(q[q0:q1], q0, fetch, stop, scale * k_scale, causal_offset, k_multiple,
              out[q0:q1], lse[q0:q1])
