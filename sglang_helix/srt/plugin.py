@@ -41,7 +41,7 @@ from typing import Any
 
 from . import hooks, state, validate
 from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
-from .cpu import fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix
+from .cpu import fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix, threads_fix
 from .hooks import HelixHookError, HookSpec, wraps_hook
 from .pd import PD_HOOKS
 
@@ -81,6 +81,8 @@ def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], .
               ("NGRAM chain drafts", spec.SPEC_HOOKS))
     if cpu_engine and mla_fix.cpu_mla_fix_wanted():
         tables += (("CPU absorbed-MLA fix", mla_fix.CPU_MLA_HOOKS),)
+    if cpu_engine and threads_fix.cpu_threads_fix_wanted():
+        tables += (("CPU torch threads per rank", threads_fix.CPU_THREADS_HOOKS),)
     if cpu_engine and moe_fix.cpu_moe_fix_wanted():
         tables += (("CPU native-MoE fix (EP -1 ids, empty batch)", moe_fix.CPU_MOE_HOOKS),)
     if cpu_engine:

@@ -170,6 +170,8 @@ class TestHelixValueExchangeTp2(_SameTokensAsTheHelixServer):
 
         ranks = rank_pids(server.process.pid)
         assert len(ranks) == 2
+        # srt.cpu.threads_fix: one torch thread per rank (its one core), logged by each rank
+        assert server.log(10**7).count("sglang_helix: torch threads = 1 for this rank's cores") == 2
         assert all(peak > 100 * 2**20 for peak in peak_rss_bytes(ranks))  # a loaded model each
 
 
