@@ -23,7 +23,7 @@ defaults
 refusals (each message names the flag and the fix)
   KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
   --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1; --pp-size > 1;
-  speculative decoding but NGRAM chains on GQA (srt.spec_rules); --ep-size not dividing --tp-size
+  speculative decoding but NGRAM chains (srt.spec_rules); --ep-size not dividing --tp-size
   and the experts; nvshmem off CUDA; an attention backend or architecture without a Helix path;
   --helix-mla-exchange for GQA.
 
@@ -222,7 +222,7 @@ def resolve_helix_args(
     server = ServerLayout.of(server_args_like)
     check_server_compat(helix_args, server)
     _check_architecture(model_info)
-    check_speculative(server.speculative_algorithm, is_mla=model_info.is_mla)
+    check_speculative(server.speculative_algorithm)
     _check_attention_backends(server, model_info)
     _check_ep(server, model_info.num_experts)
     kvp, tpa = _resolve_sizes(helix_args, server.tp_size, model_info)

@@ -42,7 +42,7 @@ import pytest
 from helpers import E2E_PROMPT_TEXTS, e2e_marks
 
 from sglang_helix.dev import server as ts
-from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer
+from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
 
 pytestmark = e2e_marks(900)
 
@@ -169,3 +169,55 @@ def test_helix_ngram_server_info_reports_acceptance_length(helix_plain, helix_sp
     assert 1 < state["avg_spec_accept_length"] <= DRAFTS, state["avg_spec_accept_length"]
     plain_state = helix_plain[2]
     assert "spec" not in plain_state["helix"] and "avg_spec_accept_length" not in plain_state
+
+
+# ---------------------------------------------------------------- MLA: tiny DeepSeek-V3-style, KVP 2
+# The same two rounds with Helix + NGRAM on the tiny MLA + MoE model (kv_lora_rank 48 !=
+# qk_nope_head_dim 24), TP 2 = KVP 2, chunked prefill 16 (the 44-token prompt in 3 chunks), against
+# transformers' fp32 greedy, which Helix off and Helix on without NGRAM match on this model
+# (tests/e2e/test_serve_mla.py): the drafts are verified by the same extend over the KV-sharded
+# latent prefix, and accepted drafts' latents stay on their page owners (MLA pool move_kv_cache).
+# One more launch (5 in all).
+
+MLA_CHUNK = ["--chunked-prefill-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def mla_model(tmp_path_factory):
+    return ensure_tiny_model("mla", tmp_path_factory.getbasetemp() / "tiny-cache")
+
+
+@pytest.fixture(scope="module")
+def mla_prompts(mla_model):
+    tok = load_tokenizer(mla_model)
+    return [tok.encode(text) for text in E2E_PROMPT_TEXTS] + [[40, 41, 42, 43, 44, 45] * 5]
+
+
+@pytest.fixture(scope="module")
+def mla_references(mla_model, mla_prompts):
+    refs = reference_greedy(mla_model, mla_prompts, MAX_NEW)
+    for ref in refs:  # margins well above fp32 noise: token equality is meaningful
+        assert ref.min_margin > 1e-4, ref.min_margin
+    return refs
+
+
+@pytest.fixture(scope="module")
+def mla_helix_spec(mla_model, mla_prompts):  # the server is gone when this returns
+    return _serve_helix(mla_model, mla_prompts, [*MLA_CHUNK, *NGRAM, "--decode-log-interval", "1"])
+
+
+def test_mla_helix_ngram_is_lossless(mla_references, mla_helix_spec):
+    for answers in mla_helix_spec[0]:
+        for ref, answer in zip(mla_references, answers):
+            assert ts.output_ids(answer) == ref.tokens
+
+
+def test_mla_helix_ngram_accepts_drafts_and_frees_every_page(mla_helix_spec):
+    answers, ranks, state = mla_helix_spec
+    for answer in answers[1]:  # round 2: the corpus holds round 1's continuations
+        meta = answer["meta_info"]
+        assert meta["spec_num_correct_drafts"] > 0 and meta["spec_accept_length"] > 1.5, meta
+        assert meta["spec_verify_ct"] < MAX_NEW - 1
+    assert len(ranks) == 2
+    assert all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+    assert 1 < state["helix"]["spec"]["avg_accept_length"] <= DRAFTS, state["helix"]["spec"]

@@ -305,19 +305,21 @@ def test_parse_args_quick_and_errors():
     assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(sc.DEFAULT_CONFIGS)
     assert (full.model, full.prompt_set, full.stem) == ("mla", "random", sc.STEM)
     for bad in (["--output-len", "1"], ["--concurrency", "0"], ["--configs", "tp4"],
-                ["--configs", "helix-a2a-ngram"], ["--prompt-set", "sharegpt"],
+                ["--prompt-set", "sharegpt"],
                 ["--model", "qwen3"]):
         with pytest.raises(SystemExit):
             sc.parse_args(bad)
 
 
-def test_parse_args_ngram_on_gqa_with_repetitive_prompts():
+def test_parse_args_ngram_with_repetitive_prompts():
     args = sc.parse_args(["--model", "gqa", "--configs", "helix-a2a", "helix-a2a-ngram",
                           "--prompt-set", "repetitive", "--context-lens", "1024"])
     assert args.configs == ["helix-a2a", "helix-a2a-ngram"]
     # its own CSV: the default run's docs/results/serving_compare.csv is not overwritten
     assert args.stem == "serving_compare-gqa-repetitive" != sc.STEM
     assert "helix-a2a-ngram" not in sc.DEFAULT_CONFIGS
+    mla = sc.parse_args(["--configs", "helix-a2a", "helix-a2a-ngram", "--prompt-set", "repetitive"])
+    assert (mla.model, mla.stem) == ("mla", "serving_compare-mla-repetitive")
 
 
 # ---------------------------------------------------------------- NGRAM configs, GQA, prompts
@@ -339,8 +341,7 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
 
     assert (flag("--speculative-algorithm"), flag("--speculative-num-draft-tokens"),
             flag("--speculative-ngram-max-bfs-breadth")) == ("NGRAM", "4", "1")
-    check_speculative(flag("--speculative-algorithm"), breadth=int(flag("--speculative-ngram-max-bfs-breadth")),
-                      is_mla=False)
+    check_speculative(flag("--speculative-algorithm"), breadth=int(flag("--speculative-ngram-max-bfs-breadth")))
     assert {a for a in args if a.startswith("--helix")} <= {f.flag for f in HELIX_FLAGS}
     for name in ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
         assert not sc.CONFIGS[name].ngram

@@ -292,15 +292,16 @@ def test_refuse_speculative_other_than_ngram(algo):
             helix(), server(speculative_algorithm=algo))
 
 
-def test_ngram_chain_drafts_accepted_for_gqa():
+def test_ngram_chain_drafts_accepted_for_gqa_and_mla():
     srv = server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1)
     assert resolve_helix_args(helix(), srv, LLAMA) is not None
+    assert resolve_helix_args(helix(), srv, DSV3).mla
     # planner / launch lines: breadth not given is not known yet (SGLang resolves its default)
     argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM"]
     assert check_launch(helix(), layout_from_argv(argv), LLAMA) is not None
 
 
-def test_refuse_ngram_trees_and_mla():
+def test_refuse_ngram_trees():
     # SGLang's resolved default breadth is 10: a draft tree
     refused(r"--speculative-ngram-max-bfs-breadth 10: Helix verifies chain drafts only.*"
             r"--speculative-ngram-max-bfs-breadth 1", helix(),
@@ -308,8 +309,6 @@ def test_refuse_ngram_trees_and_mla():
     argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "2"]
     with pytest.raises(HelixConfigError, match=r"--speculative-ngram-max-bfs-breadth 2"):
         check_launch(helix(), layout_from_argv(argv), LLAMA)
-    refused(r"--speculative-algorithm NGRAM with an MLA model.*drop --speculative-algorithm", helix(),
-            server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1), model=DSV3)
 
 
 def test_refuse_pipeline_parallel():

@@ -449,31 +449,34 @@ def test_pool_refuses_cross_rank_paths():
     pool = mla_pool(2, 0)
     with pytest.raises(pools.HelixPoolError, match="helix attention backend attends a cached prefix where it lies"):
         pool.get_mla_kv_buffer(None, t([8]))
-    with pytest.raises(pools.HelixPoolError, match="speculative"):
-        pool.move_kv_cache(t([8]), t([9]))  # MLA: no speculative path under Helix
 
 
+@pytest.mark.parametrize("kind", ["mha", "mla"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_mha_move_kv_cache_within_a_rank_only(rank):
-    """Speculative accept: moves inside one page color copy this rank's rows (others untouched);
-    a move across colors (another rank's KV) is refused, naming chain drafts."""
-    pool = mha_pool(2, rank)
-    k0, v0 = pool.get_kv_buffer(0)
-    k0.copy_(torch.randn_like(k0))
-    v0.copy_(torch.randn_like(v0))
-    before = k0.clone(), v0.clone()
+def test_move_kv_cache_within_a_rank_only(kind, rank):
+    """Speculative accept (GQA and MLA pools): moves inside one page color copy this rank's rows
+    of every layer buffer (others untouched, exactly); a move across colors (another rank's KV)
+    is refused, naming chain drafts."""
+    pool = mha_pool(2, rank) if kind == "mha" else mla_pool(2, rank)
+    buffers = pool._kv_buffers()
+    assert len(buffers) == (2 if kind == "mha" else 1) * pool.layer_num
+    for buf in buffers:
+        buf.copy_(torch.randn_like(buf))
+    before = [buf.clone() for buf in buffers]
     src = t([2 * P, 2 * P + 1, 3 * P])  # pages 2 (color 0) and 3 (color 1)
     tgt = t([2 * P + 2, 2 * P + 3, 3 * P + 1])
     pool.move_kv_cache(tgt, src)
     rows_t, owned = pool.local_rows(tgt)
     rows_s, _ = pool.local_rows(src)
-    want_k, want_v = before[0].clone(), before[1].clone()
-    want_k[rows_t[owned]], want_v[rows_t[owned]] = before[0][rows_s[owned]], before[1][rows_s[owned]]
     assert int(owned.sum()) == (2 if rank == 0 else 1)
-    torch.testing.assert_close(k0, want_k)
-    torch.testing.assert_close(v0, want_v)
+    for buf, old in zip(buffers, before):
+        want = old.clone()
+        want[rows_t[owned]] = old[rows_s[owned]]
+        torch.testing.assert_close(buf, want, atol=0, rtol=0)
+    moved = [buf.clone() for buf in buffers]
     pool.move_kv_cache(src, src)  # a chain accept: onto itself
-    torch.testing.assert_close(k0, want_k)
+    for buf, want in zip(buffers, moved):
+        torch.testing.assert_close(buf, want, atol=0, rtol=0)
     with pytest.raises(pools.HelixPoolError, match="across KVP ranks.*bfs-breadth 1"):
         pool.move_kv_cache(t([3 * P]), t([2 * P]))
 

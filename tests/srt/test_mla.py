@@ -268,10 +268,11 @@ def test_extend_without_prefix_needs_no_exchange():
 # ----------------------------------------------------------------------------- backend on ranks
 
 CFG = dict(kvp=N, tpa=1, num_heads=H, num_kv_heads=1, mla=True, page_size=P)
-LENS = (13, 9)           # two requests
+LENS = (16, 12)          # two requests
 CHUNK1 = (6, 4)          # first prefill chunk (no prefix)
 CHUNK2_END = (10, 6)     # second chunk [CHUNK1, CHUNK2_END): prefix 6 (not page-aligned) and 4
 DECODE_STEPS = 3         # positions CHUNK2_END .. +2: crosses page boundaries (12 and 8)
+DRAFTS = 3               # then a speculative TARGET_VERIFY of 3 chain drafts: positions 13..15, 9..11
 CTX = 32
 
 
@@ -318,10 +319,18 @@ def fake_runner(rank, mode="latent", kv_dtype=torch.float32):
 
 
 def batch(mode, spans):
-    """spans: per request (start, stop) positions computed in this forward."""
+    """spans: per request (start, stop) positions computed in this forward. TARGET_VERIFY: the
+    positions are chain drafts over the committed `start` tokens (SGLang's verify batch: seq_lens
+    = committed lengths, spec_info with the tree links of a chain)."""
+    verify = mode == ForwardMode.TARGET_VERIFY
+    n = spans[0][1] - spans[0][0]
+    chain = torch.tensor([*range(1, n), -1]).repeat(len(spans), 1)
+    spec = SimpleNamespace(draft_token_num=n, retrieve_next_token=chain,
+                           retrieve_next_sibling=torch.full((len(spans), n), -1)) if verify else None
+    seq_lens = torch.tensor([a if verify else b for a, b in spans])
     return SimpleNamespace(
-        forward_mode=mode, req_pool_indices=torch.arange(len(spans)),
-        seq_lens=torch.tensor([b for _, b in spans]),
+        forward_mode=mode, req_pool_indices=torch.arange(len(spans)), seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens.clone(), spec_info=spec,
         out_cache_loc=torch.tensor([loc_of(i, p) for i, (a, b) in enumerate(spans) for p in range(a, b)]),
         extend_seq_lens_cpu=[b - a for a, b in spans], extend_prefix_lens_cpu=[a for a, _ in spans])
 
@@ -345,6 +354,8 @@ def _backend_rank(rank, world, mode="latent", fp8=False):
             (ForwardMode.EXTEND, [(CHUNK1[i], CHUNK2_END[i]) for i in range(2)])]
     plan += [(ForwardMode.DECODE, [(CHUNK2_END[i] + s, CHUNK2_END[i] + s + 1) for i in range(2)])
              for s in range(DECODE_STEPS)]
+    committed = [CHUNK2_END[i] + DECODE_STEPS for i in range(2)]
+    plan += [(ForwardMode.TARGET_VERIFY, [(c, c + DRAFTS) for c in committed])]
     results = []
     for mode, spans in plan:
         fb = batch(mode, spans)
@@ -361,8 +372,9 @@ def _backend_rank(rank, world, mode="latent", fp8=False):
 
 @pytest.mark.parametrize("mode, fp8", [("latent", False), ("value", False), ("latent", True)])
 def test_backend_extend_prefix_and_decode_match_dense_attention(mode, fp8):
-    """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix) and 3 decode steps
-    crossing page boundaries, 2 KVP ranks: rank g's heads == dense attention over all tokens
+    """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix), 3 decode steps
+    crossing page boundaries and a speculative verify of 3 chain drafts over the committed tokens
+    (causal among the drafts), 2 KVP ranks: rank g's heads == dense attention over all tokens
     (value exchange: the backend is handed W_UV of all heads and returns values == dense
     attention then W_UV). fp8: an fp8_e4m3 pool with per-tensor scales; the reference attends
     the latent as stored and read (every token, the chunk's own included, through fp8)."""

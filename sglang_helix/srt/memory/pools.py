@@ -80,8 +80,24 @@ class _HelixPoolMixin:
     def _refuse(self, what: str, fix: str):
         raise HelixPoolError(f"{type(self).__name__}.{what} is not supported under Helix: {fix}")
 
-    def move_kv_cache(self, tgt_loc, src_loc):
-        self._refuse("move_kv_cache", "drop speculative decoding (--speculative-algorithm)")
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+        """Speculative accept: KV of logical locs src_loc [n] -> tgt_loc [n], every layer.
+
+        Only moves within one KVP rank exist here (chain drafts: an accepted draft already sits at
+        its own position, tgt == src); a move across page colors would need the KV of another
+        rank and is refused (tree drafts; srt.validate refuses them at launch)."""
+        if not bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
+            self._refuse("move_kv_cache across KVP ranks", "use chain drafts "
+                         "(--speculative-ngram-max-bfs-breadth 1)")
+        tgt, owned = self.local_rows(tgt_loc)
+        src, _ = self.local_rows(src_loc)
+        tgt, src = tgt[owned], src[owned]
+        for buffer in self._kv_buffers():
+            buffer[tgt] = buffer[src]
+
+    def _kv_buffers(self) -> list[torch.Tensor]:
+        """Every per-layer KV buffer this pool holds (rows = local token rows)."""
+        raise NotImplementedError
 
     def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
         """PD decode retraction (cpu_tensor backup): this rank's rows of logical locs `indices`
@@ -145,21 +161,8 @@ class HelixMHATokenToKVPool(_HelixPoolMixin, _mha_base()):
         cache_k, cache_v = self._scaled(cache_k, k_scale), self._scaled(cache_v, v_scale)
         super().set_kv_buffer(layer, rows, cache_k, cache_v, None, None, layer_id_override)
 
-    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
-        """Speculative accept: KV of logical locs src_loc [n] -> tgt_loc [n], every layer.
-
-        Only moves within one KVP rank exist here (chain drafts: an accepted draft already sits at
-        its own position, tgt == src); a move across page colors would need the KV of another
-        rank and is refused (tree drafts; srt.validate refuses them at launch)."""
-        if not bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
-            self._refuse("move_kv_cache across KVP ranks", "use chain drafts "
-                         "(--speculative-ngram-max-bfs-breadth 1)")
-        tgt, owned = self.local_rows(tgt_loc)
-        src, _ = self.local_rows(src_loc)
-        tgt, src = tgt[owned], src[owned]
-        for k, v in zip(self.k_buffer, self.v_buffer):
-            k[tgt] = k[src]
-            v[tgt] = v[src]
+    def _kv_buffers(self) -> list[torch.Tensor]:
+        return [*self.k_buffer, *self.v_buffer]
 
     def get_paged_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k [slots, P, K/TPA, D], v [slots, P, K/TPA, Dv]) views for paged partial attention."""
@@ -206,6 +209,9 @@ class HelixMLATokenToKVPool(_HelixPoolMixin, _mla_base()):
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         parts = [cache_k_nope] + ([cache_k_rope] if cache_k_rope is not None and cache_k_rope.numel() else [])
         self._store(layer_id, loc, torch.cat(parts, dim=-1), k_scale)
+
+    def _kv_buffers(self) -> list[torch.Tensor]:
+        return list(self.kv_buffer)
 
     def get_mla_kv_buffer(self, layer, loc, dst_dtype=None):
         self._refuse("get_mla_kv_buffer", "each rank holds only its KVP pages, and the helix "
