@@ -30,6 +30,25 @@ def e2e_marks(timeout_s: int) -> list:
     """pytestmark of a real-server test module: marker sglang_e2e, skip without SGLang, a timeout."""
     return [pytest.mark.sglang_e2e, NEEDS_SGLANG, pytest.mark.timeout(timeout_s)]
 
+
+def e2e_prompt_ids(model) -> list[list[int]]:
+    """E2E_PROMPT_TEXTS encoded by the tiny model's tokenizer."""
+    from sglang_helix.dev.tiny_models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    return [tok.encode(text) for text in E2E_PROMPT_TEXTS]
+
+
+def checked_references(model, prompts, max_new: int) -> list:
+    """transformers' fp32 greedy of each prompt, each with top-1 / top-2 margins well above fp32
+    noise, so that token equality with a server is meaningful."""
+    from sglang_helix.dev.tiny_models import reference_greedy
+
+    refs = reference_greedy(model, prompts, max_new)
+    for ref in refs:
+        assert ref.min_margin > 1e-4, ref.min_margin
+    return refs
+
 HOOK_PRELUDE = (
     "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"
     "from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()\n"

@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Seven kinds (fp32 by default, weights from transformers' own model classes, seeded):
+Eight kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -17,6 +17,7 @@ Seven kinds (fp32 by default, weights from transformers' own model classes, seed
 - ``"mla-compat"``: the same with ``kv_lora_rank == qk_nope_head_dim`` (32 / 32): the only MLA
   shape SGLang's own CPU torch_native path starts with (its tokens are wrong;
   tests/e2e/test_serve_helix_off.py pins both facts).
+- ``"mla-mtp"``: ``"mla"`` (same weights) plus a DeepSeek-V3 MTP layer for NEXTN drafts (dev.mtp_models).
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
   dims are 128-aligned.
@@ -49,11 +50,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fp8_models
+from . import fp8_models, mtp_models
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -91,16 +92,9 @@ The scheduler batches requests; the detokenizer turns token ids back into text.
 
 def _common_config(vocab_size: int, bos_id: int, eos_id: int, pad_id: int,
                    max_positions: int = MAX_POSITIONS) -> dict[str, Any]:
-    return {
-        "vocab_size": vocab_size,
-        "max_position_embeddings": max_positions,
-        "initializer_range": INIT_RANGE,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
-    }
+    return {"vocab_size": vocab_size, "max_position_embeddings": max_positions,
+            "initializer_range": INIT_RANGE, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+            "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
 def gqa_config(common: dict[str, Any]) -> dict[str, Any]:
@@ -166,8 +160,9 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
         return qwen_config(common)
     if kind == "qwen3-fp8":
         return fp8_models.gqa_fp8_config(qwen_config(common))
-    if kind == "mla":
-        return mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
+    if kind in ("mla", "mla-mtp"):
+        cfg = mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
+        return mtp_models.mtp_config(cfg) if kind == "mla-mtp" else cfg
     if kind == "mla-fp8":
         return fp8_models.mla_fp8_config(mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24))
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
@@ -234,6 +229,7 @@ _MODEL_CLASSES = {
     "mla": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "mla-compat": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "mla-fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "mla-mtp": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "qwen3-fp8": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
@@ -313,6 +309,8 @@ def build_tiny_model(
         _finish_config(work, cfg, dtype)
         if kind.endswith("-fp8"):
             fp8_models.quantize_checkpoint(work)
+        if kind == "mla-mtp":
+            mtp_models.add_mtp_layer(work, seed, INIT_RANGE)
         (work / "sglang_helix_tiny.json").write_text(
             json.dumps({"kind": kind, "seed": seed, "dtype": dtype,
                         "builder_version": BUILDER_VERSION, "max_positions": max_positions},

@@ -23,9 +23,9 @@ defaults
 refusals (each message names the flag and the fix)
   KVP x TPA != --tp-size; TPA > KV heads; heads not divisible by TPA or by TP; TPA != 1 for MLA;
   --dcp-size > 1; --enable-prefill-cp; --attn-cp-size > 1; --attn-dp-size > 1; --pp-size > 1;
-  speculative decoding but NGRAM chains (srt.spec_rules); --ep-size not dividing --tp-size
-  and the experts; nvshmem off CUDA; an attention backend or architecture without a Helix path;
-  --helix-mla-exchange for GQA.
+  speculative decoding but NGRAM chains and NEXTN chains on MLA (srt.spec_rules); --ep-size not
+  dividing --tp-size and the experts; nvshmem off CUDA; an attention backend or architecture
+  without a Helix path; --helix-mla-exchange for GQA.
 
 The launch-level rules (default page size, page size and MLA weight dtype refusals, a whole
 launch line checked at once) are in srt.launch.
@@ -50,7 +50,7 @@ from typing import Any
 from ..config import (COMM_BACKENDS, DEFAULT_EXCHANGE_DTYPE, DEFAULT_MLA_EXCHANGE, EXCHANGE_DTYPES,
                       MLA_EXCHANGES, HelixConfig, HelixConfigError)
 from .flags import HELIX_FLAGS
-from .spec_rules import check_speculative
+from .spec_rules import SpecFlags, check_speculative
 
 GROUP_TITLE = "Helix"
 GROUP_DESCRIPTION = (
@@ -153,6 +153,11 @@ class ServerLayout:
     enable_prefill_cp: bool = False
     speculative_algorithm: str | None = None
     speculative_ngram_max_bfs_breadth: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_steps: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    speculative_draft_model_path: str | None = None
+    model_path: str | None = None
     device: str | None = None
     attention_backend: str | None = None
     prefill_attention_backend: str | None = None
@@ -165,6 +170,12 @@ class ServerLayout:
         defaults = cls()
         values = {n: getattr(server_args_like, n, getattr(defaults, n)) for n in cls.__dataclass_fields__}
         return cls(**values)
+
+    def spec_flags(self) -> SpecFlags:
+        return SpecFlags(self.speculative_algorithm, self.speculative_ngram_max_bfs_breadth,
+                         self.speculative_eagle_topk, self.speculative_num_steps,
+                         self.speculative_num_draft_tokens, self.speculative_draft_model_path,
+                         self.model_path)
 
 
 # ---------------------------------------------------------------- argparse edge
@@ -222,7 +233,7 @@ def resolve_helix_args(
     server = ServerLayout.of(server_args_like)
     check_server_compat(helix_args, server)
     _check_architecture(model_info)
-    check_speculative(server.speculative_algorithm)
+    check_speculative(server.spec_flags(), is_mla=model_info.is_mla)
     _check_attention_backends(server, model_info)
     _check_ep(server, model_info.num_experts)
     kvp, tpa = _resolve_sizes(helix_args, server.tp_size, model_info)
@@ -293,7 +304,7 @@ def _check_features(server: ServerLayout) -> None:
             f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
             "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)"
         )
-    check_speculative(server.speculative_algorithm, breadth=server.speculative_ngram_max_bfs_breadth)
+    check_speculative(server.spec_flags())
 
 
 def _check_device(helix: HelixServerArgs, server: ServerLayout) -> None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import hooks, state, validate
 from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
-from .cpu import fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix, threads_fix
+from .cpu import eagle_fix, fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix, threads_fix
 from .hooks import HelixHookError, HookSpec, wraps_hook
 from .pd import PD_HOOKS
 
@@ -78,7 +78,7 @@ def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], .
               ("GQA attention layers", GQA_HOOKS),
               ("DeepSeek MLA layers", MLA_HOOKS),
               ("/server_info", info.INFO_HOOKS),
-              ("NGRAM chain drafts", spec.SPEC_HOOKS))
+              ("speculative drafts (NGRAM chains, NEXTN draft backend)", spec.SPEC_HOOKS))
     if cpu_engine and mla_fix.cpu_mla_fix_wanted():
         tables += (("CPU absorbed-MLA fix", mla_fix.CPU_MLA_HOOKS),)
     if cpu_engine and threads_fix.cpu_threads_fix_wanted():
@@ -88,7 +88,8 @@ def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], .
     if cpu_engine:
         tables += (("CPU fp8 torch path", fp8_fix.CPU_FP8_HOOKS),
                    ("CPU fp8 KV, Helix off", fp8_kv_fix.CPU_FP8_KV_HOOKS),
-                   ("CPU speculative decoding ops (NGRAM)", spec_fix.CPU_SPEC_HOOKS))
+                   ("CPU speculative decoding ops (NGRAM)", spec_fix.CPU_SPEC_HOOKS),
+                   ("CPU EAGLE / NEXTN draft ops", eagle_fix.CPU_EAGLE_HOOKS))
     return tables
 
 

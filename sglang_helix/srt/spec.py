@@ -1,4 +1,13 @@
-"""Speculative decoding with Helix on (SGLang 0.5.23 NGRAM, chain drafts): the drafter side.
+"""Speculative decoding with Helix on (SGLang 0.5.23 NGRAM chain drafts, DeepSeek NEXTN): the drafter side.
+
+NEXTN (MTP): the draft runner's KV pool is a Helix pool of its own behind the target's shared
+allocator (srt.memory.hooks), and its draft extend after each verify runs on a helix backend of
+the draft runner (the AROUND hook on `DraftBackendFactory.create_draft_extend_backend` below):
+the MTP layer attends its KV-sharded latent prefix with partial attention + one exchange, as the
+target does. With more than one draft step (chains, top-k 1) its decode steps run on
+`HelixMultiStepDraftBackend` (the AROUND hook on `create_decode_backend`).
+
+NGRAM:
 
 The helix attention backend verifies chain drafts (srt.backends.base `_plan_verify`: each
 request's n drafts are an extend chunk over its committed tokens, causal among themselves, so
@@ -27,10 +36,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..config import HelixConfigError
 from . import state
 from .hooks import HookSpec
 
 BATCH_GET_TARGET = "sglang.srt.speculative.cpp_ngram.ngram_corpus.NgramCorpus.batch_get"
+DRAFT_EXTEND_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend"
+DRAFT_DECODE_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend"
+HELIX_BACKEND = "helix"  # srt.backends.base.BACKEND_NAME (not imported here: that module imports SGLang's attention)
 
 
 def chain_mask(mask: np.ndarray, num_drafts: int) -> np.ndarray:
@@ -53,4 +66,68 @@ def _around_batch_get(original: Callable, corpus: Any, *args: Any, **kwargs: Any
     return drafts, chain_mask(mask, corpus.draft_token_num)
 
 
-SPEC_HOOKS = (HookSpec(BATCH_GET_TARGET, "AROUND", _around_batch_get),)
+def _draft_backend(draft_runner: Any) -> Any:
+    """A helix backend of the draft runner (its own Helix pool), stamped with the name SGLang's
+    draft factory stamps on the backends it makes."""
+    from .backends.base import BACKEND_NAME
+    from .backends.factory import create_helix_backend
+
+    backend = create_helix_backend(draft_runner)
+    backend.prefill_attention_backend_str = backend.decode_attention_backend_str = BACKEND_NAME
+    return backend
+
+
+def _helix_draft(factory: Any) -> bool:
+    """Helix is on for this draft runner; a draft backend asked for by another name could not read
+    its Helix pool and is refused."""
+    if state.config_of(factory.draft_model_runner.server_args) is None:
+        return False
+    if factory.draft_attn_backend not in (None, HELIX_BACKEND):
+        raise HelixConfigError(f"--speculative-draft-attention-backend {factory.draft_attn_backend}: "
+                               f"with Helix the draft layer attends its Helix KV pool on the "
+                               f"'{HELIX_BACKEND}' backend; drop --speculative-draft-attention-backend")
+    return True
+
+
+def _around_draft_extend_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """NEXTN with Helix on: the draft runner (DeepSeek's MTP layer, its own Helix pool with the
+    target's page colours, srt.memory.hooks) extends the accepted tokens on its own helix backend:
+    partial attention over each rank's latent pages + one exchange, as the target."""
+    if not _helix_draft(factory):
+        return original(factory, *args, **kwargs)
+    return _draft_backend(factory.draft_model_runner)
+
+
+class HelixMultiStepDraftBackend:
+    """The MTP layer's draft decode steps under Helix (chain drafts, top-k 1): one helix backend
+    per step but the last (SGLang's multi-step draft backend contract: `attn_backends`, and
+    `init_forward_metadata` once per draft). Step s decodes the token at position seq_len + s, so
+    it attends seq_len + s + 1 tokens; their slots were allocated ahead with their positions'
+    page colours, so each rank attends its own pages of them, then one exchange per layer."""
+
+    def __init__(self, draft_runner: Any, topk: int, num_steps: int):
+        if topk != 1:
+            raise HelixConfigError(f"--speculative-eagle-topk {topk}: Helix drafts chains only; "
+                                   f"set --speculative-eagle-topk 1")
+        self.topk, self.speculative_num_steps = topk, num_steps
+        self.attn_backends = [_draft_backend(draft_runner) for _ in range(num_steps - 1)]
+        for step, backend in enumerate(self.attn_backends):
+            backend.decode_len_offset = step + 1  # also when SGLang re-plans a step itself
+        self.prefill_attention_backend_str = self.decode_attention_backend_str = HELIX_BACKEND
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        for backend in self.attn_backends:
+            backend.init_forward_metadata(forward_batch)
+
+
+def _around_draft_decode_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """NEXTN with Helix on and more than one draft step: the helix multi-step draft backend
+    (one step: SGLang makes none)."""
+    if factory.speculative_num_steps <= 1 or not _helix_draft(factory):
+        return original(factory, *args, **kwargs)
+    return HelixMultiStepDraftBackend(factory.draft_model_runner, factory.topk, factory.speculative_num_steps)
+
+
+SPEC_HOOKS = (HookSpec(BATCH_GET_TARGET, "AROUND", _around_batch_get),
+              HookSpec(DRAFT_EXTEND_TARGET, "AROUND", _around_draft_extend_backend),
+              HookSpec(DRAFT_DECODE_TARGET, "AROUND", _around_draft_decode_backend))

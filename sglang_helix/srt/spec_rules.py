@@ -1,37 +1,95 @@
 """Launch rules for speculative decoding with Helix (pure: no SGLang import; srt.args runs them).
 
-With `--enable-helix` only `--speculative-algorithm NGRAM` is served (GQA and MLA models), with chain
-drafts (`--speculative-ngram-max-bfs-breadth 1`): the helix backend verifies each request's
-drafts as an extend chunk over its KV-sharded prefix, causal among the drafts (srt.spec,
-srt.backends.base). Everything else is refused here with the flag and the fix:
+With `--enable-helix` two drafters are served, both verified by the helix backend as an extend
+chunk over each request's KV-sharded prefix, causal among the drafts (srt.backends.base):
 
-- any other algorithm (EAGLE, EAGLE3, NEXTN / MTP, STANDALONE, DFLASH, ...): their draft worker
-  owns a second KV pool, which the Helix pool hooks refuse;
-- NGRAM with a BFS breadth other than 1 (draft trees: an accepted tree node would move its KV
-  between positions owned by different KVP ranks).
+- `--speculative-algorithm NGRAM` (model-free, GQA and MLA models) with chain drafts
+  (`--speculative-ngram-max-bfs-breadth 1`; srt.spec turns NGRAM's padded masks into chains);
+- `--speculative-algorithm NEXTN` on a DeepSeek-style MLA model: the checkpoint's own MTP layer
+  drafts a chain of k tokens (`--speculative-num-steps k --speculative-eagle-topk 1
+  --speculative-num-draft-tokens k+1`, e.g. SGLang's DeepSeek setting k = 3). The draft layer's
+  latent KV lives in a Helix pool of its own (1/KVP per rank, the target's page colours) and its
+  attention is the helix backend's (partial attention + exchange), like the target's. SGLang resolves NEXTN to EAGLE with the
+  target checkpoint as the draft model; EAGLE typed with no other draft model is the same thing.
+
+Everything else is refused here with the flag and the fix:
+
+- other algorithms (EAGLE3, STANDALONE, DFLASH, ...) and EAGLE with a separate draft model:
+  their draft model's attention and KV under Helix are not built;
+- NGRAM with a BFS breadth other than 1 and NEXTN with top-k > 1 (draft trees: an accepted tree
+  node would move its KV between positions owned by different KVP ranks), and NEXTN with a draft
+  token count other than steps + 1 (a chain of k drafts verifies k + 1 tokens);
+- NEXTN on a GQA model (the MTP layers of Qwen3-Next / GLM-style models are not hooked).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import HelixConfigError
 
-HELIX_SPEC_ALGORITHMS = ("NGRAM",)
+HELIX_SPEC_ALGORITHMS = ("NGRAM", "NEXTN", "EAGLE")
+MTP_ALGORITHMS = ("NEXTN", "EAGLE")  # SGLang's name for NEXTN once resolved
+MTP_FIX = "--speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4"
 
 
-def check_speculative(algorithm: str | None, *, breadth: int | None = None) -> None:
-    """Refuse what Helix cannot verify. algorithm: --speculative-algorithm (None: off); breadth:
-    --speculative-ngram-max-bfs-breadth as resolved (None: not known yet, e.g. a planner line).
-    GQA and MLA models alike: their drafts are verified by the one extend algorithm."""
+@dataclass(frozen=True)
+class SpecFlags:
+    """The speculative-decoding settings the rules read (None: not given / not resolved yet)."""
+
+    algorithm: str | None = None
+    ngram_breadth: int | None = None
+    eagle_topk: int | None = None
+    num_steps: int | None = None
+    num_draft_tokens: int | None = None
+    draft_model_path: str | None = None
+    model_path: str | None = None
+
+
+def check_speculative(flags: SpecFlags, *, is_mla: bool | None = None) -> None:
+    """Refuse what Helix cannot verify. is_mla: the model's attention (None: not known yet, the
+    flags-only stage and planner lines)."""
+    algorithm = (flags.algorithm or "").upper()
     if not algorithm:
         return
-    if algorithm.upper() not in HELIX_SPEC_ALGORITHMS:
-        _refuse(f"--speculative-algorithm {algorithm}: with Helix only NGRAM (model-free drafts) "
-                "is supported; use --speculative-algorithm NGRAM "
-                "--speculative-ngram-max-bfs-breadth 1, or drop --speculative-algorithm")
-    if breadth is not None and int(breadth) != 1:
-        _refuse(f"--speculative-ngram-max-bfs-breadth {breadth}: Helix verifies chain drafts only "
-                "(SGLang's default breadth is 10, a draft tree); set "
+    if algorithm not in HELIX_SPEC_ALGORITHMS:
+        _refuse(f"--speculative-algorithm {flags.algorithm}: with Helix only NGRAM (model-free "
+                "drafts) and NEXTN (DeepSeek's MTP layer) are supported; use --speculative-algorithm "
+                "NGRAM --speculative-ngram-max-bfs-breadth 1, NEXTN with " + MTP_FIX +
+                ", or drop --speculative-algorithm")
+    if algorithm == "NGRAM":
+        _check_ngram(flags)
+    else:
+        _check_mtp(flags, is_mla)
+
+
+def _check_ngram(flags: SpecFlags) -> None:
+    if flags.ngram_breadth is not None and int(flags.ngram_breadth) != 1:
+        _refuse(f"--speculative-ngram-max-bfs-breadth {flags.ngram_breadth}: Helix verifies chain "
+                "drafts only (SGLang's default breadth is 10, a draft tree); set "
                 "--speculative-ngram-max-bfs-breadth 1")
+
+
+def _check_mtp(flags: SpecFlags, is_mla: bool | None) -> None:
+    name = flags.algorithm
+    if flags.draft_model_path not in (None, flags.model_path):
+        _refuse(f"--speculative-algorithm {name} with --speculative-draft-model-path "
+                f"{flags.draft_model_path}: with Helix the draft is the checkpoint's own MTP layer "
+                "(NEXTN); a separate EAGLE draft model is not supported; drop "
+                "--speculative-draft-model-path")
+    if is_mla is False:
+        _refuse(f"--speculative-algorithm {name} on a GQA model: Helix serves NEXTN with "
+                "DeepSeek-style MLA models (their MTP layer) only; use --speculative-algorithm NGRAM "
+                "--speculative-ngram-max-bfs-breadth 1")
+    if flags.eagle_topk is not None and int(flags.eagle_topk) != 1:
+        _refuse(f"--speculative-eagle-topk {flags.eagle_topk}: Helix serves {name} with chain drafts "
+                "(a draft tree's accepted nodes would move KV between KVP ranks); set "
+                "--speculative-eagle-topk 1, e.g. " + MTP_FIX)
+    steps, tokens = flags.num_steps, flags.num_draft_tokens
+    if steps is not None and tokens is not None and int(tokens) != int(steps) + 1:
+        _refuse(f"--speculative-num-draft-tokens {tokens} with --speculative-num-steps {steps}: a "
+                f"chain of {steps} drafts verifies {int(steps) + 1} tokens; set "
+                f"--speculative-num-draft-tokens {int(steps) + 1}")
 
 
 def _refuse(message: str) -> None:

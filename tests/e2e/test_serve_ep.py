@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import E2E_PROMPT_TEXTS, e2e_marks
+from helpers import checked_references, e2e_marks, e2e_prompt_ids
 
 from sglang_helix.dev import server as ts
-from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
+from sglang_helix.dev.tiny_models import ensure_tiny_model
 
 pytestmark = e2e_marks(600)
 
@@ -36,16 +36,12 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    tok = load_tokenizer(model)
-    return [tok.encode(text) for text in E2E_PROMPT_TEXTS]
+    return e2e_prompt_ids(model)
 
 
 @pytest.fixture(scope="module")
 def references(model, prompts):
-    refs = reference_greedy(model, prompts, MAX_NEW)
-    for ref in refs:  # margins well above fp32 noise: token equality is meaningful
-        assert ref.min_margin > 1e-4, ref.min_margin
-    return refs
+    return checked_references(model, prompts, MAX_NEW)
 
 
 @pytest.fixture(scope="module")

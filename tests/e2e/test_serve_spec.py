@@ -39,10 +39,10 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from helpers import E2E_PROMPT_TEXTS, e2e_marks
+from helpers import checked_references, e2e_marks, e2e_prompt_ids
 
 from sglang_helix.dev import server as ts
-from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
+from sglang_helix.dev.tiny_models import ensure_tiny_model
 
 pytestmark = e2e_marks(900)
 
@@ -51,6 +51,7 @@ DRAFTS = 4
 MAX_NEW = 40
 START_TIMEOUT_S = 300
 COMMON = ["--page-size", str(P)]
+REPETITIVE = [40, 41, 42, 43, 44, 45] * 5  # a token pattern the n-gram corpus matches at once
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", str(DRAFTS),
          "--speculative-ngram-max-bfs-breadth", "1", "--speculative-ngram-capacity", "100000"]
 
@@ -62,8 +63,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(model):
-    tok = load_tokenizer(model)
-    return [tok.encode(text) for text in E2E_PROMPT_TEXTS] + [[40, 41, 42, 43, 44, 45] * 5]
+    return e2e_prompt_ids(model) + [REPETITIVE]
 
 
 HELIX = ["--enable-helix", "--helix-kvp-size", "2", "--helix-tpa-size", "1"]
@@ -189,16 +189,12 @@ def mla_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mla_prompts(mla_model):
-    tok = load_tokenizer(mla_model)
-    return [tok.encode(text) for text in E2E_PROMPT_TEXTS] + [[40, 41, 42, 43, 44, 45] * 5]
+    return e2e_prompt_ids(mla_model) + [REPETITIVE]
 
 
 @pytest.fixture(scope="module")
 def mla_references(mla_model, mla_prompts):
-    refs = reference_greedy(mla_model, mla_prompts, MAX_NEW)
-    for ref in refs:  # margins well above fp32 noise: token equality is meaningful
-        assert ref.min_margin > 1e-4, ref.min_margin
-    return refs
+    return checked_references(mla_model, mla_prompts, MAX_NEW)
 
 
 @pytest.fixture(scope="module")

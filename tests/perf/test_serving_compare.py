@@ -331,7 +331,7 @@ GQA_TINY = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_hea
 
 def test_ngram_config_adds_the_e2e_flags_helix_accepts():
     from sglang_helix.srt.args import HELIX_FLAGS
-    from sglang_helix.srt.spec_rules import check_speculative
+    from sglang_helix.srt.spec_rules import SpecFlags, check_speculative
 
     args = sc.CONFIGS["helix-a2a-ngram"].server_args()
     assert args[:len(sc.CONFIGS["helix-a2a"].server_args())] == sc.CONFIGS["helix-a2a"].server_args()
@@ -341,7 +341,7 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
 
     assert (flag("--speculative-algorithm"), flag("--speculative-num-draft-tokens"),
             flag("--speculative-ngram-max-bfs-breadth")) == ("NGRAM", "4", "1")
-    check_speculative(flag("--speculative-algorithm"), breadth=int(flag("--speculative-ngram-max-bfs-breadth")))
+    check_speculative(SpecFlags(flag("--speculative-algorithm"), int(flag("--speculative-ngram-max-bfs-breadth"))))
     assert {a for a in args if a.startswith("--helix")} <= {f.flag for f in HELIX_FLAGS}
     for name in ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
         assert not sc.CONFIGS[name].ngram

@@ -286,10 +286,43 @@ def test_refuse_attn_cp_and_attn_dp():
     refused(r"--attn-dp-size 2", helix(), server(attn_dp_size=2))
 
 
-@pytest.mark.parametrize("algo", ["EAGLE", "EAGLE3", "NEXTN", "STANDALONE", "DFLASH"])
-def test_refuse_speculative_other_than_ngram(algo):
-    refused(rf"--speculative-algorithm {algo}: with Helix only NGRAM .*--speculative-algorithm NGRAM",
-            helix(), server(speculative_algorithm=algo))
+@pytest.mark.parametrize("algo", ["EAGLE3", "STANDALONE", "DFLASH"])
+def test_refuse_speculative_other_than_ngram_and_nextn(algo):
+    refused(rf"--speculative-algorithm {algo}: with Helix only NGRAM .* and NEXTN .*"
+            r"--speculative-algorithm NGRAM", helix(), server(speculative_algorithm=algo))
+
+
+MTP = dict(speculative_eagle_topk=1, speculative_num_steps=3, speculative_num_draft_tokens=4)
+
+
+@pytest.mark.parametrize("algo", ["NEXTN", "EAGLE"])  # SGLang resolves NEXTN to EAGLE
+@pytest.mark.parametrize("steps", [1, 3])
+def test_nextn_chains_accepted_on_mla(algo, steps):
+    chain = dict(MTP, speculative_num_steps=steps, speculative_num_draft_tokens=steps + 1)
+    assert resolve_helix_args(helix(), server(speculative_algorithm=algo, **chain), DSV3).mla
+    same = server(speculative_algorithm=algo, model_path="/m", speculative_draft_model_path="/m", **chain)
+    assert resolve_helix_args(helix(), same, DSV3).mla  # the draft is the checkpoint itself
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"]
+    assert check_launch(helix(), layout_from_argv(argv), DSV3) is not None  # others not given yet
+
+
+def test_refuse_nextn_trees_and_unmatched_draft_tokens():
+    refused(r"--speculative-eagle-topk 2: Helix serves NEXTN with chain drafts.*--speculative-eagle-topk 1",
+            helix(), server(speculative_algorithm="NEXTN", **{**MTP, "speculative_eagle_topk": 2}), model=DSV3)
+    refused(r"--speculative-num-draft-tokens 8 with --speculative-num-steps 3: .* verifies 4 tokens; "
+            r"set --speculative-num-draft-tokens 4", helix(),
+            server(speculative_algorithm="NEXTN", **{**MTP, "speculative_num_draft_tokens": 8}), model=DSV3)
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NEXTN", "--speculative-eagle-topk", "4"]
+    with pytest.raises(HelixConfigError, match="--speculative-eagle-topk 4"):
+        check_launch(helix(), layout_from_argv(argv), DSV3)
+
+
+def test_refuse_nextn_on_gqa_and_separate_eagle_drafts():
+    refused(r"--speculative-algorithm NEXTN on a GQA model.*--speculative-algorithm NGRAM", helix(),
+            server(speculative_algorithm="NEXTN", **MTP), model=LLAMA)
+    refused(r"--speculative-draft-model-path /eagle-head: .*drop --speculative-draft-model-path", helix(),
+            server(speculative_algorithm="EAGLE", model_path="/m", speculative_draft_model_path="/eagle-head",
+                   **MTP), model=DSV3)
 
 
 def test_ngram_chain_drafts_accepted_for_gqa_and_mla():
@@ -404,8 +437,13 @@ def test_server_layout_from_argv_reads_sglang_spellings():
             "--pipeline-parallel-size", "2", "--max-running-requests", "4", "--enable-helix"]
     assert layout_from_argv(argv) == ServerLayout(
         tp_size=8, pp_size=2, dcp_size=2, ep_size=8, enable_prefill_cp=True, device="cuda",
-        attention_backend="fa3", decode_attention_backend="flashmla", page_size=32)
-    assert layout_from_argv(["--model-path", "m"]) == ServerLayout()
+        attention_backend="fa3", decode_attention_backend="flashmla", page_size=32, model_path="m")
+    assert layout_from_argv(["--model-path", "m"]) == ServerLayout(model_path="m")
+    spec = ["--speculative-algorithm", "NEXTN", "--speculative-eagle-topk", "1", "--speculative-num-steps",
+            "1", "--speculative-num-draft-tokens", "2", "--speculative-draft-model-path", "d"]
+    assert layout_from_argv(spec) == ServerLayout(
+        speculative_algorithm="NEXTN", speculative_eagle_topk=1, speculative_num_steps=1,
+        speculative_num_draft_tokens=2, speculative_draft_model_path="d")
 
 
 # ------------------------------------------------------------------ MLA weight dtype

@@ -521,6 +521,35 @@ def test_allocator_hook_builds_helix_allocator(monkeypatch):
     assert alloc.get_kvcache() is pool
 
 
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_draft_worker_shares_the_target_allocator(kind, monkeypatch):
+    """NEXTN: the draft worker's own Helix pool behind the target's allocator, passed through to
+    SGLang's shared-allocator branch; refused when a loc could land on another rank's rows."""
+    from sglang_helix.config import HelixConfig
+
+    monkeypatch.setattr(mem_hooks, "_need_sort", lambda: False)
+    kvc = _FakeKvc(HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1 if kind == "mla" else 2,
+                               mla=kind == "mla", page_size=P))
+    kvc.page_size, kvc.kv_cache_dtype, kvc.device = P, torch.float32, "cpu"
+    make = mha_pool if kind == "mha" else mla_pool
+    target = make(2, 1, size=128)
+    shared = mem_hooks._around_build_allocator(None, kvc, token_to_kv_pool=target, token_to_kv_pool_allocator=None)
+
+    def original(kvc, **kwargs):
+        return kwargs["token_to_kv_pool_allocator"]
+
+    draft = make(2, 1, size=128)
+    assert mem_hooks._around_build_allocator(original, kvc, token_to_kv_pool=draft,
+                                             token_to_kv_pool_allocator=shared) is shared
+    for bad, match in ((make(2, 0, size=128), "draft pool KVP rank 0/2 != the target's 1/2"),
+                       (make(2, 1, size=64), "draft pool holds 64 logical tokens < .* 128"),
+                       (draft, "shares a PagedTokenToKVPoolAllocator")):
+        other = (PagedTokenToKVPoolAllocator(128, P, torch.float32, "cpu", target, False)
+                 if "Paged" in match else shared)
+        with pytest.raises(pools.HelixPoolError, match=match):
+            mem_hooks._around_build_allocator(original, kvc, token_to_kv_pool=bad, token_to_kv_pool_allocator=other)
+
+
 def test_install_pool_hooks_live_after_apply():
     """In a fresh interpreter (HookRegistry is process-global): register, apply, verify."""
     code = (

@@ -1,5 +1,6 @@
 """Helix on + NGRAM: the drafter's chain masks (srt.spec) and the helix backend's verify plan
-(srt.backends.base: chain check, TARGET_VERIFY planned as an extend over the committed tokens)."""
+(srt.backends.base: chain check, TARGET_VERIFY planned as an extend over the committed tokens);
+Helix on + NEXTN: the MTP draft runner's extend backend (srt.spec)."""
 
 from types import SimpleNamespace
 
@@ -78,3 +79,62 @@ def test_speculative_counts_add_the_open_log_interval():
         "verify_steps": 0, "accept_tokens": 0, "avg_accept_length": None}
     assert speculative_counts(SimpleNamespace(spec_algorithm=algo(True), metrics_reporter=reporter)) is None
     assert speculative_counts(None) is None
+
+
+def test_nextn_draft_extend_backend_is_helix_under_helix(monkeypatch):
+    """NEXTN: Helix off -> SGLang's factory; Helix on -> a helix backend of the draft runner (its
+    own Helix pool); another draft backend by name is refused with its flag."""
+    from sglang_helix.config import HelixConfig
+    from sglang_helix.srt.backends import factory as backend_factory
+    from sglang_helix.srt.state import CONFIG_ATTR
+
+    made = []
+    monkeypatch.setattr(backend_factory, "create_helix_backend",
+                        lambda runner: made.append(runner) or SimpleNamespace())
+
+    def original(factory):
+        return "sglang's"
+
+    off = SimpleNamespace(draft_attn_backend=None, draft_model_runner=SimpleNamespace(server_args=SimpleNamespace()))
+    assert spec._around_draft_extend_backend(original, off) == "sglang's" and not made
+    cfg = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1, mla=True, page_size=4)
+    runner = SimpleNamespace(server_args=SimpleNamespace(**{CONFIG_ATTR: cfg}))
+    for name in (None, "helix"):
+        backend = spec._around_draft_extend_backend(original, SimpleNamespace(draft_attn_backend=name,
+                                                                              draft_model_runner=runner))
+        assert backend.prefill_attention_backend_str == backend.decode_attention_backend_str == "helix"
+    assert made == [runner, runner]
+    with pytest.raises(HelixConfigError, match="--speculative-draft-attention-backend triton"):
+        spec._around_draft_extend_backend(original, SimpleNamespace(draft_attn_backend="triton",
+                                                                    draft_model_runner=runner))
+
+
+def test_helix_multi_step_draft_plans_each_step_at_its_length(monkeypatch):
+    """Step s of a chain MTP draft attends seq_lens + s + 1, also when SGLang re-plans the step
+    backend itself (its runner calls init_forward_metadata again): the offset lives on the
+    backend, not in the multi-step wrapper's call."""
+    from sglang_helix.srt.backends.base import BACKEND_NAME, HelixBackendBase
+
+    assert spec.HELIX_BACKEND == BACKEND_NAME
+    planned = []
+
+    class Step:
+        decode_len_offset = 0
+
+        def init_forward_metadata(self, fb):  # the base's decode plan, with a recording kernel plan
+            HelixBackendBase._plan_decode(self, fb)
+
+        def _local_tables(self, fb, lens):
+            return None, None
+
+        helix = SimpleNamespace(plan=lambda lens, table: planned.append(lens.tolist()))
+
+    monkeypatch.setattr(spec, "_draft_backend", lambda runner: Step())
+    multi = spec.HelixMultiStepDraftBackend(object(), topk=1, num_steps=4)
+    assert [b.decode_len_offset for b in multi.attn_backends] == [1, 2, 3]
+    fb = SimpleNamespace(seq_lens=torch.tensor([5, 9]))
+    multi.init_forward_metadata(fb)
+    multi.attn_backends[1].init_forward_metadata(fb)  # a re-plan of step 1 alone
+    assert planned == [[6, 10], [7, 11], [8, 12], [7, 11]]
+    with pytest.raises(HelixConfigError, match="--speculative-eagle-topk 2"):
+        spec.HelixMultiStepDraftBackend(object(), topk=2, num_steps=3)

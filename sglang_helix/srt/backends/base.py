@@ -62,6 +62,9 @@ class HelixBackendBase(_attention_backend_base()):
     """
 
     mla = False
+    # Tokens a decode forward attends beyond forward_batch.seq_lens: step s of a multi-step MTP
+    # draft decodes position seq_len + s of the same batch (srt.spec sets s + 1 on its backends).
+    decode_len_offset = 0
 
     def __init__(self, model_runner: Any, *, rank: Optional[int] = None, kvp_group=None,
                  impl: str = "auto"):
@@ -141,6 +144,8 @@ class HelixBackendBase(_attention_backend_base()):
 
     def _plan_decode(self, forward_batch: Any) -> None:
         seq_lens = forward_batch.seq_lens
+        if self.decode_len_offset:
+            seq_lens = seq_lens + self.decode_len_offset
         table, _ = self._local_tables(forward_batch, seq_lens)
         self.helix.plan(seq_lens, table)
         self._planned = forward_batch  # held, so its id cannot be recycled while it counts

@@ -56,7 +56,6 @@ def _rank_of(cfg: HelixConfig) -> int:
 
 def _check_plain_model(kvc: Any) -> None:
     unsupported = {
-        "draft worker (speculative decoding)": kvc.is_draft_worker,
         "hybrid sliding-window attention": kvc.is_hybrid_swa,
         "hybrid linear / Mamba layers": kvc.mambaish_config is not None,
         "--enable-kv-cache-sharding": kvc.kv_shard_size > 1,
@@ -176,11 +175,28 @@ def _around_build_allocator(original: Callable, kvc: Any, *args: Any, **kwargs: 
     cfg = config_of_configurator(kvc)
     if cfg is None:
         return original(kvc, *args, **kwargs)
-    if kwargs.get("token_to_kv_pool_allocator") is not None:
-        raise HelixPoolError("a shared (draft) allocator reached the Helix hook; drop speculative decoding")
     pool = kwargs["token_to_kv_pool"]
+    shared = kwargs.get("token_to_kv_pool_allocator")
+    if shared is not None:  # a NEXTN draft worker: its own Helix pool, the target's allocator
+        check_draft_pool(pool, shared)
+        return original(kvc, *args, **kwargs)
     return HelixPagedAllocator(pool.logical_size, kvc.page_size, kvc.kv_cache_dtype, kvc.device, pool,
                                need_sort=_need_sort(), kvp=cfg.kvp)
+
+
+def check_draft_pool(pool: Any, shared: Any) -> None:
+    """A draft worker's Helix pool behind the target's shared allocator: every logical loc the
+    allocator hands out must land on the same KVP rank's rows in both pools (same KVP layout, a
+    logical capacity at least the allocator's), so the draft's KV follows the target's colours."""
+    if not isinstance(shared, HelixPagedAllocator):
+        raise HelixPoolError(f"the speculative draft worker shares a {type(shared).__name__}, not the "
+                             f"target's HelixPagedAllocator: drop --speculative-algorithm")
+    if (pool.kvp, pool.kvp_rank) != (shared.kvp, shared.get_kvcache().kvp_rank):
+        raise HelixPoolError(f"draft pool KVP rank {pool.kvp_rank}/{pool.kvp} != the target's "
+                             f"{shared.get_kvcache().kvp_rank}/{shared.kvp}")
+    if pool.logical_size < shared.size:
+        raise HelixPoolError(f"draft pool holds {pool.logical_size} logical tokens < the shared "
+                             f"allocator's {shared.size}")
 
 
 def _need_sort() -> bool:
