@@ -34,14 +34,13 @@ from typing import Any, Callable
 import torch
 
 from ..hooks import HookSpec
+from ..spec import DRAFT_DECODE_TARGET, DRAFT_EXTEND_TARGET
 
 SPEC_OPS = "sglang.kernels.ops.speculative"
 BUILD_TREE_TARGET = f"{SPEC_OPS}.spec_tree.sgl_build_tree_kernel_efficient_cpu"
 DRAFT_LOCS_TARGET = f"{SPEC_OPS}.cache_locs.assign_draft_cache_locs_contiguous_cpu"
 BONUS_TARGET = f"{SPEC_OPS}.eagle.fill_bonus_tokens_cpu"
 EMBED_HEAD_TARGET = "sglang.srt.models.deepseek_v2.DeepseekV2ForCausalLM.set_embed_and_head"
-DRAFT_EXTEND_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend"
-DRAFT_DECODE_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend"
 TORCH_NATIVE = "torch_native"
 
 
@@ -164,7 +163,11 @@ def _around_draft_extend_backend(original: Callable, factory: Any, *args: Any, *
         return original(factory, *args, **kwargs)
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    backend = TorchNativeAttnBackend(factory.draft_model_runner)
+    return _stamped(TorchNativeAttnBackend(factory.draft_model_runner))
+
+
+def _stamped(backend: Any) -> Any:
+    """The backend name SGLang's draft factory stamps on the backends it makes."""
     backend.prefill_attention_backend_str = backend.decode_attention_backend_str = TORCH_NATIVE
     return backend
 
@@ -188,10 +191,8 @@ class TorchNativeMultiStepDraftBackend:
     def __init__(self, draft_runner: Any, num_steps: int):
         step_cls = _torch_native_step_class()
         self.topk, self.speculative_num_steps = 1, num_steps
-        self.attn_backends = [step_cls(draft_runner, step) for step in range(num_steps - 1)]
-        self.prefill_attention_backend_str = self.decode_attention_backend_str = TORCH_NATIVE
-        for backend in self.attn_backends:
-            backend.prefill_attention_backend_str = backend.decode_attention_backend_str = TORCH_NATIVE
+        self.attn_backends = [_stamped(step_cls(draft_runner, step)) for step in range(num_steps - 1)]
+        _stamped(self)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         for backend in self.attn_backends:
