@@ -1,4 +1,4 @@
-"""Shared test helpers: fresh-interpreter hook checks and stand-ins for SGLang objects.
+"""Shared test helpers: the one hook-probe interpreter and stand-ins for SGLang objects.
 
 Dense ground truths live in sglang_helix.kernels.reference; this module holds what tests of the
 SGLang glue share.
@@ -7,8 +7,11 @@ SGLang glue share.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,29 +52,33 @@ def checked_references(model, prompts, max_new: int) -> list:
         assert ref.min_margin > 1e-4, ref.min_margin
     return refs
 
-HOOK_PRELUDE = (
-    "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"
-    "from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()\n"
-    "from sglang_helix.srt import hooks\n"
-    "from sglang.srt.plugins.hook_registry import HookRegistry\n"
-)
+HOOK_PROBE = Path(__file__).parent / "srt" / "hook_probe.py"
 
 
-def check_hooks_apply(module: str, table: str, count: int, *, before: str = "", after: str = "",
-                      timeout: float = 180) -> None:
-    """In a fresh interpreter (HookRegistry is process-global): install `module.table` twice,
-    check none is live and there are `count`, apply SGLang's hooks, check all are live.
+class SglangChecks:
+    """What the one hook-probe interpreter (tests/srt/hook_probe.py) found: facts about the
+    installed hook table (`facts`) and the outcome of every collected check."""
 
-    before / after: extra Python lines run before install / after apply (asserts of their own).
-    """
-    code = (HOOK_PRELUDE + f"from {module} import {table} as SPECS\n" + before
-            + "hooks.install(SPECS); hooks.install(SPECS)\n"
-            + f"assert len(hooks.missing_hooks(SPECS)) == len(SPECS) == {count}, hooks.missing_hooks(SPECS)\n"
-            + "HookRegistry.apply_hooks()\n"
-            + "assert hooks.missing_hooks(SPECS) == [], hooks.missing_hooks(SPECS)\n"
-            + after + "print('OK')\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+    def __init__(self, facts: dict):
+        self.facts = facts
+
+    def assert_ok(self, name: str) -> None:
+        """The check `name` (a module's SGLANG_CHECKS entry) ran without error in the probe."""
+        outcome = self.facts["checks"].get(name, f"check {name!r} was not collected")
+        assert outcome == "ok", outcome
+
+
+def run_hook_probe(checks: dict[str, str], timeout: float = 600) -> SglangChecks:
+    """Run tests/srt/hook_probe.py once: the whole hook table installed and applied in a fresh
+    interpreter on the CPU engine, then every check (name -> Python source) in it."""
+    # no Helix request, no CPU-fix opt-out (SGLANG_HELIX*): every row of the table is installed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_HELIX")}
+    env.update(SGLANG_USE_CPU_ENGINE="1", SGLANG_PLUGINS="none", PYTHONUNBUFFERED="1")
+    res = subprocess.run([sys.executable, str(HOOK_PROBE)], input=json.dumps({"checks": checks}),
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and line, res.stderr[-4000:]
+    return SglangChecks(json.loads(line[0][len("RESULT "):]))
 
 
 def fake_runner(cfg, pool, req_to_token, *, context_len: int, kv_lora_rank: int | None = None,

@@ -92,7 +92,7 @@ def child_env(tp: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Starts from os.environ minus SCRUBBED_ENV, applies `env` (caller wins), then fills the CPU
     multi-rank variables the caller did not set (`sglang_helix.srt.cpu.env`). SGLang's broken CPU MLA
-    prefill is fixed by the plugin itself (sglang_helix.srt.cpu.mla_fix.install_cpu_absorbed_mla;
+    prefill is fixed by the plugin itself (CPU fix "absorbed-mla", sglang_helix.srt.cpu.mla_fix;
     opt out with SGLANG_HELIX_CPU_MLA_FIX=0 in `env`).
     """
     out = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}

@@ -1,17 +1,80 @@
-"""Helix state in SGLang's /server_info (internal_states[i]["helix"] and ["helix_pd"])."""
+"""Helix state in SGLang's /server_info (internal_states[i]["helix"] and ["helix_pd"]): the AFTER
+hook on `SchedulerInternalStateController._add_memory_usage` (srt.hook_table) and the formatting
+of what it reports (per-KVP-rank KV state, speculative counters, PD transfers)."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from .hooks import HookSpec
-from .memory.hooks import helix_kv_state
+import torch
+
+from . import state
+from .memory.allocator import HelixPagedAllocator
 from .pd import SERVER_INFO_KEY as PD_KEY, pd_transfer_state
 
-INTERNAL_STATE_TARGET = ("sglang.srt.managers.scheduler_components.internal_state."
-                         "SchedulerInternalStateController._add_memory_usage")
 SERVER_INFO_KEY = "helix"
 SPEC_KEY = "spec"
+
+
+def helix_kv_state(allocator: Any) -> Optional[dict]:
+    """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
+
+    Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
+    per_kvp_rank[c] = {"kvp_rank", "total_pages", "free_pages", "used_pages"} of color c, plus
+    "layout" (the HelixConfig), the logical capacity, the rows of one rank's pool (padding page
+    excluded), and the KV bytes of one rank next to plain TP on the same N = KVP x TPA ranks:
+
+    - kv_cache_dtype: the pages' dtype (e.g. "bfloat16", "float8_e4m3fn"); every byte count
+      below is in it (fp8: 1 byte per element; pages are stored as uint8, as SGLang stores them).
+    - kv_bytes_per_rank: bytes this rank's Helix pool really allocated: sum of numel x itemsize
+      over its KV buffers (k_buffer + v_buffer, or the MLA kv_buffer; every layer, padding page
+      included).
+    - plain_tp_kv_bytes_per_token: KV bytes per token of one plain-TP rank (attention TP N, no
+      Helix), from the model dims and dtype of this pool:
+        MLA: (kv_lora_rank + qk_rope_head_dim) x itemsize x layers (latent replicated per rank);
+        GQA: ceil(K / N) x (head_dim + v_head_dim) x itemsize x layers, K the model's KV heads:
+        K / N when N divides K, one replicated head when N > K (SGLang's GPU path keeps
+        max(1, K // N); its CPU engine pads K up to a multiple of N: also ceil(K / N)).
+    - plain_tp_kv_bytes_per_rank: (logical_tokens + page_size) x plain_tp_kv_bytes_per_token,
+      what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
+      padding page).
+
+    Up to about one page per KVP rank, kv_bytes_per_rank = plain_tp_kv_bytes_per_rank x
+    (K / TPA) / (KVP x ceil(K / N)): plain / KVP for MLA; equal for GQA with N <= K (plain TP
+    already splits the KV heads N ways); plain x K / N for GQA with N > K.
+    """
+    if not isinstance(allocator, HelixPagedAllocator):
+        return None
+    cfg = state.current_config()
+    pool = allocator.get_kvcache()
+    counts = allocator.color_free_counts()
+    per = allocator.per_color
+    buffers = list(pool.kv_buffer) if cfg is not None and cfg.mla else list(pool.k_buffer) + list(pool.v_buffer)
+    out = {
+        "layout": None if cfg is None else {
+            "kvp": cfg.kvp, "tpa": cfg.tpa, "world_size": cfg.world_size,
+            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "mla": cfg.mla,
+            "page_size": cfg.page_size, "comm_backend": cfg.comm_backend,
+            "hopb_slices": cfg.hopb_slices, "mla_exchange": cfg.mla_exchange,
+            "exchange_dtype": cfg.exchange_dtype},
+        "page_size": allocator.page_size,
+        "kv_cache_dtype": str(pool.dtype).removeprefix("torch."),
+        "logical_tokens": int(allocator.size),
+        "local_pool_rows": int(pool.size),
+        "kv_bytes_per_rank": int(sum(t.numel() * t.element_size() for t in buffers)),
+        "available_tokens": int(allocator.available_size()),
+        "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
+                         for c, n in enumerate(counts)],
+    }
+    if cfg is not None:
+        if cfg.mla:
+            per_layer = pool.kv_lora_rank + pool.qk_rope_head_dim
+        else:
+            per_layer = -(-cfg.num_kv_heads // cfg.world_size) * (pool.head_dim + pool.v_head_dim)
+        per_token = per_layer * torch._utils._element_size(pool.store_dtype) * pool.layer_num
+        out["plain_tp_kv_bytes_per_token"] = per_token
+        out["plain_tp_kv_bytes_per_rank"] = (int(allocator.size) + allocator.page_size) * per_token
+    return out
 
 
 def speculative_counts(scheduler: Any) -> Optional[dict]:
@@ -51,6 +114,3 @@ def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: An
     if transfers is not None:
         state[PD_KEY] = transfers
     return None
-
-
-INFO_HOOKS = (HookSpec(INTERNAL_STATE_TARGET, "AFTER", _after_add_memory_usage),)

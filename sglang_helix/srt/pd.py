@@ -19,7 +19,8 @@ GQA: SGLang maps decode attention rank g to prefill rank g // (decode_tp / prefi
 g = tpa_rank * KVP + kvp_rank that is the right head shard exactly when the prefill's attention
 TP divides TPA. Other prefill layouts fail the request with a message (never wrong KV).
 
-The CPU engine's own PD fixes live in srt.cpu.pd_fix.
+The hooks (AROUND, SGLang's mooncake connection: registration, metadata, transfers) are rows of
+srt.hook_table. The CPU engine's own PD fixes live in srt.cpu.pd_fix.
 """
 
 from __future__ import annotations
@@ -39,18 +40,8 @@ import torch
 from ..errors import HelixError
 from ..sharding import owned_transfer_pairs, transfer_page_slots
 from . import state
-from .hooks import HookSpec
 
 logger = logging.getLogger(__name__)
-
-CONN = "sglang.srt.disaggregation.mooncake.conn"
-MANAGER = f"{CONN}.MooncakeKVManager"
-REGISTRATION_TARGET = f"{MANAGER}.build_receiver_registration_message"
-SEND_METADATA_TARGET = f"{CONN}.MooncakeKVReceiver.send_metadata"
-FROM_ZMQ_TARGET = f"{CONN}.KVArgsRegisterInfo.from_zmq"
-SEND_KV_TARGET = f"{MANAGER}.send_kvcache"
-SEND_KV_SLICE_TARGET = f"{MANAGER}.send_kvcache_slice"
-TRANSFER_DATA_TARGET = f"{MANAGER}._transfer_data"
 
 HELIX_TAG = b"sglang_helix.pd/1 "
 REGISTRATION_FIELDS = 20  # SGLang 0.5.23's registration message; the Helix tag goes after it
@@ -246,13 +237,3 @@ def pd_transfer_state() -> Optional[dict]:
     """/server_info state of this process's transfers (None before the first KV transfer)."""
     sent = COUNTERS.snapshot()
     return {"sent": sent} if sent else None
-
-
-PD_HOOKS = tuple(HookSpec(target, "AROUND", fn) for target, fn in (
-    (REGISTRATION_TARGET, _around_registration),
-    (SEND_METADATA_TARGET, _around_send_metadata),
-    (FROM_ZMQ_TARGET, _around_from_zmq),
-    (SEND_KV_TARGET, _around_send),
-    (SEND_KV_SLICE_TARGET, _around_send),
-    (TRANSFER_DATA_TARGET, _around_transfer_data),
-))

@@ -1,31 +1,37 @@
 """SGLang plugin entry point (`sglang.srt.plugins`: helix = "sglang_helix.srt.plugin:register").
 
-What `register()` does (SGLang calls it from `load_plugins()` in every process it starts):
+`register()` (SGLang calls it from `load_plugins()` in every process it starts, then applies the
+registered hooks):
 
-1. AFTER hook on `ServerArgs.add_cli_args`: adds the "Helix" argument group (`--enable-helix`,
-   `--helix-kvp-size`, ... see srt.args), so the flags parse and show in `--help`.
-2. AROUND hook on `prepare_server_args`: when the command line (or a `--config` YAML, or
-   SGLANG_HELIX) mentions Helix, parses the Helix flags with SGLang's own parser and stores a
-   `HelixServerArgs` as `server_args._helix_args` (ServerArgs pickles its __dict__, so the
-   attribute reaches the scheduler ranks). Without Helix flags nothing is stored.
-3. Resolution hooks (srt.validate): flag rules early, model-dependent rules late; the late one
-   stores the HelixConfig on ServerArgs (srt.state) and declares the "helix" attention backend.
-4. Serving hooks, all passing through unless a ServerArgs carries a HelixConfig: state (KVP
-   groups), memory (pool + colored allocator), models (TPA-sharded GQA, DeepSeek MLA), the
-   "helix" backend, /server_info (srt.info), PD relayout (srt.pd), and on the CPU engine the
-   CPU fixes (srt.cpu).
-5. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, the import-only stand-in
-   (srt.cpu.sgl_kernel_stub) is put on `sys.path` so the CPU engine imports.
+1. Checks SGLang's version (srt.sglang_version). Outside the supported range it installs nothing,
+   logs one warning, and refuses a launch that asks for Helix, naming the supported version.
+2. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, puts the import-only stand-in
+   (srt.cpu.sgl_kernel_stub) on `sys.path` so the CPU engine imports.
+3. Installs the rows of the hook table (srt.hook_table, every seam into SGLang in one place) this
+   process needs: the CLI hooks below, the two argument-resolution steps (srt.validate), the
+   "helix" attention backend, the serving hooks (state, memory, models, /server_info,
+   speculative decoding, PD), and on the CPU engine the CPU fixes (srt.cpu.fixes).
+
+What changes without `--enable-helix` / SGLANG_HELIX: the Helix flags exist, "helix" is an
+`--attention-backend` choice, and on SGLang's CPU engine the CPU fixes apply (absorbed MLA on
+torch_native, per-rank torch threads, native MoE with EP and empty batches, fp8 checkpoints and
+fp8 KV without AMX, NGRAM and NEXTN speculative decoding, PD host paths; each fix's opt-out is
+in srt.cpu.fixes). Every other hook calls straight through: off the CPU engine SGLang serves
+exactly as without the plugin. Hook failures never raise for non-Helix users; when Helix is
+requested, `verify_hooks_live()` raises `HelixHookError` naming any seam SGLang failed to apply
+(HookRegistry only logs such failures).
+
+The CLI hooks: an AFTER hook on `ServerArgs.add_cli_args` adds the "Helix" argument group
+(`--enable-helix`, `--helix-kvp-size`, ... see srt.args); an AROUND hook on `prepare_server_args`,
+when the command line (or a `--config` YAML, or SGLANG_HELIX) mentions Helix, parses the Helix
+flags with SGLang's own parser and stores a `HelixServerArgs` as `server_args._helix_args`
+(ServerArgs pickles its __dict__, so the attribute reaches the scheduler ranks).
 
 `sglang.Engine(...)` users request Helix through the environment with the CLI's flags:
 
     SGLANG_HELIX="--enable-helix --helix-kvp-size 2" python my_script.py
 
 (on the CLI path SGLANG_HELIX is prepended to argv, so explicit flags win).
-
-Without `--enable-helix` / SGLANG_HELIX the plugin changes no SGLang behaviour. Hook failures
-never raise for non-Helix users; when Helix is requested, `verify_hooks_live()` raises
-`HelixHookError` naming any hook SGLang failed to apply (HookRegistry only logs such failures).
 """
 
 from __future__ import annotations
@@ -39,63 +45,21 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import hooks, state, validate
+from . import hook_table, sglang_version, state, validate
 from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
-from .cpu import eagle_fix, fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix, threads_fix
-from .hooks import HelixHookError, HookSpec, wraps_hook
-from .pd import PD_HOOKS
+from .cpu import sgl_kernel_stub
+from .hooks import HelixHookError, wraps_hook
+from .sglang_version import SUPPORTED_SGLANG
 
-# Modules that subclass SGLang's pools / backends (memory, backends, models, info) are imported
-# inside functions: on the CPU engine SGLang's memory_pool imports sgl_kernel, so they may load
-# only after register() put the sgl_kernel stand-in in place.
+# The hook table resolves owner modules only when it installs them: on the CPU engine SGLang's
+# memory_pool imports sgl_kernel, so those owners load after register() put the stand-in in place.
 
 logger = logging.getLogger(__name__)
 
-ADD_CLI_ARGS_TARGET = "sglang.srt.server_args.ServerArgs.add_cli_args"
-PREPARE_TARGET = "sglang.srt.server_args.prepare_server_args"
-SUPPORTED_SGLANG = ">=0.5.23,<0.5.24"
-
 _registered = False
-# Whether register() installed the CPU-engine hook tables. Liveness is checked against what was
+# Whether register() installed the CPU-engine rows. Liveness is checked against what was
 # installed: the early validation may set SGLANG_USE_CPU_ENGINE for the child processes later.
 _cpu_engine_hooks: bool | None = None
-
-
-def _cli_hooks() -> tuple[HookSpec, ...]:
-    return (HookSpec(ADD_CLI_ARGS_TARGET, "AFTER", _after_add_cli_args),
-            HookSpec(PREPARE_TARGET, "AROUND", _around_prepare_server_args))
-
-
-def serving_hooks(cpu_engine: bool) -> tuple[tuple[str, tuple[HookSpec, ...]], ...]:
-    """(name, specs) of every serving hook table; the CPU fixes only on the CPU engine."""
-    from . import info, spec
-    from .memory.hooks import POOL_HOOKS
-    from .models.deepseek import MLA_HOOKS
-    from .models.gqa import GQA_HOOKS
-
-    tables = (("state (initialize_model_parallel)", state.STATE_HOOKS),
-              ("KV pool / allocator / capacity", POOL_HOOKS),
-              ("GQA attention layers", GQA_HOOKS),
-              ("DeepSeek MLA layers", MLA_HOOKS),
-              ("/server_info", info.INFO_HOOKS),
-              ("speculative drafts (NGRAM chains, NEXTN draft backend)", spec.SPEC_HOOKS))
-    if cpu_engine and mla_fix.cpu_mla_fix_wanted():
-        tables += (("CPU absorbed-MLA fix", mla_fix.CPU_MLA_HOOKS),)
-    if cpu_engine and threads_fix.cpu_threads_fix_wanted():
-        tables += (("CPU torch threads per rank", threads_fix.CPU_THREADS_HOOKS),)
-    if cpu_engine and moe_fix.cpu_moe_fix_wanted():
-        tables += (("CPU native-MoE fix (EP -1 ids, empty batch)", moe_fix.CPU_MOE_HOOKS),)
-    if cpu_engine:
-        tables += (("CPU fp8 torch path", fp8_fix.CPU_FP8_HOOKS),
-                   ("CPU fp8 KV, Helix off", fp8_kv_fix.CPU_FP8_KV_HOOKS),
-                   ("CPU speculative decoding ops (NGRAM)", spec_fix.CPU_SPEC_HOOKS),
-                   ("CPU EAGLE / NEXTN draft ops", eagle_fix.CPU_EAGLE_HOOKS))
-    return tables
-
-
-def pd_hooks(cpu_engine: bool) -> tuple[HookSpec, ...]:
-    """The PD relayout hooks, plus the CPU engine's PD fixes there."""
-    return PD_HOOKS + (pd_fix.CPU_PD_HOOKS if cpu_engine else ())
 
 
 # ---------------------------------------------------------------- registration
@@ -106,19 +70,16 @@ def register() -> None:
     global _registered, _cpu_engine_hooks
     if _registered:
         return
+    version = sglang_version.installed_sglang()
+    if not sglang_version.supported(version):
+        logger.warning(sglang_version.unsupported_warning(version))
+        if sglang_version.helix_requested(sys.argv[1:], os.environ):
+            # SystemExit: load_plugins() logs and swallows any Exception a plugin raises.
+            raise SystemExit(sglang_version.helix_refusal(version))
+        return
     _install_cpu_stub()
-    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
-
-    hooks.install(_cli_hooks())
-    for step, hook in RESOLUTION_HOOKS:
-        register_resolution_hook(step)(hook)
     cpu_engine = _cpu_engine_hooks = sgl_kernel_stub.cpu_engine_requested()
-    for _, specs in serving_hooks(cpu_engine):
-        hooks.install(specs)
-    hooks.install(pd_hooks(cpu_engine))
-    from .backends.factory import register_helix_backend
-
-    register_helix_backend()
+    hook_table.install(hook_table.installed_rows(cpu_engine))
     _registered = True
 
 
@@ -132,9 +93,23 @@ def _install_cpu_stub() -> None:
 # ---------------------------------------------------------------- liveness
 
 
+def cpu_engine_hooks() -> bool:
+    """True if this process's rows include the CPU-engine ones (register()'s view; the
+    environment's when register() has not run)."""
+    return sgl_kernel_stub.cpu_engine_requested() if _cpu_engine_hooks is None else _cpu_engine_hooks
+
+
+def _rows(pd: bool) -> tuple[hook_table.Seam, ...]:
+    return tuple(row for row in hook_table.installed_rows(cpu_engine_hooks()) if (row.area == "pd") == pd)
+
+
 def verify_hooks_live() -> None:
-    """Raise HelixHookError naming every Helix hook that is not applied in this process."""
-    missing = [name for name, is_live in _liveness_checks() if not is_live()]
+    """Raise HelixHookError naming every seam of this process (PD aside) that is not live."""
+    missing = hook_table.missing(_rows(pd=False))
+    if not _prepare_binding_live():
+        missing.append("a stale `from ... import prepare_server_args` binding")
+    if not state.bootstrap_binding_live():
+        missing.append("sglang.srt.distributed.bootstrap.initialize_model_parallel (binding)")
     if missing:
         raise HelixHookError(
             f"sglang_helix: hook(s) not live: {', '.join(missing)}. SGLang logs why at start-up "
@@ -144,45 +119,19 @@ def verify_hooks_live() -> None:
         )
 
 
-def cpu_engine_hooks() -> bool:
-    """True if this process's hook tables include the CPU-engine ones (register()'s view; the
-    environment's when register() has not run)."""
-    return sgl_kernel_stub.cpu_engine_requested() if _cpu_engine_hooks is None else _cpu_engine_hooks
-
-
 def verify_pd_hooks_live() -> None:
-    """A Helix decode server needs the relayout hooks live (SGLang only logs apply failures)."""
-    missing = hooks.missing_hooks(pd_hooks(cpu_engine_hooks()))
+    """A Helix decode server needs the PD rows live (SGLang only logs apply failures)."""
+    missing = hook_table.missing(_rows(pd=True))
     if missing:
         raise HelixHookError(f"sglang_helix: PD hook(s) not live: {', '.join(missing)}; SGLang "
                              f"logs why at start-up; sglang must be {SUPPORTED_SGLANG}")
 
 
-# The resolution hooks, bound to the liveness checks they run (identity matters for liveness).
-RESOLUTION_HOOKS = (
-    (validate.EARLY_STEP, functools.partial(validate.early_validation, verify_hooks=verify_hooks_live)),
-    (validate.LATE_STEP, functools.partial(validate.late_validation, verify_pd_hooks=verify_pd_hooks_live)),
-)
-
-
-def _liveness_checks() -> list[tuple[str, Callable[[], bool]]]:
-    checks = [
-        (f"AFTER {ADD_CLI_ARGS_TARGET}", _add_cli_args_live),
-        (f"AROUND {PREPARE_TARGET}", _prepare_live),
-        *((f"resolution hook {step}", lambda s=step, h=hook: validate.resolution_hook_live(s, h))
-          for step, hook in RESOLUTION_HOOKS),
-        ('attention backend "helix" in ATTENTION_BACKENDS', _backend_live),
-    ]
-    for name, specs in serving_hooks(cpu_engine_hooks()):
-        checks.append((f"{name} hooks", lambda s=specs: not hooks.missing_hooks(s)))
-    checks.append(("state hook (bootstrap binding)", lambda: not state.state_hooks_missing()))
-    return checks
-
-
-def _backend_live() -> bool:
-    from .backends.factory import backend_live
-
-    return backend_live()
+# The resolution steps of the hook table, bound to the liveness checks they run (their identity
+# is what the table installs and checks).
+early_resolution = functools.partial(validate.early_validation, verify_hooks=verify_hooks_live)
+late_resolution = functools.partial(validate.late_validation, verify_pd_hooks=verify_pd_hooks_live)
+RESOLUTION_HOOKS = ((validate.EARLY_STEP, early_resolution), (validate.LATE_STEP, late_resolution))
 
 
 def _add_cli_args_live() -> bool:
@@ -191,17 +140,16 @@ def _add_cli_args_live() -> bool:
     return wraps_hook(ServerArgs.add_cli_args, _after_add_cli_args)
 
 
-def _prepare_live() -> bool:
+def _prepare_binding_live() -> bool:
+    """No module kept a stale `from ... import prepare_server_args` binding to the unhooked one."""
     import sglang.srt.server_args as server_args_module
 
     live = server_args_module.prepare_server_args
     if not wraps_hook(live, _around_prepare_server_args):
-        return False
+        return True  # not applied at all: the table's row says so
     original = _innermost(live)
-    return not any(  # no module kept a stale `from ... import prepare_server_args` binding
-        _module_vars(module).get("prepare_server_args") is original
-        for module in list(sys.modules.values())
-    )
+    return not any(_module_vars(module).get("prepare_server_args") is original
+                   for module in list(sys.modules.values()))
 
 
 def _module_vars(module: Any) -> dict:

@@ -5,7 +5,9 @@ allocator (srt.memory.hooks), and its draft extend after each verify runs on a h
 the draft runner (the AROUND hook on `DraftBackendFactory.create_draft_extend_backend` below):
 the MTP layer attends its KV-sharded latent prefix with partial attention + one exchange, as the
 target does. With more than one draft step (chains, top-k 1) its decode steps run on
-`HelixMultiStepDraftBackend` (the AROUND hook on `create_decode_backend`).
+`HelixMultiStepDraftBackend` (the AROUND hook on `create_decode_backend`). These two hooks own
+their rows of srt.hook_table: with Helix off they hand the call to the CPU engine's EAGLE fix
+(srt.cpu.eagle_fix: torch_native draft backends there, SGLang's factory everywhere else).
 
 NGRAM:
 
@@ -38,11 +40,8 @@ import numpy as np
 
 from ..config import HelixConfigError
 from . import state
-from .hooks import HookSpec
+from .cpu import eagle_fix
 
-BATCH_GET_TARGET = "sglang.srt.speculative.cpp_ngram.ngram_corpus.NgramCorpus.batch_get"
-DRAFT_EXTEND_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend"
-DRAFT_DECODE_TARGET = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend"
 HELIX_BACKEND = "helix"  # srt.backends.base.BACKEND_NAME (not imported here: that module imports SGLang's attention)
 
 
@@ -92,9 +91,10 @@ def _helix_draft(factory: Any) -> bool:
 def _around_draft_extend_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any) -> Any:
     """NEXTN with Helix on: the draft runner (DeepSeek's MTP layer, its own Helix pool with the
     target's page colours, srt.memory.hooks) extends the accepted tokens on its own helix backend:
-    partial attention over each rank's latent pages + one exchange, as the target."""
+    partial attention over each rank's latent pages + one exchange, as the target. Helix off: the
+    CPU engine's EAGLE fix (SGLang's factory unless torch_native on the CPU engine)."""
     if not _helix_draft(factory):
-        return original(factory, *args, **kwargs)
+        return eagle_fix.draft_extend_backend(original, factory, *args, **kwargs)
     return _draft_backend(factory.draft_model_runner)
 
 
@@ -122,12 +122,9 @@ class HelixMultiStepDraftBackend:
 
 def _around_draft_decode_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any) -> Any:
     """NEXTN with Helix on and more than one draft step: the helix multi-step draft backend
-    (one step: SGLang makes none)."""
+    (one step: SGLang makes none). Helix off: the CPU engine's EAGLE fix, as above."""
+    if state.config_of(factory.draft_model_runner.server_args) is None:
+        return eagle_fix.draft_decode_backend(original, factory, *args, **kwargs)
     if factory.speculative_num_steps <= 1 or not _helix_draft(factory):
         return original(factory, *args, **kwargs)
     return HelixMultiStepDraftBackend(factory.draft_model_runner, factory.topk, factory.speculative_num_steps)
-
-
-SPEC_HOOKS = (HookSpec(BATCH_GET_TARGET, "AROUND", _around_batch_get),
-              HookSpec(DRAFT_EXTEND_TARGET, "AROUND", _around_draft_extend_backend),
-              HookSpec(DRAFT_DECODE_TARGET, "AROUND", _around_draft_decode_backend))

@@ -5,8 +5,8 @@ Two facts live here and nowhere else:
   `CONFIG_ATTR` (ServerArgs pickles its __dict__, so scheduler ranks see it); `current_config()`
   reads it from SGLang's published ServerArgs (None: Helix off in this process);
 - the `HelixRuntime` (config, global attention rank, this rank's KVP group), created by the AFTER
-  hook on `initialize_model_parallel` right after SGLang built its TP groups, on every rank in
-  the same order (creating the KVP groups is collective). `runtime()` returns it.
+  hook on `initialize_model_parallel` (srt.hook_table) right after SGLang built its TP groups, on
+  every rank in the same order (creating the KVP groups is collective). `runtime()` returns it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import Any, Optional
 from ..comm import create_kvp_groups
 from ..config import HelixConfig
 from ..errors import HelixError
-from .hooks import HookSpec, missing_hooks, wraps_hook
+from .hooks import wraps_hook
 
 logger = logging.getLogger(__name__)
 
 CONFIG_ATTR = "_helix_config"  # the resolved HelixConfig on ServerArgs
 ARGS_ATTR = "_helix_args"  # the parsed Helix flags (HelixServerArgs) on ServerArgs
-INIT_MP_TARGET = "sglang.srt.distributed.parallel_state.initialize_model_parallel"
 
 
 class HelixRuntimeError(HelixError):
@@ -98,14 +97,9 @@ def _after_initialize_model_parallel(result: Any, *args: Any, **kwargs: Any) -> 
     return None
 
 
-STATE_HOOKS = (HookSpec(INIT_MP_TARGET, "AFTER", _after_initialize_model_parallel),)
-
-
-def state_hooks_missing() -> list[str]:
-    """Missing state hooks, including SGLang's `from ... import` binding in its bootstrap."""
-    missing = missing_hooks(STATE_HOOKS)
+def bootstrap_binding_live() -> bool:
+    """SGLang's bootstrap binds `initialize_model_parallel` by name (`from ... import`); HookRegistry
+    rewrites that binding too. True once it wraps the state hook (or bootstrap is not imported)."""
     bootstrap = sys.modules.get("sglang.srt.distributed.bootstrap")
-    if bootstrap is not None and not wraps_hook(getattr(bootstrap, "initialize_model_parallel", None),
-                                                _after_initialize_model_parallel):
-        missing.append("sglang.srt.distributed.bootstrap.initialize_model_parallel")
-    return missing
+    return bootstrap is None or wraps_hook(getattr(bootstrap, "initialize_model_parallel", None),
+                                           _after_initialize_model_parallel)

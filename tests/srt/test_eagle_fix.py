@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import check_hooks_apply
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                 reason="sglang not installed")
@@ -153,17 +152,18 @@ def test_draft_backends_torch_native_only(monkeypatch):
         called.append(factory)
         return "sglang's"
 
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     other = _factory("triton", steps=3)
-    assert eagle_fix._around_draft_extend_backend(original, other) == "sglang's"
-    assert eagle_fix._around_draft_decode_backend(original, other) == "sglang's"
-    assert eagle_fix._around_draft_decode_backend(original, _factory("torch_native", 1)) == "sglang's"
+    assert eagle_fix.draft_extend_backend(original, other) == "sglang's"
+    assert eagle_fix.draft_decode_backend(original, other) == "sglang's"
+    assert eagle_fix.draft_decode_backend(original, _factory("torch_native", 1)) == "sglang's"
     assert len(called) == 3
     with pytest.raises(eagle_fix.CpuEagleError, match="--speculative-eagle-topk 2.*--speculative-eagle-topk 1"):
-        eagle_fix._around_draft_decode_backend(original, _factory("torch_native", 3, topk=2))
+        eagle_fix.draft_decode_backend(original, _factory("torch_native", 3, topk=2))
     made = []
     monkeypatch.setattr(eagle_fix, "_torch_native_step_class",
                         lambda: lambda runner, step: made.append(step) or SimpleNamespace(step=step))
-    multi = eagle_fix._around_draft_decode_backend(original, _factory("torch_native", 3))
+    multi = eagle_fix.draft_decode_backend(original, _factory("torch_native", 3))
     assert isinstance(multi, eagle_fix.TorchNativeMultiStepDraftBackend) and made == [0, 1]
     assert [b.step for b in multi.attn_backends] == [0, 1] and len(called) == 3
 
@@ -183,11 +183,39 @@ def test_torch_native_draft_step_attends_committed_plus_step_plus_one(monkeypatc
     assert seen == [[8, 12]] and batch.seq_lens.tolist() == [5, 9]
 
 
-def test_hooks_are_cpu_engine_only():
-    from sglang_helix.srt import plugin
+def test_draft_backends_are_sglangs_off_the_cpu_engine(monkeypatch):
+    """The draft factory rows are installed everywhere (srt.spec owns them for Helix); off the CPU
+    engine the fix hands torch_native back to SGLang's factory (which refuses it itself)."""
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")
+    original = lambda factory: "sglang's"  # noqa: E731
+    assert eagle_fix.draft_extend_backend(original, _factory("torch_native")) == "sglang's"
+    assert eagle_fix.draft_decode_backend(original, _factory("torch_native", 3)) == "sglang's"
 
-    assert ("CPU EAGLE / NEXTN draft ops", eagle_fix.CPU_EAGLE_HOOKS) in plugin.serving_hooks(True)
-    assert all(specs is not eagle_fix.CPU_EAGLE_HOOKS for _, specs in plugin.serving_hooks(False))
+
+def test_helix_off_draft_factory_hooks_hand_over_to_this_fix(monkeypatch):
+    """srt.spec's draft factory hooks, Helix off: the CPU fix's torch_native backends."""
+    from sglang_helix.srt import spec
+
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setattr(eagle_fix, "_torch_native_step_class",
+                        lambda: lambda runner, step: SimpleNamespace(step=step))
+    factory = _factory("torch_native", 3)
+    factory.draft_model_runner = SimpleNamespace(server_args=SimpleNamespace())  # no HelixConfig
+    multi = spec._around_draft_decode_backend(lambda f: "sglang's", factory)
+    assert isinstance(multi, eagle_fix.TorchNativeMultiStepDraftBackend)
+
+
+def test_hooks_are_cpu_engine_only():
+    from sglang_helix.srt.hook_table import installed_rows, rows_of_fix
+
+    rows = rows_of_fix("eagle")
+    shared = {r.target.rsplit(".", 1)[1] for r in rows if not r.cpu_only}
+    assert shared == {"create_draft_extend_backend", "create_decode_backend"}
+    assert all(r.owner == "spec" for r in rows if not r.cpu_only)
+    cpu_rows = [r for r in rows if r.cpu_only]
+    assert len(cpu_rows) == 4 and all(r.owner == "cpu.eagle_fix" for r in cpu_rows)
+    assert not set(cpu_rows) & set(installed_rows(False))
+    assert set(cpu_rows) <= set(installed_rows(True, {"SGLANG_USE_CPU_ENGINE": "1"}))
 
 
 SGLANG_CALLS = """
@@ -203,6 +231,8 @@ assert out.tolist() == [5, 6]
 """
 
 
-def test_hooks_apply_and_sglang_dispatchers_run_the_torch_ops():
-    check_hooks_apply("sglang_helix.srt.cpu.eagle_fix", "CPU_EAGLE_HOOKS", len(eagle_fix.CPU_EAGLE_HOOKS),
-                      after=SGLANG_CALLS)
+SGLANG_CHECKS = {"eagle: SGLang's dispatchers run the torch ops": SGLANG_CALLS}
+
+
+def test_hooks_apply_and_sglang_dispatchers_run_the_torch_ops(sglang_checks):
+    sglang_checks.assert_ok("eagle: SGLang's dispatchers run the torch ops")

@@ -7,7 +7,7 @@
 - fp8 MoE experts equal SGLang's native MoE on the dequantized experts, bit for bit;
 - per-tensor fp8 still stops inside SGLang's own requantization (a CUDA-only kernel; pinned, so
   the day it works the docs' support table gets updated);
-- the hook table applies to SGLang's live targets in a fresh interpreter.
+- where the hooks are installed and that they apply: tests/srt/test_hook_table.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_hooks_apply
 
 from sglang_helix.dev.fp8_models import block_dequantize, block_quantize, quantization_config
 
@@ -131,18 +130,6 @@ def test_fp8_moe_equals_native_moe_on_dequantized_experts():
                                atol=0, rtol=0)
 
 
-def test_cpu_fp8_hooks_apply_to_sglang():
-    check_hooks_apply("sglang_helix.srt.cpu.fp8_fix", "CPU_FP8_HOOKS", 4)
-
-
-def test_installed_on_the_cpu_engine_only():
-    from sglang_helix.srt import plugin
-
-    names = lambda cpu: [name for name, _ in plugin.serving_hooks(cpu)]  # noqa: E731
-    assert "CPU fp8 torch path" in names(True) and "CPU fp8 torch path" not in names(False)
-    assert not fp8_fix.install_cpu_fp8({"SGLANG_USE_CPU_ENGINE": "0"})
-
-
 # ---------------------------------------------------------------- fp8 KV, Helix off
 
 
@@ -164,14 +151,19 @@ def test_helix_off_fp8_kv_steps_over_only_sglangs_cpu_check(monkeypatch):
     from sglang_helix.srt.cpu import fp8_kv_fix
     from sglang_helix.srt.memory import hooks as mh
 
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     monkeypatch.setattr(fp8_kv_fix, "_torch_native_only", lambda: True)
     monkeypatch.setattr(fp8_kv_fix, "_no_amx", lambda: True)
-    monkeypatch.setattr(mh, "cpu_fp8_refused", lambda kvc: kvc.kv_cache_dtype == torch.float8_e4m3fn)
+    monkeypatch.setattr(fp8_kv_fix, "cpu_fp8_refused", lambda kvc: kvc.kv_cache_dtype == torch.float8_e4m3fn)
     seen = []
-    kvc = SimpleNamespace(kv_cache_dtype=torch.float8_e4m3fn, model=torch.nn.Module())
-    fp8_kv_fix._around_configure(lambda k: seen.append(k.kv_cache_dtype), kvc)
+    kvc = SimpleNamespace(kv_cache_dtype=torch.float8_e4m3fn, model=torch.nn.Module(), server_args=None)
+    configure = lambda k: seen.append(k.kv_cache_dtype)  # noqa: E731
+    mh._around_configure(configure, kvc)  # the row's hook, Helix off: the CPU fix
     assert seen == [torch.float8_e5m2] and kvc.kv_cache_dtype == torch.float8_e4m3fn
     kvc.kv_cache_dtype = torch.bfloat16
-    fp8_kv_fix._around_configure(lambda k: seen.append(k.kv_cache_dtype), kvc)
+    fp8_kv_fix.configure_helix_off(configure, kvc)
     assert seen[-1] == torch.bfloat16
-    check_hooks_apply("sglang_helix.srt.cpu.fp8_kv_fix", "CPU_FP8_KV_HOOKS", 1)
+    kvc.kv_cache_dtype = torch.float8_e4m3fn
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")  # off the CPU engine: SGLang's own check
+    fp8_kv_fix.configure_helix_off(configure, kvc)
+    assert seen[-1] == torch.float8_e4m3fn

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +25,8 @@ if importlib.util.find_spec("sglang") is not None:
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool
 
+    from sglang_helix.srt import info
+    from sglang_helix.srt.cpu import fp8_kv_fix
     from sglang_helix.srt.memory import allocator as alloc_mod
     from sglang_helix.srt.memory import hooks as mem_hooks
     from sglang_helix.srt.memory import pools
@@ -550,24 +550,6 @@ def test_draft_worker_shares_the_target_allocator(kind, monkeypatch):
             mem_hooks._around_build_allocator(original, kvc, token_to_kv_pool=bad, token_to_kv_pool_allocator=other)
 
 
-def test_install_pool_hooks_live_after_apply():
-    """In a fresh interpreter (HookRegistry is process-global): register, apply, verify."""
-    code = (
-        "import os; os.environ['SGLANG_USE_CPU_ENGINE']='1'\n"
-        "from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()\n"
-        "from sglang_helix.srt import hooks\n"
-        "from sglang_helix.srt.memory.hooks import POOL_HOOKS\n"
-        "from sglang.srt.plugins.hook_registry import HookRegistry\n"
-        "hooks.install(POOL_HOOKS); hooks.install(POOL_HOOKS)\n"
-        "assert len(hooks.missing_hooks(POOL_HOOKS)) == len(POOL_HOOKS) == 6\n"
-        "HookRegistry.apply_hooks()\n"
-        "assert hooks.missing_hooks(POOL_HOOKS) == [], hooks.missing_hooks(POOL_HOOKS)\n"
-        "print('OK')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
-
-
 # ----------------------------------------------------------------------------- fp8 KV pages
 
 FP8 = torch.float8_e4m3fn
@@ -635,12 +617,12 @@ def test_server_info_bytes_follow_the_kv_dtype(kind, monkeypatch):
 
     cfg = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1 if kind == "mla" else 2, mla=kind == "mla",
                       page_size=P)
-    monkeypatch.setattr(mem_hooks.state, "current_config", lambda: cfg)
+    monkeypatch.setattr(info.state, "current_config", lambda: cfg)
     states = {}
     for dtype in (FP8, torch.bfloat16):
         pool = _pool(kind, dtype)
         alloc = alloc_mod.HelixPagedAllocator(256, P, dtype, "cpu", pool, False, kvp=2)
-        states[dtype] = mem_hooks.helix_kv_state(alloc)
+        states[dtype] = info.helix_kv_state(alloc)
     fp8, bf16 = states[FP8], states[torch.bfloat16]
     assert fp8["kv_cache_dtype"] == "float8_e4m3fn" and bf16["kv_cache_dtype"] == "bfloat16"
     for key in ("kv_bytes_per_rank", "plain_tp_kv_bytes_per_token", "plain_tp_kv_bytes_per_rank"):
@@ -669,7 +651,7 @@ def _configurator(layout, mla: bool):
     kvc = _FakeKvcDtype(layout, FP8)
     kvc.use_mla_backend, kvc.is_draft_worker = mla, False
     kvc.spec_algorithm = SimpleNamespace(is_none=lambda: True)
-    kvc._resolve_memory_pool_config = lambda *a, **k: mem_hooks._around_resolve_config(resolve, kvc, *a, **k)
+    kvc._resolve_memory_pool_config = lambda *a, **k: fp8_kv_fix.restore_kv_dtype(resolve, kvc, *a, **k)
     return kvc
 
 
@@ -684,7 +666,7 @@ def test_sglang_cpu_engine_refuses_fp8_kv_and_helix_steps_over_it(mla, refusal):
 
     configure = KVCacheConfigurator.configure
     with pytest.raises(ValueError, match=f"CPU FP8 KV cache {refusal}"):
-        mem_hooks._around_configure(configure, _configurator(None, mla), pre_model_load_memory=0)
+        configure(_configurator(None, mla), pre_model_load_memory=0)  # SGLang alone
     layout = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1 if mla else 2, mla=mla, page_size=P)
     kvc = _configurator(layout, mla)
     with pytest.raises(_Stop) as stop:

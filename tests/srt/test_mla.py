@@ -6,8 +6,8 @@
 - math: chunk-causal attention, extend with a cached prefix (page-aligned and not), decode —
   through the real HelixMLAAttnBackend over real HelixMLATokenToKVPools on 2 gloo ranks,
   vs dense fp32 attention over the whole sequence.
-- hooks: registration, idempotence, liveness list, pass-through with Helix off, the CPU
-  absorbed-MLA workaround (installs only on the CPU engine, routes torch_native to MLA).
+- hooks: pass-through with Helix off, the CPU absorbed-MLA workaround (routes torch_native to
+  MLA); where they are installed and that they apply: tests/srt/test_hook_table.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ if importlib.util.find_spec("sglang") is not None:
     from sglang.srt.models.deepseek_common.attention_forward_methods.forward_methods import (
         AttnForwardMethod,
     )
-    from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sglang_helix.srt import hooks
     from sglang_helix.srt.backends.mla import HelixMLAAttnBackend
     from sglang_helix.srt.cpu import mla_fix
     from sglang_helix.srt.memory.pools import HelixMLATokenToKVPool, HelixPoolError
@@ -451,25 +449,6 @@ def test_backend_refuses_non_helix_pool():
 # ----------------------------------------------------------------------------- hooks
 
 
-@pytest.fixture
-def clean_registry():
-    """HookRegistry state of our targets restored after the test (nothing is applied here)."""
-    targets = [h.target for h in sm.MLA_HOOKS] + [mla_fix.CPU_HANDLER_TARGET]
-    saved = {t: list(HookRegistry._hooks.get(t, [])) for t in targets}
-    yield
-    for t, registered in saved.items():
-        HookRegistry._hooks[t] = registered
-
-
-def test_install_mla_hooks_registers_each_once(clean_registry):
-    hooks.install(sm.MLA_HOOKS)
-    hooks.install(sm.MLA_HOOKS)
-    for spec in sm.MLA_HOOKS:
-        assert [h for _, h, _ in HookRegistry._hooks[spec.target]].count(spec.fn) == 1
-    # not applied in this process: every target is reported
-    assert hooks.missing_hooks(sm.MLA_HOOKS) == [h.target for h in sm.MLA_HOOKS]
-
-
 def test_hooks_pass_through_with_helix_off():
     assert sm.mla_config() is None  # no published ServerArgs in pytest
     calls = []
@@ -480,23 +459,6 @@ def test_hooks_pass_through_with_helix_off():
     assert sm._around_core(original, attn, 1, 2) == "orig"
     assert sm._after_post_load(None, object()) is None
     assert len(calls) == 3 and attn.current_attention_backend == "x"
-
-
-def test_cpu_absorbed_mla_is_noop_off_cpu(clean_registry):
-    HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] = []
-    assert mla_fix.install_cpu_absorbed_mla({}) is False
-    assert mla_fix.install_cpu_absorbed_mla({"SGLANG_USE_CPU_ENGINE": "0"}) is False
-    opt_out = {"SGLANG_USE_CPU_ENGINE": "1", mla_fix.CPU_FIX_ENV: "0"}
-    assert mla_fix.install_cpu_absorbed_mla(opt_out) is False
-    assert HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] == []
-
-
-def test_cpu_absorbed_mla_installs_once_on_cpu(clean_registry):
-    HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET] = []
-    env = {"SGLANG_USE_CPU_ENGINE": "1"}
-    assert mla_fix.install_cpu_absorbed_mla(env) and mla_fix.install_cpu_absorbed_mla(env)
-    assert len(HookRegistry._hooks[mla_fix.CPU_HANDLER_TARGET]) == 1
-    assert mla_fix.cpu_absorbed_mla_missing()  # registered, applied only by SGLang's apply_hooks
 
 
 def test_cpu_handler_routes_torch_native_to_absorbed():

@@ -56,13 +56,15 @@ def test_apply_helix_heads_refuses_mismatched_heads_keeps_kv_scales():
 
 
 def test_hooked_classes_are_exactly_the_validated_architectures():
+    from sglang_helix.srt.hook_table import TABLE
+
     archs = [a for cls in sm.GQA_ATTENTION_CLASSES for a in cls.architectures]
     assert len(archs) == len(set(archs)) and set(archs) == GQA_ARCHITECTURES
-    assert {c.path.rsplit(".", 1)[1] for c in sm.GQA_ATTENTION_CLASSES} == {
+    rows = [r for r in TABLE if r.owner == "models.gqa" and r.fn == "_around_gqa_attention_init"]
+    hooked = {r.target.removesuffix(".__init__").rsplit(".", 1)[1] for r in rows}
+    assert hooked == {c.name for c in sm.GQA_ATTENTION_CLASSES} == {
         "LlamaAttention", "Qwen2Attention", "Qwen3Attention"}
-    hooked = {h.target for h in sm.GQA_HOOKS if h.fn is sm._around_gqa_attention_init}
-    assert hooked == set(sm.GQA_ATTENTION_TARGETS) == {c.path + ".__init__" for c in sm.GQA_ATTENTION_CLASSES}
-    assert all(h.kind == "AROUND" for h in sm.GQA_HOOKS if h.target in hooked)
+    assert all(r.kind == "AROUND" and r.target.endswith(".__init__") for r in rows)
 
 
 def test_stock_qkv_group():
@@ -164,30 +166,34 @@ def test_init_runtime_once(monkeypatch):
         state.init_runtime(layout, 3, group_factory=lambda ranks: None)
 
 
+SGLANG_CHECKS = {
+    "models: the GQA init hooks bind quant_config and prefix by name": """
+import inspect, pkgutil
+from sglang_helix.srt.hook_table import TABLE
+from sglang_helix.srt.hooks import target_wraps
+from sglang_helix.srt.models.gqa import _around_gqa_attention_init
+rows = [r for r in TABLE if r.fn == "_around_gqa_attention_init"]
+assert len(rows) == 3 and all(target_wraps(r.target, _around_gqa_attention_init) for r in rows)
+for row in rows:  # the stock __init__ the generic hook binds by name
+    init = inspect.unwrap(pkgutil.resolve_name(row.target))
+    assert {"quant_config", "prefix"} <= set(inspect.signature(init).parameters), row.target
+import sglang.srt.models.mistral as mi, sglang.srt.models.llama as ll
+assert issubclass(mi.MistralForCausalLM, ll.LlamaForCausalLM)  # same LlamaAttention
+""",
+    "state: the hook covers bootstrap's own binding": """
+import sglang.srt.distributed.bootstrap as b, sglang.srt.distributed.parallel_state as ps
+assert b.initialize_model_parallel is ps.initialize_model_parallel
+from sglang_helix.srt.state import bootstrap_binding_live
+assert bootstrap_binding_live()
+""",
+}
+
+
 @needs_sglang
-def test_model_hooks_register_and_apply_subprocess():
-    from helpers import check_hooks_apply
-
-    check_hooks_apply(
-        "sglang_helix.srt.models.gqa", "GQA_HOOKS", 4,
-        before=("import inspect, pkgutil\n"
-                "from sglang_helix.srt.models.gqa import GQA_ATTENTION_CLASSES\n"
-                "classes = [pkgutil.resolve_name(c.path) for c in GQA_ATTENTION_CLASSES]\n"
-                "stock = [c.__init__ for c in classes]\n"
-                "for init in stock:  # what the generic hook binds by name\n"
-                "    assert {'quant_config', 'prefix'} <= set(inspect.signature(init).parameters), init\n"),
-        after=("assert all(c.__init__ is not s for c, s in zip(classes, stock))\n"
-               "import sglang.srt.models.mistral as mi, sglang.srt.models.llama as ll\n"
-               "assert issubclass(mi.MistralForCausalLM, ll.LlamaForCausalLM)  # same LlamaAttention\n"))
+def test_model_hooks_apply_to_sglangs_attention_classes(sglang_checks):
+    sglang_checks.assert_ok("models: the GQA init hooks bind quant_config and prefix by name")
 
 
 @needs_sglang
-def test_state_hook_covers_bootstrap_binding():
-    from helpers import check_hooks_apply
-
-    check_hooks_apply(
-        "sglang_helix.srt.state", "STATE_HOOKS", 1,
-        after=("import sglang.srt.distributed.bootstrap as b, sglang.srt.distributed.parallel_state as ps\n"
-               "assert b.initialize_model_parallel is ps.initialize_model_parallel\n"
-               "from sglang_helix.srt.state import state_hooks_missing\n"
-               "assert state_hooks_missing() == [], state_hooks_missing()\n"))
+def test_state_hook_covers_bootstrap_binding(sglang_checks):
+    sglang_checks.assert_ok("state: the hook covers bootstrap's own binding")

@@ -5,8 +5,8 @@
   rtol 1e-5; ids -1 add exactly nothing, whatever their weights), and the ranks' outputs summed
   (SGLang's all-reduce) equal the dense MoE of every expert; with no -1 id the hook calls SGLang's
   function unchanged (bit for bit);
-- the hook is in the CPU-engine hook tables only (opt-out env), applies to SGLang's live target in
-  a fresh interpreter and is covered by the plugin's liveness checks.
+- where the hook is installed (CPU engine, opt-out) and that it applies to SGLang's live target:
+  tests/srt/test_hook_table.py, for every row of the hook table.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ if importlib.util.find_spec("sglang") is not None:
     from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
     from sglang.srt.layers.moe.token_dispatcher.standard import _map_topk_ids_to_local_experts
     from sglang.srt.layers.moe.topk import StandardTopKOutput
-    from sglang.srt.plugins.hook_registry import HookRegistry
 
     from sglang_helix.srt.cpu import moe_fix
 
@@ -178,52 +177,3 @@ def test_empty_batch_gives_an_empty_output():
     for ep_size in (1, 2):
         out = _hooked(_rank_layer(w13, w2, 0, ep_size), _x(0), ids[:0], weights[:0])
         assert out.shape == (0, HID) and out.dtype == torch.float32
-
-
-# ----------------------------------------------------------------------------- install, liveness
-
-
-@pytest.fixture
-def clean_registry():
-    saved = list(HookRegistry._hooks.get(moe_fix.MOE_NATIVE_TARGET, []))
-    HookRegistry._hooks[moe_fix.MOE_NATIVE_TARGET] = []
-    yield
-    HookRegistry._hooks[moe_fix.MOE_NATIVE_TARGET] = saved
-
-
-def test_installs_only_on_the_cpu_engine_once(clean_registry):
-    target = moe_fix.MOE_NATIVE_TARGET
-    assert moe_fix.install_cpu_moe_fix({}) is False
-    assert moe_fix.install_cpu_moe_fix({"SGLANG_USE_CPU_ENGINE": "0"}) is False
-    assert moe_fix.install_cpu_moe_fix({"SGLANG_USE_CPU_ENGINE": "1", moe_fix.CPU_FIX_ENV: "0"}) is False
-    assert HookRegistry._hooks[target] == []
-    env = {"SGLANG_USE_CPU_ENGINE": "1"}
-    assert moe_fix.install_cpu_moe_fix(env) and moe_fix.install_cpu_moe_fix(env)
-    assert len(HookRegistry._hooks[target]) == 1
-    assert moe_fix.cpu_moe_fix_missing() == [target]  # applied only by SGLang's apply_hooks
-
-
-def test_in_the_cpu_engine_tables_and_the_liveness_checks(monkeypatch):
-    from sglang_helix.srt import plugin
-
-    name = "CPU native-MoE fix (EP -1 ids, empty batch)"
-    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
-    monkeypatch.delenv(moe_fix.CPU_FIX_ENV, raising=False)
-    assert (name, moe_fix.CPU_MOE_HOOKS) in plugin.serving_hooks(True)
-    assert name not in dict(plugin.serving_hooks(False))  # off the CPU engine: not installed
-    monkeypatch.setattr(plugin, "_cpu_engine_hooks", True)
-    assert f"{name} hooks" in dict(plugin._liveness_checks())
-    monkeypatch.setattr(plugin, "_cpu_engine_hooks", False)
-    assert f"{name} hooks" not in dict(plugin._liveness_checks())
-    monkeypatch.setenv(moe_fix.CPU_FIX_ENV, "0")
-    assert name not in dict(plugin.serving_hooks(True))
-
-
-def test_hook_applies_to_sglang_target_subprocess():
-    from helpers import check_hooks_apply
-
-    check_hooks_apply(
-        "sglang_helix.srt.cpu.moe_fix", "CPU_MOE_HOOKS", 1,
-        after=("import sglang.srt.layers.moe.fused_moe_native as m\n"
-               "from sglang_helix.srt.cpu.moe_fix import _around_moe_forward_native as h\n"
-               "assert hooks.wraps_hook(m.moe_forward_native, h)\n"))

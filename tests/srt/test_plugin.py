@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import textwrap
 from importlib.metadata import entry_points
 
 import pytest
@@ -90,56 +89,34 @@ def test_launch_server_help_lists_helix_group(tmp_path):
 
 # ------------------------------------------------------------------ hooks in one SGLang process
 
-HOOK_SCRIPT = textwrap.dedent(
-    """
-    import json, multiprocessing as mp, pickle, sys
-    from sglang.srt.plugins.hook_registry import HookRegistry
-    from sglang_helix.srt import plugin
-
-    model = sys.argv[1]
-    out = {}
-    plugin.register()                      # registered, not applied yet: must be reported
-    try:
-        plugin.verify_hooks_live()
-        out["before_apply"] = "no error"
-    except plugin.HelixHookError as exc:
-        out["before_apply"] = str(exc)
-    HookRegistry.apply_hooks()
-    plugin.verify_hooks_live()
-
-    from sglang.srt.server_args import prepare_server_args
-    plain = prepare_server_args(["--model-path", model, "--device", "cpu"])
-    out["plain_attr"] = hasattr(plain, "_helix_args")
-    plain.resolve_once()                   # non-Helix resolution passes through our hooks
-    out["plain_resolved"] = True
-
-    sa = prepare_server_args(["--model-path", model, "--device", "cpu", "--tp-size", "4",
-                              "--enable-helix", "--helix-kvp-size", "2",
-                              "--helix-tpa-size", "2", "--helix-hopb-slices", "2"])
-    out["attr"] = repr(sa._helix_args)
-    out["pickled"] = repr(pickle.loads(pickle.dumps(sa))._helix_args)
-    with mp.get_context("spawn").Pool(1) as pool:
-        out["child"] = pool.apply(repr, (sa._helix_args,))
-        out["child_server_args"] = pool.apply(getattr, (sa, "_helix_args")) == sa._helix_args
-    print("RESULT " + json.dumps(out))
-    """
-)
+# Runs in the one hook-probe interpreter (tests/srt/conftest.py): the plugin registered and applied.
+HELIX_ARGS_CHECK = f"""
+import json, multiprocessing as mp, pathlib, pickle, tempfile
+from sglang.srt.server_args import prepare_server_args
+model = pathlib.Path(tempfile.mkdtemp()) / "tiny-llama"
+model.mkdir()
+(model / "config.json").write_text(json.dumps({LLAMA_CONFIG!r}))
+plain = prepare_server_args(["--model-path", str(model), "--device", "cpu"])
+assert not hasattr(plain, "_helix_args")
+plain.resolve_once()                   # non-Helix resolution passes through our hooks
+sa = prepare_server_args(["--model-path", str(model), "--device", "cpu", "--tp-size", "4",
+                          "--enable-helix", "--helix-kvp-size", "2",
+                          "--helix-tpa-size", "2", "--helix-hopb-slices", "2"])
+expected = ("HelixServerArgs(enable_helix=True, helix_kvp_size=2, helix_tpa_size=2, "
+            "helix_comm_backend='a2a', helix_hopb_slices=2, helix_mla_exchange=None, "
+            "helix_exchange_dtype='fp32')")
+assert repr(sa._helix_args) == expected, repr(sa._helix_args)
+assert repr(pickle.loads(pickle.dumps(sa))._helix_args) == expected
+with mp.get_context("spawn").Pool(1) as pool:
+    assert pool.apply(repr, (sa._helix_args,)) == expected
+    assert pool.apply(getattr, (sa, "_helix_args")) == sa._helix_args
+"""
+SGLANG_CHECKS = {"plugin: Helix args stored, pickled, seen by a spawned child": HELIX_ARGS_CHECK}
 
 
 @needs_sglang
-def test_hooks_store_helix_args_that_survive_pickle_and_spawn(tmp_path, tiny_llama):
-    proc = run_py(["-c", HOOK_SCRIPT, str(tiny_llama)], tmp_path, SGLANG_PLUGINS="none")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    out = json.loads(line[0][len("RESULT "):])
-    assert "ServerArgs.add_cli_args" in out["before_apply"]
-    assert "prepare_server_args" in out["before_apply"]
-    assert out["plain_attr"] is False and out["plain_resolved"] is True
-    expected = ("HelixServerArgs(enable_helix=True, helix_kvp_size=2, helix_tpa_size=2, "
-                "helix_comm_backend='a2a', helix_hopb_slices=2, helix_mla_exchange=None, "
-                "helix_exchange_dtype='fp32')")
-    assert out["attr"] == out["pickled"] == out["child"] == expected
-    assert out["child_server_args"] is True
+def test_hooks_store_helix_args_that_survive_pickle_and_spawn(sglang_checks):
+    sglang_checks.assert_ok("plugin: Helix args stored, pickled, seen by a spawned child")
 
 
 # ------------------------------------------------------------------ launches that stop early

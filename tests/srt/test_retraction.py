@@ -241,19 +241,27 @@ def test_cpu_tensor_and_none_backups_accepted_host_pool_refused():
     assert "--disaggregation-decode-retraction-backup cpu_tensor" in str(err.value)
 
 
+# Every case in one fresh interpreter (the plugin's hooks are process-global): one resolution per
+# case, its outcome printed as one JSON line.
 RESOLVE_SCRIPT = """
-import sys
+import json, sys
 from sglang_helix.srt.cpu import sgl_kernel_stub; sgl_kernel_stub.install()
 from sglang_helix.srt import plugin; plugin.register()
 from sglang.srt.plugins.hook_registry import HookRegistry; HookRegistry.apply_hooks()
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.server_args import prepare_server_args
-sa = prepare_server_args(["--model-path", sys.argv[1], "--tp-size", "2", "--enable-helix",
-                          "--helix-kvp-size", "2", "--page-size", "4", "--device", "cuda",
-                          "--attention-backend", "triton", "--disaggregation-mode", "decode",
-                          "--disaggregation-transfer-backend", "mooncake", *sys.argv[2:]])
-sa.resolve_once()
-print("BACKUP", resolved_view(sa).disaggregation_decode_retraction_backup)
+out = {}
+for name, flags in json.loads(sys.argv[2]).items():
+    try:
+        sa = prepare_server_args(["--model-path", sys.argv[1], "--tp-size", "2", "--enable-helix",
+                                  "--helix-kvp-size", "2", "--page-size", "4", "--device", "cuda",
+                                  "--attention-backend", "triton", "--disaggregation-mode", "decode",
+                                  "--disaggregation-transfer-backend", "mooncake", *flags])
+        sa.resolve_once()
+        out[name] = "BACKUP " + str(resolved_view(sa).disaggregation_decode_retraction_backup)
+    except Exception as exc:
+        out[name] = f"ERROR {type(exc).__name__}: {exc}"
+print("RESULT " + json.dumps(out))
 """
 LLAMA_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -261,26 +269,37 @@ LLAMA_CONFIG = {
     "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5, "torch_dtype": "float32", "rope_theta": 10000.0,
 }
+GPU_DECODE_CASES = {  # name: (flags, what the outcome starts with, what it contains)
+    "default": ([], "BACKUP cpu_tensor", ""),  # SGLang alone would take host_pool for an MHA pool on GPU
+    "none": (["--disaggregation-decode-retraction-backup", "none"], "BACKUP none", ""),
+    "host_pool-refused": (["--disaggregation-decode-retraction-backup", "host_pool"],
+                          "ERROR HelixConfigError", "--disaggregation-decode-retraction-backup cpu_tensor "
+                          "(the Helix default"),
+}
 
 
-@pytest.mark.parametrize("flags, expect", [
-    ([], "BACKUP cpu_tensor"),  # SGLang alone would take host_pool for an MHA pool on GPU
-    (["--disaggregation-decode-retraction-backup", "none"], "BACKUP none"),
-    (["--disaggregation-decode-retraction-backup", "host_pool"],
-     "--disaggregation-decode-retraction-backup cpu_tensor (the Helix default"),
-], ids=["default", "none", "host_pool-refused"])
-def test_gpu_decode_launch_resolves_the_helix_backup(tmp_path, flags, expect):
-    """SGLang's argument resolution for a GPU PD decode launch (resolution only, no GPU used)."""
+@pytest.fixture(scope="module")
+def gpu_decode_resolutions(tmp_path_factory):
+    """SGLang's argument resolution of each GPU PD decode launch (resolution only, no GPU used)."""
     import json
     import subprocess
     import sys
 
-    model = tmp_path / "tiny-llama"
-    model.mkdir()
+    model = tmp_path_factory.mktemp("tiny-llama")
     (model / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
     env.update(SGLANG_PLUGINS="none", SGLANG_USE_CPU_ENGINE="0", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", RESOLVE_SCRIPT, str(model), *flags], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=150)
-    assert expect in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
-    assert (proc.returncode == 0) == expect.startswith("BACKUP")
+    cases = json.dumps({name: flags for name, (flags, _, _) in GPU_DECODE_CASES.items()})
+    proc = subprocess.run([sys.executable, "-c", RESOLVE_SCRIPT, str(model), cases], cwd=model,
+                          env=env, capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, (proc.stdout + proc.stderr)[-3000:]
+    return json.loads(line[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("case", list(GPU_DECODE_CASES))
+def test_gpu_decode_launch_resolves_the_helix_backup(gpu_decode_resolutions, case):
+    """Helix's retraction backup default and refusal, as SGLang's own resolution applies them."""
+    _, starts, contains = GPU_DECODE_CASES[case]
+    outcome = gpu_decode_resolutions[case]
+    assert outcome.startswith(starts) and contains in outcome, outcome

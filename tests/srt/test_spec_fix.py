@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import check_hooks_apply
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -372,13 +371,23 @@ assert table[0, :5].tolist() == [0, 1, 70, 71, 4]
 """
 
 
-def test_hooks_apply_and_sglang_dispatchers_run_the_torch_ops():
-    check_hooks_apply("sglang_helix.srt.cpu.spec_fix", "CPU_SPEC_HOOKS", len(spec_fix.CPU_SPEC_HOOKS),
-                      after=SGLANG_CALLS)
+SGLANG_CHECKS = {"ngram-spec: SGLang's dispatchers run the torch ops": SGLANG_CALLS}
+
+
+def test_hooks_apply_and_sglang_dispatchers_run_the_torch_ops(sglang_checks):
+    sglang_checks.assert_ok("ngram-spec: SGLang's dispatchers run the torch ops")
+
+
+def test_kv_copy_setup_is_replaced_by_sglangs_native_move():
+    pool = SimpleNamespace(_kv_copy_config="tiled", use_native_move_kv_cache=False)
+    spec_fix.native_kv_move(pool)
+    assert pool._kv_copy_config is None and pool.use_native_move_kv_cache is True
 
 
 def test_spec_hooks_only_in_the_cpu_engine_tables():
-    from sglang_helix.srt import plugin
+    from sglang_helix.srt.hook_table import installed_rows, rows_of_fix
 
-    assert ("CPU speculative decoding ops (NGRAM)", spec_fix.CPU_SPEC_HOOKS) in plugin.serving_hooks(True)
-    assert spec_fix.CPU_SPEC_HOOKS not in dict(plugin.serving_hooks(False)).values()
+    rows = rows_of_fix("ngram-spec")
+    assert len(rows) == 8 and all(r.cpu_only and r.owner == "cpu.spec_fix" for r in rows)
+    assert not set(rows) & set(installed_rows(False))
+    assert set(rows) <= set(installed_rows(True, {"SGLANG_USE_CPU_ENGINE": "1"}))

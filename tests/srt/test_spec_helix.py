@@ -82,7 +82,7 @@ def test_speculative_counts_add_the_open_log_interval():
 
 
 def test_nextn_draft_extend_backend_is_helix_under_helix(monkeypatch):
-    """NEXTN: Helix off -> SGLang's factory; Helix on -> a helix backend of the draft runner (its
+    """NEXTN: Helix off (GPU) -> SGLang's factory; Helix on -> a helix backend of the draft runner (its
     own Helix pool); another draft backend by name is refused with its flag."""
     from sglang_helix.config import HelixConfig
     from sglang_helix.srt.backends import factory as backend_factory
@@ -96,6 +96,7 @@ def test_nextn_draft_extend_backend_is_helix_under_helix(monkeypatch):
         return "sglang's"
 
     off = SimpleNamespace(draft_attn_backend=None, draft_model_runner=SimpleNamespace(server_args=SimpleNamespace()))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")  # Helix off on the CPU engine: tests/srt/test_eagle_fix.py
     assert spec._around_draft_extend_backend(original, off) == "sglang's" and not made
     cfg = HelixConfig(kvp=2, tpa=1, num_heads=4, num_kv_heads=1, mla=True, page_size=4)
     runner = SimpleNamespace(server_args=SimpleNamespace(**{CONFIG_ATTR: cfg}))

@@ -1,5 +1,6 @@
-"""The CPU-engine torch-threads fix (sglang_helix.srt.cpu.threads_fix): pure rules, tables, and
-the hook on SGLang's own _init_cpu_threads_env (a real server's log: tests/e2e/test_serve_mla.py)."""
+"""The CPU-engine torch-threads fix (sglang_helix.srt.cpu.threads_fix): pure rules and the hook on
+SGLang's own _init_cpu_threads_env (a real server's log: tests/e2e/test_serve_mla.py); where it is
+installed: tests/srt/test_hook_table.py."""
 
 import importlib.util
 
@@ -30,48 +31,36 @@ def test_threads_to_set_leaves_sglang_and_the_user_alone():
     assert threads_fix.threads_to_set(None, False, {}) is None
 
 
+SGLANG_CHECKS = {"threads: torch threads follow the rank's cores after SGLang's own step": """
+import os, types, unittest.mock as um
+import torch
+import sglang.srt.distributed.bootstrap as b
+saved = (b._is_cpu_amx_available, b._is_cpu_arm64, torch.get_num_threads(), os.environ.pop("OMP_NUM_THREADS", None))
+try:
+    b._is_cpu_amx_available = b._is_cpu_arm64 = False
+    torch.set_num_threads(7)
+    b._init_cpu_threads_env(local_omp_cpuid="0-2", dist_init_method=None)
+    assert torch.get_num_threads() == 3, torch.get_num_threads()
+    b._init_cpu_threads_env(local_omp_cpuid="1", dist_init_method=None)
+    assert torch.get_num_threads() == 1
+    b._is_cpu_arm64 = True  # SGLang binds (here through a stand-in kernel): left alone
+    kernel = types.SimpleNamespace(init_cpu_threads_env=lambda c: None, initialize=lambda n, r: None)
+    with um.patch.object(torch.ops, "sgl_kernel", kernel), \
+            um.patch.object(b, "get_parallel", lambda: types.SimpleNamespace(tp_size=1, tp_rank=0)), \
+            um.patch.object(b, "_set_shm_master_env", lambda m: None):
+        torch.set_num_threads(5)
+        b._init_cpu_threads_env(local_omp_cpuid="0-2", dist_init_method=None)
+    assert torch.get_num_threads() == 5
+finally:
+    b._is_cpu_amx_available, b._is_cpu_arm64 = saved[:2]
+    torch.set_num_threads(saved[2])
+    if saved[3] is not None:
+        os.environ["OMP_NUM_THREADS"] = saved[3]
+"""}
+
+
 @needs_sglang
-def test_in_the_cpu_engine_tables_and_the_liveness_checks(monkeypatch):
-    from sglang_helix.srt.cpu import sgl_kernel_stub
-
-    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
-    sgl_kernel_stub.install()  # plugin's serving tables import SGLang modules that need it
-    from sglang_helix.srt import plugin
-
-    name = "CPU torch threads per rank"
-    monkeypatch.delenv(threads_fix.CPU_FIX_ENV, raising=False)
-    assert (name, threads_fix.CPU_THREADS_HOOKS) in plugin.serving_hooks(True)
-    assert name not in dict(plugin.serving_hooks(False))
-    monkeypatch.setattr(plugin, "_cpu_engine_hooks", True)
-    assert f"{name} hooks" in dict(plugin._liveness_checks())
-    monkeypatch.setenv(threads_fix.CPU_FIX_ENV, "0")
-    assert name not in dict(plugin.serving_hooks(True))
-    assert not threads_fix.install_cpu_threads_fix({"SGLANG_USE_CPU_ENGINE": "0"})
-
-
-@needs_sglang
-def test_hook_sets_torch_threads_after_sglangs_own_step_subprocess():
+def test_hook_sets_torch_threads_after_sglangs_own_step(sglang_checks):
     """SGLang's real _init_cpu_threads_env, wrapped: on a CPU SGLang does not bind (no AMX, not
     arm64) the rank's torch threads become its core count; where SGLang binds, untouched."""
-    from helpers import check_hooks_apply
-
-    check_hooks_apply(
-        "sglang_helix.srt.cpu.threads_fix", "CPU_THREADS_HOOKS", 1,
-        before="import os\nos.environ.pop('OMP_NUM_THREADS', None)\n",
-        after=("import torch\n"
-               "import sglang.srt.distributed.bootstrap as b\n"
-               "b._is_cpu_amx_available = b._is_cpu_arm64 = False\n"
-               "torch.set_num_threads(7)\n"
-               "b._init_cpu_threads_env(local_omp_cpuid='0-2', dist_init_method=None)\n"
-               "assert torch.get_num_threads() == 3, torch.get_num_threads()\n"
-               "b._init_cpu_threads_env(local_omp_cpuid='1', dist_init_method=None)\n"
-               "assert torch.get_num_threads() == 1\n"
-               "b._is_cpu_arm64 = True\n"
-               "import types, unittest.mock as um\n"
-               "kernel = types.SimpleNamespace(init_cpu_threads_env=lambda c: None, initialize=lambda n, r: None)\n"
-               "with um.patch.object(torch.ops, 'sgl_kernel', kernel), "
-               "um.patch.object(b, 'get_parallel', lambda: types.SimpleNamespace(tp_size=1, tp_rank=0)), "
-               "um.patch.object(b, '_set_shm_master_env', lambda m: None):\n"
-               "    torch.set_num_threads(5)\n"
-               "    b._init_cpu_threads_env(local_omp_cpuid='0-2', dist_init_method=None)\n"
-               "assert torch.get_num_threads() == 5\n"))
+    sglang_checks.assert_ok("threads: torch threads follow the rank's cores after SGLang's own step")

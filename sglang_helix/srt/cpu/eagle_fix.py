@@ -15,15 +15,18 @@ here, Helix off) stops at, in order:
   import-only stand-ins). The NGRAM ops it shares (greedy verify, cache-slot gathers) are
   srt.cpu.spec_fix's.
 
-What, on the CPU engine only (srt.plugin `serving_hooks`; never installed on GPU): REPLACE hooks
+What, on the CPU engine only (fix "eagle" of srt.cpu.fixes, rows of srt.hook_table; never
+installed on GPU): REPLACE hooks
 with host-side Python/torch versions of those three ops, ported line by line from SGLang's own
 Triton kernels of the same semantics (`sgl_build_tree_kernel_efficient_triton`,
 `assign_draft_cache_locs_contiguous`, `fill_bonus_tokens`; integer index work, so exact; the
 tests compare them with those kernels under the Triton interpreter); an AROUND hook on
-set_embed_and_head doing the same assignment without the CUDA calls for CPU tensors; an AROUND
-hook giving the draft runner a `TorchNativeAttnBackend` for the draft extend when the configured
-backend is torch_native, and one giving it `TorchNativeMultiStepDraftBackend` for more than one
-draft step (SGLang has no multi-step draft backend for torch_native; chains only).
+set_embed_and_head doing the same assignment without the CUDA calls for CPU tensors; and, when
+the configured backend is torch_native, a `TorchNativeAttnBackend` for the draft runner's draft
+extend and `TorchNativeMultiStepDraftBackend` for more than one draft step (SGLang has no
+multi-step draft backend for torch_native; chains only). The draft backend factory's two
+targets are shared with Helix's own draft backends: their rows belong to srt.spec, which calls
+`draft_extend_backend` / `draft_decode_backend` here whenever Helix is off.
 """
 
 from __future__ import annotations
@@ -33,14 +36,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..hooks import HookSpec
-from ..spec import DRAFT_DECODE_TARGET, DRAFT_EXTEND_TARGET
+from .fixes import cpu_fix
 
-SPEC_OPS = "sglang.kernels.ops.speculative"
-BUILD_TREE_TARGET = f"{SPEC_OPS}.spec_tree.sgl_build_tree_kernel_efficient_cpu"
-DRAFT_LOCS_TARGET = f"{SPEC_OPS}.cache_locs.assign_draft_cache_locs_contiguous_cpu"
-BONUS_TARGET = f"{SPEC_OPS}.eagle.fill_bonus_tokens_cpu"
-EMBED_HEAD_TARGET = "sglang.srt.models.deepseek_v2.DeepseekV2ForCausalLM.set_embed_and_head"
 TORCH_NATIVE = "torch_native"
 
 
@@ -157,9 +154,15 @@ def _draft_backend_name(factory: Any) -> str:
     return factory.draft_attn_backend or attention_backends()[0]
 
 
-def _around_draft_extend_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any):
-    """torch_native: the draft runner's own TorchNativeAttnBackend for the draft extend."""
-    if _draft_backend_name(factory) != TORCH_NATIVE:
+def _torch_native_draft(factory: Any) -> bool:
+    """This fix is on (CPU engine) and the draft runner's backend is torch_native."""
+    return cpu_fix("eagle").enabled() and _draft_backend_name(factory) == TORCH_NATIVE
+
+
+def draft_extend_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any):
+    """`DraftBackendFactory.create_draft_extend_backend` without Helix: on the CPU engine with
+    torch_native the draft runner's own TorchNativeAttnBackend for the draft extend; else SGLang's."""
+    if not _torch_native_draft(factory):
         return original(factory, *args, **kwargs)
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
@@ -172,10 +175,11 @@ def _stamped(backend: Any) -> Any:
     return backend
 
 
-def _around_draft_decode_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any):
-    """torch_native has no multi-step draft decode backend: `TorchNativeMultiStepDraftBackend`
-    (chain drafts; a draft tree is refused by its flag)."""
-    if factory.speculative_num_steps <= 1 or _draft_backend_name(factory) != TORCH_NATIVE:
+def draft_decode_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any):
+    """`DraftBackendFactory.create_decode_backend` without Helix: torch_native on the CPU engine has
+    no multi-step draft decode backend, so `TorchNativeMultiStepDraftBackend` (chain drafts; a
+    draft tree is refused by its flag); else SGLang's."""
+    if factory.speculative_num_steps <= 1 or not _torch_native_draft(factory):
         return original(factory, *args, **kwargs)
     if factory.topk != 1:
         raise CpuEagleError(f"--speculative-eagle-topk {factory.topk}: the CPU engine (torch_native) "
@@ -219,13 +223,3 @@ def _torch_native_step_class() -> type:
 
 class CpuEagleError(NotImplementedError):
     """An EAGLE / NEXTN setting the CPU-engine path does not serve (names the flag)."""
-
-
-CPU_EAGLE_HOOKS = (
-    HookSpec(BUILD_TREE_TARGET, "REPLACE", build_tree_kernel_efficient_cpu),
-    HookSpec(DRAFT_LOCS_TARGET, "REPLACE", assign_draft_cache_locs_contiguous_cpu),
-    HookSpec(BONUS_TARGET, "REPLACE", fill_bonus_tokens_cpu),
-    HookSpec(EMBED_HEAD_TARGET, "AROUND", _around_set_embed_and_head),
-    HookSpec(DRAFT_EXTEND_TARGET, "AROUND", _around_draft_extend_backend),
-    HookSpec(DRAFT_DECODE_TARGET, "AROUND", _around_draft_decode_backend),
-)

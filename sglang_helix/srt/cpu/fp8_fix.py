@@ -17,7 +17,7 @@ run SGLang's `moe_forward_native` over a view whose expert weights are dequantiz
 a time, only for the experts a batch routes to. Weights stay fp8 in memory.
 
 Inert on GPU and on AMX CPUs with a real sgl-kernel: the hooks are installed only on the CPU engine
-(srt.plugin), and every hook calls straight through unless SGLang's fp8 module runs on CPU without
+(fix "fp8-weights" of srt.cpu.fixes, rows of srt.hook_table), and every hook calls straight through unless SGLang's fp8 module runs on CPU without
 AMX. Per-tensor / per-channel fp8 checkpoints still stop inside SGLang's own load-time
 requantization (`requantize_with_max_scale` -> a CUDA-only kernel) before reaching the marker;
 `apply` would handle them. The absorbed MLA bmm with an fp8 W_UK/W_UV needs nothing here: SGLang's CPU branch already
@@ -32,12 +32,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..hooks import HookSpec, install
-from .sgl_kernel_stub import cpu_engine_requested
 
 FP8_MODULE = "sglang.srt.layers.quantization.fp8"
-LINEAR = f"{FP8_MODULE}.Fp8LinearMethod"
-MOE = f"{FP8_MODULE}.Fp8MoEMethod"
 MARK = "_helix_torch_fp8"
 
 
@@ -165,19 +161,3 @@ def _around_moe_apply(original: Callable, method: Any, layer: Any, dispatch_outp
     if getattr(layer, MARK, None) is None:
         return original(method, layer, dispatch_output, *args, **kwargs)
     return fp8_moe(method, layer, dispatch_output)
-
-
-CPU_FP8_HOOKS = (
-    HookSpec(f"{LINEAR}.process_weights_after_loading", "AROUND", _around_process),
-    HookSpec(f"{LINEAR}.apply", "AROUND", _around_linear_apply),
-    HookSpec(f"{MOE}.process_weights_after_loading", "AROUND", _around_process),
-    HookSpec(f"{MOE}.apply", "AROUND", _around_moe_apply),
-)
-
-
-def install_cpu_fp8(environ=None) -> bool:
-    """Register the CPU fp8 torch path (only with SGLANG_USE_CPU_ENGINE=1); True if registered."""
-    if not cpu_engine_requested(environ):
-        return False
-    install(CPU_FP8_HOOKS)
-    return True

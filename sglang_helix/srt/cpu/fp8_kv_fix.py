@@ -1,34 +1,70 @@
-"""CPU engine, Helix off: fp8 KV cache (`--kv-cache-dtype fp8_e4m3`) with torch_native, without AMX.
+"""CPU engine: fp8 KV cache (`--kv-cache-dtype fp8_e4m3`) past SGLang's AMX-only configure check.
 
 Why: SGLang 0.5.23's `KVCacheConfigurator.configure` refuses fp8_e4m3 KV on CPU as its first
 statement ("CPU FP8 KV cache is only supported for MHA" / "requires Intel AMX support" /
-"requires the intel_amx attention backend"). Its torch_native backend nevertheless reads fp8 pages
-correctly: the MHA pool's CPU fp8 method stores `x` cast to fp8 and torch_native upcasts with
-`.to(q.dtype)`; the MLA pool stores uint8 read through fp8 views (the plugin's absorbed-MLA fix
-routes torch_native MLA there). So the only obstacle to serving fp8 KV with Helix off on CPU (the
-reference Helix on is compared against, and the plain prefill server of a PD pair) is that check.
+"requires the intel_amx attention backend"). That check guards SGLang's own CPU attention
+kernels. Its torch_native backend nevertheless reads fp8 pages correctly: the MHA pool's CPU fp8
+method stores `x` cast to fp8 and torch_native upcasts with `.to(q.dtype)`; the MLA pool stores
+uint8 read through fp8 views (the absorbed-MLA fix routes torch_native MLA there); and the Helix
+pools and kernels read fp8 pages on any CPU.
 
-What: with Helix off, on the CPU engine without AMX, torch_native only, fp8_e4m3: configure runs
-past that one check (srt.memory.hooks.configure_past_cpu_fp8_check, the same step Helix on takes).
-torch_native never applies per-layer KV scales, so a checkpoint that carries k/v scales other
-than 1 is refused here with the flag and the fix instead of being served silently wrong.
+What: `configure_past_cpu_fp8_check` runs configure with the KV dtype read as fp8_e5m2 (another
+1-byte fp8 type) for that first comparison only; `restore_kv_dtype`, the AROUND hook on
+`_resolve_memory_pool_config` (the next step of configure that reads the dtype), puts the real
+dtype back before the pool is sized, and so does the return, whatever happens. Two callers:
 
-Inert on GPU (installed only on the CPU engine) and wherever SGLang's own check passes.
+- Helix on (any CPU): srt.memory.hooks' configure hook, which owns the `configure` row of the
+  hook table;
+- Helix off (`configure_helix_off`, called by that same hook): only on the CPU engine without AMX
+  and with torch_native only. torch_native never applies per-layer KV scales, so a checkpoint
+  that carries k/v scales other than 1 is refused with the flag and the fix instead of being
+  served silently wrong.
+
+Inert on GPU and wherever SGLang's own check passes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..hooks import HookSpec
+import torch
 
-# srt.memory.hooks is imported inside the hook: it loads SGLang's memory pools, which on the CPU
-# engine may import only after register() installed the sgl_kernel stand-in.
-CONFIGURE_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.configure"
+from .fixes import cpu_fix
+
+# id(configurator) -> its real KV dtype while configure reads it as another one
+_STEPPED_OVER: dict[int, torch.dtype] = {}
 
 
 class CpuFp8KvError(ValueError):
     """fp8 KV with Helix off on CPU that torch_native would serve wrong; names the fix."""
+
+
+def cpu_fp8_refused(kvc: Any) -> bool:
+    """SGLang's configure would refuse this KV dtype on this platform (CPU, fp8_e4m3)."""
+    from sglang.srt.platforms import current_platform
+
+    return current_platform.is_cpu() and kvc.kv_cache_dtype == torch.float8_e4m3fn
+
+
+def configure_past_cpu_fp8_check(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """Run configure with the KV dtype read as fp8_e5m2 by its first check only."""
+    real = kvc.kv_cache_dtype
+    _STEPPED_OVER[id(kvc)] = real
+    kvc.kv_cache_dtype = torch.float8_e5m2
+    try:
+        return original(kvc, *args, **kwargs)
+    finally:
+        _STEPPED_OVER.pop(id(kvc), None)
+        kvc.kv_cache_dtype = real
+
+
+def restore_kv_dtype(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """AROUND `_resolve_memory_pool_config`: the real KV dtype back before the pool is sized
+    (a no-op unless configure_past_cpu_fp8_check is running for this configurator)."""
+    real = _STEPPED_OVER.pop(id(kvc), None)
+    if real is not None:
+        kvc.kv_cache_dtype = real
+    return original(kvc, *args, **kwargs)
 
 
 def _torch_native_only() -> bool:
@@ -57,15 +93,11 @@ def check_unit_kv_scales(model: Any) -> None:
                     "--enable-helix (its pools and kernels apply them) or use --kv-cache-dtype auto")
 
 
-def _around_configure(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
-    from ..memory.hooks import (config_of_configurator, configure_past_cpu_fp8_check,
-                                cpu_fp8_refused)
-
-    if (config_of_configurator(kvc) is not None or not cpu_fp8_refused(kvc)
+def configure_helix_off(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
+    """`KVCacheConfigurator.configure` of a server without Helix: past SGLang's CPU fp8 check on
+    the CPU engine (this fix enabled), torch_native only, no AMX; SGLang's configure otherwise."""
+    if (not cpu_fix("fp8-kv").enabled() or not cpu_fp8_refused(kvc)
             or not _torch_native_only() or not _no_amx()):
         return original(kvc, *args, **kwargs)
     check_unit_kv_scales(getattr(kvc, "model", None))
     return configure_past_cpu_fp8_check(original, kvc, *args, **kwargs)
-
-
-CPU_FP8_KV_HOOKS = (HookSpec(CONFIGURE_TARGET, "AROUND", _around_configure),)

@@ -24,24 +24,17 @@ elsewhere) sums the ranks, as it does for EP on GPU. A
 batch of 0 tokens, or one with no pair on this rank, gives zeros of the right shape. The -1 test
 is a host read, as SGLang's function already does one (`tokens_per_expert.cpu()`).
 
-Inert on GPU: the hook is in the CPU-engine hook tables only (srt.plugin `serving_hooks`), so it
-is never installed there (SGLang's GPU MoE runners do not use this function anyway). Opt out with
-SGLANG_HELIX_CPU_MOE_FIX=0 (tests that pin SGLang's own behaviour). `/generate` with an empty text
+Inert on GPU: the hook is fix "native-moe" of srt.cpu.fixes, whose rows of srt.hook_table are
+installed on the CPU engine only (SGLang's GPU MoE runners do not use this function anyway). Opt
+out with SGLANG_HELIX_CPU_MOE_FIX=0 (tests that pin SGLang's own behaviour). `/generate` with an empty text
 still fails later on the CPU engine, in SGLang's logits processor (`_get_pruned_states`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
-
-from ..hooks import HookSpec, install, missing_hooks
-from .sgl_kernel_stub import cpu_engine_requested
-
-MOE_NATIVE_TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
-CPU_FIX_ENV = "SGLANG_HELIX_CPU_MOE_FIX"
 
 
 def _out_features(layer: Any) -> int:
@@ -81,25 +74,3 @@ def _around_moe_forward_native(original: Callable, layer: Any, x: torch.Tensor, 
         return original(layer, x, topk_output, moe_runner_config, *args, **kwargs)
     return local_experts_forward(original, layer, x, topk_output, moe_runner_config,
                                  *args, **kwargs)
-
-
-CPU_MOE_HOOKS = (HookSpec(MOE_NATIVE_TARGET, "AROUND", _around_moe_forward_native),)
-
-
-def cpu_moe_fix_wanted(environ=None) -> bool:
-    """True on the CPU engine unless SGLANG_HELIX_CPU_MOE_FIX=0."""
-    env = os.environ if environ is None else environ
-    return cpu_engine_requested(env) and env.get(CPU_FIX_ENV, "1") != "0"
-
-
-def install_cpu_moe_fix(environ=None) -> bool:
-    """Register the hook (CPU engine only, unless opted out); True if registered. Idempotent."""
-    if not cpu_moe_fix_wanted(environ):
-        return False
-    install(CPU_MOE_HOOKS)
-    return True
-
-
-def cpu_moe_fix_missing() -> list[str]:
-    """[] once the hook wraps moe_forward_native."""
-    return missing_hooks(CPU_MOE_HOOKS)

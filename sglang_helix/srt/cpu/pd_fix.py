@@ -7,7 +7,8 @@
   `torch.cuda.Event` on the forward stream and kills the prefill scheduler on CPU ("expected
   stream to be a torch.Stream"); it is skipped there (an optional optimization: the request's
   regular sends cover the whole range, as SGLang itself does for unaligned DCP hits).
-Inert where CUDA is available.
+Inert where CUDA is available; installed on the CPU engine only (fix "pd-host-path" of
+srt.cpu.fixes, rows of srt.hook_table).
 """
 
 from __future__ import annotations
@@ -16,13 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..hooks import HookSpec
 
-CONN = "sglang.srt.disaggregation.mooncake.conn"
-SENDER_INIT_TARGET = f"{CONN}.MooncakeKVSender.__init__"
-RETRACTION_TARGET = "sglang.srt.mem_cache.kv_cache_builder.resolve_decode_retraction_backup"
-EARLY_SEND_TARGET = ("sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin."
-                     "maybe_send_cached_prefix_chunk")
 
 
 def _around_sender_init(original: Callable, sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -46,10 +41,3 @@ def _around_early_send(original: Callable, scheduler: Any, *args: Any, **kwargs:
     if getattr(scheduler, "enable_overlap", False) and not torch.cuda.is_available():
         return None  # would record a torch.cuda.Event; the regular sends carry the prefix
     return original(scheduler, *args, **kwargs)
-
-
-CPU_PD_HOOKS = (
-    HookSpec(SENDER_INIT_TARGET, "AROUND", _around_sender_init),
-    HookSpec(RETRACTION_TARGET, "AROUND", _around_retraction),
-    HookSpec(EARLY_SEND_TARGET, "AROUND", _around_early_send),
-)

@@ -24,7 +24,8 @@ The n-gram corpus itself is a C++ extension SGLang builds at first use with tvm-
 (`kernels/ops/speculative/ngram_corpus.py`, `load_jit`, C++ only): it builds and runs on this CPU
 with g++ (~30 s the first time, cached after).
 
-What, on the CPU engine only (srt.plugin `serving_hooks`; never installed on GPU):
+What, on the CPU engine only (fix "ngram-spec" of srt.cpu.fixes, rows of srt.hook_table; never
+installed on GPU):
 
 - REPLACE hooks on the names SGLang's CPU branches call, with torch functions of the same signature
   and semantics as the sgl-kernel ops (read from `jit/include/sgl_kernel/speculative/ngram.cuh`,
@@ -36,9 +37,10 @@ What, on the CPU engine only (srt.plugin `serving_hooks`; never installed on GPU
   storing the drafts' KV first as every other path does; all other batches go to SGLang unchanged;
 - an AROUND hook on `mem_cache.allocation.get_last_loc`: CPU tensors take SGLang's torch version
   (its Triton one is picked whenever the backends are not torch_native, e.g. Helix's "helix");
-- an AROUND hook on `MHATokenToKVPool._init_kv_copy_and_warmup` (run when speculative decoding
-  asks the pool for KV moves; its warm-up already calls the absent copy op): the pool is set to
-  SGLang's own torch move instead (`move_kv_cache_native`, its `SGLANG_NATIVE_MOVE_KV_CACHE` branch).
+- a REPLACE hook on `MHATokenToKVPool._init_kv_copy_and_warmup` (run when speculative decoding
+  asks the pool for KV moves; its warm-up already calls the absent copy op, so the original
+  cannot run): the pool is set to SGLang's own torch move instead (`move_kv_cache_native`, its
+  `SGLANG_NATIVE_MOVE_KV_CACHE` branch).
 
 These replace working CPU ops too where a real CPU sgl-kernel is installed (same results, one
 path). Greedy verify only: SGLang's CPU branch of `eagle_sample` always verifies greedily.
@@ -50,17 +52,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..hooks import HookSpec
 
-SPEC_OPS = "sglang.kernels.ops.speculative"
-RECONSTRUCT_TARGET = f"{SPEC_OPS}.reconstruct_tree.reconstruct_indices_from_tree_mask"
-VERIFY_TARGET = f"{SPEC_OPS}.spec_tree.sgl_verify_tree_greedy_cpu"
-EXTEND_LOCS_TARGET = f"{SPEC_OPS}.cache_locs.assign_extend_cache_locs_cpu"
-REQ_TO_TOKEN_TARGET = "sglang.srt.mem_cache.allocation.assign_req_to_token_pool_cpu"
-ACCEPT_LOCS_TARGET = f"{SPEC_OPS}.eagle.fill_accept_out_cache_loc_cpu"
-EXTEND_TARGET = "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend"
-KV_COPY_TARGET = "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._init_kv_copy_and_warmup"
-LAST_LOC_TARGET = "sglang.srt.mem_cache.allocation.get_last_loc"
 
 
 class CpuSpecError(NotImplementedError):
@@ -249,9 +241,10 @@ def _around_forward_extend(original: Callable, backend: Any, q: torch.Tensor, k:
     return verify_attention(backend, q, k, v, layer, forward_batch, *args, **kwargs)
 
 
-def _around_init_kv_copy(original: Callable, pool: Any, *args: Any, **kwargs: Any) -> None:
-    """Instead of configuring (and warming up with a slot-0 -> slot-0 copy) the tiled byte copy,
-    the pool moves KV by SGLang's own torch branch (`move_kv_cache_native`)."""
+def native_kv_move(pool: Any, *args: Any, **kwargs: Any) -> None:
+    """`MHATokenToKVPool._init_kv_copy_and_warmup`, replaced: instead of configuring (and warming
+    up with a slot-0 -> slot-0 copy) the tiled byte copy, the pool moves KV by SGLang's own torch
+    branch (`move_kv_cache_native`)."""
     pool._kv_copy_config = None
     pool.use_native_move_kv_cache = True
 
@@ -267,15 +260,3 @@ def _around_get_last_loc(original: Callable, req_to_token: torch.Tensor, req_poo
     from sglang.srt.mem_cache.allocation import get_last_loc_torch
 
     return get_last_loc_torch(req_to_token, req_pool_indices, prefix_lens)
-
-
-CPU_SPEC_HOOKS = (
-    HookSpec(RECONSTRUCT_TARGET, "REPLACE", reconstruct_indices_from_tree_mask),
-    HookSpec(VERIFY_TARGET, "REPLACE", verify_tree_greedy_cpu),
-    HookSpec(EXTEND_LOCS_TARGET, "REPLACE", assign_extend_cache_locs_cpu),
-    HookSpec(REQ_TO_TOKEN_TARGET, "REPLACE", assign_req_to_token_pool_cpu),
-    HookSpec(ACCEPT_LOCS_TARGET, "REPLACE", fill_accept_out_cache_loc_cpu),
-    HookSpec(EXTEND_TARGET, "AROUND", _around_forward_extend),
-    HookSpec(KV_COPY_TARGET, "AROUND", _around_init_kv_copy),
-    HookSpec(LAST_LOC_TARGET, "AROUND", _around_get_last_loc),
-)

@@ -12,7 +12,8 @@ contexts"): TPOT p50 74.5 -> 27.1 ms at 4K and 95.7 -> 32.8 ms at 16K with Helix
 Where SGLang skipped the binding, the rank calls torch.set_num_threads(number of its cores) right
 after SGLang's own step. Left alone: an explicit OMP_NUM_THREADS (the user's choice), AMX / arm64
 CPUs (SGLang binds them itself), GPU servers (SGLang never calls the target off device "cpu").
-Opt out with SGLANG_HELIX_CPU_THREADS_FIX=0.
+The hook (AROUND `bootstrap._init_cpu_threads_env`, srt.hook_table) is fix "threads" of
+srt.cpu.fixes: installed on the CPU engine only; opt out with SGLANG_HELIX_CPU_THREADS_FIX=0.
 """
 
 from __future__ import annotations
@@ -22,13 +23,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from ..hooks import HookSpec, install, missing_hooks
-from .sgl_kernel_stub import cpu_engine_requested
-
 logger = logging.getLogger(__name__)
-
-THREADS_TARGET = "sglang.srt.distributed.bootstrap._init_cpu_threads_env"
-CPU_FIX_ENV = "SGLANG_HELIX_CPU_THREADS_FIX"
 
 
 def cpu_count_of(cpuids: Any) -> int:
@@ -75,25 +70,3 @@ def _around_init_threads(original: Callable, *args, **kwargs):
                     "threads only on AMX / arm64 CPUs; SGLANG_HELIX_CPU_THREADS_FIX=0 to keep "
                     "torch's default)", threads, cpuids)
     return result
-
-
-CPU_THREADS_HOOKS = (HookSpec(THREADS_TARGET, "AROUND", _around_init_threads),)
-
-
-def cpu_threads_fix_wanted(environ: Mapping[str, str] | None = None) -> bool:
-    """True on the CPU engine unless SGLANG_HELIX_CPU_THREADS_FIX=0."""
-    env = os.environ if environ is None else environ
-    return cpu_engine_requested(env) and env.get(CPU_FIX_ENV, "1") != "0"
-
-
-def install_cpu_threads_fix(environ: Mapping[str, str] | None = None) -> bool:
-    """Register the hook on the CPU engine (False, nothing done, elsewhere). Idempotent."""
-    if not cpu_threads_fix_wanted(environ):
-        return False
-    install(CPU_THREADS_HOOKS)
-    return True
-
-
-def cpu_threads_fix_missing() -> list[str]:
-    """[] once the hook wraps _init_cpu_threads_env."""
-    return missing_hooks(CPU_THREADS_HOOKS)

@@ -1,13 +1,14 @@
 """Helix KV memory wired into SGLang 0.5.23's KVCacheConfigurator (pool, allocator, capacity,
-leak check), and the per-KVP-rank KV state reported in /server_info.
+leak check): the hook functions of the memory rows of srt.hook_table.
 
 Each hook calls straight through unless the configurator's ServerArgs carries a HelixConfig.
 
 FP8 KV (--kv-cache-dtype fp8_e4m3 / fp8_e5m2): the pools store 1-byte pages and every byte count
-here and in /server_info follows the pool's dtype. SGLang 0.5.23's CPU engine refuses fp8_e4m3 KV
-at the top of KVCacheConfigurator.configure (its CPU attention reads fp8 only through AMX kernels;
-MLA not at all); under Helix the pools and kernels are the plugin's and read fp8 pages on any CPU,
-so `_around_configure` steps over that one check (Helix on, CPU, fp8 only).
+follows the pool's dtype. SGLang 0.5.23's CPU engine refuses fp8_e4m3 KV at the top of
+KVCacheConfigurator.configure (its CPU attention reads fp8 only through AMX kernels; MLA not at
+all); under Helix the pools and kernels are the plugin's and read fp8 pages on any CPU, so
+`_around_configure` steps over that one check (Helix on, CPU, fp8 only) with the CPU fp8-KV fix's
+step (srt.cpu.fp8_kv_fix), and with Helix off hands configure to that fix (CPU engine only).
 """
 
 from __future__ import annotations
@@ -22,22 +23,12 @@ from ...config import HelixConfig
 from ...kernels import kv_quant
 from ...sharding import helix_logical_tokens
 from .. import state
+from ..cpu import fp8_kv_fix
 from ..launch import BLOCK_SCALED_KV_DTYPES
-from ..hooks import HookSpec
 from .allocator import HelixPagedAllocator
 from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError
 
 logger = logging.getLogger(__name__)
-
-CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
-CONFIGURE_TARGET = f"{CONFIGURATOR}.configure"
-RESOLVE_TARGET = f"{CONFIGURATOR}._resolve_memory_pool_config"
-POOL_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool"
-ALLOCATOR_TARGET = f"{CONFIGURATOR}._build_token_to_kv_pool_allocator"
-CAPACITY_TARGET = f"{CONFIGURATOR}.logical_token_capacity"
-LEAK_CHECK_TARGET = ("sglang.srt.managers.scheduler_components.invariant_checker."
-                     "SchedulerInvariantChecker._check_full_pool")
-
 
 def config_of_configurator(configurator: Any) -> Optional[HelixConfig]:
     """The HelixConfig a KVCacheConfigurator's ServerArgs carries, or None (Helix off)."""
@@ -116,48 +107,16 @@ def logical_size_for(kvc: Any, cfg: HelixConfig, stock_tokens: int) -> int:
                                 _bytes_per_token(kvc, cfg.kv_heads_per_tpa), kvc.page_size, cfg.kvp)
 
 
-def cpu_fp8_refused(kvc: Any) -> bool:
-    """SGLang's configure would refuse this KV dtype on this platform (CPU, fp8_e4m3)."""
-    from sglang.srt.platforms import current_platform
-
-    return current_platform.is_cpu() and kvc.kv_cache_dtype == torch.float8_e4m3fn
-
-
-# id(configurator) -> its real KV dtype while _around_configure has it read as another one
-_STEPPED_OVER: dict[int, torch.dtype] = {}
-
-
 def _around_configure(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
-    """Helix on, CPU, fp8_e4m3 KV: run configure past SGLang's CPU fp8 check ("CPU FP8 KV cache
+    """Helix on, CPU, fp8_e4m3 KV: configure runs past SGLang's CPU fp8 check ("CPU FP8 KV cache
     is only supported for MHA" / "requires Intel AMX support" / "requires the intel_amx attention
-    backend"), which guards SGLang's own CPU attention kernels, not Helix's. That check is the
-    first statement of configure and compares kv_cache_dtype: the dtype reads as another 1-byte
-    fp8 type for that comparison only; _around_resolve_config restores it before the next step
-    of configure reads it (and so does the return, whatever happens)."""
-    if config_of_configurator(kvc) is None or not cpu_fp8_refused(kvc):
+    backend"), which guards SGLang's own CPU attention kernels, not Helix's. Helix off: the CPU
+    engine's fp8-KV fix decides (it calls SGLang's configure unchanged off the CPU engine)."""
+    if config_of_configurator(kvc) is None:
+        return fp8_kv_fix.configure_helix_off(original, kvc, *args, **kwargs)
+    if not fp8_kv_fix.cpu_fp8_refused(kvc):
         return original(kvc, *args, **kwargs)
-    return configure_past_cpu_fp8_check(original, kvc, *args, **kwargs)
-
-
-def configure_past_cpu_fp8_check(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
-    """Run configure with the kv dtype read as fp8_e5m2 by its first check only (see
-    _around_configure; also the CPU engine's Helix-off fix, srt.cpu.fp8_kv_fix)."""
-    real = kvc.kv_cache_dtype
-    _STEPPED_OVER[id(kvc)] = real
-    kvc.kv_cache_dtype = torch.float8_e5m2
-    try:
-        return original(kvc, *args, **kwargs)
-    finally:
-        _STEPPED_OVER.pop(id(kvc), None)
-        kvc.kv_cache_dtype = real
-
-
-def _around_resolve_config(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
-    """The real KV dtype back before the pool is sized (see _around_configure)."""
-    real = _STEPPED_OVER.pop(id(kvc), None)
-    if real is not None:
-        kvc.kv_cache_dtype = real
-    return original(kvc, *args, **kwargs)
+    return fp8_kv_fix.configure_past_cpu_fp8_check(original, kvc, *args, **kwargs)
 
 
 def _around_build_pool(original: Callable, kvc: Any, *args: Any, **kwargs: Any):
@@ -220,77 +179,3 @@ def _around_check_full_pool(original: Callable, checker: Any, ps: Any, *args: An
     if isinstance(allocator, HelixPagedAllocator):
         ps = dataclasses.replace(ps, full_available_size=allocator.aggregate_free_size())
     return original(checker, ps, *args, **kwargs)
-
-
-POOL_HOOKS = (
-    HookSpec(CONFIGURE_TARGET, "AROUND", _around_configure),
-    HookSpec(RESOLVE_TARGET, "AROUND", _around_resolve_config),
-    HookSpec(POOL_TARGET, "AROUND", _around_build_pool),
-    HookSpec(ALLOCATOR_TARGET, "AROUND", _around_build_allocator),
-    HookSpec(CAPACITY_TARGET, "AROUND", _around_logical_capacity),
-    HookSpec(LEAK_CHECK_TARGET, "AROUND", _around_check_full_pool),
-)
-
-
-# ----------------------------------------------------------------------------- server info
-
-
-def helix_kv_state(allocator: Any) -> Optional[dict]:
-    """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
-
-    Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
-    per_kvp_rank[c] = {"kvp_rank", "total_pages", "free_pages", "used_pages"} of color c, plus
-    "layout" (the HelixConfig), the logical capacity, the rows of one rank's pool (padding page
-    excluded), and the KV bytes of one rank next to plain TP on the same N = KVP x TPA ranks:
-
-    - kv_cache_dtype: the pages' dtype (e.g. "bfloat16", "float8_e4m3fn"); every byte count
-      below is in it (fp8: 1 byte per element; pages are stored as uint8, as SGLang stores them).
-    - kv_bytes_per_rank: bytes this rank's Helix pool really allocated: sum of numel x itemsize
-      over its KV buffers (k_buffer + v_buffer, or the MLA kv_buffer; every layer, padding page
-      included).
-    - plain_tp_kv_bytes_per_token: KV bytes per token of one plain-TP rank (attention TP N, no
-      Helix), from the model dims and dtype of this pool:
-        MLA: (kv_lora_rank + qk_rope_head_dim) x itemsize x layers (latent replicated per rank);
-        GQA: ceil(K / N) x (head_dim + v_head_dim) x itemsize x layers, K the model's KV heads:
-        K / N when N divides K, one replicated head when N > K (SGLang's GPU path keeps
-        max(1, K // N); its CPU engine pads K up to a multiple of N: also ceil(K / N)).
-    - plain_tp_kv_bytes_per_rank: (logical_tokens + page_size) x plain_tp_kv_bytes_per_token,
-      what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
-      padding page).
-
-    Up to about one page per KVP rank, kv_bytes_per_rank = plain_tp_kv_bytes_per_rank x
-    (K / TPA) / (KVP x ceil(K / N)): plain / KVP for MLA; equal for GQA with N <= K (plain TP
-    already splits the KV heads N ways); plain x K / N for GQA with N > K.
-    """
-    if not isinstance(allocator, HelixPagedAllocator):
-        return None
-    cfg = state.current_config()
-    pool = allocator.get_kvcache()
-    counts = allocator.color_free_counts()
-    per = allocator.per_color
-    buffers = list(pool.kv_buffer) if cfg is not None and cfg.mla else list(pool.k_buffer) + list(pool.v_buffer)
-    out = {
-        "layout": None if cfg is None else {
-            "kvp": cfg.kvp, "tpa": cfg.tpa, "world_size": cfg.world_size,
-            "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads, "mla": cfg.mla,
-            "page_size": cfg.page_size, "comm_backend": cfg.comm_backend,
-            "hopb_slices": cfg.hopb_slices, "mla_exchange": cfg.mla_exchange,
-            "exchange_dtype": cfg.exchange_dtype},
-        "page_size": allocator.page_size,
-        "kv_cache_dtype": str(pool.dtype).removeprefix("torch."),
-        "logical_tokens": int(allocator.size),
-        "local_pool_rows": int(pool.size),
-        "kv_bytes_per_rank": int(sum(t.numel() * t.element_size() for t in buffers)),
-        "available_tokens": int(allocator.available_size()),
-        "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
-                         for c, n in enumerate(counts)],
-    }
-    if cfg is not None:
-        if cfg.mla:
-            per_layer = pool.kv_lora_rank + pool.qk_rope_head_dim
-        else:
-            per_layer = -(-cfg.num_kv_heads // cfg.world_size) * (pool.head_dim + pool.v_head_dim)
-        per_token = per_layer * torch._utils._element_size(pool.store_dtype) * pool.layer_num
-        out["plain_tp_kv_bytes_per_token"] = per_token
-        out["plain_tp_kv_bytes_per_rank"] = (int(allocator.size) + allocator.page_size) * per_token
-    return out

@@ -39,18 +39,11 @@ from ...errors import HelixError
 from .. import state
 from ..backends.base import BACKEND_NAME
 from ..backends.mla import find_helix_mla_backend
-from ..hooks import HookSpec
 
 logger = logging.getLogger(__name__)
 
-MLA_CLASS = "sglang.srt.models.deepseek_v2.DeepseekV2AttentionMLA"
-DISPATCH_TARGET = f"{MLA_CLASS}.dispatch_attn_forward_method"
-PREPARE_TARGET = f"{MLA_CLASS}.forward_absorb_prepare"
-CORE_TARGET = f"{MLA_CLASS}.forward_absorb_core"
-POST_LOAD_TARGET = (
-    "sglang.srt.models.deepseek_common.deepseek_weight_loader."
-    "DeepseekV2WeightLoaderMixin.post_load_weights"
-)
+# Named in refusals; the hook's row (target, kind) is in srt.hook_table.
+POST_LOAD_HOOK = "the Helix post-load hook (AFTER DeepseekV2WeightLoaderMixin.post_load_weights)"
 
 
 class HelixMLAError(HelixError):
@@ -279,8 +272,8 @@ def helix_absorb_prepare(attn, positions, hidden_states, forward_batch, zero_all
     """Helix replacement of forward_absorb_prepare; same 10-tuple as SGLang's (no fusion plan,
     no top-k), with q for all H heads."""
     if getattr(attn, "helix_w_kc", None) is None:
-        raise HelixMLAError(f"MLA layer {attn.layer_id} has no replicated W_UK: the post-load "
-                            f"hook ({POST_LOAD_TARGET}) did not run; call "
+        raise HelixMLAError(f"MLA layer {attn.layer_id} has no replicated W_UK: {POST_LOAD_HOOK} "
+                            f"did not run; call "
                             f"sglang_helix.srt.plugin.register()")
     q, latent = _project(attn, hidden_states)
     q_nope_out, q_pe, k_nope, k_pe = absorbed_qkv(attn, positions, q, latent)
@@ -330,7 +323,7 @@ def _replicated_w_uv(attn: Any) -> Optional[torch.Tensor]:
     w_uv = getattr(attn, "helix_w_vc", None)
     if w_uv is None:
         raise HelixMLAError(f"MLA layer {attn.layer_id} has no replicated W_UV for "
-                            f"--helix-mla-exchange value: the post-load hook ({POST_LOAD_TARGET}) "
+                            f"--helix-mla-exchange value: {POST_LOAD_HOOK} "
                             f"did not run; call sglang_helix.srt.plugin.register()")
     return w_uv
 
@@ -356,11 +349,3 @@ def _around_core(original: Callable, attn: Any, *args: Any, **kwargs: Any):
     if mla_config() is None:
         return original(attn, *args, **kwargs)
     return helix_absorb_core(attn, *args, **kwargs)
-
-
-MLA_HOOKS = (
-    HookSpec(POST_LOAD_TARGET, "AFTER", _after_post_load),
-    HookSpec(DISPATCH_TARGET, "AROUND", _around_dispatch),
-    HookSpec(PREPARE_TARGET, "AROUND", _around_prepare),
-    HookSpec(CORE_TARGET, "AROUND", _around_core),
-)

@@ -1,6 +1,7 @@
 """TPA-sharded GQA attention layers for SGLang 0.5.23 (Llama/Mistral, Qwen2, Qwen3).
 
-One AROUND hook on the __init__ of every class in GQA_ATTENTION_CLASSES: under Helix the layer of
+One AROUND hook on the __init__ of every class in GQA_ATTENTION_CLASSES (one row each in
+srt.hook_table, all with `_around_gqa_attention_init`): under Helix the layer of
 global rank g = tpa_rank * KVP + kvp_rank computes
     q for its TPA group's H/TPA heads and k/v for K/TPA KV heads
       -> qkv_proj rebuilt as QKVParallelLinear sharded TPA ways (SGLang's
@@ -25,37 +26,29 @@ from typing import Any, Callable
 from ...config import HelixConfig
 from ...errors import HelixError
 from .. import state
-from ..hooks import HookSpec
 
 logger = logging.getLogger(__name__)
-
-CPU_TP_PAD_TARGET = "sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp"
 
 
 @dataclass(frozen=True)
 class GqaAttentionClass:
     """One SGLang GQA attention class re-shaped for Helix by the AROUND hook on its __init__.
 
-    path: "module.Class"; architectures: the HF architectures whose SGLang model builds it
-    (their union is args.GQA_ARCHITECTURES, the architectures validation lets through).
+    name: the class name (its `__init__` is a row of srt.hook_table); architectures: the HF
+    architectures whose SGLang model builds it (their union is args.GQA_ARCHITECTURES, the
+    architectures validation lets through).
     """
 
-    path: str
+    name: str
     architectures: tuple[str, ...]
-
-    @property
-    def target(self) -> str:
-        return f"{self.path}.__init__"
 
 
 # SGLang 0.5.23: MistralForCausalLM is `class MistralForCausalLM(LlamaForCausalLM): pass`.
 GQA_ATTENTION_CLASSES = (
-    GqaAttentionClass("sglang.srt.models.llama.LlamaAttention",
-                      ("LlamaForCausalLM", "MistralForCausalLM")),
-    GqaAttentionClass("sglang.srt.models.qwen2.Qwen2Attention", ("Qwen2ForCausalLM",)),
-    GqaAttentionClass("sglang.srt.models.qwen3.Qwen3Attention", ("Qwen3ForCausalLM",)),
+    GqaAttentionClass("LlamaAttention", ("LlamaForCausalLM", "MistralForCausalLM")),
+    GqaAttentionClass("Qwen2Attention", ("Qwen2ForCausalLM",)),
+    GqaAttentionClass("Qwen3Attention", ("Qwen3ForCausalLM",)),
 )
-GQA_ATTENTION_TARGETS = tuple(cls.target for cls in GQA_ATTENTION_CLASSES)
 
 
 class HelixModelError(HelixError):
@@ -143,9 +136,3 @@ def _around_unaligned_cpu_tp(original: Callable, model_config: Any, *args: Any, 
             if hasattr(config, name):
                 setattr(config, name, value)
     return out
-
-
-# ---------------------------------------------------------------- hooks
-
-GQA_HOOKS = (HookSpec(CPU_TP_PAD_TARGET, "AROUND", _around_unaligned_cpu_tp),) + tuple(
-    HookSpec(target, "AROUND", _around_gqa_attention_init) for target in GQA_ATTENTION_TARGETS)
