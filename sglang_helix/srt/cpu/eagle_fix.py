@@ -15,18 +15,17 @@ here, Helix off) stops at, in order:
   import-only stand-ins). The NGRAM ops it shares (greedy verify, cache-slot gathers) are
   srt.cpu.spec_fix's.
 
-What, on the CPU engine only (fix "eagle" of srt.cpu.fixes, rows of srt.hook_table; never
-installed on GPU): REPLACE hooks
-with host-side Python/torch versions of those three ops, ported line by line from SGLang's own
-Triton kernels of the same semantics (`sgl_build_tree_kernel_efficient_triton`,
-`assign_draft_cache_locs_contiguous`, `fill_bonus_tokens`; integer index work, so exact; the
-tests compare them with those kernels under the Triton interpreter); an AROUND hook on
-set_embed_and_head doing the same assignment without the CUDA calls for CPU tensors; and, when
-the configured backend is torch_native, a `TorchNativeAttnBackend` for the draft runner's draft
-extend and `TorchNativeMultiStepDraftBackend` for more than one draft step (SGLang has no
-multi-step draft backend for torch_native; chains only). The draft backend factory's two
-targets are shared with Helix's own draft backends: their rows belong to srt.spec, which calls
-`draft_extend_backend` / `draft_decode_backend` here whenever Helix is off.
+What, on the CPU engine only (fix "eagle" of srt.cpu.fixes, rows of srt.hook_table; never installed
+on GPU): REPLACE hooks with host-side Python/torch versions of those three ops, ported line by line
+from SGLang's own Triton kernels of the same semantics (`sgl_build_tree_kernel_efficient_triton`,
+`assign_draft_cache_locs_contiguous`, `fill_bonus_tokens`; integer index work, so exact; the tests
+compare them with those kernels under the Triton interpreter); an AROUND hook on set_embed_and_head
+doing the same assignment without the CUDA calls for CPU tensors; and, when the configured backend
+is torch_native, a `TorchNativeAttnBackend` for the draft runner's draft extend and
+`TorchNativeMultiStepDraftBackend` for more than one draft step (SGLang has no multi-step draft
+backend for torch_native; chains only). The draft backend factory's two targets are shared with
+Helix's own draft backends: their rows belong to srt.spec, which calls `draft_extend_backend` /
+`draft_decode_backend` here whenever Helix is off.
 """
 
 from __future__ import annotations
