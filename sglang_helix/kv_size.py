@@ -1,7 +1,8 @@
 """KV cache sizes: bytes of a token's KV row on one rank, request pages per KVP rank, pool bytes.
 
 The one home of this arithmetic: the simulator (`perf/`), the benchmarks, the GPU check and the
-server's `/server_info` all use it. Pure integers, no torch.distributed, no SGLang.
+server's `/server_info` all use it. Pure integers: no SGLang, and torch only inside `itemsize`
+(the planner's command line runs without importing torch).
 
 A token's KV row on one attention rank, per layer (`KVShape.elems_per_token(ranks)`):
 
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import HelixError
-from .sharding import num_pages
+
+if TYPE_CHECKING:
+    import torch
 
 
 class KVSizeError(HelixError, ValueError):
@@ -35,6 +36,8 @@ class KVSizeError(HelixError, ValueError):
 
 def itemsize(dtype: torch.dtype | str) -> int:
     """Bytes per element of a torch dtype or its name ("bfloat16", "float8_e4m3fn", ...)."""
+    import torch
+
     if isinstance(dtype, str):
         found = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(found, torch.dtype):
@@ -45,9 +48,17 @@ def itemsize(dtype: torch.dtype | str) -> int:
 
 
 def _check_positive(**values: int) -> None:
+    _check_ints(1, values)
+
+
+def _check_count(**values: int) -> None:
+    _check_ints(0, values)
+
+
+def _check_ints(least: int, values: dict[str, int]) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KVSizeError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise KVSizeError(f"{name} must be an int >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,8 @@ class KVShape:
         _check_positive(layers=self.layers)
         if self.mla:
             if self.qk_rope_dim < 0 or (self.num_kv_heads, self.head_dim, self.v_head_dim) != (0, 0, 0):
-                raise KVSizeError(f"MLA KVShape takes kv_lora_rank and qk_rope_dim >= 0 only, got {self}")
+                raise KVSizeError(
+                    f"MLA KVShape takes kv_lora_rank and qk_rope_dim >= 0 only, got {self}")
         else:
             _check_positive(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                             v_head_dim=self.v_head_dim)
@@ -137,9 +149,9 @@ def max_pages_per_rank(tokens: int, page_size: int, kvp: int = 1) -> int:
     """Pages of one `tokens`-token request on the KVP rank holding the most of them (rank 0:
     ceil(pages / KVP)); kvp 1 = every page (plain TP holds all of them on every rank)."""
     _check_positive(page_size=page_size, kvp=kvp)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise KVSizeError(f"tokens must be an int >= 0, got {tokens!r}")
-    return -(-num_pages(tokens, page_size) // kvp)
+    _check_count(tokens=tokens)
+    pages = -(-tokens // page_size)  # sharding.num_pages, without importing torch
+    return -(-pages // kvp)
 
 
 def request_bytes_per_rank(tokens: int, page_size: int, kvp: int, bytes_per_token: int) -> int:
@@ -150,8 +162,7 @@ def request_bytes_per_rank(tokens: int, page_size: int, kvp: int, bytes_per_toke
 def max_requests(pool_pages_per_rank: int, tokens: int, page_size: int, kvp: int = 1) -> int:
     """Concurrent `tokens`-token requests whose pages fit a pool of `pool_pages_per_rank` pages on
     every rank (each request's pages dealt round-robin from KVP rank 0)."""
-    if isinstance(pool_pages_per_rank, bool) or not isinstance(pool_pages_per_rank, int) or pool_pages_per_rank < 0:
-        raise KVSizeError(f"pool_pages_per_rank must be an int >= 0, got {pool_pages_per_rank!r}")
+    _check_count(pool_pages_per_rank=pool_pages_per_rank)
     need = max_pages_per_rank(tokens, page_size, kvp)
     if need == 0:
         raise KVSizeError("a 0-token request takes no page: the count of requests is unbounded")
@@ -160,7 +171,6 @@ def max_requests(pool_pages_per_rank: int, tokens: int, page_size: int, kvp: int
 
 def pool_bytes(rows: int, page_size: int, bytes_per_token: int) -> int:
     """Bytes of a KV pool serving `rows` token rows: SGLang allocates one padding page more."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-        raise KVSizeError(f"rows must be an int >= 0, got {rows!r}")
+    _check_count(rows=rows)
     _check_positive(page_size=page_size)
     return (rows + page_size) * bytes_per_token
