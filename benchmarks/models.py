@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sglang_helix.kv_size import KVShape
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -17,9 +19,11 @@ class AttentionSpec:
     v_head_dim: int = 0  # MLA only: W_UV's output width per head (bench_layer --mla-exchange)
 
     @property
-    def kv_dim(self) -> int:
-        """Cached elements per token per KV head."""
-        return self.head_dim + self.rope_dim if self.mla else 2 * self.head_dim
+    def kv_shape(self) -> KVShape:
+        """The per-token KV row of every layer (sglang_helix.kv_size)."""
+        if self.mla:
+            return KVShape.mla_latent(self.head_dim, self.rope_dim, self.num_layers)
+        return KVShape.gqa(self.num_kv_heads, self.head_dim, layers=self.num_layers)
 
 
 MODELS = {

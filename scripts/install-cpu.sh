@@ -14,8 +14,9 @@ $PY -m pip install -q -r requirements-cpu.txt
 # Prefill/decode disaggregation (tests/e2e/test_serve_pd.py): SGLang's PD router and mooncake's
 # CPU build (TCP transport).
 $PY -m pip install -q sglang-router==0.3.2 mooncake-transfer-engine-non-cuda==0.3.13.post1
-# This package with its extras (pyproject.toml): dev (sglang_helix.dev: transformers, tokenizers),
-# test (pytest, pytest-timeout, hypothesis, matplotlib), bench (benchmarks/serving_compare.py).
+# This package with its extras (pyproject.toml): dev (sglang_helix.dev: transformers, tokenizers,
+# safetensors, psutil), test (pytest, pytest-timeout, hypothesis, triton, matplotlib), bench
+# (benchmarks/: matplotlib, tqdm, datasets).
 # transformers and tokenizers are pinned above (requirements-cpu.txt); pip adds what is missing.
 $PY -m pip install -q -e ".[dev,test,bench]"
 # mooncake's engine links libibverbs even for TCP: Debian's libibverbs1 (root only).

@@ -3,17 +3,20 @@
     python -m sglang_helix.demo                # DeepSeek-V3-style MLA + MoE, --tp-size 2 (KVP 2)
     python -m sglang_helix.demo --model gqa --tp 2 --kvp 2 --tpa 1
 
-Builds a tiny random-weight model locally (sglang_helix.dev.tiny_models, cached under
-~/.cache/sglang_helix/tiny or $SGLANG_HELIX_CACHE; nothing is downloaded), then runs two real
-SGLang servers on CPU ranks, one after the other, with the same flags except `--enable-helix`:
+Builds a tiny model locally (sglang_helix.dev.tiny_models, cached under ~/.cache/sglang_helix/tiny
+or $SGLANG_HELIX_CACHE; nothing is downloaded): by default "mla-trained", the DeepSeek-V3-style
+MLA + MoE model trained here for a few seconds on a short text about Helix (dev.trained_models),
+so its greedy continuation of the prompt is words of that text; the other kinds have random
+weights and answer with noise. Then it runs two real SGLang servers on CPU ranks, one after the
+other, with the same flags except `--enable-helix`:
 
 1. Helix off: plain SGLang tensor parallelism (`--tp-size N`);
 2. Helix on: `--tp-size N --enable-helix`; each request's KV pages are split across KVP ranks.
 
 Each server answers the same prompt with greedy decoding. The demo prints both completions,
 whether their token ids are identical, and how many KV pages each KVP rank of the Helix server
-holds (from /server_info). The model has random weights, so the text is noise by design: what
-matters is that Helix on produces exactly the tokens Helix off does. Exit status 1 if they differ.
+holds (from /server_info). What matters is that Helix on produces exactly the tokens Helix off
+does. Exit status 1 if they differ.
 """
 
 from __future__ import annotations
@@ -24,15 +27,17 @@ import time
 
 from .dev import server as ts
 from .dev.tiny_models import KINDS, ensure_tiny_model
+from .dev.trained_models import BASE_KIND
 
 PROMPT = "Helix splits the KV cache of every request by page across ranks, so"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=[k for k in KINDS if k != "mla-compat"], default="mla",
-                   help="tiny model family: mla (DeepSeek-V3-style MLA + MoE), gqa (Llama-style), "
-                        "qwen2 or qwen3")
+    p.add_argument("--model", choices=[k for k in KINDS if k != "mla-compat"], default="mla-trained",
+                   help="tiny model: mla-trained (DeepSeek-V3-style MLA + MoE trained on a short "
+                        "text, the default), or a random-weight kind: mla, gqa (Llama-style), "
+                        "qwen2, qwen3, ...")
     p.add_argument("--tp", type=int, default=2,
                    help="--tp-size of both servers; under Helix = KVP x TPA (CPU ranks, one core each)")
     p.add_argument("--kvp", type=int, help="--helix-kvp-size (default: the plugin's rule)")
@@ -100,7 +105,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
     path = ensure_tiny_model(args.model)
-    print(f"model: tiny {args.model} with RANDOM weights at {path} ({time.monotonic() - t0:.1f} s)")
+    trained = args.model in BASE_KIND
+    weights = "weights trained on a short text about Helix" if trained else "RANDOM weights"
+    print(f"model: tiny {args.model} with {weights} at {path} ({time.monotonic() - t0:.1f} s)")
     print(f"prompt: {args.prompt!r}; greedy, {args.max_new_tokens} new tokens, --tp-size {args.tp}\n")
 
     off, _, _ = serve_once(path, args, helix=False)
@@ -108,8 +115,12 @@ def main(argv=None) -> int:
     ids_off, ids_on = ts.output_ids(off), ts.output_ids(on)
     same = ids_off == ids_on
 
-    print("\nThe model has random weights, so both completions are noise by design. What matters is")
-    print("that Helix on generates exactly the same tokens as Helix off.")
+    if trained:
+        print("\nThe model was trained for a few seconds on a short text, so both completions continue")
+        print("it. What matters is that Helix on generates exactly the same tokens as Helix off.")
+    else:
+        print("\nThe model has random weights, so both completions are noise by design. What matters")
+        print("is that Helix on generates exactly the same tokens as Helix off.")
     print(f"  Helix off: {off['text']!r}\n             ids {ids_off}")
     print(f"  Helix on : {on['text']!r}\n             ids {ids_on}")
     if same:

@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Eight kinds (fp32 by default, weights from transformers' own model classes, seeded):
+Nine kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -21,6 +21,8 @@ Eight kinds (fp32 by default, weights from transformers' own model classes, seed
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
   dims are 128-aligned.
+- ``"mla-trained"``: ``"mla"`` trained for a few seconds on a short text (dev.trained_models), its own
+  tokenizer trained on that text: greedy continuations are words, and margins are wide.
 
 Every directory holds config.json, model.safetensors, generation_config.json and a byte-level BPE
 tokenizer trained here on a built-in corpus (a few hundred tokens) with a chat template, so
@@ -50,11 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fp8_models, mtp_models
+from . import fp8_models, mtp_models, trained_models
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -153,6 +155,7 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     """
     _check_kind(kind)
     _check_max_positions(max_positions)
+    kind = trained_models.BASE_KIND.get(kind, kind)
     common = _common_config(vocab_size, bos_id, eos_id, pad_id, max_positions)
     if kind == "gqa":
         return gqa_config(common)
@@ -185,8 +188,9 @@ def _check_max_positions(max_positions: int) -> None:
 # ---------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(directory: Path, max_positions: int = MAX_POSITIONS) -> Any:
-    """Train a byte-level BPE on CORPUS and save it (tokenizer.json + config) into `directory`.
+def train_tokenizer(directory: Path, max_positions: int = MAX_POSITIONS, corpus: str = CORPUS,
+                    vocab_size: int = TOKENIZER_VOCAB) -> Any:
+    """Train a byte-level BPE on `corpus` and save it (tokenizer.json + config) into `directory`.
 
     Returns the transformers fast tokenizer. Deterministic: BPE training on a fixed corpus.
     """
@@ -197,12 +201,12 @@ def train_tokenizer(directory: Path, max_positions: int = MAX_POSITIONS) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=max_positions,
@@ -222,17 +226,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 # ---------------------------------------------------------------- weights
 
 
-_MODEL_CLASSES = {
-    "gqa": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    "mla": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-    "mla-compat": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-    "mla-fp8": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-    "mla-mtp": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
-    "qwen3-fp8": ("Qwen3Config", "Qwen3ForCausalLM"),
-}
-
 # Tensors transformers initialises to constants that real checkpoints learn; randomised so the
 # code paths using them are exercised: name suffix -> (offset, scale) of offset + scale * N(0, 1).
 _RANDOMIZED = {
@@ -243,10 +236,12 @@ _RANDOMIZED = {
 
 
 def _model_class(kind: str) -> tuple[Any, Any]:
+    """transformers' config and model classes of `kind`'s family."""
     import transformers
 
-    config_name, model_name = _MODEL_CLASSES[kind]
-    return getattr(transformers, config_name), getattr(transformers, model_name)
+    family = {"gqa": "Llama", "qwen2": "Qwen2"}.get(kind) or (
+        "Qwen3" if kind.startswith("qwen3") else "DeepseekV3")
+    return getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}ForCausalLM")
 
 
 def _randomize_constant_init(model: Any, generator: Any) -> None:
@@ -302,10 +297,14 @@ def build_tiny_model(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tok = train_tokenizer(work, max_positions)
+        trained = kind in trained_models.BASE_KIND
+        corpus, vocab = trained_models.tokenizer_corpus(kind, CORPUS, TOKENIZER_VOCAB)
+        tok = train_tokenizer(work, max_positions, corpus, vocab)
         ids = {t: tok.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD)}
         cfg = model_config(kind, len(tok), ids[BOS], ids[EOS], ids[PAD], max_positions)
         build_weights(kind, cfg, work, seed, dtype)
+        if trained:  # before _finish_config: saving the trained model rewrites config.json
+            trained_models.train_checkpoint(work, tok, seed)
         _finish_config(work, cfg, dtype)
         if kind.endswith("-fp8"):
             fp8_models.quantize_checkpoint(work)
@@ -352,7 +351,8 @@ def cache_key(kind: str, seed: int = 0, dtype: str = "float32",
 
     blob = json.dumps(
         [BUILDER_VERSION, kind, seed, dtype, CORPUS, CHAT_TEMPLATE, TOKENIZER_VOCAB, INIT_RANGE,
-         model_config(kind, 0, 0, 1, 2, max_positions), transformers.__version__, tokenizers.__version__],
+         model_config(kind, 0, 0, 1, 2, max_positions), transformers.__version__, tokenizers.__version__,
+         *trained_models.cache_fields(kind)],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

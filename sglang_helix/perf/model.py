@@ -107,10 +107,7 @@ def roofline(st: Setting, nbytes, flops, rate: float | None = None):
 
 def kv_elems_per_gpu(model: ModelSpec, lay: Layout) -> float:
     """Cached elements per token per layer on one GPU (KV heads duplicated once tpa > K)."""
-    if model.mla:
-        return model.kv_elems_per_token
-    heads = -(-model.num_kv_heads // lay.tpa)  # ceil: a rank holds >= 1 whole KV head
-    return 2 * model.head_dim * heads
+    return model.kv_shape.elems_per_token(lay.tpa)
 
 
 def attn_tokens(lay: Layout, batch):

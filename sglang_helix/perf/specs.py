@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from ..errors import HelixError
+from ..kv_size import KVShape
 
 # Bytes per element of weights / KV cache at each precision. FP4 ignores block-scale overhead
 # (NVFP4 adds one fp8 scale per 16 values, +6%): ASSUMPTION, as the paper quotes plain FP4.
@@ -88,11 +89,16 @@ class ModelSpec:
 
     # ---- attention geometry (decode; MLA in the absorbed latent form) -------------------------
     @property
+    def kv_shape(self) -> KVShape:
+        """The per-token KV row (sglang_helix.kv_size): MLA latent + rope, or GQA K and V heads."""
+        if self.mla:
+            return KVShape.mla_latent(self.kv_lora_rank, self.qk_rope_dim, self.num_layers)
+        return KVShape.gqa(self.num_kv_heads, self.head_dim, layers=self.num_layers)
+
+    @property
     def kv_elems_per_token(self) -> int:
         """Cached elements per token per layer for the whole model (all KV heads)."""
-        if self.mla:
-            return self.kv_lora_rank + self.qk_rope_dim
-        return 2 * self.num_kv_heads * self.head_dim
+        return self.kv_shape.elems_per_token()
 
     @property
     def qk_dim(self) -> int:

@@ -1,12 +1,15 @@
-"""Fast checks of sglang_helix.dev.tiny_models (no SGLang): determinism, config fields, tokenizer."""
+"""Fast checks of sglang_helix.dev.tiny_models (no SGLang): determinism, config fields, tokenizer,
+the trained kind's greedy."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from helpers import E2E_PROMPT_TEXTS
 
 from sglang_helix.dev import tiny_models as tm
+from sglang_helix.dev import trained_models
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +144,27 @@ def test_max_positions_long_context_variant(built, tmp_path):
     assert tm.load_tokenizer(long).model_max_length == 131072
     with pytest.raises(ValueError, match="max_positions"):
         tm.model_config("mla", 9, 0, 1, 2, max_positions=1000001)
+
+
+def test_trained_kind_continues_its_text_with_wide_margins(built):
+    """"mla-trained" (the demo's model): the "mla" architecture and config keys, its own
+    tokenizer, trained until greedy continues the text it was trained on; top-1 / top-2 margins
+    on the e2e prompts are whole logits (a random model's are hundredths), so greedy comparisons
+    between implementations are not tie-prone."""
+    path = built["mla-trained"]
+    cfg, base = _config(path), _config(built["mla"])
+    differ = {k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k)}
+    assert differ <= {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"}, differ
+    stats = json.loads((path / "training.json").read_text())
+    assert stats["last_loss"] < stats["first_loss"] / 10 and stats["steps"] == trained_models.STEPS
+    tok = tm.load_tokenizer(path)
+    assert len(tok) == trained_models.TOKENIZER_VOCAB == cfg["vocab_size"]
+    text = trained_models.TRAINING_TEXT
+    prompts = [*E2E_PROMPT_TEXTS, "Helix splits the KV cache of every request by page across ranks, so"]
+    refs = tm.reference_greedy(path, [tok.encode(p) for p in prompts], 16)
+    for prompt, ref in zip(prompts, refs):
+        said = tok.decode(ref.tokens)
+        start = text.index(prompt) + len(prompt)
+        assert said == (text + text)[start:start + len(said)], (prompt, said)  # the text, verbatim
+        assert ref.min_margin > 1.0, (prompt, ref.min_margin)
+    assert tm.cache_key("mla-trained") != tm.cache_key("mla")

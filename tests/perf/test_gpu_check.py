@@ -21,7 +21,7 @@ def _load():
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # puts scripts/ on sys.path: its gpu_check_* parts import
     return module
 
 
@@ -101,7 +101,8 @@ def test_a_failing_section_is_a_row_and_the_exit_code(tmp_path, monkeypatch):
 
 
 def test_bandwidth_arithmetic_and_labels():
-    mod = _load()
+    _load()
+    import gpu_check_bandwidth as mod
     assert mod.kv_bytes_per_token("mla", 2) == (512 + 64) * 2
     assert mod.kv_bytes_per_token("gqa", 2) == 2 * 8 * 128 * 2  # K and V, 8 KV heads, D=128
     # DeepSeek-V3 MLA, 1M tokens x batch 8 read in 4 ms
@@ -112,7 +113,8 @@ def test_bandwidth_arithmetic_and_labels():
 
 
 def test_compare_flags_nan_empty_rows_and_tolerance():
-    mod = _load()
+    _load()
+    import gpu_check_report as mod
     ref_out = torch.zeros(2, 3, 4)
     ref_lse = torch.tensor([[1.0, 2.0, float("-inf")], [0.5, 0.0, 3.0]])
     ok, fig = mod.compare(ref_out.clone(), ref_lse.clone(), ref_out, ref_lse, "bfloat16")

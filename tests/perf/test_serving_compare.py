@@ -1,10 +1,10 @@
-"""Pure parts of benchmarks/serving_compare.py (no servers): reading sglang.benchmark.serving's
-JSONL into rows, the per-rank KV / max-concurrency arithmetic, the budget and layout checks, the
-CSV, table and plot writers, the client command line and the local dataset."""
+"""Pure parts of benchmarks/serving_compare.py and its modules (no servers): reading
+sglang.benchmark.serving's JSONL into rows, the per-layout KV budget (sglang_helix.kv_size), the
+budget and layout checks, the CSV, table and plot writers, the client command line and the local
+dataset."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("serving_compare", ROOT / "benchmarks" / "serving_compare.py")
-sc = importlib.util.module_from_spec(_spec)
-sys.modules["serving_compare"] = sc
-_spec.loader.exec_module(sc)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import serving_budget as budget  # noqa: E402
+import serving_client as client  # noqa: E402
+import serving_compare as sc  # noqa: E402
+import serving_report as report  # noqa: E402
+import serving_server as live  # noqa: E402
+from serving_configs import CONFIGS, DEFAULT_CONFIGS, ServingCompareError  # noqa: E402
+
+from sglang_helix import kv_size  # noqa: E402
 
 # Shape of one line of `python -m sglang.benchmark.serving ... --output-details --cache-report
 # --output-file X` (sglang 0.5.23), trimmed to the keys the script reads plus a few others.
@@ -43,7 +49,7 @@ def _jsonl(tmp_path, *records, name="run.jsonl"):
 
 
 def test_parse_result_maps_client_keys(tmp_path):
-    m = sc.parse_result(_jsonl(tmp_path, GOOD), **ASKED)
+    m = client.parse_result(_jsonl(tmp_path, GOOD), **ASKED)
     assert m == {
         "ttft_mean_ms": 1047.0, "ttft_p99_ms": 1112.2, "tpot_p50_ms": 250.0, "tpot_p99_ms": 270.9,
         "itl_p50_ms": 103.2, "output_tok_s": 6.3, "duration_s": 5.08, "tok_s_user": 4.0,
@@ -52,7 +58,7 @@ def test_parse_result_maps_client_keys(tmp_path):
 
 def test_parse_result_reads_the_last_line(tmp_path):
     older = {**GOOD, "median_tpot_ms": 100.0}
-    assert sc.parse_result(_jsonl(tmp_path, older, GOOD), **ASKED)["tpot_p50_ms"] == 250.0
+    assert client.parse_result(_jsonl(tmp_path, older, GOOD), **ASKED)["tpot_p50_ms"] == 250.0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -67,101 +73,64 @@ def test_parse_result_reads_the_last_line(tmp_path):
     ({"median_tpot_ms": 0.0}, "median TPOT is 0"),
 ])
 def test_parse_result_refuses_bad_runs(tmp_path, change, message):
-    with pytest.raises(sc.ServingCompareError) as err:
-        sc.parse_result(_jsonl(tmp_path, {**GOOD, **change}), **ASKED)
+    with pytest.raises(ServingCompareError) as err:
+        client.parse_result(_jsonl(tmp_path, {**GOOD, **change}), **ASKED)
     assert message in str(err.value)
 
 
 def test_parse_result_refuses_missing_cache_report_and_files(tmp_path):
     no_cache = {k: v for k, v in GOOD.items() if k != "cached_tokens"}
-    with pytest.raises(sc.ServingCompareError, match="cached_tokens"):
-        sc.parse_result(_jsonl(tmp_path, no_cache), **ASKED)
-    with pytest.raises(sc.ServingCompareError, match="no client output file"):
-        sc.parse_result(tmp_path / "missing.jsonl", **ASKED)
+    with pytest.raises(ServingCompareError, match="cached_tokens"):
+        client.parse_result(_jsonl(tmp_path, no_cache), **ASKED)
+    with pytest.raises(ServingCompareError, match="no client output file"):
+        client.parse_result(tmp_path / "missing.jsonl", **ASKED)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(sc.ServingCompareError, match="empty"):
-        sc.parse_result(tmp_path / "empty.jsonl", **ASKED)
+    with pytest.raises(ServingCompareError, match="empty"):
+        client.parse_result(tmp_path / "empty.jsonl", **ASKED)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(sc.ServingCompareError, match="not JSON"):
-        sc.parse_result(tmp_path / "bad.jsonl", **ASKED)
+    with pytest.raises(ServingCompareError, match="not JSON"):
+        client.parse_result(tmp_path / "bad.jsonl", **ASKED)
 
 
-# ---------------------------------------------------------------- KV arithmetic
+# ---------------------------------------------------------------- per-layout KV budget
 
 
 MLA_TINY = {"num_hidden_layers": 3, "kv_lora_rank": 48, "qk_rope_head_dim": 8}
 
 
-def test_kv_bytes_per_token():
-    assert sc.kv_bytes_per_token(MLA_TINY, "float32") == 3 * 56 * 4 == 672
-    assert sc.kv_bytes_per_token(MLA_TINY, "bfloat16") == 336
+def test_layout_bytes_per_token():
+    assert budget.layout_bytes_per_token(MLA_TINY, "float32") == 3 * 56 * 4 == 672
+    assert budget.layout_bytes_per_token(MLA_TINY, "bfloat16") == 336
     # DeepSeek-V3: 61 layers x (512 + 64) x bf16
-    assert sc.kv_bytes_per_token({"num_hidden_layers": 61, "kv_lora_rank": 512,
-                                  "qk_rope_head_dim": 64}, "bfloat16") == 70272
+    assert budget.layout_bytes_per_token({"num_hidden_layers": 61, "kv_lora_rank": 512,
+                                          "qk_rope_head_dim": 64}, "bfloat16") == 70272
     with pytest.raises(ValueError):
-        sc.kv_bytes_per_token(MLA_TINY, "fp8")
-
-
-def test_request_pages_and_bytes_known_values():
-    # 512 + 16 tokens = 9 pages of 64: plain TP holds 9 on every rank, KVP 2 at most 5 per rank.
-    assert sc.pages(528, 64) == 9 and sc.pages(0, 64) == 0 and sc.pages(64, 64) == 1
-    assert sc.request_pages_per_rank(528, 64, 1) == 9
-    assert sc.request_pages_per_rank(528, 64, 2) == 5
-    assert sc.kv_bytes_per_request_per_rank(528, 64, 1, 672) == 9 * 64 * 672 == 387072
-    assert sc.kv_bytes_per_request_per_rank(528, 64, 2, 672) == 215040
-    # 16384 + 64 tokens, budget 40960 rows = 640 pages per rank
-    assert sc.max_concurrency_in_budget(640, 16448, 64, 1) == 2
-    assert sc.max_concurrency_in_budget(640, 16448, 64, 2) == 4
-    assert sc.max_concurrency_in_budget(640, 65600, 64, 1) == 0
-    with pytest.raises(ValueError):
-        sc.request_pages_per_rank(10, 64, 0)
-    with pytest.raises(ValueError):
-        sc.max_concurrency_in_budget(-1, 10, 64, 1)
-
-
-def _simulated_fit(pool_pages, tokens, page_size, kvp):
-    """Admit identical requests one by one, placing page j of each on rank j % kvp, until a
-    rank runs out (independent of the closed form)."""
-    used, admitted = [0] * kvp, 0
-    while True:
-        need = [0] * kvp
-        for j in range(-(-tokens // page_size)):
-            need[j % kvp] += 1
-        if any(u + n > pool_pages for u, n in zip(used, need)):
-            return admitted
-        used = [u + n for u, n in zip(used, need)]
-        admitted += 1
-
-
-@pytest.mark.parametrize("kvp", [1, 2, 4])
-def test_max_concurrency_matches_simulation(kvp):
-    for pool_pages in (1, 7, 64, 129, 640):
-        for tokens in (1, 63, 64, 65, 528, 1088, 4160, 16448):
-            for page_size in (16, 64):
-                got = sc.max_concurrency_in_budget(pool_pages, tokens, page_size, kvp)
-                assert got == _simulated_fit(pool_pages, tokens, page_size, kvp), (
-                    pool_pages, tokens, page_size, kvp)
+        budget.layout_bytes_per_token(MLA_TINY, "fp8")
 
 
 def test_helix_fits_about_kvp_times_more():
+    """The page arithmetic behind max_concurrency_in_budget (sglang_helix.kv_size; exhaustive
+    tests in tests/core/test_kv_size.py) on this benchmark's budget: 640 or 4096 pages of 64."""
+    assert kv_size.max_requests(640, 16448, 64, 1) == 2 and kv_size.max_requests(640, 16448, 64, 2) == 4
+    assert kv_size.max_requests(640, 65600, 64, 1) == 0
     for tokens in (4096, 16384, 65536):  # even page counts: exactly 2x (+1 from the floor)
-        plain = sc.max_concurrency_in_budget(4096, tokens, 64, 1)
-        helix = sc.max_concurrency_in_budget(4096, tokens, 64, 2)
+        plain = kv_size.max_requests(4096, tokens, 64, 1)
+        helix = kv_size.max_requests(4096, tokens, 64, 2)
         assert 2 * plain <= helix <= 2 * plain + 1
     # odd page counts: the rank holding the extra page limits Helix (65 pages -> 33 per rank)
-    assert sc.max_concurrency_in_budget(4096, 4160, 64, 1) == 63
-    assert sc.max_concurrency_in_budget(4096, 4160, 64, 2) == 124
+    assert kv_size.max_requests(4096, 4160, 64, 1) == 63
+    assert kv_size.max_requests(4096, 4160, 64, 2) == 124
 
 
 def test_check_budget():
-    sc.check_budget(40960, 64, [4096, 16384], 64, [1, 2], [1, 2])
-    with pytest.raises(sc.ServingCompareError, match="multiple of --page-size"):
-        sc.check_budget(40000 + 1, 64, [4096], 64, [1], [1])
-    with pytest.raises(sc.ServingCompareError) as err:
-        sc.check_budget(40960, 64, [16384], 64, [4], [1, 2])
+    budget.check_budget(40960, 64, [4096, 16384], 64, [1, 2], [1, 2])
+    with pytest.raises(ServingCompareError, match="multiple of --page-size"):
+        budget.check_budget(40000 + 1, 64, [4096], 64, [1], [1])
+    with pytest.raises(ServingCompareError) as err:
+        budget.check_budget(40960, 64, [16384], 64, [4], [1, 2])
     assert "plain TP: 4 concurrent requests of 16384+64 tokens need 65792" in str(err.value)
     # Helix alone fits 4 there
-    sc.check_budget(40960, 64, [16384], 64, [4], [2])
+    budget.check_budget(40960, 64, [16384], 64, [4], [2])
 
 
 # ---------------------------------------------------------------- /server_info -> pool
@@ -177,15 +146,15 @@ def _helix_info(kvp=2, comm="a2a", hopb=1, pages=(640, 640)):
 
 
 def test_pool_info_helix_and_plain():
-    helix = sc.pool_info(_helix_info(pages=(640, 639)), sc.CONFIGS["helix-a2a"], 64)
+    helix = budget.pool_info(_helix_info(pages=(640, 639)), CONFIGS["helix-a2a"], 64)
     assert (helix.pages_per_rank, helix.page_size, helix.kvp, helix.rows_per_rank) == (639, 64, 2, 40896)
-    plain = sc.pool_info({"max_total_num_tokens": 40960, "internal_states": [{}]},
-                         sc.CONFIGS["tp2"], 64)
+    plain = budget.pool_info({"max_total_num_tokens": 40960, "internal_states": [{}]},
+                         CONFIGS["tp2"], 64)
     assert (plain.pages_per_rank, plain.kvp, plain.rows_per_rank) == (640, 1, 40960)
-    sc.check_pool_matches_budget(plain, 40960, "tp2")
-    sc.check_pool_matches_budget(helix, 40960, "helix-a2a")  # within one page
-    with pytest.raises(sc.ServingCompareError, match="holds 20480 rows"):
-        sc.check_pool_matches_budget(sc.PoolInfo(320, 64, 1), 40960, "tp2")
+    budget.check_pool_matches_budget(plain, 40960, "tp2")
+    budget.check_pool_matches_budget(helix, 40960, "helix-a2a")  # within one page
+    with pytest.raises(ServingCompareError, match="holds 20480 rows"):
+        budget.check_pool_matches_budget(budget.PoolInfo(320, 64, 1), 40960, "tp2")
 
 
 @pytest.mark.parametrize("info, config, message", [
@@ -195,28 +164,28 @@ def test_pool_info_helix_and_plain():
     (_helix_info(), "tp2", "Helix state present on a plain TP server"),
 ])
 def test_pool_info_refuses_wrong_layout(info, config, message):
-    with pytest.raises(sc.ServingCompareError, match=message):
-        sc.pool_info(info, sc.CONFIGS[config], 64)
+    with pytest.raises(ServingCompareError, match=message):
+        budget.pool_info(info, CONFIGS[config], 64)
 
 
 def test_config_server_args_use_the_real_flags():
     from sglang_helix.srt.args import HELIX_FLAGS
 
     real = {f.flag for f in HELIX_FLAGS}
-    assert sc.CONFIGS["tp2"].server_args() == []
+    assert CONFIGS["tp2"].server_args() == []
     for name in ("helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
-        args = sc.CONFIGS[name].server_args()
+        args = CONFIGS[name].server_args()
         assert {a for a in args if a.startswith("--")} <= real
-    hopb = sc.CONFIGS["helix-a2a-hopb2"].server_args()
+    hopb = CONFIGS["helix-a2a-hopb2"].server_args()
     assert hopb[hopb.index("--helix-hopb-slices") + 1] == "2"
-    assert "ag_rs" in sc.CONFIGS["helix-ag_rs"].server_args()
+    assert "ag_rs" in CONFIGS["helix-ag_rs"].server_args()
 
 
 # ---------------------------------------------------------------- rows, CSV, table, plot
 
 
 def _rows():
-    pool = {"tp2": sc.PoolInfo(64, 64, 1), "helix-a2a": sc.PoolInfo(64, 64, 2)}
+    pool = {"tp2": budget.PoolInfo(64, 64, 1), "helix-a2a": budget.PoolInfo(64, 64, 2)}
     rows = []
     for name in pool:
         for conc in (1, 2):
@@ -224,30 +193,30 @@ def _rows():
                        "ttft_p99_ms": 250.0 * conc, "tpot_p50_ms": 90.0 + conc,
                        "tpot_p99_ms": 99.0, "itl_p50_ms": 88.5, "output_tok_s": 10.0 * conc,
                        "tok_s_user": 1000 / (90.0 + conc), "duration_s": 3.0}
-            rows.append(sc.make_row(name, 512, conc, conc, 16, metrics, pool[name], 672))
+            rows.append(report.make_row(name, 512, conc, conc, 16, metrics, pool[name], 672))
     return rows
 
 
 def test_make_row_kv_columns():
     rows = _rows()
-    assert list(rows[0]) == list(sc.CSV_FIELDS)
+    assert list(rows[0]) == list(report.CSV_FIELDS)
     tp2, helix = rows[0], rows[2]
     assert tp2["kv_bytes_per_request_per_rank"] == 387072 and tp2["max_concurrency_in_budget"] == 7
     assert helix["kv_bytes_per_request_per_rank"] == 215040 and helix["max_concurrency_in_budget"] == 12
     assert tp2["kv_pool_bytes_per_rank"] == helix["kv_pool_bytes_per_rank"] == 4096 * 672
-    with pytest.raises(sc.ServingCompareError, match="misses"):
-        sc.make_row("tp2", 512, 1, 1, 16, {"ttft_mean_ms": 1.0}, sc.PoolInfo(64, 64, 1), 672)
+    with pytest.raises(ServingCompareError, match="misses"):
+        report.make_row("tp2", 512, 1, 1, 16, {"ttft_mean_ms": 1.0}, budget.PoolInfo(64, 64, 1), 672)
 
 
 def test_csv_round_trip_with_metadata(tmp_path):
     rows = _rows()
-    path = sc.write_csv(tmp_path / "out" / "x.csv", rows, {"command": "python x --a 1",
+    path = report.write_csv(tmp_path / "out" / "x.csv", rows, {"command": "python x --a 1",
                                                            "machine": "vm: 2 cores\nsecond line"})
     text = path.read_text().splitlines()
     assert text[0] == "# command: python x --a 1"
     assert text[1] == "# machine: vm: 2 cores second line"
-    assert text[2] == ",".join(sc.CSV_FIELDS)
-    back = sc.read_csv(path)
+    assert text[2] == ",".join(report.CSV_FIELDS)
+    back = report.read_csv(path)
     assert len(back) == len(rows)
     for got, want in zip(back, rows):
         assert got["config"] == want["config"]
@@ -258,17 +227,17 @@ def test_csv_round_trip_with_metadata(tmp_path):
 
 def test_table_from_rows_and_from_csv(tmp_path):
     rows = _rows()
-    table = sc.format_table(rows)
+    table = report.format_table(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[2].startswith("| tp2 | 512 | 1 | 1 | 200 | 250 | 91.0 | 99.0 | 88.5 | 10.00 | 10.99 | 387,072 | 7 |")
-    path = sc.write_csv(tmp_path / "x.csv", rows, {})
-    assert sc.format_table(sc.read_csv(path)) == table
+    path = report.write_csv(tmp_path / "x.csv", rows, {})
+    assert report.format_table(report.read_csv(path)) == table
 
 
 def test_plot_pareto_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    path = sc.plot_pareto(_rows(), tmp_path / "p.png", title="t")
+    path = report.plot_pareto(_rows(), tmp_path / "p.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -276,12 +245,12 @@ def test_plot_pareto_writes_png(tmp_path):
 
 
 def test_client_argv_and_local_dataset(tmp_path):
-    data = sc.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3)
+    data = client.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3)
     convs = json.loads(data.read_text())
     assert len(convs) == 50 and all(len(c["conversations"]) == 2 for c in convs)
     openings = [c["conversations"][0]["value"].split()[:2] for c in convs]
     assert len({tuple(o) for o in openings}) == 50  # distinct prompts: no shared KV page
-    argv = sc.client_argv("http://127.0.0.1:1", tmp_path / "m", data, tmp_path / "o.jsonl",
+    argv = client.client_argv("http://127.0.0.1:1", tmp_path / "m", data, tmp_path / "o.jsonl",
                           input_len=4096, output_len=64, num_prompts=4, concurrency=2, seed=1)
     assert argv[1:3] == ["-m", "sglang.benchmark.serving"]
 
@@ -302,7 +271,7 @@ def test_parse_args_quick_and_errors():
     assert quick.out_dir == sc.QUICK_OUT_DIR
     full = sc.parse_args(["--context-lens", "16384", "4096", "4096", "--concurrency", "2", "1"])
     assert full.context_lens == [4096, 16384] and full.concurrency == [1, 2]
-    assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(sc.DEFAULT_CONFIGS)
+    assert full.out_dir == sc.DEFAULT_OUT_DIR and full.configs == list(DEFAULT_CONFIGS)
     assert (full.model, full.prompt_set, full.stem) == ("mla", "random", sc.STEM)
     for bad in (["--output-len", "1"], ["--concurrency", "0"], ["--configs", "tp4"],
                 ["--prompt-set", "sharegpt"],
@@ -317,7 +286,7 @@ def test_parse_args_ngram_with_repetitive_prompts():
     assert args.configs == ["helix-a2a", "helix-a2a-ngram"]
     # its own CSV: the default run's docs/results/serving_compare.csv is not overwritten
     assert args.stem == "serving_compare-gqa-repetitive" != sc.STEM
-    assert "helix-a2a-ngram" not in sc.DEFAULT_CONFIGS
+    assert "helix-a2a-ngram" not in DEFAULT_CONFIGS
     mla = sc.parse_args(["--configs", "helix-a2a", "helix-a2a-ngram", "--prompt-set", "repetitive"])
     assert (mla.model, mla.stem) == ("mla", "serving_compare-mla-repetitive")
 
@@ -333,8 +302,8 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
     from sglang_helix.srt.args import HELIX_FLAGS
     from sglang_helix.srt.spec_rules import SpecFlags, check_speculative
 
-    args = sc.CONFIGS["helix-a2a-ngram"].server_args()
-    assert args[:len(sc.CONFIGS["helix-a2a"].server_args())] == sc.CONFIGS["helix-a2a"].server_args()
+    args = CONFIGS["helix-a2a-ngram"].server_args()
+    assert args[:len(CONFIGS["helix-a2a"].server_args())] == CONFIGS["helix-a2a"].server_args()
 
     def flag(name):
         return args[args.index(name) + 1]
@@ -344,29 +313,29 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
     check_speculative(SpecFlags(flag("--speculative-algorithm"), int(flag("--speculative-ngram-max-bfs-breadth"))))
     assert {a for a in args if a.startswith("--helix")} <= {f.flag for f in HELIX_FLAGS}
     for name in ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
-        assert not sc.CONFIGS[name].ngram
-        assert "--speculative-algorithm" not in sc.CONFIGS[name].server_args()
+        assert not CONFIGS[name].ngram
+        assert "--speculative-algorithm" not in CONFIGS[name].server_args()
 
 
 def test_gqa_kv_rows_per_layout():
     # plain TP 2: one of the 2 KV heads per rank; Helix KVP 2 x TPA 1: both heads, half the pages
-    assert sc.kv_bytes_per_token(GQA_TINY, "float32", 1) == 4 * 1 * 32 * 4 == 512
-    assert sc.kv_bytes_per_token(GQA_TINY, "float32", 2) == 1024
+    assert budget.layout_bytes_per_token(GQA_TINY, "float32", 1) == 4 * 1 * 32 * 4 == 512
+    assert budget.layout_bytes_per_token(GQA_TINY, "float32", 2) == 1024
     no_head_dim = {k: v for k, v in GQA_TINY.items() if k != "head_dim"}  # hidden / heads = 8
-    assert sc.kv_bytes_per_token(no_head_dim, "bfloat16", 2) == 4 * 2 * 16 * 2
-    assert sc.budget_rows(4096, GQA_TINY, "float32", 1) == 4096
-    assert sc.budget_rows(4096, GQA_TINY, "float32", 2) == 2048
-    assert sc.budget_rows(4096, MLA_TINY, "float32", 2) == 4096  # MLA: the same rows
-    assert sc.kv_bytes_per_token(MLA_TINY, "float32", 2) == sc.kv_bytes_per_token(MLA_TINY, "float32")
+    assert budget.layout_bytes_per_token(no_head_dim, "bfloat16", 2) == 4 * 2 * 16 * 2
+    assert budget.budget_rows(4096, GQA_TINY, "float32", 1) == 4096
+    assert budget.budget_rows(4096, GQA_TINY, "float32", 2) == 2048
+    assert budget.budget_rows(4096, MLA_TINY, "float32", 2) == 4096  # MLA: the same rows
+    assert budget.layout_bytes_per_token(MLA_TINY, "float32", 2) == budget.layout_bytes_per_token(MLA_TINY, "float32")
     with pytest.raises(ValueError):
-        sc.kv_bytes_per_token(GQA_TINY, "float32", 0)
+        budget.layout_bytes_per_token(GQA_TINY, "float32", 0)
 
 
 def test_check_budget_per_layout_rows():
     # Helix GQA holds 2048 rows per rank: 3 requests of 1024 + 64 tokens (9 pages per rank) fit
-    sc.check_budget(4096, 64, [1024], 64, [3], [1, 2], {1: 4096, 2: 2048})
-    with pytest.raises(sc.ServingCompareError) as err:
-        sc.check_budget(4096, 64, [1024], 64, [4], [2], {2: 2048})
+    budget.check_budget(4096, 64, [1024], 64, [3], [1, 2], {1: 4096, 2: 2048})
+    with pytest.raises(ServingCompareError) as err:
+        budget.check_budget(4096, 64, [1024], 64, [4], [2], {2: 2048})
     assert "need 2304 KV rows per rank, the budget holds 2048" in str(err.value)
     assert "--kv-budget-tokens to >= 4608" in str(err.value)
 
@@ -377,39 +346,39 @@ def test_run_accept_length_from_server_info_counters():
             "verify_steps": steps, "accept_tokens": tokens,
             "avg_accept_length": tokens / steps if steps else None}}}]}
 
-    before, after = sc.spec_counts(info(10, 12)), sc.spec_counts(info(74, 140))
+    before, after = live.spec_counts(info(10, 12)), live.spec_counts(info(74, 140))
     assert before == (10, 12) and after == (74, 140)
-    assert sc.run_accept_length(before, after, "x") == 2.0
-    assert sc.spec_counts(_helix_info()) is None
-    assert sc.spec_counts({"internal_states": [{}]}) is None
-    with pytest.raises(sc.ServingCompareError, match="no internal_states"):
-        sc.run_accept_length(None, after, "x")
-    with pytest.raises(sc.ServingCompareError, match="0 verify steps"):
-        sc.run_accept_length(after, after, "x")
+    assert live.run_accept_length(before, after, "x") == 2.0
+    assert live.spec_counts(_helix_info()) is None
+    assert live.spec_counts({"internal_states": [{}]}) is None
+    with pytest.raises(ServingCompareError, match="no internal_states"):
+        live.run_accept_length(None, after, "x")
+    with pytest.raises(ServingCompareError, match="0 verify steps"):
+        live.run_accept_length(after, after, "x")
 
 
 def test_accept_len_in_rows_csv_and_table(tmp_path):
-    pool = sc.PoolInfo(32, 64, 2)
+    pool = budget.PoolInfo(32, 64, 2)
     metrics = {"ttft_mean_ms": 200.0, "ttft_p99_ms": 250.0, "tpot_p50_ms": 50.0,
                "tpot_p99_ms": 60.0, "itl_p50_ms": 50.0, "output_tok_s": 20.0,
                "tok_s_user": 20.0, "duration_s": 3.0}
-    rows = [sc.make_row("helix-a2a", 1024, 1, 4, 64, metrics, pool, 1024),
-            sc.make_row("helix-a2a-ngram", 1024, 1, 4, 64, metrics, pool, 1024, 2.5)]
+    rows = [report.make_row("helix-a2a", 1024, 1, 4, 64, metrics, pool, 1024),
+            report.make_row("helix-a2a-ngram", 1024, 1, 4, 64, metrics, pool, 1024, 2.5)]
     assert rows[0]["accept_len"] is None and rows[1]["accept_len"] == 2.5
-    table = sc.format_table(rows).splitlines()
+    table = report.format_table(rows).splitlines()
     assert table[0].endswith("| accept len | peak RSS/rank MB |")  # no RSS given: "-"
     assert table[2].endswith("| - | - |") and table[3].endswith("| 2.50 | - |")
-    back = sc.read_csv(sc.write_csv(tmp_path / "x.csv", rows, {}))
+    back = report.read_csv(report.write_csv(tmp_path / "x.csv", rows, {}))
     assert back[0]["accept_len"] == "" and float(back[1]["accept_len"]) == 2.5
-    assert sc.format_table(back) == "\n".join(table)
+    assert report.format_table(back) == "\n".join(table)
     old = [{k: v for k, v in r.items() if k != "accept_len"} for r in back]  # a pre-NGRAM CSV
-    assert sc.format_table(old).splitlines()[3].endswith("| - | - |")
+    assert report.format_table(old).splitlines()[3].endswith("| - | - |")
 
 
 def test_repetitive_prompt_set_repeats_one_phrase_after_distinct_indices(tmp_path):
     from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer
 
-    rep = json.loads(sc.write_local_sharegpt(tmp_path / "r.json", n=50, seed=3,
+    rep = json.loads(client.write_local_sharegpt(tmp_path / "r.json", n=50, seed=3,
                                              prompt_set="repetitive", min_words=300).read_text())
     texts = [c["conversations"][0]["value"].split() for c in rep]
     assert [t[0] for t in texts] == [f"{i:03d}" for i in range(50)]  # distinct openings
@@ -421,13 +390,13 @@ def test_repetitive_prompt_set_repeats_one_phrase_after_distinct_indices(tmp_pat
     tok = load_tokenizer(ensure_tiny_model("gqa", tmp_path / "tiny"))
     assert {len(tok.encode(f"{i:03d}")) for i in range(1000)} == {3}
     # the "random" texts do not depend on the repetitive option's phrase
-    rnd = sc.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3).read_text()
+    rnd = client.write_local_sharegpt(tmp_path / "d.json", n=50, seed=3).read_text()
     assert json.loads(rnd)[0]["conversations"][0]["value"].split()[0] == "0"
     assert all(len(c["conversations"][0]["value"].split()) >= 61 for c in json.loads(rnd))
     with pytest.raises(ValueError):
-        sc.write_local_sharegpt(tmp_path / "x.json", prompt_set="sharegpt")
+        client.write_local_sharegpt(tmp_path / "x.json", prompt_set="sharegpt")
     with pytest.raises(ValueError):
-        sc.write_local_sharegpt(tmp_path / "x.json", n=1001, prompt_set="repetitive")
+        client.write_local_sharegpt(tmp_path / "x.json", n=1001, prompt_set="repetitive")
 
 
 def test_flush_and_count_retries_while_the_server_is_busy():
@@ -456,22 +425,22 @@ def test_flush_and_count_retries_while_the_server_is_busy():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}"
-        assert sc._flush_and_count(url) == (0, 0) and answers == []
+        assert live.flush_and_count(url) == (0, 0) and answers == []
         answers.extend([400] * 100)
-        with pytest.raises(sc.ServingCompareError, match="HTTP 400"):
-            sc._flush_and_count(url, timeout_s=0.0)
+        with pytest.raises(ServingCompareError, match="HTTP 400"):
+            live.flush_and_count(url, timeout_s=0.0)
     finally:
         server.shutdown()
 
 
 def test_peak_rss_column_in_rows_and_table():
-    pool = sc.PoolInfo(64, 64, 2)
+    pool = budget.PoolInfo(64, 64, 2)
     metrics = {"ttft_mean_ms": 1.0, "ttft_p99_ms": 1.0, "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0,
                "itl_p50_ms": 1.0, "output_tok_s": 1.0, "tok_s_user": 1.0, "duration_s": 1.0}
-    row = sc.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672, None, [300 * 2**20, 512 * 2**20])
+    row = report.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672, None, [300 * 2**20, 512 * 2**20])
     assert row["peak_rss_mb_per_rank"] == 512.0  # the busier rank
-    assert sc.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672)["peak_rss_mb_per_rank"] is None
-    assert "| peak RSS/rank MB |" in sc.format_table([row]) and "| 512 |" in sc.format_table([row])
+    assert report.make_row("helix-a2a", 512, 1, 1, 16, metrics, pool, 672)["peak_rss_mb_per_rank"] is None
+    assert "| peak RSS/rank MB |" in report.format_table([row]) and "| 512 |" in report.format_table([row])
 
 
 def test_peak_rss_reads_and_resets_vmhwm_of_a_process():
