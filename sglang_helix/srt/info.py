@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
+from ..kv_size import KVShape, itemsize, pool_bytes
 from . import state
 from .memory.allocator import HelixPagedAllocator
 from .pd import SERVER_INFO_KEY as PD_KEY, pd_transfer_state
@@ -67,13 +66,10 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
                          for c, n in enumerate(counts)],
     }
     if cfg is not None:
-        if cfg.mla:
-            per_layer = pool.kv_lora_rank + pool.qk_rope_head_dim
-        else:
-            per_layer = -(-cfg.num_kv_heads // cfg.world_size) * (pool.head_dim + pool.v_head_dim)
-        per_token = per_layer * torch._utils._element_size(pool.store_dtype) * pool.layer_num
+        per_token = KVShape.of(pool, mla=cfg.mla, layers=pool.layer_num, num_kv_heads=cfg.num_kv_heads
+                               ).bytes_per_token(itemsize(pool.store_dtype), ranks=cfg.world_size)
         out["plain_tp_kv_bytes_per_token"] = per_token
-        out["plain_tp_kv_bytes_per_rank"] = (int(allocator.size) + allocator.page_size) * per_token
+        out["plain_tp_kv_bytes_per_rank"] = pool_bytes(int(allocator.size), allocator.page_size, per_token)
     return out
 
 

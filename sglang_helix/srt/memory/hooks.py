@@ -21,6 +21,7 @@ import torch
 
 from ...config import HelixConfig
 from ...kernels import kv_quant
+from ...kv_size import KVShape, itemsize
 from ...sharding import helix_logical_tokens
 from .. import state
 from ..cpu import fp8_kv_fix
@@ -89,11 +90,10 @@ def build_helix_pool(kvc: Any, cfg: HelixConfig, logical_size: int):
 
 
 def _bytes_per_token(kvc: Any, heads: int) -> int:
-    mc = kvc.model_config
-    itemsize = torch._utils._element_size(kvc.kv_cache_dtype)
-    if kvc.use_mla_backend:
-        return (mc.kv_lora_rank + mc.qk_rope_head_dim) * itemsize
-    return heads * (mc.head_dim + mc.v_head_dim) * itemsize
+    """KV bytes of one token (one layer: SGLang sizes pools per layer) on one rank holding
+    `heads` KV heads (GQA) or the latent (MLA)."""
+    shape = KVShape.of(kvc.model_config, mla=kvc.use_mla_backend, layers=1, num_kv_heads=heads)
+    return shape.bytes_per_token(itemsize(kvc.kv_cache_dtype))
 
 
 def logical_size_for(kvc: Any, cfg: HelixConfig, stock_tokens: int) -> int:
