@@ -3,12 +3,12 @@
 What `register()` does (SGLang calls it from `load_plugins()` in every process it starts):
 
 1. AFTER hook on `ServerArgs.add_cli_args`: adds the "Helix" argument group (`--enable-helix`,
-   `--helix-kvp-size`, ... see srt.args), so the flags parse and show in `--help`.
+   `--helix-kvp-size`, ... see rules.flags), so the flags parse and show in `--help`.
 2. AROUND hook on `prepare_server_args`: when the command line (or a `--config` YAML, or
    SGLANG_HELIX) mentions Helix, parses the Helix flags with SGLang's own parser and stores a
    `HelixServerArgs` as `server_args._helix_args` (ServerArgs pickles its __dict__, so the
    attribute reaches the scheduler ranks). Without Helix flags nothing is stored.
-3. Resolution hooks (srt.validate): flag rules early, model-dependent rules late; the late one
+3. Resolution hooks (srt.resolution): flag rules early, model-dependent rules late; the late one
    stores the HelixConfig on ServerArgs (srt.state) and declares the "helix" attention backend.
 4. Serving hooks, all passing through unless a ServerArgs carries a HelixConfig: state (KVP
    groups), memory (pool + colored allocator), models (TPA-sharded GQA, DeepSeek MLA), the
@@ -39,8 +39,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import hooks, state, validate
-from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
+from ..rules.argv import add_helix_group, helix_args_from_namespace
+from ..rules.flags import ENV_VAR, HelixServerArgs
+from . import hooks, resolution, state
 from .cpu import eagle_fix, fp8_fix, fp8_kv_fix, mla_fix, moe_fix, pd_fix, sgl_kernel_stub, spec_fix, threads_fix
 from .hooks import HelixHookError, HookSpec, wraps_hook
 from .pd import PD_HOOKS
@@ -160,8 +161,8 @@ def verify_pd_hooks_live() -> None:
 
 # The resolution hooks, bound to the liveness checks they run (identity matters for liveness).
 RESOLUTION_HOOKS = (
-    (validate.EARLY_STEP, functools.partial(validate.early_validation, verify_hooks=verify_hooks_live)),
-    (validate.LATE_STEP, functools.partial(validate.late_validation, verify_pd_hooks=verify_pd_hooks_live)),
+    (resolution.EARLY_STEP, functools.partial(resolution.early_validation, verify_hooks=verify_hooks_live)),
+    (resolution.LATE_STEP, functools.partial(resolution.late_validation, verify_pd_hooks=verify_pd_hooks_live)),
 )
 
 
@@ -169,7 +170,7 @@ def _liveness_checks() -> list[tuple[str, Callable[[], bool]]]:
     checks = [
         (f"AFTER {ADD_CLI_ARGS_TARGET}", _add_cli_args_live),
         (f"AROUND {PREPARE_TARGET}", _prepare_live),
-        *((f"resolution hook {step}", lambda s=step, h=hook: validate.resolution_hook_live(s, h))
+        *((f"resolution hook {step}", lambda s=step, h=hook: resolution.resolution_hook_live(s, h))
           for step, hook in RESOLUTION_HOOKS),
         ('attention backend "helix" in ATTENTION_BACKENDS', _backend_live),
     ]

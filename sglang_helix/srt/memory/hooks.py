@@ -20,9 +20,9 @@ import torch
 
 from ...config import HelixConfig
 from ...kernels import kv_quant
+from ...rules.kv_cache import BLOCK_SCALED_KV_DTYPES
 from ...sharding import helix_logical_tokens
 from .. import state
-from ..launch import BLOCK_SCALED_KV_DTYPES
 from ..hooks import HookSpec
 from .allocator import HelixPagedAllocator
 from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError

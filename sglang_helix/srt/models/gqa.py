@@ -37,7 +37,7 @@ class GqaAttentionClass:
     """One SGLang GQA attention class re-shaped for Helix by the AROUND hook on its __init__.
 
     path: "module.Class"; architectures: the HF architectures whose SGLang model builds it
-    (their union is args.GQA_ARCHITECTURES, the architectures validation lets through).
+    (their union is rules.model.GQA_ARCHITECTURES, the architectures the launch rules let through).
     """
 
     path: str
