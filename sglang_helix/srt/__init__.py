@@ -1,6 +1,7 @@
 """Everything that imports SGLang (0.5.23): the plugin and the serving glue.
 
-plugin (entry point), validate (launch rules), args (flags), state (the per-process runtime),
+plugin (entry point), resolution (SGLang's argument resolution running the core launch rules,
+sglang_helix.rules), state (the per-process runtime),
 hooks (HookSpec), memory/ (allocator, pools), backends/ (the "helix" attention backend),
 models/ (TPA-sharded GQA, DeepSeek MLA replication), pd (disaggregation relayout), info
 (/server_info), cpu/ (CPU-engine env, sgl-kernel stand-in, CPU fixes). Imports flow from here

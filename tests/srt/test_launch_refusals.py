@@ -50,8 +50,10 @@ REFUSALS = [
                             "--enable-helix", "--helix-tpa-size", "4"],
      ["--helix-tpa-size 4 > the model's 2 KV heads", "use --helix-tpa-size <= 2"]),
     ("page-size-1", CPU_HELIX + ["--page-size", "1"], ["Helix: --page-size 1", "use --page-size 16"]),
-    ("intel-amx", ["--device", "cpu", "--attention-backend", "intel_amx", "--tp-size", "2", "--enable-helix"],
-     ["--attention-backend intel_amx", "use --attention-backend torch_native or triton"]),
+    # (not intel_amx: SGLang resolves it to torch_native on a CPU without AMX)
+    ("flex-attention", ["--device", "cpu", "--attention-backend", "flex_attention", "--tp-size", "2",
+                        "--enable-helix"],
+     ["--attention-backend flex_attention", "use --attention-backend torch_native or triton"]),
     ("ngram-default-breadth", CPU_HELIX + ["--page-size", "4", "--speculative-algorithm", "NGRAM"],
      ["--speculative-ngram-max-bfs-breadth 10", "set --speculative-ngram-max-bfs-breadth 1"]),
 ]
@@ -98,7 +100,7 @@ for case_id, argv in spec["resolve"]:
         view = resolved_view(sa)
         out[case_id] = {"ok": True, "page_size": view.page_size, "log": log.getvalue(),
                         "backends": [view.prefill_attention_backend, view.decode_attention_backend]}
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: SGLang's own argparse refusals
         out[case_id] = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
 parsed = {}
 for line in spec["parse"]:
@@ -106,7 +108,12 @@ for line in spec["parse"]:
     helix = getattr(sa, "_helix_args", None) or HelixServerArgs()
     parsed[line] = {"layout": dataclasses.asdict(ServerLayout.of(sa)), "helix": dataclasses.asdict(helix)}
 defaults = prepare_server_args(["--model-path", "m"])
-print("RESULT " + json.dumps({"cases": out, "parsed": parsed,
+import argparse
+from sglang.srt.server_args import ServerArgs
+parser = argparse.ArgumentParser()
+ServerArgs.add_cli_args(parser)
+spellings = {a.dest: a.option_strings for a in parser._actions}
+print("RESULT " + json.dumps({"cases": out, "parsed": parsed, "spellings": spellings,
                               "defaults": dataclasses.asdict(ServerLayout.of(defaults))}))
 """
 
@@ -199,7 +206,9 @@ def test_layout_defaults_and_flags_are_sglangs(resolved):
     """ServerLayout's defaults are what SGLang's parser gives for an absent flag, and a launch
     line reads the same with the rules' parser as with SGLang's (checked on the planner's lines)."""
     assert resolved["defaults"] == {**dataclasses.asdict(ServerLayout()), "model_path": "m"}
-    assert len(SGLANG_FLAGS) == len(dataclasses.fields(ServerLayout))
+    assert sorted(dest for _, dest, _ in SGLANG_FLAGS) == sorted(f.name for f in dataclasses.fields(ServerLayout))
+    for flags, dest, _ in SGLANG_FLAGS:
+        assert sorted(flags) == sorted(resolved["spellings"][dest]), dest
 
 
 def test_every_planner_line_passes_the_plugin_rules_as_sglang_parses_it(resolved):
