@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sglang_helix.perf import plan as P  # noqa: E402
+from sglang_helix.perf import search as P  # noqa: E402
 from sglang_helix.perf.layouts import Layout, all_layouts  # noqa: E402
 from sglang_helix.config import DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES  # noqa: E402
 from sglang_helix.perf.model import (  # noqa: E402

@@ -158,5 +158,17 @@ class HelixConfig:
             raise HelixConfigError(f"rank={rank} outside [0, KVP x TPA = {self.world_size})")
 
 
+def describe(config: HelixConfig) -> str:
+    """One-line layout summary for logs and error messages."""
+    kind = "MLA" if config.mla else "GQA"
+    return (
+        f"{kind} KVP={config.kvp} x TPA={config.tpa} (N={config.world_size}), "
+        f"H={config.num_heads}, K={config.num_kv_heads}, page_size={config.page_size}, "
+        f"comm={config.comm_backend}, hopb_slices={config.hopb_slices}, "
+        f"exchange_dtype={config.exchange_dtype}"
+        + (f", mla_exchange={config.mla_exchange}" if config.mla else "")
+    )
+
+
 def _fail(message: str) -> None:
     raise HelixConfigError(f"HelixConfig: {message}")

@@ -5,9 +5,10 @@
 
 Prints the Pareto frontier (tok/s/user vs tok/s/GPU) of Helix next to the best baseline
 (TP, PP, EP with DP attention, Medha-style KVP), the chosen point and its SGLang launch line.
-Every launch line is checked with the plugin's own rules (sglang_helix.srt.launch.check_launch):
-a line the plugin would refuse is never printed; the planner says why and prints the nearest
-line the plugin accepts (the same layout with bf16 weights, else another layout).
+Every launch line is checked with the plugin's own launch rules (sglang_helix.rules.check_launch,
+the function the plugin's resolution hooks call): a line the plugin would refuse is never
+printed; the planner says why and prints the nearest line the plugin accepts (the same layout
+with wider weights, else another layout).
 --gpus is the size of one serving instance (scale out with replicas). Numbers come from the
 roofline in sglang_helix/perf/model.py, not from a measurement. Bad inputs: one line, exit 2.
 """
@@ -20,13 +21,10 @@ import time
 
 import numpy as np
 
-from .config import HelixConfigError
-from .perf import plan as P
+from .perf import search
 from .perf.layouts import LayoutError
 from .perf.model import Setting
-from .perf.specs import HARDWARE_CHOICES, MODEL_ALIASES, MODELS, ModelSpec, SpecError, get_hardware, get_model
-from .srt.args import ModelInfo, parse_helix_argv
-from .srt.launch import check_launch, layout_from_argv
+from .perf.specs import HARDWARE_CHOICES, MODEL_ALIASES, MODELS, SpecError, get_hardware, get_model
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,13 +53,13 @@ def min_user_constraint(args) -> float | None:
     """tok/s/user floor from --max-ttl-ms or --min-tokens-per-s-per-user (never both)."""
     ttl, user = args.max_ttl_ms, args.min_tokens_per_s_per_user
     if ttl is not None and user is not None:
-        raise P.PlanError(
+        raise search.PlannerError(
             f"conflicting constraints: --max-ttl-ms {ttl:g} and --min-tokens-per-s-per-user {user:g} "
             "both bound latency (tok/s/user = 1000 / TTL ms); give only one"
         )
     for flag, value in (("--max-ttl-ms", ttl), ("--min-tokens-per-s-per-user", user)):
         if value is not None and not value > 0:
-            raise P.PlanError(f"{flag} {value:g}: must be > 0")
+            raise search.PlannerError(f"{flag} {value:g}: must be > 0")
     if ttl is not None:
         return 1000.0 / ttl
     return user
@@ -70,9 +68,11 @@ def min_user_constraint(args) -> float | None:
 def setting_from(args) -> Setting:
     model_name = MODEL_ALIASES.get(args.model, args.model)
     if model_name not in MODELS:
-        raise P.PlanError(f"--model {args.model!r} unknown; choose one of {', '.join(sorted(MODELS))}")
+        raise search.PlannerError(
+            f"--model {args.model!r} unknown; choose one of {', '.join(sorted(MODELS))}")
     if args.hardware not in HARDWARE_CHOICES:
-        raise P.PlanError(f"--hardware {args.hardware!r} unknown; choose one of {', '.join(HARDWARE_CHOICES)}")
+        raise search.PlannerError(
+            f"--hardware {args.hardware!r} unknown; choose one of {', '.join(HARDWARE_CHOICES)}")
     if args.hardware == "cpu":  # measured on this machine (cached), not a datasheet spec
         from .perf.probe import cpu_hardware
 
@@ -81,45 +81,33 @@ def setting_from(args) -> Setting:
         hw = get_hardware(args.hardware)
     precision = args.precision or ("fp4" if "fp4" in hw.flops else "fp8" if "fp8" in hw.flops else "bf16")
     try:
-        return Setting(get_model(model_name), hw, P.parse_context(args.context), precision)
+        return Setting(get_model(model_name), hw, search.parse_context(args.context), precision)
     except SpecError as exc:
-        raise P.PlanError(f"--precision {precision}: {exc}") from None
-
-
-def plugin_refusal(model: ModelSpec, argv) -> str | None:
-    """Why sglang_helix would refuse this launch line (its pure launch rules: flags, layout,
-    architecture, attention backend, page size, MLA weight dtype), or None if it accepts it."""
-    info = ModelInfo(model.architecture, model.num_heads, model.num_kv_heads, model.mla)
-    try:
-        check_launch(parse_helix_argv(argv), layout_from_argv(argv), info,
-                     P.line_weights(model, argv))
-    except HelixConfigError as exc:
-        return str(exc)
-    return None
+        raise search.PlannerError(f"--precision {precision}: {exc}") from None
 
 
 def run(args) -> int:
     st = setting_from(args)
     min_user = min_user_constraint(args)
-    batches = sorted(set(args.batch)) if args.batch else P.batch_grid()
+    batches = sorted(set(args.batch)) if args.batch else search.batch_grid()
     if batches[0] < 1:
-        raise P.PlanError(f"--batch {batches[0]}: batch sizes must be >= 1")
+        raise search.PlannerError(f"--batch {batches[0]}: batch sizes must be >= 1")
     t0 = time.perf_counter()
-    sw = P.sweep_for_gpus(st, args.gpus, batches)
+    sw = search.sweep_for_gpus(st, args.gpus, batches)
     secs = time.perf_counter() - t0
     if not len(sw.ttl):
-        raise P.PlanError(_no_fit_message(st, args.gpus, sw))
-    pick = P.choose(sw, min_user)
+        raise search.PlannerError(_no_fit_message(st, args.gpus, sw))
+    pick = search.choose(sw, min_user)
     if pick is None:
-        raise P.PlanError(_unreachable_message(sw, min_user))
+        raise search.PlannerError(_unreachable_message(sw, min_user))
     _print_header(st, args.gpus, sw, secs)
-    helix, base = P.split_families(sw)
+    helix, base = search.split_families(sw)
     _print_frontiers(helix, base, args.rows)
     return _print_choice(st, sw, pick, helix, base, min_user, batches)
 
 
-def _unreachable_message(sw: P.Sweep, min_user: float) -> str:
-    fastest = P.choose(sw, None)
+def _unreachable_message(sw: search.Sweep, min_user: float) -> str:
+    fastest = search.choose(sw, None)
     return (
         f"no layout reaches {min_user:.1f} tok/s/user (TTL <= {1000 / min_user:.3f} ms); the fastest is "
         f"{sw.tok_s_user[fastest]:.1f} tok/s/user ({sw.layout(fastest).label()}, batch {int(sw.batch[fastest])}); "
@@ -127,7 +115,7 @@ def _unreachable_message(sw: P.Sweep, min_user: float) -> str:
     )
 
 
-def _no_fit_message(st: Setting, gpus: int, sw: P.Sweep) -> str:
+def _no_fit_message(st: Setting, gpus: int, sw: search.Sweep) -> str:
     return (
         f"context {st.context} does not fit {st.model.name} on {gpus} x {st.hw.name} at {st.precision}: "
         f"even batch 1 needs {sw.mem_need / 1e9:.1f} GB per GPU (best layout) > "
@@ -135,7 +123,7 @@ def _no_fit_message(st: Setting, gpus: int, sw: P.Sweep) -> str:
     )
 
 
-def _print_header(st: Setting, gpus: int, sw: P.Sweep, secs: float) -> None:
+def _print_header(st: Setting, gpus: int, sw: search.Sweep, secs: float) -> None:
     print(f"Helix planner: {st.model.name} ({st.model.hf_id}), context {st.context} tokens, "
           f"{gpus} x {st.hw.name} ({st.hw.source}), {st.precision}")
     print(f"swept {sw.evaluated} (layout, batch) configs, {len(sw.ttl)} fit in memory, in {secs:.2f} s; "
@@ -143,14 +131,14 @@ def _print_header(st: Setting, gpus: int, sw: P.Sweep, secs: float) -> None:
     print()
 
 
-def _fmt_point(sw: P.Sweep, i: int | None) -> str:
+def _fmt_point(sw: search.Sweep, i: int | None) -> str:
     if i is None:
         return f"{'-':>10} {'':>5} {'':<36}"
     return f"{sw.tok_s_gpu[i]:>10.2f} {int(sw.batch[i]):>5} {sw.layout(i).label():<36}"
 
 
-def _print_frontiers(helix: P.Sweep, base: P.Sweep, rows: int) -> None:
-    fh, fb = P.pareto(helix), P.pareto(base)
+def _print_frontiers(helix: search.Sweep, base: search.Sweep, rows: int) -> None:
+    fh, fb = search.pareto(helix), search.pareto(base)
     levels = np.unique(np.concatenate([helix.tok_s_user[fh], base.tok_s_user[fb]]))[::-1]
     if len(levels) > rows:
         levels = levels[np.unique(np.linspace(0, len(levels) - 1, rows).round().astype(int))]
@@ -165,30 +153,30 @@ def _print_frontiers(helix: P.Sweep, base: P.Sweep, rows: int) -> None:
     print()
 
 
-def _best_at(sw: P.Sweep, frontier: np.ndarray, level: float) -> int | None:
+def _best_at(sw: search.Sweep, frontier: np.ndarray, level: float) -> int | None:
     ok = frontier[sw.tok_s_user[frontier] >= level * (1 - 1e-9)]
     return None if not len(ok) else int(ok[np.argmax(sw.tok_s_gpu[ok])])
 
 
-def _print_choice(st: Setting, sw: P.Sweep, pick: int, helix: P.Sweep, base: P.Sweep,
+def _print_choice(st: Setting, sw: search.Sweep, pick: int, helix: search.Sweep, base: search.Sweep,
                   min_user: float | None, batches) -> int:
     goal = ("lowest latency" if min_user is None
             else f"most tok/s/GPU at >= {min_user:.1f} tok/s/user (TTL <= {1000 / min_user:.3f} ms)")
     print(f"Objective: {goal}")
     for name, fam in (("Helix", helix), ("best baseline", base)):
-        i = P.choose(fam, min_user)
+        i = search.choose(fam, min_user)
         print(f"  {name:<14}: " + ("none meets it" if i is None else _describe(fam, i)))
     print(f"Chosen: {_describe(sw, pick)}")
-    ln = P.launch(st, sw.layout(pick), int(sw.batch[pick]))
-    reason = P.refusal(st, sw, pick, plugin_refusal)
+    ln = search.launch(st, sw.layout(pick), int(sw.batch[pick]))
+    reason = search.refusal(st, sw, pick)
     if reason is not None:
         print(f"Refused by sglang_helix: {reason}")
-        alt = P.nearest_accepted(st, sw, pick, batches, min_user, plugin_refusal)
+        alt = search.nearest_accepted(st, sw, pick, batches, min_user)
         if alt is None:
             print("No launch line that sglang_helix accepts fits in memory; add GPUs or shorten the context")
             return 0
         print(f"Nearest accepted ({alt.what}): {_describe(alt.sweep, alt.index)}")
-        other = P.best_accepted(st, sw, min_user, plugin_refusal) if alt.setting != st else None
+        other = search.best_accepted(st, sw, min_user) if alt.setting != st else None
         if other is not None:  # for comparison: what the requested precision gets without Helix
             print(f"  (best accepted at {st.precision}: {_describe(other.sweep, other.index)})")
         ln = alt.launch
@@ -199,7 +187,7 @@ def _print_choice(st: Setting, sw: P.Sweep, pick: int, helix: P.Sweep, base: P.S
     return 0
 
 
-def _describe(sw: P.Sweep, i: int) -> str:
+def _describe(sw: search.Sweep, i: int) -> str:
     return (f"{sw.layout(i).label()}, batch {int(sw.batch[i])}: TTL {sw.ttl[i] * 1e3:.3f} ms, "
             f"{sw.tok_s_user[i]:.1f} tok/s/user, {sw.tok_s_gpu[i]:.2f} tok/s/GPU")
 
@@ -208,7 +196,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (P.PlanError, SpecError, LayoutError) as exc:
+    except (search.PlannerError, SpecError, LayoutError) as exc:
         print(f"plan: error: {exc}", file=sys.stderr)
         return 2
 

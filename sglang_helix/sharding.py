@@ -176,7 +176,7 @@ def shard_bounds(total: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-# ----------------------------------------------------------------------------- pool sizing and page plans
+# ----------------------------------------------------------------------------- pool sizing and new pages
 
 
 def pages_per_color(size: int, page_size: int, kvp: int) -> int:
@@ -209,7 +209,7 @@ def helix_logical_tokens(
     return max(local_pages, 0) * kvp * page_size
 
 
-def new_page_plan(prefix: Sequence[int], seq: Sequence[int], page_size: int):
+def new_page_indices(prefix: Sequence[int], seq: Sequence[int], page_size: int):
     """Logical page index of every new page of a batch, in batch order.
 
     prefix, seq: host ints per request. Request i needs pages ceil(prefix/P) .. ceil(seq/P)-1.

@@ -7,5 +7,6 @@ Pure Python + numpy (no torch, except `probe`, which measures this machine):
               memory feasibility; vectorised over batch sizes.
 - `layouts` — enumeration of TP, PP, EP (DP-attention), KVP (Medha-style) and Helix layouts.
 - `probe`   — the "cpu" hardware profile of this machine (measured, cached as JSON).
-- `plan`    — sweeps, Pareto frontiers and the chosen layout with its SGLang launch line.
+- `search`  — sweeps, Pareto frontiers and the chosen layout with its SGLang launch line (checked
+              with the launch rules, sglang_helix.rules).
 """

@@ -99,10 +99,10 @@ TABLE = (
          "parses the Helix flags (argv, --config YAML, SGLANG_HELIX) into ServerArgs._helix_args, "
          "which pickles to every rank", "cli"),
     _row("sglang.srt.arg_groups.parallel_hook.validate_prefill_cp_platform", "RESOLUTION",
-         "plugin.early_resolution", "flag-only Helix rules (srt.validate.early_validation), hook "
+         "plugin.early_resolution", "flag-only Helix rules (srt.resolution.early_validation), hook "
          "liveness, CPU multi-rank env, the Helix page size: before any model file is read", "cli"),
     _row("sglang.srt.arg_groups.serving_hook.handle_other_validations", "RESOLUTION",
-         "plugin.late_resolution", "model-dependent Helix rules (srt.validate.late_validation); "
+         "plugin.late_resolution", "model-dependent Helix rules (srt.resolution.late_validation); "
          "stores the HelixConfig and declares the helix backend: before any weight loads", "cli"),
     # ---------------------------------------------------------------- backend, state
     _row("sglang.srt.layers.attention.attention_registry.ATTENTION_BACKENDS.helix", "BACKEND",

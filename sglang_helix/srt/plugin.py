@@ -8,7 +8,7 @@ registered hooks):
 2. With SGLANG_USE_CPU_ENGINE=1 and no `sgl_kernel` module at all, puts the import-only stand-in
    (srt.cpu.sgl_kernel_stub) on `sys.path` so the CPU engine imports.
 3. Installs the rows of the hook table (srt.hook_table, every seam into SGLang in one place) this
-   process needs: the CLI hooks below, the two argument-resolution steps (srt.validate), the
+   process needs: the CLI hooks below, the two argument-resolution steps (srt.resolution), the
    "helix" attention backend, the serving hooks (state, memory, models, /server_info,
    speculative decoding, PD), and on the CPU engine the CPU fixes (srt.cpu.fixes).
 
@@ -22,7 +22,7 @@ requested, `verify_hooks_live()` raises `HelixHookError` naming any seam SGLang 
 (HookRegistry only logs such failures).
 
 The CLI hooks: an AFTER hook on `ServerArgs.add_cli_args` adds the "Helix" argument group
-(`--enable-helix`, `--helix-kvp-size`, ... see srt.args); an AROUND hook on `prepare_server_args`,
+(`--enable-helix`, `--helix-kvp-size`, ... see rules.flags); an AROUND hook on `prepare_server_args`,
 when the command line (or a `--config` YAML, or SGLANG_HELIX) mentions Helix, parses the Helix
 flags with SGLang's own parser and stores a `HelixServerArgs` as `server_args._helix_args`
 (ServerArgs pickles its __dict__, so the attribute reaches the scheduler ranks).
@@ -45,8 +45,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import hook_table, sglang_version, state, validate
-from .args import ENV_VAR, HelixServerArgs, add_helix_group, helix_args_from_namespace
+from ..rules.argv import add_helix_group, helix_args_from_namespace
+from ..rules.flags import ENV_VAR, HelixServerArgs
+from . import hook_table, resolution, sglang_version, state
 from .cpu import sgl_kernel_stub
 from .hooks import HelixHookError, wraps_hook
 from .sglang_version import SUPPORTED_SGLANG
@@ -129,9 +130,9 @@ def verify_pd_hooks_live() -> None:
 
 # The resolution steps of the hook table, bound to the liveness checks they run (their identity
 # is what the table installs and checks).
-early_resolution = functools.partial(validate.early_validation, verify_hooks=verify_hooks_live)
-late_resolution = functools.partial(validate.late_validation, verify_pd_hooks=verify_pd_hooks_live)
-RESOLUTION_HOOKS = ((validate.EARLY_STEP, early_resolution), (validate.LATE_STEP, late_resolution))
+early_resolution = functools.partial(resolution.early_validation, verify_hooks=verify_hooks_live)
+late_resolution = functools.partial(resolution.late_validation, verify_pd_hooks=verify_pd_hooks_live)
+RESOLUTION_HOOKS = ((resolution.EARLY_STEP, early_resolution), (resolution.LATE_STEP, late_resolution))
 
 
 def _add_cli_args_live() -> bool:

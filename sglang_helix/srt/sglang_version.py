@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion
 
-from .args import ENV_VAR
+from ..rules.flags import ENV_VAR
 
 SUPPORTED_SGLANG = ">=0.5.23,<0.5.24"
 INSTALL_HINT = "pip install 'sglang>=0.5.23,<0.5.24'"

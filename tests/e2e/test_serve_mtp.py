@@ -6,7 +6,7 @@ target weights plus `model.layers.3.{enorm,hnorm,eh_proj,shared_head,...}` in De
 on-disk format, dev.mtp_models), TP 2, fp32, page size 4, chunked prefill 16, `--speculative-algorithm
 NEXTN --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4` (a
 chain of 3 drafts per step, SGLang's DeepSeek setting; chains are what Helix serves,
-srt.spec_rules). Without the plugin's CPU-engine EAGLE ops (srt.cpu.eagle_fix) SGLang's EAGLE
+rules.speculative). Without the plugin's CPU-engine EAGLE ops (srt.cpu.eagle_fix) SGLang's EAGLE
 worker does not start on CPU (CUDA sync in set_embed_and_head, no torch_native draft backends,
 the sgl-kernel CPU tree/slot ops).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sglang_helix.perf import plan as P
+from sglang_helix.perf import search as P
 from sglang_helix.perf.layouts import Layout, LayoutError, check_layout, layouts_for
 from sglang_helix.perf.model import Setting, attention_layer_time, helix_exchange_bytes, hopb_overlap, step
 from sglang_helix.perf.probe import hardware_from_profile

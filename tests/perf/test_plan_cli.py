@@ -1,4 +1,8 @@
-"""`python -m sglang_helix.plan`: output, launch line validity, and one-line exit-2 errors."""
+"""`python -m sglang_helix.plan`: output, launch line validity, and one-line exit-2 errors.
+
+Every launch line the CLI prints is checked here with the plugin's own whole-launch rules
+(sglang_helix.rules.check_launch) on the line as parsed; tests/srt/test_launch_refusals.py parses
+the same lines with SGLang's own parser and checks them again."""
 
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ import sys
 import pytest
 
 from sglang_helix import plan as cli
-from sglang_helix.perf import plan as P
 from sglang_helix.perf import probe
+from sglang_helix.perf import search as P
 from sglang_helix.perf.layouts import Layout
 from sglang_helix.perf.model import Setting
 from sglang_helix.perf.specs import MODELS, get_hardware, get_model
-from sglang_helix.srt.args import ModelInfo, parse_helix_argv, resolve_helix_args
-from sglang_helix.srt.launch import HELIX_DEFAULT_PAGE_SIZE, check_launch, layout_from_argv
+from sglang_helix.rules import check_launch
+from sglang_helix.rules.argv import layout_from_argv, parse_helix_argv
+from sglang_helix.rules.kv_cache import HELIX_DEFAULT_PAGE_SIZE
+from sglang_helix.rules.model import ModelInfo
 
 from test_perf_model import FAKE_CPU
 
@@ -37,21 +43,19 @@ def _printed_launch_lines(out: str) -> list[str]:
 
 def _model_info(model: str) -> ModelInfo:
     spec = get_model(model)
-    return ModelInfo(spec.architecture, spec.num_heads, spec.num_kv_heads, spec.mla)
+    return ModelInfo(spec.architecture, spec.num_heads, spec.num_kv_heads, spec.mla, spec.num_experts)
 
 
 def _assert_plugin_accepts(model: str, line: str):
-    """The line parses with the plugin's flag parser and passes resolve_helix_args, and the page
-    size and weight-dtype rules (check_launch); returns the HelixConfig (None: Helix off)."""
+    """The line, parsed into the Helix flags and a ServerLayout, passes every launch rule
+    (check_launch, with the weights the line serves); returns the HelixConfig (None: Helix off)."""
     argv = shlex.split(line)
     helix, server = parse_helix_argv(argv), layout_from_argv(argv)
-    info = _model_info(model)
-    cfg = resolve_helix_args(helix, server, info)
-    full = check_launch(helix, server, info, P.line_weights(get_model(model), argv))
-    assert (full is None) == (cfg is None)
+    cfg = check_launch(helix, server, _model_info(model), P.line_weights(get_model(model), argv))
+    assert (cfg is None) == ("--enable-helix" not in argv)
     if cfg is not None:
-        assert (full.kvp, full.tpa) == (cfg.kvp, cfg.tpa) and cfg.world_size == server.tp_size
-        assert full.page_size == (server.page_size or HELIX_DEFAULT_PAGE_SIZE) >= 2
+        assert cfg.world_size == server.tp_size
+        assert cfg.page_size == (server.page_size or HELIX_DEFAULT_PAGE_SIZE) >= 2
     return cfg
 
 
@@ -158,14 +162,13 @@ def test_helix_lines_name_a_backend_the_plugin_accepts_where_sglangs_default_may
         ln = P.launch(st, Layout("helix", kvp=2, tpa=1, tpf=2), 4)
         layout = layout_from_argv(ln.argv)
         assert (layout.attention_backend, layout.device) == (backend, device), ln.line
-        assert cli.plugin_refusal(st.model, ln.argv) is None, ln.line
+        assert P.plugin_refusal(st.model, ln.argv) is None, ln.line
         assert "--page-size" not in ln.argv
 
 
-def test_perf_never_imports_srt_and_the_cli_never_imports_sglang():
-    code = ("import sys, sglang_helix.perf.plan; "
+def test_the_planner_imports_neither_srt_nor_sglang_nor_torch():
+    code = ("import sys, sglang_helix.plan; "
             "assert not [m for m in sys.modules if m.startswith('sglang_helix.srt')]; "
-            "import sglang_helix.plan; "
             "assert 'sglang' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

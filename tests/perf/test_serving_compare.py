@@ -169,7 +169,7 @@ def test_pool_info_refuses_wrong_layout(info, config, message):
 
 
 def test_config_server_args_use_the_real_flags():
-    from sglang_helix.srt.args import HELIX_FLAGS
+    from sglang_helix.rules.flags import HELIX_FLAGS
 
     real = {f.flag for f in HELIX_FLAGS}
     assert CONFIGS["tp2"].server_args() == []
@@ -299,8 +299,9 @@ GQA_TINY = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_hea
 
 
 def test_ngram_config_adds_the_e2e_flags_helix_accepts():
-    from sglang_helix.srt.args import HELIX_FLAGS
-    from sglang_helix.srt.spec_rules import SpecFlags, check_speculative
+    from sglang_helix.rules.flags import HELIX_FLAGS
+    from sglang_helix.rules.server import ServerLayout
+    from sglang_helix.rules.speculative import check_speculative
 
     args = CONFIGS["helix-a2a-ngram"].server_args()
     assert args[:len(CONFIGS["helix-a2a"].server_args())] == CONFIGS["helix-a2a"].server_args()
@@ -310,7 +311,8 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
 
     assert (flag("--speculative-algorithm"), flag("--speculative-num-draft-tokens"),
             flag("--speculative-ngram-max-bfs-breadth")) == ("NGRAM", "4", "1")
-    check_speculative(SpecFlags(flag("--speculative-algorithm"), int(flag("--speculative-ngram-max-bfs-breadth"))))
+    check_speculative(ServerLayout(speculative_algorithm=flag("--speculative-algorithm"),
+                                   speculative_ngram_max_bfs_breadth=int(flag("--speculative-ngram-max-bfs-breadth"))))
     assert {a for a in args if a.startswith("--helix")} <= {f.flag for f in HELIX_FLAGS}
     for name in ("tp2", "helix-a2a", "helix-ag_rs", "helix-a2a-hopb2"):
         assert not CONFIGS[name].ngram

@@ -12,7 +12,7 @@ from helpers import NEEDS_SGLANG
 
 from sglang_helix.srt import state
 from sglang_helix.srt.models import gqa as sm
-from sglang_helix.srt.args import GQA_ARCHITECTURES
+from sglang_helix.rules.model import GQA_ARCHITECTURES
 from sglang_helix.config import HelixConfig
 
 needs_sglang = NEEDS_SGLANG

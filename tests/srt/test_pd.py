@@ -196,20 +196,22 @@ def cfg(**kw):
      "--disaggregation-decode-retraction-backup cpu_tensor"),
 ], ids=["prefill", "nixl", "offload", "host-receive", "retraction-backup"])
 def test_pd_refusals_name_flag_and_fix(kw, text):
-    from sglang_helix.srt.validate import check_pd_support
+    from sglang_helix.rules.pd import check_pd
+    from sglang_helix.rules.server import ServerLayout
 
     with pytest.raises(HelixConfigError, match="Helix: --disaggregation") as err:
-        check_pd_support(cfg(**kw))
+        check_pd(ServerLayout.of(cfg(**kw)))
     assert text in str(err.value)
 
 
 def test_pd_decode_over_mooncake_is_accepted():
-    from sglang_helix.srt.validate import check_pd_support
+    from sglang_helix.rules.pd import check_pd
+    from sglang_helix.rules.server import ServerLayout
 
-    check_pd_support(cfg(disaggregation_mode="null"))
-    check_pd_support(cfg(disaggregation_transfer_backend="mooncake_tcp",
-                         disaggregation_decode_retraction_backup="none"))
-    check_pd_support(cfg(disaggregation_decode_retraction_backup="cpu_tensor"))
+    check_pd(ServerLayout.of(cfg(disaggregation_mode="null")))
+    check_pd(ServerLayout.of(cfg(disaggregation_transfer_backend="mooncake_tcp",
+                                 disaggregation_decode_retraction_backup="none")))
+    check_pd(ServerLayout.of(cfg(disaggregation_decode_retraction_backup="cpu_tensor")))
 
 
 def test_cpu_prefill_skips_the_early_cached_prefix_send_only_under_overlap():

@@ -2,6 +2,7 @@
 
 SGLang itself runs only in subprocesses (with timeouts) so its global hook state never leaks into
 the pytest process. No model weights are loaded anywhere: the launch tests stop in resolution.
+The launch refusals are in test_launch_refusals.py (batched in one interpreter).
 """
 
 from __future__ import annotations
@@ -53,14 +54,6 @@ def tiny_llama(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     return model_dir
-
-
-def launch(tmp_path, model_dir, *flags: str) -> subprocess.CompletedProcess:
-    return run_py(
-        ["-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-         "--attention-backend", "torch_native", *flags],
-        tmp_path,
-    )
 
 
 # ------------------------------------------------------------------ entry point / CLI
@@ -119,55 +112,7 @@ def test_hooks_store_helix_args_that_survive_pickle_and_spawn(sglang_checks):
     sglang_checks.assert_ok("plugin: Helix args stored, pickled, seen by a spawned child")
 
 
-# ------------------------------------------------------------------ launches that stop early
-
-
-@needs_sglang
-def test_invalid_helix_launch_fails_fast_naming_the_flag(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "4", "--enable-helix", "--helix-tpa-size", "4")
-    assert proc.returncode != 0
-    assert "HelixConfigError" in proc.stderr
-    assert "--helix-tpa-size 4 > the model's 2 KV heads" in proc.stderr
-    assert "Load weight" not in proc.stderr + proc.stdout  # no rank started, no model loaded
-
-
-@needs_sglang
-def test_flag_only_refusal_before_model_config(tmp_path, tiny_llama):
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix",
-                  "--helix-kvp-size", "2", "--helix-tpa-size", "2")
-    assert proc.returncode != 0
-    assert "--helix-kvp-size 2 x --helix-tpa-size 2 = 4 != --tp-size 2" in proc.stderr
-
-
-@needs_sglang
-@pytest.mark.parametrize("flags, expected", [
-    (["--page-size", "1"], ["Helix: --page-size 1", "use --page-size 16"]),
-    (["--page-size", "4", "--enable-hierarchical-cache"], ["drop --enable-hierarchical-cache"]),
-    (["--page-size", "4", "--enable-mixed-chunk"], ["drop --enable-mixed-chunk"]),
-    (["--page-size", "4", "--disaggregation-mode", "prefill"],
-     ["start the prefill server without --enable-helix"]),
-    (["--page-size", "4", "--chunked-prefill-size", "-1"],
-     ["--chunked-prefill-size -1 disables chunked prefill", "give a positive size"]),
-], ids=["page-size-1", "hicache", "mixed-chunk", "pd-prefill", "unchunked"])
-def test_helix_launch_refusal_names_the_flag_before_weights(tmp_path, tiny_llama, flags, expected):
-    """Serving-support refusals (srt.validate / srt.launch): non-zero exit, message names the
-    flag and the fix, and no weight was loaded."""
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix", *flags)
-    assert proc.returncode != 0
-    assert all(text in proc.stderr for text in expected), proc.stderr[-2000:]
-    assert "Load weight" not in proc.stderr + proc.stdout
-
-
-@needs_sglang
-def test_bare_enable_helix_gets_the_helix_page_size_and_passes_validation(tmp_path, tiny_llama):
-    """No --page-size: the plugin declares 64 (SGLang's default 1 would be refused) and the launch
-    gets past every Helix check; it stops later, at the tokenizer the config-only model lacks."""
-    proc = launch(tmp_path, tiny_llama, "--tp-size", "2", "--enable-helix")
-    assert proc.returncode != 0  # config.json only: no tokenizer, no weights
-    assert "sglang_helix: --page-size not given; using 64 for Helix" in proc.stderr, proc.stderr[-3000:]
-    assert "page_size=64; attention backend helix" in proc.stderr  # the resolved layout line
-    assert "HelixConfigError" not in proc.stderr
-    assert "Load weight" not in proc.stderr + proc.stdout
+# ------------------------------------------------------------------ resolved CUDA graphs
 
 
 RESOLVE_SCRIPT = """

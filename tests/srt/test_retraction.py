@@ -232,12 +232,13 @@ def decode_view(backup):
 
 
 def test_cpu_tensor_and_none_backups_accepted_host_pool_refused():
-    from sglang_helix.srt.validate import check_pd_support
+    from sglang_helix.rules.pd import check_pd
+    from sglang_helix.rules.server import ServerLayout
 
     for backup in (None, "none", "cpu_tensor"):
-        check_pd_support(decode_view(backup))
+        check_pd(ServerLayout.of(decode_view(backup)))
     with pytest.raises(HelixConfigError, match="--disaggregation-decode-retraction-backup host_pool") as err:
-        check_pd_support(decode_view("host_pool"))
+        check_pd(ServerLayout.of(decode_view("host_pool")))
     assert "--disaggregation-decode-retraction-backup cpu_tensor" in str(err.value)
 
 

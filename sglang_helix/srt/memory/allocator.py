@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from ...sharding import color_counts, new_page_plan, page_owner, pages_per_color
+from ...sharding import color_counts, new_page_indices, page_owner, pages_per_color
 from .pools import HelixPoolError
 
 
@@ -187,7 +187,7 @@ class HelixPagedAllocator(_paged_base()):
         seq = [int(x) for x in seq_lens_cpu.tolist()]
         if sum(s - p for s, p in zip(seq, prefix)) != extend_num_tokens:
             raise ValueError(f"extend_num_tokens={extend_num_tokens} != sum(seq - prefix)")
-        page_index, first, count = new_page_plan(prefix, seq, self.page_size)
+        page_index, first, count = new_page_indices(prefix, seq, self.page_size)
         ids = self._pop_pages(page_index)
         if ids is None:
             return None
@@ -239,7 +239,7 @@ class HelixPagedAllocator(_paged_base()):
 
     def get_extend_allocation_demand(self, prefix_lens_cpu, seq_lens_cpu, *, conservative_num_tokens,
                                      shard_size):
-        page_index, _, _ = new_page_plan(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist(), self.page_size)
+        page_index, _, _ = new_page_indices(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist(), self.page_size)
         return max(conservative_num_tokens, self.tokens_for_pages(page_index))
 
     def evict_to_free_tokens(self, tree_cache, num_tokens: int):

@@ -22,10 +22,10 @@ import torch
 from ...config import HelixConfig
 from ...kernels import kv_quant
 from ...kv_size import KVShape, itemsize
+from ...rules.kv_cache import BLOCK_SCALED_KV_DTYPES
 from ...sharding import helix_logical_tokens
 from .. import state
 from ..cpu import fp8_kv_fix
-from ..launch import BLOCK_SCALED_KV_DTYPES
 from .allocator import HelixPagedAllocator
 from .pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool, HelixPoolError
 

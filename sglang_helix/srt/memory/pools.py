@@ -85,7 +85,7 @@ class _HelixPoolMixin:
 
         Only moves within one KVP rank exist here (chain drafts: an accepted draft already sits at
         its own position, tgt == src); a move across page colors would need the KV of another
-        rank and is refused (tree drafts; srt.validate refuses them at launch)."""
+        rank and is refused (tree drafts; rules.speculative refuses them at launch)."""
         if not bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
             self._refuse("move_kv_cache across KVP ranks", "use chain drafts "
                          "(--speculative-ngram-max-bfs-breadth 1)")

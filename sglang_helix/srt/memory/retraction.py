@@ -1,7 +1,7 @@
 """PD decode retraction backup (`cpu_tensor`) for the Helix pools: each KVP rank keeps its pages.
 
 SGLang 0.5.23's decode server retracts requests under KV memory pressure. With
-`--disaggregation-decode-retraction-backup cpu_tensor` (the Helix default, set by srt.validate):
+`--disaggregation-decode-retraction-backup cpu_tensor` (the Helix default, declared by srt.resolution):
 
 - retract: `Req.offload_kv_cache` calls `pool.get_cpu_copy(locs)` with the logical locs of the
   request's first seqlen - 1 tokens (req_to_token), then the request's pages are freed;
@@ -18,7 +18,7 @@ pages is read or written. fp8 pages are copied as stored (1 byte per element); t
 scales live on the layers, not in the pool.
 
 The `host_pool` backup (HiCache host mirror of the device pool, by loc) is not supported under
-Helix and is refused at launch (srt.validate).
+Helix and is refused at launch (rules.pd).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import HelixError
-
-HELIX_RETRACTION_BACKUP = "cpu_tensor"
+from ...rules.pd import HELIX_RETRACTION_BACKUP
 
 
 class HelixRetractionError(HelixError):

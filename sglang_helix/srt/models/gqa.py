@@ -35,8 +35,8 @@ class GqaAttentionClass:
     """One SGLang GQA attention class re-shaped for Helix by the AROUND hook on its __init__.
 
     name: the class name (its `__init__` is a row of srt.hook_table); architectures: the HF
-    architectures whose SGLang model builds it (their union is args.GQA_ARCHITECTURES, the
-    architectures validation lets through).
+    architectures whose SGLang model builds it (their union is rules.model.GQA_ARCHITECTURES, the
+    architectures the launch rules let through).
     """
 
     name: str

@@ -1,6 +1,7 @@
-"""Pure rules of sglang_helix.srt.args / srt.launch (flags, defaults, refusals) and srt.cpu.env.
+"""The launch rules of sglang_helix.rules (flags, defaults, refusals, the whole-launch check).
 
-No SGLang import, no model load: every test runs in milliseconds.
+No SGLang import, no model load: every test runs in milliseconds. Each refusal goes through
+`check_launch`, the one function the plugin and the planner call.
 """
 
 from __future__ import annotations
@@ -10,36 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_helix.srt.args import (
-    GROUP_TITLE,
-    HelixServerArgs,
-    ModelInfo,
-    ServerLayout,
-    add_helix_group,
-    default_tpa,
-    parse_helix_argv,
-    parse_helix_env,
-    resolve_helix_args,
-)
-from sglang_helix.srt.launch import (
-    HELIX_DEFAULT_PAGE_SIZE,
-    check_launch,
-    check_mla_weights,
-    check_page_size,
-    helix_page_size,
-    is_unquantized_weight,
-    layout_from_argv,
-)
-from sglang_helix.config import HelixConfig, HelixConfigError
-from sglang_helix.srt.cpu.env import (
-    MISSING_NCCL_SO,
-    NCCL_SO_PATH,
-    THREADS_BIND,
-    USE_CPU_ENGINE,
-    apply_cpu_env,
-    cpu_env_changes,
-    threads_bind_value,
-)
+from sglang_helix.config import HelixConfig, HelixConfigError, describe
+from sglang_helix.rules import check_launch, check_server_flags
+from sglang_helix.rules.argv import (add_helix_group, check_argv, layout_from_argv, parse_helix_argv,
+                                     parse_helix_env)
+from sglang_helix.rules.flags import GROUP_TITLE, HelixServerArgs
+from sglang_helix.rules.graphs import decode_graph_blocker
+from sglang_helix.rules.kv_cache import HELIX_DEFAULT_PAGE_SIZE, check_page_size, helix_page_size
+from sglang_helix.rules.model import ModelInfo, check_mla_weights, is_unquantized_weight
+from sglang_helix.rules.pd import HELIX_RETRACTION_BACKUP, helix_retraction_backup
+from sglang_helix.rules.server import ServerLayout
+from sglang_helix.rules.sizes import default_tpa
 
 LLAMA = ModelInfo("LlamaForCausalLM", num_heads=32, num_kv_heads=8, is_mla=False)
 DSV3 = ModelInfo("DeepseekV3ForCausalLM", num_heads=16, num_kv_heads=1, is_mla=True)
@@ -51,12 +33,13 @@ def helix(**kw):
 
 def server(tp=4, **kw):
     kw.setdefault("device", "cpu")
-    return SimpleNamespace(tp_size=tp, **kw)
+    return ServerLayout(tp_size=tp, **kw)
 
 
 def refused(match, helix_args, srv, model=LLAMA):
-    with pytest.raises(HelixConfigError, match=match):
-        resolve_helix_args(helix_args, srv, model)
+    with pytest.raises(HelixConfigError, match=match) as err:
+        check_launch(helix_args, srv, model)
+    assert str(err.value).startswith("Helix: ")
 
 
 # ------------------------------------------------------------------ flags
@@ -102,7 +85,7 @@ def test_bad_flag_values_name_the_flag(kw, flag):
 
 
 def test_disabled_is_noop():
-    assert resolve_helix_args(HelixServerArgs(), server(pp_size=4, dcp_size=8), LLAMA) is None
+    assert check_launch(HelixServerArgs(), server(pp_size=4, dcp_size=8), LLAMA) is None
 
 
 # ------------------------------------------------------------------ model info
@@ -126,12 +109,12 @@ def test_model_info_from_hf_config():
 
 
 def test_default_mla_tpa1_kvp_tp():
-    cfg = resolve_helix_args(helix(), server(tp=4), DSV3)
+    cfg = check_launch(helix(), server(tp=4), DSV3)
     assert (cfg.kvp, cfg.tpa, cfg.mla) == (4, 1, True)
 
 
 def test_default_gqa_largest_valid_tpa():
-    cfg = resolve_helix_args(helix(), server(tp=8), ModelInfo("LlamaForCausalLM", 32, 4, False))
+    cfg = check_launch(helix(), server(tp=8), ModelInfo("LlamaForCausalLM", 32, 4, False))
     assert (cfg.tpa, cfg.kvp) == (4, 2)  # TPA <= K=4, KVP = TP / TPA
 
 
@@ -142,17 +125,17 @@ def test_default_gqa_tpa_limited_by_tp_and_heads():
 
 
 def test_default_only_kvp_given_derives_tpa():
-    cfg = resolve_helix_args(helix(helix_kvp_size=4), server(tp=8), LLAMA)
+    cfg = check_launch(helix(helix_kvp_size=4), server(tp=8), LLAMA)
     assert (cfg.kvp, cfg.tpa) == (4, 2)
 
 
 def test_default_only_tpa_given_derives_kvp():
-    cfg = resolve_helix_args(helix(helix_tpa_size=1), server(tp=4), LLAMA)
+    cfg = check_launch(helix(helix_tpa_size=1), server(tp=4), LLAMA)
     assert (cfg.kvp, cfg.tpa) == (4, 1)
 
 
 def test_layout_carries_page_size_and_comm():
-    cfg = resolve_helix_args(
+    cfg = check_launch(
         helix(helix_comm_backend="ag_rs", helix_hopb_slices=2), server(tp=2, page_size=16), DSV3
     )
     assert (cfg.page_size, cfg.comm_backend, cfg.hopb_slices) == (16, "ag_rs", 2)
@@ -160,14 +143,13 @@ def test_layout_carries_page_size_and_comm():
 
 def test_mla_exchange_flag_default_and_value():
     from sglang_helix.config import DEFAULT_MLA_EXCHANGE
-    from sglang_helix.srt.args import describe
 
     assert parse_helix_argv(["--enable-helix", "--helix-mla-exchange", "value"]) == \
         helix(helix_mla_exchange="value")
-    assert resolve_helix_args(helix(), server(tp=2), DSV3).mla_exchange == DEFAULT_MLA_EXCHANGE
-    cfg = resolve_helix_args(helix(helix_mla_exchange="value"), server(tp=2), DSV3)
+    assert check_launch(helix(), server(tp=2), DSV3).mla_exchange == DEFAULT_MLA_EXCHANGE
+    cfg = check_launch(helix(helix_mla_exchange="value"), server(tp=2), DSV3)
     assert cfg.mla_exchange == "value" and "mla_exchange=value" in describe(cfg)
-    assert resolve_helix_args(helix(), server(tp=4), LLAMA).mla_exchange == "latent"
+    assert check_launch(helix(), server(tp=4), LLAMA).mla_exchange == "latent"
     with pytest.raises(SystemExit):  # argparse choices
         parse_helix_argv(["--enable-helix", "--helix-mla-exchange", "values"])
     with pytest.raises(HelixConfigError, match="--helix-mla-exchange 'x'"):
@@ -178,14 +160,13 @@ def test_mla_exchange_flag_default_and_value():
 
 def test_exchange_dtype_flag_default_and_activation():
     from sglang_helix.config import DEFAULT_EXCHANGE_DTYPE
-    from sglang_helix.srt.args import describe
 
     assert DEFAULT_EXCHANGE_DTYPE == "fp32"
     for model, tp in ((DSV3, 2), (LLAMA, 4)):
-        assert resolve_helix_args(helix(), server(tp=tp), model).exchange_dtype == "fp32"
+        assert check_launch(helix(), server(tp=tp), model).exchange_dtype == "fp32"
         args = parse_helix_argv(["--enable-helix", "--helix-exchange-dtype", "activation"])
         assert args == helix(helix_exchange_dtype="activation")
-        cfg = resolve_helix_args(args, server(tp=tp), model)
+        cfg = check_launch(args, server(tp=tp), model)
         assert cfg.exchange_dtype == "activation" and "exchange_dtype=activation" in describe(cfg)
     with pytest.raises(SystemExit):  # argparse choices
         parse_helix_argv(["--enable-helix", "--helix-exchange-dtype", "bf16"])
@@ -239,7 +220,7 @@ DSV3_MOE = ModelInfo("DeepseekV3ForCausalLM", num_heads=16, num_kv_heads=1, is_m
 
 @pytest.mark.parametrize("tp, ep", [(2, 2), (4, 2), (4, 4), (8, 8), (8, 1)])
 def test_ep_size_dividing_tp_and_experts_accepted(tp, ep):
-    cfg = resolve_helix_args(helix(), server(tp=tp, ep_size=ep), DSV3_MOE)
+    cfg = check_launch(helix(), server(tp=tp, ep_size=ep), DSV3_MOE)
     assert cfg.kvp * cfg.tpa == tp  # the FFN's TP x EP shares the same N ranks
 
 
@@ -254,7 +235,7 @@ def test_refuse_ep_size_not_dividing_the_routed_experts():
     model = ModelInfo("DeepseekV3ForCausalLM", 16, 1, True, num_experts=6)
     refused(r"--ep-size 4 must divide --tp-size 4 and the 6 routed experts", helix(),
             server(tp=4, ep_size=4), model)
-    resolve_helix_args(helix(), server(tp=4, ep_size=2), model)
+    check_launch(helix(), server(tp=4, ep_size=2), model)
 
 
 def test_model_info_reads_routed_experts():
@@ -299,9 +280,9 @@ MTP = dict(speculative_eagle_topk=1, speculative_num_steps=3, speculative_num_dr
 @pytest.mark.parametrize("steps", [1, 3])
 def test_nextn_chains_accepted_on_mla(algo, steps):
     chain = dict(MTP, speculative_num_steps=steps, speculative_num_draft_tokens=steps + 1)
-    assert resolve_helix_args(helix(), server(speculative_algorithm=algo, **chain), DSV3).mla
+    assert check_launch(helix(), server(speculative_algorithm=algo, **chain), DSV3).mla
     same = server(speculative_algorithm=algo, model_path="/m", speculative_draft_model_path="/m", **chain)
-    assert resolve_helix_args(helix(), same, DSV3).mla  # the draft is the checkpoint itself
+    assert check_launch(helix(), same, DSV3).mla  # the draft is the checkpoint itself
     argv = ["--tp-size", "4", "--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3"]
     assert check_launch(helix(), layout_from_argv(argv), DSV3) is not None  # others not given yet
 
@@ -327,11 +308,19 @@ def test_refuse_nextn_on_gqa_and_separate_eagle_drafts():
 
 def test_ngram_chain_drafts_accepted_for_gqa_and_mla():
     srv = server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1)
-    assert resolve_helix_args(helix(), srv, LLAMA) is not None
-    assert resolve_helix_args(helix(), srv, DSV3).mla
-    # planner / launch lines: breadth not given is not known yet (SGLang resolves its default)
-    argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM"]
+    assert check_launch(helix(), srv, LLAMA) is not None
+    assert check_launch(helix(), srv, DSV3).mla
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "1"]
     assert check_launch(helix(), layout_from_argv(argv), LLAMA) is not None
+
+
+def test_ngram_without_breadth_is_refused_as_sglang_parses_it():
+    """A launch line without --speculative-ngram-max-bfs-breadth gets SGLang's parser default 10
+    (kept by its resolution): a draft tree, which the plugin refuses; so does the line check."""
+    argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM"]
+    assert layout_from_argv(argv).speculative_ngram_max_bfs_breadth == 10
+    with pytest.raises(HelixConfigError, match=r"--speculative-ngram-max-bfs-breadth 10"):
+        check_launch(helix(), layout_from_argv(argv), LLAMA)
 
 
 def test_refuse_ngram_trees():
@@ -372,10 +361,10 @@ def test_refuse_attention_backend_without_helix_path_on_cpu():
 
 def test_attention_backends_with_helix_path():
     for backend in ("torch_native", "triton"):
-        assert resolve_helix_args(helix(), server(attention_backend=backend), LLAMA)
+        assert check_launch(helix(), server(attention_backend=backend), LLAMA)
     for backend in ("flashinfer", "fa3", "triton"):
-        assert resolve_helix_args(helix(), server(device="cuda", attention_backend=backend), LLAMA)
-    assert resolve_helix_args(helix(), server(device="cuda", attention_backend="flashmla"), DSV3)
+        assert check_launch(helix(), server(device="cuda", attention_backend=backend), LLAMA)
+    assert check_launch(helix(), server(device="cuda", attention_backend="flashmla"), DSV3)
 
 
 def test_refuse_mla_only_backend_for_gqa():
@@ -386,7 +375,7 @@ def test_refuse_mla_only_backend_for_gqa():
 def test_refuse_nvshmem_without_cuda():
     refused(r"--helix-comm-backend nvshmem needs CUDA.*--helix-comm-backend a2a",
             helix(helix_comm_backend="nvshmem"), server(device="cpu"))
-    assert resolve_helix_args(helix(helix_comm_backend="nvshmem"), server(device="cuda"), LLAMA)
+    assert check_launch(helix(helix_comm_backend="nvshmem"), server(device="cuda"), LLAMA)
 
 
 def test_refuse_unknown_architecture():
@@ -471,32 +460,7 @@ def test_check_launch_refuses_quantized_mla_weights():
         check_launch(helix_args, layout, DSV3, "fp4")
 
 
-# ------------------------------------------------------------------ cpu_env
-
-
-def test_threads_bind_one_core_per_rank():
-    assert threads_bind_value(2, [3, 1]) == "1|3"
-    assert threads_bind_value(3, [0, 1]) == "0|1|0"  # oversubscribed: wraps
-    with pytest.raises(ValueError):
-        threads_bind_value(0, [0])
-
-
-def test_cpu_env_changes_leave_user_values():
-    changes = cpu_env_changes(2, {THREADS_BIND: "0-3|4-7"}, [0, 1])
-    assert changes == {USE_CPU_ENGINE: "1", NCCL_SO_PATH: MISSING_NCCL_SO}
-    assert cpu_env_changes(2, {}, [0, 1])[THREADS_BIND] == "0|1"
-
-
-def test_apply_cpu_env_mutates_given_mapping_only():
-    env = {NCCL_SO_PATH: "/x/libnccl.so"}
-    applied = apply_cpu_env(2, env)
-    assert env[NCCL_SO_PATH] == "/x/libnccl.so" and NCCL_SO_PATH not in applied
-    assert env[USE_CPU_ENGINE] == "1" and len(env[THREADS_BIND].split("|")) == 2
-
-
 def test_decode_graph_blockers():
-    from sglang_helix.srt.launch import decode_graph_blocker
-
     base = dict(kvp=2, tpa=1, num_heads=8, num_kv_heads=2, page_size=16)
     assert decode_graph_blocker(HelixConfig(**base), "cuda") is None
     assert "CUDA only" in decode_graph_blocker(HelixConfig(**base), "cpu")
@@ -507,10 +471,66 @@ def test_decode_graph_blockers():
 
 @pytest.mark.parametrize("size, ok", [(None, True), (16, True), (8192, True), (0, False), (-1, False)])
 def test_chunked_prefill_must_stay_bounded(size, ok):
-    from sglang_helix.srt.launch import check_chunked_prefill
-
     if ok:
-        check_chunked_prefill(size)
+        assert check_launch(helix(), server(chunked_prefill_size=size), LLAMA) is not None
     else:
-        with pytest.raises(HelixConfigError, match="--chunked-prefill-size"):
-            check_chunked_prefill(size)
+        refused(rf"--chunked-prefill-size {size} disables chunked prefill.*give a positive size",
+                helix(), server(chunked_prefill_size=size))
+
+
+# ------------------------------------------------------------------ serving features, PD
+
+
+@pytest.mark.parametrize("kw, text", [
+    (dict(enable_hierarchical_cache=True), "drop --enable-hierarchical-cache"),
+    (dict(enable_mixed_chunk=True), "drop --enable-mixed-chunk"),
+    (dict(model_path="dummy"), "--enable-helix needs a real --model-path"),
+    (dict(disaggregation_mode="prefill"), "start the prefill server without --enable-helix"),
+    (dict(disaggregation_mode="decode", disaggregation_transfer_backend="nixl"),
+     "use --disaggregation-transfer-backend mooncake"),
+    (dict(disaggregation_mode="decode", disaggregation_decode_enable_offload_kvcache=True),
+     "--disaggregation-decode-enable-offload-kvcache copies KV by loc into a host pool; drop it"),
+    (dict(disaggregation_mode="decode", disaggregation_decode_host_receive_threshold=0.5),
+     "--disaggregation-decode-host-receive-threshold < 1 .* leave it at 1"),
+    (dict(disaggregation_mode="decode", disaggregation_decode_retraction_backup="host_pool"),
+     "--disaggregation-decode-retraction-backup host_pool .* use --disaggregation-decode-retraction-"
+     "backup cpu_tensor"),
+], ids=["hicache", "mixed-chunk", "model-less", "pd-prefill", "pd-nixl", "pd-offload", "pd-host-receive",
+        "pd-backup-host-pool"])
+def test_serving_feature_refusals_need_only_the_flags(kw, text):
+    """Refused by the flags-only stage (the plugin's early hook) and by the whole-launch check."""
+    with pytest.raises(HelixConfigError, match=text):
+        check_server_flags(helix(), server(**kw))
+    refused(text, helix(), server(**kw))
+    check_server_flags(HelixServerArgs(), server(**kw))  # Helix off: nothing refused
+
+
+def test_pd_decode_over_mooncake_gets_the_helix_retraction_backup():
+    for backend in ("mooncake", "mooncake_tcp"):
+        decode = server(disaggregation_mode="decode", disaggregation_transfer_backend=backend)
+        assert check_launch(helix(), decode, LLAMA) is not None
+        assert helix_retraction_backup(decode) == HELIX_RETRACTION_BACKUP == "cpu_tensor"
+    for given in ("none", "cpu_tensor"):
+        decode = server(disaggregation_mode="decode", disaggregation_decode_retraction_backup=given)
+        assert check_launch(helix(), decode, LLAMA) is not None
+        assert helix_retraction_backup(decode) is None  # the given value stands
+    assert helix_retraction_backup(server()) is None  # no PD
+
+
+def test_server_layout_of_reads_server_args_like_objects():
+    view = SimpleNamespace(tp_size=2, page_size=16, enable_mixed_chunk=True, disaggregation_mode="decode",
+                           unrelated_setting=3)
+    layout = ServerLayout.of(view)
+    assert (layout.tp_size, layout.page_size, layout.enable_mixed_chunk, layout.disaggregation_mode) == \
+        (2, 16, True, "decode")
+    assert layout.kv_cache_dtype == "auto" and layout.speculative_ngram_max_bfs_breadth == 10  # defaults
+
+
+def test_check_argv_is_check_launch_on_the_parsed_line():
+    argv = ["python", "-m", "sglang.launch_server", "--model", "m", "--tp-size", "4", "--enable-helix",
+            "--helix-kvp-size", "2", "--enable-hicache"]
+    with pytest.raises(HelixConfigError, match="drop --enable-hierarchical-cache"):
+        check_argv(argv, LLAMA)
+    assert check_argv(argv[:-1], LLAMA) == check_launch(parse_helix_argv(argv), server(tp=4, device=None,
+                                                                                      model_path="m"), LLAMA)
+    assert check_argv(["--model-path", "m", "--tp-size", "4"], LLAMA) is None  # Helix off

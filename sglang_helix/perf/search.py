@@ -1,30 +1,33 @@
-"""Planner logic: sweep layouts x batch sizes, Pareto frontiers, the chosen layout, launch line.
+"""The planner's search: sweep layouts x batch sizes, Pareto frontiers, the chosen layout, its
+launch line.
 
 Throughput-interactivity points as in the Helix paper: tok/s/user = 1 / TTL and
 tok/s/GPU = B / TTL / GPUs. No argparse here (the CLI is `python -m sglang_helix.plan`).
-Launch lines are checked by a `Check` the caller passes (the CLI passes the plugin's own rules
-from sglang_helix.srt.args / srt.launch); this package never imports sglang_helix.srt.
+Every launch line is checked with the plugin's own launch rules (sglang_helix.rules.check_launch,
+`plugin_refusal`): a line the plugin would refuse is never offered.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Optional
 
 import numpy as np
 
 from .layouts import BASELINE_KINDS, KINDS, Layout, layouts_for
 from .model import Setting, step
+from ..config import HelixConfigError
 from ..errors import HelixError
+from ..rules.argv import check_argv
+from ..rules.model import ModelInfo
 
 
 MAX_GPUS = 1024  # one instance; beyond this, run replicas
 
 
-class PlanError(HelixError, ValueError):
+class PlannerError(HelixError, ValueError):
     """An input the planner cannot serve; the message is one line naming the fix."""
 
 
@@ -45,10 +48,10 @@ def parse_context(text: str) -> int:
     """'64K' -> 65536, '1M' -> 1048576, '1048576' -> 1048576 (binary K/M/G suffixes)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGkmg]?)\s*", str(text))
     if not match:
-        raise PlanError(f"context {text!r}: use a token count like 65536, 64K or 1M")
+        raise PlannerError(f"context {text!r}: use a token count like 65536, 64K or 1M")
     value = float(match.group(1)) * _SUFFIX[match.group(2).upper()]
     if value < 1 or value != int(value):
-        raise PlanError(f"context {text!r}: must be a whole number of tokens >= 1")
+        raise PlannerError(f"context {text!r}: must be a whole number of tokens >= 1")
     return int(value)
 
 
@@ -212,7 +215,7 @@ class Launch:
 
 
 def launch(st: Setting, lay: Layout, batch: int) -> Launch:
-    """The SGLang command for a layout at `st`'s precision (Helix flags of sglang_helix.srt.args).
+    """The SGLang command for a layout at `st`'s precision (Helix flags of sglang_helix.rules.flags).
 
     Helix lines leave --page-size out (the plugin then uses 64) and name an attention backend
     the plugin accepts where SGLang's default might not be one: torch_native on CPU; flashinfer
@@ -243,9 +246,16 @@ def launch(st: Setting, lay: Layout, batch: int) -> Launch:
     return Launch(tuple(argv), ck.note)
 
 
-# check(model, argv) -> why the sglang_helix plugin would refuse that launch line, or None. The
-# CLI passes the plugin's own pure rules (sglang_helix.srt.launch); perf never imports srt.
-Check = Callable[[Any, Sequence[str]], Optional[str]]
+def plugin_refusal(model, argv: Sequence[str]) -> str | None:
+    """Why sglang_helix would refuse this launch line (rules.check_launch on the line's flags, the
+    model's heads and experts, the weights it serves), or None if it accepts it."""
+    info = ModelInfo(model.architecture, model.num_heads, model.num_kv_heads, model.mla,
+                     model.num_experts)
+    try:
+        check_argv(argv, info, line_weights(model, argv))
+    except HelixConfigError as exc:
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -262,21 +272,21 @@ class Alternative:
         return launch(self.setting, self.sweep.layout(self.index), int(self.sweep.batch[self.index]))
 
 
-def refusal(st: Setting, sw: Sweep, i: int, check: Check) -> str | None:
+def refusal(st: Setting, sw: Sweep, i: int) -> str | None:
     """Why the plugin would refuse point i's launch line (None: accepted or no SGLang line)."""
     ln = launch(st, sw.layout(i), int(sw.batch[i]))
-    return check(st.model, ln.argv) if ln.argv else None
+    return plugin_refusal(st.model, ln.argv) if ln.argv else None
 
 
-def nearest_accepted(st: Setting, sw: Sweep, pick: int, batches, min_user: float | None,
-                     check: Check) -> Alternative | None:
+def nearest_accepted(st: Setting, sw: Sweep, pick: int, batches,
+                     min_user: float | None) -> Alternative | None:
     """The accepted point nearest a refused pick, meeting the same objective where one does:
     the same layout with wider weights (fp4 -> fp8, then bf16); else the best accepted layout at
     st's precision; else the best accepted layout with wider weights; else the fastest accepted
     one (objective missed)."""
-    for setting, cand, need, what in _candidates(st, sw, pick, batches, min_user, check):
+    for setting, cand, need, what in _candidates(st, sw, pick, batches, min_user):
         i = choose(cand, need)
-        if i is not None and refusal(setting, cand, i, check) is None:
+        if i is not None and refusal(setting, cand, i) is None:
             return Alternative(setting, cand, i, what)
     return None
 
@@ -287,46 +297,46 @@ def _wider(st: Setting) -> list[Setting]:
     return [replace(st, precision=p) for p in later if p in st.hw.flops]
 
 
-def _candidates(st: Setting, sw: Sweep, pick: int, batches, min_user, check):
+def _candidates(st: Setting, sw: Sweep, pick: int, batches, min_user):
     """(setting, points, tok/s/user floor, description) in order of preference, built lazily."""
     wider = _wider(st)
     for w in wider:
         yield (w, sweep(w, [sw.layout(pick)], batches), min_user,
                f"the same layout with {w.precision} weights")
-    accepted = _accepted(st, sw, check)
+    accepted = _accepted(st, sw)
     yield st, accepted, min_user, f"the best accepted layout at {st.precision}"
     for w in wider:
-        yield (w, _accepted(w, sweep(w, sw.layouts, batches), check), min_user,
+        yield (w, _accepted(w, sweep(w, sw.layouts, batches)), min_user,
                f"the best accepted layout with {w.precision} weights")
     if min_user is not None:
         yield st, accepted, None, f"the fastest accepted layout at {st.precision} (misses the objective)"
 
 
-def best_accepted(st: Setting, sw: Sweep, min_user: float | None, check: Check) -> Alternative | None:
+def best_accepted(st: Setting, sw: Sweep, min_user: float | None) -> Alternative | None:
     """The point `choose` picks among those whose launch line the plugin accepts, or None."""
-    accepted = _accepted(st, sw, check)
+    accepted = _accepted(st, sw)
     i = choose(accepted, min_user)
     return None if i is None else Alternative(st, accepted, i, f"the best accepted layout at {st.precision}")
 
 
-def _accepted(st: Setting, sw: Sweep, check: Check) -> Sweep:
+def _accepted(st: Setting, sw: Sweep) -> Sweep:
     """The points whose SGLang launch line the plugin accepts (one verdict per layout, at its
     largest batch: the line differs across batches only in counts the rules do not read)."""
     verdict = {}
     for li in np.unique(sw.layout_idx):
         rows = np.flatnonzero(sw.layout_idx == li)
         ln = launch(st, sw.layouts[int(li)], int(sw.batch[rows].max()))
-        verdict[int(li)] = bool(ln.argv) and check(st.model, ln.argv) is None
+        verdict[int(li)] = bool(ln.argv) and plugin_refusal(st.model, ln.argv) is None
     return sw.select(np.array([verdict[int(li)] for li in sw.layout_idx], dtype=bool))
 
 
 def sweep_for_gpus(st: Setting, gpus: int, batches, kinds: tuple[str, ...] = KINDS) -> Sweep:
-    """Sweep of every layout using exactly `gpus` GPUs; PlanError when there is none."""
+    """Sweep of every layout using exactly `gpus` GPUs; PlannerError when there is none."""
     if not 1 <= gpus <= MAX_GPUS:
-        raise PlanError(f"--gpus {gpus}: no layout here uses it; give 1..{MAX_GPUS} GPUs per instance")
+        raise PlannerError(f"--gpus {gpus}: no layout here uses it; give 1..{MAX_GPUS} GPUs per instance")
     lays = layouts_for(st.model, gpus, kinds)
     if not lays:
-        raise PlanError(
+        raise PlannerError(
             f"--gpus {gpus}: no layout of {st.model.name} uses exactly {gpus} GPUs "
             f"(TP/KVP sizes must divide {st.model.num_heads} heads, PP <= {st.model.num_layers} layers); "
             f"try {_nearest_usable(st.model, gpus)}"

@@ -1,0 +1,92 @@
+"""Server features and Helix: what a Helix launch refuses among SGLang's parallelisms, caches,
+schedulers, devices and attention backends (each message names the flag and the fix).
+
+Attention backends with a Helix path (the backends whose decode kernels give partial output +
+LSE; Helix serves prefill and decode with its own "helix" backend on top of them; unset means
+"let SGLang pick", checked again once resolved):
+  cpu:  torch_native, triton (TRITON_INTERPRET). Not intel_amx: it needs the real CPU sgl-kernel.
+  cuda: triton, flashinfer, fa3 (MHA/GQA and MLA); flashmla, trtllm_mla (MLA only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .flags import HelixServerArgs
+from .model import ModelInfo
+from .refusal import refuse
+from .server import ServerLayout
+
+HELIX_ATTENTION_BACKENDS: Mapping[str, frozenset[str]] = {
+    "cpu": frozenset({"torch_native", "triton"}),
+    "cuda": frozenset({"triton", "flashinfer", "fa3", "flashmla", "trtllm_mla"}),
+}
+MLA_ONLY_BACKENDS = frozenset({"flashmla", "trtllm_mla"})
+MODEL_LESS_PATHS = ("none", "dummy")  # SGLang's model-less server
+
+
+def check_parallelism(server: ServerLayout) -> None:
+    """Helix reuses the TP ranks; SGLang's other ways of splitting attention or layers are refused."""
+    if server.pp_size > 1:
+        refuse(f"--pp-size {server.pp_size}: Helix needs pipeline parallel 1; drop --pp-size")
+    if server.dcp_size > 1:
+        refuse(f"--dcp-size {server.dcp_size}: SGLang's decode context parallel and Helix both shard "
+               "the KV cache; use one of them (drop --dcp-size, Helix's KVP replaces it)")
+    if server.enable_prefill_cp:
+        refuse("--enable-prefill-cp is not supported with Helix; drop --enable-prefill-cp")
+    if server.attn_cp_size > 1:
+        refuse(f"--attn-cp-size {server.attn_cp_size}: not supported with Helix; drop --attn-cp-size")
+    if server.attn_dp_size > 1:
+        refuse(f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
+               "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)")
+
+
+def check_scheduling(server: ServerLayout) -> None:
+    """Caches and batch shapes the helix backend and pools do not serve."""
+    if server.enable_hierarchical_cache:
+        refuse("--enable-hierarchical-cache (HiCache) copies KV by loc across ranks' pools; drop "
+               "--enable-hierarchical-cache")
+    if server.enable_mixed_chunk:
+        refuse("--enable-mixed-chunk mixes decode rows into extend batches, which the helix backend "
+               "plans separately; drop --enable-mixed-chunk")
+    check_chunked_prefill(server.chunked_prefill_size)
+
+
+def check_chunked_prefill(chunked_prefill_size: int | None) -> None:
+    """Refuse an explicitly disabled chunked prefill (--chunked-prefill-size <= 0): a long prompt
+    would run as one forward, its activations and KV writes growing with the whole prompt.
+    None (not given) is fine: SGLang then picks a bounded default for the device."""
+    if chunked_prefill_size is not None and int(chunked_prefill_size) <= 0:
+        refuse(f"--chunked-prefill-size {chunked_prefill_size} disables chunked prefill, so a long "
+               "prompt is prefilled in one forward; give a positive size (e.g. 8192) or leave the "
+               "flag out for SGLang's default")
+
+
+def check_model_path(server: ServerLayout) -> None:
+    """Helix reads the heads it shards from the model's config.json."""
+    if server.model_path is not None and str(server.model_path).lower() in MODEL_LESS_PATHS:
+        refuse("--enable-helix needs a real --model-path (its config.json gives the heads Helix "
+               "shards); drop --enable-helix for a model-less server")
+
+
+def check_device(helix: HelixServerArgs, server: ServerLayout) -> None:
+    """nvshmem is a CUDA exchange."""
+    if helix.helix_comm_backend == "nvshmem" and (server.device or "cuda") != "cuda":
+        refuse(f"--helix-comm-backend nvshmem needs CUDA (device={server.device!r}); "
+               "use --helix-comm-backend a2a")
+
+
+def check_attention_backends(server: ServerLayout, model: ModelInfo) -> None:
+    """Every attention backend given (or resolved) must have a Helix path on the device."""
+    device = server.device or "cuda"
+    allowed = HELIX_ATTENTION_BACKENDS.get(device)
+    if allowed is None:
+        refuse(f"--device {device}: Helix runs on {', '.join(HELIX_ATTENTION_BACKENDS)} only")
+    if not model.is_mla:
+        allowed = allowed - MLA_ONLY_BACKENDS
+    for flag, backend in (("--attention-backend", server.attention_backend),
+                          ("--prefill-attention-backend", server.prefill_attention_backend),
+                          ("--decode-attention-backend", server.decode_attention_backend)):
+        if backend is not None and backend not in allowed:
+            refuse(f"{flag} {backend}: no Helix path for this backend on {device}"
+                   f"{'' if model.is_mla else ' with GQA'}; use {flag} {' or '.join(sorted(allowed))}")
