@@ -4,9 +4,9 @@ runs, chosen once and carried as a frozen `KernelPath` whose kernels are bound a
 `resolve_kernel_path` is the one place where a request (the `impl=` name) becomes kernels, from the
 device, the inputs' dtypes and dims (`KernelInputs`) and the libraries' capability checks. A helix
 backend resolves it when it is built and HelixAttention when it is constructed; the layers only
-call `path.decode` / `path.merge` / `path.chunk` / `path.prefix`. The validated entry points
-(sglang_helix.attention) take a KernelPath too, or resolve a request string per call (tests,
-benchmarks).
+call its bound kernels (`run_decode`, `run_merge`, `run_chunk`, `run_prefix`) through the
+validated entry points (sglang_helix.attention), no string compared per call. Handed a request
+string instead (tests, benchmarks), the entry points resolve it per call from their tensors.
 
 Requests (`impl=`) and what they resolve to (decode / merge / extend):
 - "auto": decode on a GPU library where its capability check passes for the inputs (MLA: the
@@ -20,7 +20,7 @@ Requests (`impl=`) and what they resolve to (decode / merge / extend):
   extend as "auto".
 CUDA graphs (`cuda_graphs=True` on a CUDA device): the decode kernel must be capturable (Triton:
 static grids; the library wrappers plan on the host per call), so "auto" takes Triton and any
-other request is refused.
+other request ("triton" aside) is refused.
 """
 
 from __future__ import annotations
