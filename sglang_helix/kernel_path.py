@@ -136,7 +136,7 @@ def resolve_kernel_path(request: str = "auto", device="cpu", *, mla: bool = Fals
     if graphs and decode not in CAPTURABLE_DECODE:
         raise ValueError(f"impl={request!r} (decode kernel {decode}) cannot be captured in a CUDA graph "
                          f"(it plans on the host per call); use impl='auto' or 'triton', or serve "
-                         f"with --disable-cuda-graph")
+                         f"with --cuda-graph-backend-decode=disabled")
     dtypes = (inputs.q_dtype, (inputs.kv_dtype,)) if inputs is not None else (None, ())
     return KernelPath(request, decode, resolve_merge(request, device),
                       resolve_extend(request, device, q_dtype=dtypes[0], kv_dtypes=dtypes[1]), mla)

@@ -138,7 +138,7 @@ def test_cuda_named_library_and_graphs(libraries):
     libraries.add("flashinfer-gqa")
     assert resolve_kernel_path("flashinfer", "cuda", inputs=gqa_inputs()).decode == "flashinfer"
     with pytest.raises(ValueError, match=r"impl='flashinfer' \(decode kernel flashinfer\) cannot be captured "
-                                         r"in a CUDA graph.*--disable-cuda-graph"):
+                                         r"in a CUDA graph.*--cuda-graph-backend-decode=disabled"):
         resolve_kernel_path("flashinfer", "cuda", inputs=gqa_inputs(), cuda_graphs=True)
     with pytest.raises(ValueError, match=r"impl='torch' \(decode kernel torch\) cannot be captured"):
         resolve_kernel_path("torch", "cuda", cuda_graphs=True)

@@ -28,7 +28,7 @@ if importlib.util.find_spec("sglang") is not None:
     sgl_kernel_stub.install()
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from sglang_helix.srt.backends.base import GRAPH_SEQ_LEN_FILL
+    from sglang_helix.srt.backends.base import GRAPH_SEQ_LEN_FILL, decode_graphs
     from sglang_helix.srt.backends.gqa import HelixGQABackend
     from sglang_helix.srt.backends.mla import HelixMLABackend
     from sglang_helix.srt.memory.pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool
@@ -130,3 +130,10 @@ def test_kernels_resolved_once_when_built(monkeypatch, mla):
         for _layer in range(2):
             backend.forward_extend(q, k, v, layer, extend, save_kv_cache=False)
     assert calls == []
+
+
+def test_decode_graphs_as_the_kernel_path_sees_them():
+    """CPU: never. CUDA: SGLang's published decode graph config; not published (as here) counts as
+    on, so a backend built then keeps a capturable (Triton) decode kernel."""
+    assert not decode_graphs("cpu")
+    assert decode_graphs("cuda")

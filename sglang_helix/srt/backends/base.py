@@ -57,7 +57,7 @@ class HelixBackendBase(_attention_backend_base()):
 
     model_runner: needs .device, .dtype (the activations'), .req_to_token_pool (.req_to_token
         [reqs, ctx]), .token_to_kv_pool (this backend's Helix pool class), .server_args (carrying
-        the HelixConfig, srt.state.CONFIG_ATTR; .disable_cuda_graph) and .model_config.context_len.
+        the HelixConfig, srt.state.CONFIG_ATTR) and .model_config.context_len.
     rank: global attention rank g (default: the Helix runtime's, else SGLang's attn_tp_rank);
     kvp_group: this rank's KVP group (default: the runtime's); impl: the kernel request resolved
     into `self.kernels` (sglang_helix.kernel_path; "auto" in a server).
@@ -82,8 +82,7 @@ class HelixBackendBase(_attention_backend_base()):
             raise HelixPoolError(f"pool holds KVP rank {self.pool.kvp_rank} but rank {self.rank} is "
                                  f"KVP rank {self.cfg.kvp_rank(self.rank)}")
         max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
-        graphs = not getattr(model_runner.server_args, "disable_cuda_graph", True)
-        self.kernels = resolve_kernel_path(impl, self.device, mla=self.mla, cuda_graphs=graphs,
+        self.kernels = resolve_kernel_path(impl, self.device, mla=self.mla, cuda_graphs=decode_graphs(self.device),
                                            inputs=self.kernel_inputs(model_runner.dtype))
         logger.info("sglang_helix: %s backend kernels %s", "MLA" if self.mla else "GQA", self.kernels.describe())
         self.helix = HelixAttention(
@@ -192,7 +191,7 @@ class HelixBackendBase(_attention_backend_base()):
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         """Check the preallocated decode buffers hold the largest graph batch and that the decode
         kernel was resolved capturable (Triton: a static grid; the library wrappers plan on the
-        host per call), as it is unless the backend was built with --disable-cuda-graph."""
+        host per call), as it is wherever SGLang's decode graphs were on when it was built."""
         if max_bs > self.helix.meta.max_batch:
             raise HelixConfigError(
                 f"CUDA graph batch {max_bs} > the {self.helix.meta.max_batch} requests the Helix "
@@ -201,8 +200,8 @@ class HelixBackendBase(_attention_backend_base()):
         if torch.device(self.device).type == "cuda" and not self.kernels.capturable:
             raise HelixConfigError(
                 f"decode CUDA graphs cannot capture the helix backend's kernels {self.kernels.describe()}: "
-                f"it was built for eager decode (--disable-cuda-graph); rebuild it with CUDA graphs "
-                f"enabled (Triton decode) or keep --disable-cuda-graph")
+                f"it was built while decode CUDA graphs were off (--cuda-graph-backend-decode=disabled); "
+                f"build it after SGLang publishes its graph config, or keep decode graphs off")
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         """Host-side planning for capture, replay and eager runs alike."""
@@ -270,6 +269,16 @@ class HelixBackendBase(_attention_backend_base()):
 
     def support_triton(self):
         return False
+
+
+def decode_graphs(device) -> bool:
+    """SGLang captures decode in CUDA graphs on `device` (its published graph config; a config not
+    published yet counts as on, so the kernel path stays capturable)."""
+    if torch.device(device).type != "cuda":
+        return False
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+
+    return not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
 
 
 def check_chain_drafts(next_token: torch.Tensor, next_sibling: torch.Tensor, n: int) -> None:
