@@ -17,7 +17,7 @@ Sections, each guarded so one failure does not stop the others:
              DeepSeek-V3 MLA (R=512+64, H=16 and 128) and Llama-70B GQA (K=8, D=128, H=64), as a
              fraction of the copy bandwidth (aim >= 70%; below it is reported, not failed,
              unless --strict-bandwidth);
-  (c) graph  HelixAttention (KVP=1, LocalExchange, impl="triton"): plan, capture forward_mla /
+  (c) graph  HelixAttention (KVP=1, LocalExchange, kernels="triton"): plan, capture forward_mla /
              forward_gqa in torch.cuda.graph, re-plan other lengths into the same buffers,
              replay, compare with eager on the new lengths (bitwise expected; else fp tolerance)
              and with the fp32 reference. A failed capture is a FAIL row with the error text;

@@ -45,7 +45,7 @@ def _graph_case(rep: Report, device, kind, heads, page, slices, lens_a, lens_b, 
         qs = [torch.randn(bsz, heads, GQA_D, generator=gen, device=device).to(dtype)]
         caches, scale = (kv[0], kv[1]), GQA_D ** -0.5
     cfg = HelixConfig(kvp=1, tpa=1, num_heads=heads, num_kv_heads=kh, mla=mla, page_size=page, hopb_slices=slices)
-    attn = HelixAttention(cfg, 0, None, max_batch=bsz, max_local_pages=max_pages, impl="triton", device=device)
+    attn = HelixAttention(cfg, 0, None, max_batch=bsz, max_local_pages=max_pages, kernels="triton", device=device)
     forward = attn.forward_mla if mla else attn.forward_gqa
     perm = torch.randperm(total, generator=gen, device=device).to(torch.int32)
 

@@ -120,9 +120,10 @@ def check_exchange_inputs(out: torch.Tensor, lse: torch.Tensor, kvp: int) -> Non
 class PendingExchange:
     """An exchange in flight. wait() completes communication; merge() -> [B, Hl/KVP, Dv]."""
 
-    def __init__(self, finish, out_dtype: torch.dtype):
+    def __init__(self, finish, out_dtype: torch.dtype, merge=merge_partials):
         self._finish = finish  # () -> (outs [S, B, Hs, Dv], lses [S, B, Hs]) or the merged out
         self._out_dtype = out_dtype
+        self._merge = merge
         self._partials = None
         self._merged = None
 
@@ -150,25 +151,28 @@ class PendingExchange:
         self.wait()
         if self._merged is None:
             outs, lses = self._partials
-            self._merged = merge_partials(outs, lses)[0].to(self._out_dtype)
+            self._merged = self._merge(outs, lses)[0].to(self._out_dtype)
         return self._merged
 
 
 class HelixExchange:
-    """Base class: validation, stats and `ex(out, lse)`; subclasses implement `_launch`."""
+    """Base class: validation, stats and `ex(out, lse)`; subclasses implement `_launch`.
+    merge(outs, lses) -> (out, lse): the LSE merge of received partials (HelixAttention binds its
+    KernelPath's; default attention.merge_partials, resolved per call)."""
 
     name = "base"
 
-    def __init__(self, group, kvp: int):
+    def __init__(self, group, kvp: int, merge=merge_partials):
         self.group = group
         self.kvp = kvp
+        self.merge = merge
         self.stats = ExchangeStats()
 
     def start(self, out: torch.Tensor, lse: torch.Tensor) -> PendingExchange:
         """Launch the exchange of out [B, Hl, Dv] and lse [B, Hl] fp32; see the module doc."""
         check_exchange_inputs(out, lse, self.kvp)
         self.stats.calls += 1
-        return PendingExchange(self._launch(out, lse), out.dtype)
+        return PendingExchange(self._launch(out, lse), out.dtype, self.merge)
 
     def __call__(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """start + wait + merge: [B, Hl, Dv], [B, Hl] -> [B, Hl/KVP, Dv]."""
@@ -280,8 +284,8 @@ class NVSHMEMExchange(HelixExchange):
 
     name = "nvshmem"
 
-    def __init__(self, group, kvp: int):
-        super().__init__(group, kvp)
+    def __init__(self, group, kvp: int, merge=merge_partials):
+        super().__init__(group, kvp, merge)
         _require_cuda_symm_mem()
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -337,8 +341,9 @@ def _require_cuda_symm_mem() -> None:
 _BACKENDS = {"a2a": A2AExchange, "ag_rs": AGRSExchange, "nvshmem": NVSHMEMExchange}
 
 
-def make_exchange(name: str, group, kvp: int) -> HelixExchange:
-    """The exchange backend `name` for a KVP group of size `kvp` (LocalExchange when kvp == 1)."""
+def make_exchange(name: str, group, kvp: int, *, merge=merge_partials) -> HelixExchange:
+    """The exchange backend `name` for a KVP group of size `kvp` (LocalExchange when kvp == 1);
+    merge: the LSE merge of the received partials (HelixExchange)."""
     if name not in _BACKENDS:
         raise HelixCommError(
             f"comm_backend={name!r} is unknown; choose one of {', '.join(EXCHANGE_BACKENDS)} "
@@ -347,7 +352,7 @@ def make_exchange(name: str, group, kvp: int) -> HelixExchange:
     if isinstance(kvp, bool) or not isinstance(kvp, int) or kvp < 1:
         raise HelixCommError(f"kvp must be an int >= 1, got {kvp!r}")
     if kvp == 1:
-        return LocalExchange(group, 1)
+        return LocalExchange(group, 1, merge)
     if name == "nvshmem":  # the most useful error first: on CPU no group setup can fix this
         _require_cuda_symm_mem()
     if group is None:
@@ -355,7 +360,7 @@ def make_exchange(name: str, group, kvp: int) -> HelixExchange:
     size = dist.get_world_size(group)
     if size != kvp:
         raise HelixCommError(f"the KVP group has {size} ranks but kvp={kvp}")
-    return _BACKENDS[name](group, kvp)
+    return _BACKENDS[name](group, kvp, merge)
 
 
 def create_kvp_groups(cfg, rank: int, group_factory=None):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .attention import partial_attention_gqa, partial_attention_mla, project_values
+from .attention import merge_partials, partial_attention_gqa, partial_attention_mla, project_values
 from .comm import make_exchange, partial_dtype
 from .config import HelixConfig, HelixConfigError
 from .hopb import run_hopb
+from .kernel_path import KernelPath, resolve_kernel_path
 from .metadata import HelixDecodeMetadata
 
 
@@ -24,7 +25,9 @@ class HelixAttention:
     group: the KVP process group of this rank, ordered as cfg.kvp_group_ranks(tpa_rank) (so
         group rank == KVP rank); None allowed only when cfg.kvp == 1.
     max_batch, max_local_pages: capacity of the preallocated metadata buffers.
-    impl: partial-attention implementation handed to attention.py.
+    kernels: the KernelPath its partial attention and merge run (sglang_helix.kernel_path; a helix
+        backend resolves it with the pool's dtypes and dims), or a request name resolved here
+        once, without inputs ("auto": torch on CPU, Triton on CUDA; no GPU library).
     """
 
     def __init__(
@@ -35,13 +38,20 @@ class HelixAttention:
         *,
         max_batch: int,
         max_local_pages: int,
-        impl: str = "auto",
+        kernels: KernelPath | str = "auto",
         device="cpu",
     ):
-        self.cfg, self.rank, self.impl = cfg, rank, impl
+        self.cfg, self.rank = cfg, rank
+        if not isinstance(kernels, KernelPath):
+            kernels = resolve_kernel_path(kernels, device, mla=cfg.mla)
+        if kernels.mla != cfg.mla:
+            raise HelixConfigError(f"kernels {kernels.describe()} are for {'MLA' if kernels.mla else 'GQA'}, "
+                                   f"the HelixConfig is {'MLA' if cfg.mla else 'GQA'}")
+        self.kernels = kernels
         self.kvp_rank, self.tpa_rank = cfg.kvp_rank(rank), cfg.tpa_rank(rank)
         _check_group(cfg, self.kvp_rank, group)
-        self.exchange = make_exchange(cfg.comm_backend, group, cfg.kvp)
+        self.exchange = make_exchange(cfg.comm_backend, group, cfg.kvp,
+                                      merge=lambda outs, lses: merge_partials(outs, lses, kernels))
         self.meta = HelixDecodeMetadata(
             cfg.kvp,
             self.kvp_rank,
@@ -69,18 +79,7 @@ class HelixAttention:
         if k_cache.dim() != 4 or k_cache.shape[2] != self.cfg.kv_heads_per_tpa:
             raise ValueError(f"k_cache must be [pages, P, K/TPA={self.cfg.kv_heads_per_tpa}, D], "
                              f"got {tuple(k_cache.shape)}")
-        meta, sent = self.meta, partial_dtype(self.cfg.exchange_dtype, q.dtype)
-
-        def partial(start: int, stop: int):
-            out, lse = partial_attention_gqa(
-                q[start:stop], k_cache, v_cache, meta.page_table[start:stop],
-                meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
-                host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
-                out_dtype=sent,
-            )
-            return _for_exchange(out, lse, sent)
-
-        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q.dtype)
+        return self._decode(partial_attention_gqa, (q,), (k_cache, v_cache), scale, k_scale, v_scale)
 
     def forward_mla(self, q_latent, q_rope, kv_cache, scale: float, w_uv=None, *,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
@@ -99,20 +98,29 @@ class HelixAttention:
                 f"mla_exchange={self.cfg.mla_exchange!r} "
                 f"{'needs' if w_uv is None else 'takes no'} w_uv (W_UV of all heads, [H, R, Dv])")
         self._check_q(q_latent, self.cfg.num_heads)
-        meta, sent = self.meta, partial_dtype(self.cfg.exchange_dtype, q_latent.dtype)
+        return self._decode(partial_attention_mla, (q_latent, q_rope), (kv_cache,), scale, k_scale, v_scale,
+                            w_uv)
+
+    def _decode(self, entry, queries: tuple, caches: tuple, scale: float, k_scale: float, v_scale: float,
+                w_uv=None) -> torch.Tensor:
+        """The one decode run of GQA and MLA: per HOP-B slice, the partial over this rank's pages
+        (entry: the validated GQA or MLA entry point, on this rank's KernelPath) with the batch
+        rows of `queries`, then exchange + merge. Returns [B, H/N, Dv] in the queries' dtype."""
+        meta, dtype = self.meta, queries[0].dtype
+        sent = partial_dtype(self.cfg.exchange_dtype, dtype)
 
         def partial(start: int, stop: int):
-            out, lse = partial_attention_mla(
-                q_latent[start:stop], q_rope[start:stop], kv_cache, meta.page_table[start:stop],
-                meta.seq_lens[start:stop], scale, impl=self.impl, check_lengths=False,
+            out, lse = entry(
+                *(t[start:stop] for t in queries), *caches, meta.page_table[start:stop],
+                meta.seq_lens[start:stop], scale, self.kernels, check_lengths=False,
                 host_seq_lens=meta.host_seq_lens[start:stop], k_scale=k_scale, v_scale=v_scale,
                 out_dtype=sent,
             )
-            if w_uv is not None:  # the merge commutes with the per-head linear W_UV
+            if w_uv is not None:  # MLA value exchange: the merge commutes with the per-head W_UV
                 out = project_values(out, w_uv, sent)
             return _for_exchange(out, lse, sent)
 
-        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(q_latent.dtype)
+        return run_hopb(partial, self.exchange, meta.batch_size, meta.slices).to(dtype)
 
     def _check_q(self, q: torch.Tensor, heads: int) -> None:
         if q.dim() != 3 or q.shape[1] != heads:

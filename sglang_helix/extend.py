@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from .attention import chunk_attention_lse, merge_state, prefix_attention_lse, project_values
+from .kernel_path import KernelPath
 from .metadata import ExtendPlan
 
 Exchange = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,7 +59,7 @@ def own_kv(k: torch.Tensor, v: torch.Tensor, own: slice, num_q_heads: int):
 def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan: ExtendPlan,
                  k_pages: torch.Tensor, v_pages: torch.Tensor, scale: float, *, kvp_rank: int,
                  heads_per_rank: int, exchange: Exchange, w_uv=None,
-                 impl: str = "auto", k_scale: float = 1.0, v_scale: float = 1.0,
+                 kernels: KernelPath | str = "auto", k_scale: float = 1.0, v_scale: float = 1.0,
                  partial_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One chunk's attention on KVP rank `kvp_rank`; returns [T, Hn, Dv] in q's dtype.
 
@@ -67,7 +68,8 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     paged cache (plan.page_table indexes it); exchange(out [T, Hq, Dv], lse [T, Hq]) ->
     merged [T, Hn, Dv] over the KVP group (sglang_helix.comm). w_uv [Hq, Dv, Dv']: optional
     per-head value projection (MLA's W_UV, module doc); the result is then [T, Hn, Dv'].
-    impl: the extend kernels ("auto", "torch", "triton", "reference"; attention.EXTEND_IMPLS).
+    kernels: the rank's KernelPath (its chunk and prefix kernels), or an extend request resolved
+    per half from these tensors ("auto", "torch", "triton", "reference"; sglang_helix.kernel_path).
     k_scale / v_scale: per-tensor scales of fp8 K/V (the chunk's and the pages'); 1 otherwise.
     partial_dtype: the dtype the partials travel in (comm.partial_dtype; fp32 by default).
     """
@@ -75,13 +77,13 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale,
-                                               impl=impl, **scales)
+                                               kernels, **scales)
     if w_uv is not None:
         chunk_out = project_values(chunk_out, w_uv[own])
     if not plan.has_prefix:
         return chunk_out.to(q.dtype)
-    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale, impl=impl, **scales)
+    out, lse = prefix_attention_lse(q, k_pages, v_pages, plan, scale, kernels, **scales)
     if w_uv is not None:
         out = project_values(out, w_uv)
-    out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse)
+    out[:, own], lse[:, own] = merge_state(out[:, own], lse[:, own], chunk_out, chunk_lse, kernels)
     return exchange(out.to(partial_dtype).contiguous(), lse.contiguous()).to(q.dtype)

@@ -82,11 +82,13 @@ def run_hook_probe(checks: dict[str, str], timeout: float = 600) -> SglangChecks
 
 
 def fake_runner(cfg, pool, req_to_token, *, context_len: int, kv_lora_rank: int | None = None,
-                device: str = "cpu") -> SimpleNamespace:
-    """The slice of SGLang's ModelRunner a Helix backend reads."""
+                device: str = "cpu", dtype=None) -> SimpleNamespace:
+    """The slice of SGLang's ModelRunner a Helix backend reads (dtype: the activations', default fp32)."""
+    import torch
+
     from sglang_helix.srt.state import CONFIG_ATTR
 
     return SimpleNamespace(
-        device=device, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+        device=device, dtype=dtype or torch.float32, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
         token_to_kv_pool=pool, server_args=SimpleNamespace(**{CONFIG_ATTR: cfg}),
         model_config=SimpleNamespace(context_len=context_len, kv_lora_rank=kv_lora_rank))

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -89,14 +90,12 @@ def _flashinfer():
     return flashinfer
 
 
-def _compute_capability(*tensors: torch.Tensor) -> tuple[int, int] | None:
-    """(major, minor) of the one CUDA device holding every tensor, else None."""
-    if not torch.cuda.is_available() or not all(t.is_cuda for t in tensors):
+def _compute_capability(device) -> tuple[int, int] | None:
+    """(major, minor) of `device` if it is a CUDA device on this machine, else None."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        return None
-    return tuple(torch.cuda.get_device_capability(devices.pop()))
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -118,33 +117,35 @@ def _cute_dsl_ok(fi, cc: tuple[int, int]) -> bool:
 
 
 def unavailable_reason(q_latent, q_rope, kv_cache, backend: str) -> str | None:
-    """None if `backend` ("trtllm-gen" or "cute-dsl") can run these inputs, else what is missing."""
-    cc = _compute_capability(q_latent, q_rope, kv_cache)
+    """None if `backend` ("trtllm-gen" or "cute-dsl") can run these tensors, else what is missing."""
+    devices = {t.device for t in (q_latent, q_rope, kv_cache)}
+    if len(devices) != 1:
+        return "tensors on one device (got " + ", ".join(map(str, (t.device for t in (q_latent, q_rope, kv_cache)))) + ")"
+    if q_rope.dtype != q_latent.dtype:
+        return f"q_rope in q_latent's dtype, got {q_rope.dtype} and {q_latent.dtype}"
+    return unavailable_reason_for(q_latent.device, q_latent.dtype, kv_cache.dtype, q_latent.shape[-1],
+                                  q_rope.shape[-1], q_latent.shape[1], kv_cache.shape[1], backend,
+                                  kv_contiguous=kv_cache.is_contiguous())
+
+
+def unavailable_reason_for(device, q_dtype: torch.dtype, kv_dtype: torch.dtype, rank: int, rope_dim: int,
+                           heads: int, page_size: int, backend: str, *, kv_contiguous: bool = True) -> str | None:
+    """None if `backend` ("trtllm-gen" or "cute-dsl") runs on `device` for q [B, heads, rank] +
+    [B, heads, rope_dim] in q_dtype over kv_dtype pages of page_size tokens, else what is missing
+    (the capability check a kernel path is resolved with)."""
+    if not kv_contiguous:
+        return "a contiguous kv_cache [num_pages, P, R + Dr]"
+    cc = _compute_capability(device)
     if cc is None:
-        return "CUDA tensors on one device (got " + ", ".join(
-            str(t.device) for t in (q_latent, q_rope, kv_cache)) + ")"
+        return f"a CUDA device (got {device})"
     if cc[0] != 10:
         return f"a Blackwell GPU, compute capability 10.x (B200/GB200/B300), got {cc[0]}.{cc[1]}"
-    if {q_latent.dtype, q_rope.dtype, kv_cache.dtype} != {torch.bfloat16}:
-        return (f"bfloat16 q_latent, q_rope and kv_cache (flashinfer writes a bf16 output), got "
-                f"{q_latent.dtype}, {q_rope.dtype}, {kv_cache.dtype}")
-    if not kv_cache.is_contiguous():
-        return "a contiguous kv_cache [num_pages, P, R + Dr]"
-    dims, heads, page = (q_latent.shape[-1], q_rope.shape[-1]), q_latent.shape[1], kv_cache.shape[1]
-    if backend == "trtllm-gen":
-        if dims not in _TRTLLM_DIMS:
-            return f"(R, Dr) in {_TRTLLM_DIMS} for trtllm-gen, got {dims}"
-        if page not in (32, 64):
-            return f"page size 32 or 64 for trtllm-gen, got {page}"
-        if heads < 1 or 64 < heads < 128:
-            return f"H <= 64 or H >= 128 heads for trtllm-gen (not 64 < H < 128), got {heads}"
-    else:
-        if dims not in _CUTE_DSL_DIMS:
-            return f"(R, Dr) = (512, 64) for cute-dsl, got {dims}"
-        if page < 2 or 128 % page:
-            return f"a page size dividing 128 (2..128) for cute-dsl, got {page}"
-        if not 1 <= heads <= 128:
-            return f"1 <= H <= 128 heads for cute-dsl, got {heads}"
+    if {q_dtype, kv_dtype} != {torch.bfloat16}:
+        return (f"bfloat16 queries and kv_cache (flashinfer writes a bf16 output), got {q_dtype} and "
+                f"{kv_dtype}")
+    reason = _shape_reason(backend, (rank, rope_dim), heads, page_size)
+    if reason:
+        return reason
     fi = _flashinfer()
     if fi is None:
         return "flashinfer installed (flashinfer-python; SGLang 0.5.23 pins 0.7.2)"
@@ -155,18 +156,49 @@ def unavailable_reason(q_latent, q_rope, kv_cache, backend: str) -> str | None:
     return None
 
 
+def _shape_reason(backend: str, dims: tuple[int, int], heads: int, page: int) -> str | None:
+    if backend == "trtllm-gen":
+        if dims not in _TRTLLM_DIMS:
+            return f"(R, Dr) in {_TRTLLM_DIMS} for trtllm-gen, got {dims}"
+        if page not in (32, 64):
+            return f"page size 32 or 64 for trtllm-gen, got {page}"
+        if heads < 1 or 64 < heads < 128:
+            return f"H <= 64 or H >= 128 heads for trtllm-gen (not 64 < H < 128), got {heads}"
+        return None
+    if dims not in _CUTE_DSL_DIMS:
+        return f"(R, Dr) = (512, 64) for cute-dsl, got {dims}"
+    if page < 2 or 128 % page:
+        return f"a page size dividing 128 (2..128) for cute-dsl, got {page}"
+    if not 1 <= heads <= 128:
+        return f"1 <= H <= 128 heads for cute-dsl, got {heads}"
+    return None
+
+
 def _backends(backend: str) -> tuple[str, ...]:
     if backend not in _CHOICES:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {', '.join(map(repr, _CHOICES))}")
     return _CHOICES[backend]
 
 
+def choose(reason_of: Callable[[str], str | None], backend: str = "auto") -> str | None:
+    """The first of `backend`'s kernels (trtllm-gen before cute-dsl) whose reason_of(kernel) is
+    None (it runs), or None."""
+    return next((name for name in _backends(backend) if reason_of(name) is None), None)
+
+
+def require(reason_of: Callable[[str], str | None], backend: str) -> str:
+    """choose(reason_of, backend), or a ValueError naming what each of its kernels lacks."""
+    chosen = choose(reason_of, backend)
+    if chosen is None:
+        reasons = "; ".join(f"{n} needs {reason_of(n)}" for n in _backends(backend))
+        raise ValueError(f"Blackwell MLA decode (backend={backend!r}) cannot run here: {reasons}. "
+                         f"Use impl='auto', which falls back to flashinfer / FlashMLA / Triton / torch")
+    return chosen
+
+
 def choose_backend(q_latent, q_rope, kv_cache, backend: str = "auto") -> str | None:
-    """The first of `backend`'s kernels (trtllm-gen before cute-dsl) that fits, or None."""
-    for name in _backends(backend):
-        if unavailable_reason(q_latent, q_rope, kv_cache, name) is None:
-            return name
-    return None
+    """The first of `backend`'s kernels (trtllm-gen before cute-dsl) that fits these tensors, or None."""
+    return choose(functools.partial(unavailable_reason, q_latent, q_rope, kv_cache), backend)
 
 
 def blackwell_mla_available(q_latent, q_rope, kv_cache, backend: str = "auto") -> bool:
@@ -220,16 +252,14 @@ def mla_partial_blackwell(q_latent, q_rope, kv_cache, page_table, seq_lens, scal
     natural log; empty rows give out 0 / lse -inf. Raises ValueError naming the missing
     requirement where the kernel cannot run (blackwell_mla_available says which inputs can).
     """
-    names = _backends(backend)
-    chosen = choose_backend(q_latent, q_rope, kv_cache, backend)
-    if chosen is None:
-        reasons = "; ".join(f"{n} needs {unavailable_reason(q_latent, q_rope, kv_cache, n)}" for n in names)
-        raise ValueError(f"Blackwell MLA decode (backend={backend!r}) cannot run here: {reasons}. "
-                         f"Use impl='auto', which falls back to flashinfer / FlashMLA / Triton / torch")
-    return _run(chosen, q_latent, q_rope, kv_cache, page_table, seq_lens, scale, max_seq_len)
+    chosen = require(functools.partial(unavailable_reason, q_latent, q_rope, kv_cache), backend)
+    return launch(chosen, q_latent, q_rope, kv_cache, page_table, seq_lens, scale, max_seq_len=max_seq_len)
 
 
-def _run(backend, q_latent, q_rope, kv_cache, page_table, seq_lens, scale, max_seq_len):
+def launch(backend: str, q_latent, q_rope, kv_cache, page_table, seq_lens, scale, *,
+           max_seq_len: int | None = None):
+    """mla_partial_blackwell on `backend` ("trtllm-gen" or "cute-dsl") without the capability
+    check: for a kernel path that resolved it once (kernels/paths.py)."""
     bsz, heads, rank_r = q_latent.shape
     page_size = kv_cache.shape[1]
     if bsz == 0 or page_table.shape[1] == 0:  # no row can hold a token: nothing to launch

@@ -58,44 +58,66 @@ def _cuda(*tensors: torch.Tensor) -> bool:
     return torch.cuda.is_available() and all(t.is_cuda for t in tensors)
 
 
-def flashinfer_gqa_available(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """flashinfer paged decode: CUDA, fp16/bf16 q, pages in q's dtype or fp8 e4m3/e5m2,
-    Dv == D, D in its compiled set."""
+def _on_cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def flashinfer_gqa_fits(device, q_dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int,
+                        value_dim: int) -> bool:
+    """flashinfer paged decode runs on `device` for these inputs: CUDA, fp16/bf16 q, pages in q's
+    dtype or fp8 e4m3/e5m2, Dv == D, D in its compiled set (64, 128, 256)."""
     return (
         flashinfer is not None
-        and _cuda(q, k_cache, v_cache)
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and k_cache.dtype == v_cache.dtype
-        and k_cache.dtype in (q.dtype, torch.float8_e4m3fn, torch.float8_e5m2)
-        and k_cache.shape[-1] == v_cache.shape[-1]
-        and q.shape[-1] in (64, 128, 256)
+        and _on_cuda(device)
+        and q_dtype in (torch.float16, torch.bfloat16)
+        and kv_dtype in (q_dtype, torch.float8_e4m3fn, torch.float8_e5m2)
+        and value_dim == head_dim
+        and head_dim in (64, 128, 256)
     )
 
 
-def flashinfer_mla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+def flashinfer_mla_fits(device, q_dtype: torch.dtype, kv_dtype: torch.dtype, rank: int, rope_dim: int) -> bool:
     """flashinfer MLA: CUDA, fp16/bf16 (pages too: no fp8 here), DeepSeek dims R = 512, Dr = 64."""
     return (
         flashinfer is not None
-        and _cuda(q_latent, q_rope, kv_cache)
-        and q_latent.dtype in (torch.float16, torch.bfloat16)
-        and kv_cache.dtype == q_latent.dtype
-        and q_latent.shape[-1] == 512
-        and q_rope.shape[-1] == 64
+        and _on_cuda(device)
+        and q_dtype in (torch.float16, torch.bfloat16)
+        and kv_dtype == q_dtype
+        and (rank, rope_dim) == (512, 64)
     )
 
 
-def flashmla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+def flashmla_fits(device, q_dtype: torch.dtype, kv_dtype: torch.dtype, rank: int, rope_dim: int,
+                  page_size: int) -> bool:
     """sgl-kernel FlashMLA: CUDA (Hopper), bf16/fp16 (pages too: no fp8 here), R = 512, Dr = 64,
     page size 64."""
     return (
         flash_mla_with_kvcache is not None
-        and _cuda(q_latent, q_rope, kv_cache)
-        and q_latent.dtype in (torch.float16, torch.bfloat16)
-        and kv_cache.dtype == q_latent.dtype
-        and q_latent.shape[-1] == 512
-        and q_rope.shape[-1] == 64
-        and kv_cache.shape[1] == 64
+        and _on_cuda(device)
+        and q_dtype in (torch.float16, torch.bfloat16)
+        and kv_dtype == q_dtype
+        and (rank, rope_dim, page_size) == (512, 64, 64)
     )
+
+
+def flashinfer_gqa_available(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """flashinfer_gqa_fits for these tensors (all on one CUDA device, k and v pages of one dtype)."""
+    return (_cuda(q, k_cache, v_cache) and k_cache.dtype == v_cache.dtype
+            and flashinfer_gqa_fits(q.device, q.dtype, k_cache.dtype, q.shape[-1], v_cache.shape[-1])
+            and k_cache.shape[-1] == q.shape[-1])
+
+
+def flashinfer_mla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """flashinfer_mla_fits for these tensors."""
+    return _cuda(q_latent, q_rope, kv_cache) and flashinfer_mla_fits(
+        q_latent.device, q_latent.dtype, kv_cache.dtype, q_latent.shape[-1], q_rope.shape[-1])
+
+
+def flashmla_available(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """flashmla_fits for these tensors."""
+    return _cuda(q_latent, q_rope, kv_cache) and flashmla_fits(
+        q_latent.device, q_latent.dtype, kv_cache.dtype, q_latent.shape[-1], q_rope.shape[-1],
+        kv_cache.shape[1])
 
 
 def available() -> bool:

@@ -22,8 +22,6 @@ import torch
 
 FP8_DTYPES = tuple(getattr(torch, name) for name in (
     "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name))
-# SGLang's --kv-cache-dtype values for fp8 pages (fp8_e5m2: SGLang refuses it on CPU).
-FP8_KV_CACHE_DTYPES = ("fp8_e4m3", "fp8_e5m2")
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .kv_quant import dequantize
+
 
 def _gather_tokens(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """Tokens [0, length) of one request: cache [num_pages, P, ...] -> [length, ...]."""
@@ -134,3 +136,41 @@ def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     out = torch.einsum("hnl,lhd->nhd", torch.exp(scores - safe.unsqueeze(-1)), vf)
     return out, lse.transpose(0, 1).contiguous()
+
+
+def chunk_attention_ref(q, k, v, extend_lens, scale, *, k_scale: float = 1.0, v_scale: float = 1.0):
+    """Causal attention of each request's chunk over itself (dequantized keys): q [T, Hq, D],
+    k [T, Hk, D], v [T, Hk, Dv], extend_lens host ints -> out [T, Hq, Dv] fp32, lse [T, Hq]."""
+    keys, values = dequantize(k, k_scale), dequantize(v, v_scale)
+    return fill_by_request(q, v.shape[-1], extend_lens,
+                           lambda _, rows: attention_lse_ref(q[rows], keys[rows], values[rows], scale, 0))
+
+
+def prefix_attention_ref(q, k_pages, v_pages, page_table, extend_lens, local_prefix_lens, scale, *,
+                         k_scale: float = 1.0, v_scale: float = 1.0):
+    """Partial attention of each request's rows over its local prefix pages (page_table [B, pages]
+    local slots; local_prefix_lens host ints): out [T, Hq, Dv] fp32 (0 without prefix), lse (-inf)."""
+    def attend(i, rows):
+        length = local_prefix_lens[i]
+        if length == 0:
+            return None
+        keys = [dequantize(_gather_tokens(c, page_table[i], length), s)
+                for c, s in ((k_pages, k_scale), (v_pages, v_scale))]
+        return attention_lse_ref(q[rows], *keys, scale)
+
+    return fill_by_request(q, v_pages.shape[-1], extend_lens, attend)
+
+
+def fill_by_request(q: torch.Tensor, dv: int, extend_lens, attend):
+    """out [T, Hq, Dv] fp32 (0) and lse [T, Hq] (-inf), filled request by request (the extend
+    paths' loop): attend(i, rows) -> (out, lse) of request i's rows, or None to leave them empty."""
+    out = torch.zeros(q.shape[0], q.shape[1], dv, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    start = 0
+    for i, n in enumerate(extend_lens):
+        rows = slice(start, start + n)
+        start += n
+        part = attend(i, rows) if n else None
+        if part is not None:
+            out[rows], lse[rows] = part
+    return out, lse

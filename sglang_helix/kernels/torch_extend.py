@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .kv_quant import upcast
+from .reference import fill_by_request
 from .torch_decode import _OnlineSoftmax
 
 # fp32 elements of one scores tile [Hq, q_tile, k_tile] (matmul path) or of one fetched fp32
@@ -180,3 +181,31 @@ def paged_fetch(k_pages: torch.Tensor, v_pages: torch.Tensor, pages: torch.Tenso
         return k, v
 
     return fetch
+
+
+def chunk_attention_torch(q, k, v, extend_lens, scale, *, k_scale: float = 1.0, v_scale: float = 1.0):
+    """Causal attention of each request's chunk over itself (contract of
+    triton_extend.chunk_attention_triton): q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] (any views,
+    fp8 read with k_scale / v_scale), extend_lens host ints -> out [T, Hq, Dv] fp32, lse [T, Hq]."""
+    def attend(_, rows):
+        return tiled_attention_lse(q[rows], dense_fetch(k[rows], v[rows]), rows.stop - rows.start,
+                                   v.shape[2], scale, causal_offset=0, k_scale=k_scale, v_scale=v_scale)
+
+    return fill_by_request(q, v.shape[2], extend_lens, attend)
+
+
+def prefix_attention_torch(q, k_pages, v_pages, page_table, extend_lens, local_prefix_lens, scale, *,
+                           k_scale: float = 1.0, v_scale: float = 1.0):
+    """Partial attention of each request's rows over its local prefix pages (contract of
+    triton_extend.prefix_attention_triton); each page is read once per query tile."""
+    page_size, dv = k_pages.shape[1], v_pages.shape[-1]
+
+    def attend(i, rows):
+        length = local_prefix_lens[i]
+        if length == 0:
+            return None
+        fetch = paged_fetch(k_pages, v_pages, page_table[i], page_size)
+        return tiled_attention_lse(q[rows], fetch, length, dv, scale, k_multiple=page_size,
+                                   k_scale=k_scale, v_scale=v_scale)
+
+    return fill_by_request(q, dv, extend_lens, attend)

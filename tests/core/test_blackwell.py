@@ -17,7 +17,6 @@ import types
 import pytest
 import torch
 
-from sglang_helix import attention
 from sglang_helix.attention import partial_attention_mla
 from sglang_helix.kernels import blackwell
 from sglang_helix.kernels.reference import mla_partial_ref
@@ -124,8 +123,7 @@ def test_capability_check_is_false_on_cpu():
     for backend in ("auto", "blackwell", "trtllm-gen", "cutedsl_mla"):
         assert not blackwell.blackwell_mla_available(*kv3(a), backend)
     assert blackwell.choose_backend(*kv3(a)) is None
-    assert "CUDA tensors" in blackwell.unavailable_reason(*kv3(a), "trtllm-gen")
-    assert attention._resolve("auto", torch.device("cpu"), False) == "torch"
+    assert "a CUDA device (got cpu)" in blackwell.unavailable_reason(*kv3(a), "trtllm-gen")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only expectation")
@@ -144,7 +142,7 @@ def test_auto_never_picks_it_on_cpu(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only expectation")
 @pytest.mark.parametrize("impl", blackwell.IMPLS)
 def test_explicit_request_on_cpu_names_the_requirement(impl):
-    needs = r"cannot run here: (trtllm-gen|cute-dsl) needs CUDA tensors"
+    needs = r"cannot run here: (trtllm-gen|cute-dsl) needs a CUDA device \(got cpu\)"
     with pytest.raises(ValueError, match=needs):
         partial_attention_mla(**mla_inputs(), impl=impl)
     with pytest.raises(ValueError, match=r"Use impl='auto'"):

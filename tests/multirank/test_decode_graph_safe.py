@@ -44,7 +44,7 @@ def _rank(rank: int, world: int, mla: bool, hopb: int):
     seqs, q, d, dv = _case(mla)
     cfg = HelixConfig(kvp=KVP, tpa=1, num_heads=H, num_kv_heads=1 if mla else 2, mla=mla,
                       page_size=PAGE, hopb_slices=hopb)
-    helix = HelixAttention(cfg, rank, dist.group.WORLD, max_batch=6, max_local_pages=4, impl="torch")
+    helix = HelixAttention(cfg, rank, dist.group.WORLD, max_batch=6, max_local_pages=4, kernels="torch")
     cache, table = build_local_paged_cache(seqs, PAGE, KVP, rank)
     buffers = (helix.meta.seq_lens_buf.data_ptr(), helix.meta.page_table_buf.data_ptr())
 

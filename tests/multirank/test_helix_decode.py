@@ -132,7 +132,7 @@ def _run_case(rank: int, spec: dict, groups) -> dict:
         seqs, cfg.page_size, cfg.kvp, kvp_rank, seed=spec["seed"]
     )
     helix = HelixAttention(cfg, rank, group, max_batch=len(seqs) + 2,
-                           max_local_pages=table.shape[1] + 3, impl=spec["impl"])
+                           max_local_pages=table.shape[1] + 3, kernels=spec["impl"])
     helix.plan(torch.tensor(spec["seqs"]), table)
     if spec["kind"] == "mla":
         out = helix.forward_mla(x["q_latent"], x["q_rope"], cache, scale_of(spec))

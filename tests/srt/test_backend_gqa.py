@@ -1,7 +1,7 @@
 """The "helix" SGLang attention backend on spawned gloo ranks with SGLang's real pool classes.
 
 Each rank builds its Helix pool + colored allocator (same op stream -> same locs everywhere), a
-HelixAttnBackend with its KVP group from create_kvp_groups, prefills a ragged batch through
+HelixGQABackend with its KVP group from create_kvp_groups, prefills a ragged batch through
 forward_extend, decodes several steps (crossing page boundaries, staggered append) through
 init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
 page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
@@ -65,7 +65,7 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int, fp8: bool = False):
     from helpers import fake_runner
 
     from sglang_helix.comm import create_kvp_groups
-    from sglang_helix.srt.backends.gqa import HelixAttnBackend
+    from sglang_helix.srt.backends.gqa import HelixGQABackend
     from sglang_helix.srt.memory.allocator import HelixPagedAllocator
     from sglang_helix.srt.memory.pools import HelixMHATokenToKVPool
 
@@ -78,7 +78,7 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int, fp8: bool = False):
     alloc = HelixPagedAllocator(256, P, torch.float32, "cpu", pool, False, kvp=kvp)
     r2t = torch.zeros(8, 64, dtype=torch.int32)
     runner = fake_runner(cfg, pool, r2t, context_len=64)
-    backend = HelixAttnBackend(runner, rank=rank, kvp_group=create_kvp_groups(cfg, rank), impl="torch")
+    backend = HelixGQABackend(runner, rank=rank, kvp_group=create_kvp_groups(cfg, rank), impl="torch")
     g = torch.Generator().manual_seed(0)  # identical on every rank: same model inputs
     scale, layer = D ** -0.5, SimpleNamespace(layer_id=0, scaling=D ** -0.5)
     if fp8:

@@ -5,6 +5,8 @@ init_forward_metadata_out_graph(fb) outside the graph, init_forward_metadata_in_
 layers inside it. Here the MLA and GQA backends (KVP 1: no process group needed) go through that
 sequence at a padded graph batch (padded rows: seq_len = the fill value, request 0) with the
 layers under dev.syncs.no_host_sync(), and must give the real rows' eager outputs exactly.
+Both backends resolve their kernel path once, when built; their decode and extend layers never
+resolve one again.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ if importlib.util.find_spec("sglang") is not None:
     sgl_kernel_stub.install()
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    from sglang_helix.srt.backends.base import GRAPH_SEQ_LEN_FILL
-    from sglang_helix.srt.backends.gqa import HelixAttnBackend
-    from sglang_helix.srt.backends.mla import HelixMLAAttnBackend
+    from sglang_helix.srt.backends.base import GRAPH_SEQ_LEN_FILL, decode_graphs
+    from sglang_helix.srt.backends.gqa import HelixGQABackend
+    from sglang_helix.srt.backends.mla import HelixMLABackend
     from sglang_helix.srt.memory.pools import HelixMHATokenToKVPool, HelixMLATokenToKVPool
 
 
+from sglang_helix import kernel_path
 from sglang_helix.config import HelixConfig, HelixConfigError
 from sglang_helix.dev.syncs import no_host_sync
 
@@ -72,7 +75,7 @@ def _inputs(mla: bool, rows: int):
 @pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
 def test_graph_hooks_replay_padded_batch_exactly(mla):
     runner = _runner(mla)
-    cls = HelixMLAAttnBackend if mla else HelixAttnBackend
+    cls = HelixMLABackend if mla else HelixGQABackend
     backend = cls(runner, rank=0, kvp_group=None, impl="torch")
     pool = runner.token_to_kv_pool
     g = torch.Generator().manual_seed(3)
@@ -96,6 +99,41 @@ def test_graph_hooks_replay_padded_batch_exactly(mla):
 
 
 def test_graph_batch_larger_than_the_buffers_is_refused():
-    backend = HelixMLAAttnBackend(_runner(True), rank=0, kvp_group=None, impl="torch")
+    backend = HelixMLABackend(_runner(True), rank=0, kvp_group=None, impl="torch")
     with pytest.raises(HelixConfigError, match="--cuda-graph-max-bs"):
         backend.init_cuda_graph_state(5, 5)  # the request pool (and so the buffers) holds 4
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["gqa", "mla"])
+def test_kernels_resolved_once_when_built(monkeypatch, mla):
+    calls = []
+    for owner, name in ((kernel_path.KernelPath, "__post_init__"), (kernel_path, "resolve_merge"),
+                        (kernel_path, "resolve_extend")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    runner = _runner(mla)
+    backend = (HelixMLABackend if mla else HelixGQABackend)(runner, rank=0, kvp_group=None)  # impl "auto"
+    assert calls == ["resolve_merge", "resolve_extend", "__post_init__"]
+    assert backend.kernels.describe() == "decode=torch merge=torch extend=torch (impl='auto')"
+    assert backend.helix.kernels is backend.kernels and backend.kernels.mla == mla
+    calls.clear()
+    layer = SimpleNamespace(layer_id=0, scaling=0.4)
+    q, k, v = _inputs(mla, 3)
+    for _ in range(2):  # two steps of two layers each: decode, then an extend of 2 + 1 tokens
+        decode = _batch(LENS, [0, 1, 2])
+        backend.init_forward_metadata(decode)
+        for _layer in range(2):
+            backend.forward_decode(q, k, v, layer, decode, save_kv_cache=False)
+        extend = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_seq_lens_cpu=[2, 1],
+                                 extend_prefix_lens_cpu=[0, 0], req_pool_indices=torch.tensor([0, 1]))
+        backend.init_forward_metadata(extend)
+        for _layer in range(2):
+            backend.forward_extend(q, k, v, layer, extend, save_kv_cache=False)
+    assert calls == []
+
+
+def test_decode_graphs_as_the_kernel_path_sees_them():
+    """CPU: never. CUDA: SGLang's published decode graph config; not published (as here) counts as
+    on, so a backend built then keeps a capturable (Triton) decode kernel."""
+    assert not decode_graphs("cpu")
+    assert decode_graphs("cuda")

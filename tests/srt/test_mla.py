@@ -4,7 +4,7 @@
   the whole layer (projection, absorption, attention, W_UV, row-parallel o_proj summed over
   ranks) equals an independent non-absorbed MLA layer.
 - math: chunk-causal attention, extend with a cached prefix (page-aligned and not), decode —
-  through the real HelixMLAAttnBackend over real HelixMLATokenToKVPools on 2 gloo ranks,
+  through the real HelixMLABackend over real HelixMLATokenToKVPools on 2 gloo ranks,
   vs dense fp32 attention over the whole sequence.
 - hooks: pass-through with Helix off, the CPU absorbed-MLA workaround (routes torch_native to
   MLA); where they are installed and that they apply: tests/srt/test_hook_table.py.
@@ -32,7 +32,7 @@ if importlib.util.find_spec("sglang") is not None:
         AttnForwardMethod,
     )
 
-    from sglang_helix.srt.backends.mla import HelixMLAAttnBackend
+    from sglang_helix.srt.backends.mla import HelixMLABackend
     from sglang_helix.srt.cpu import mla_fix
     from sglang_helix.srt.memory.pools import HelixMLATokenToKVPool, HelixPoolError
     from sglang_helix.srt.models import deepseek as sm
@@ -173,7 +173,7 @@ def test_fp8_w_uk_w_uv_are_replicated_as_sglang_cpu_applies_them():
 
 
 class CoreBackend:
-    """Stands in for HelixMLAAttnBackend in helix_absorb_core: core helix_extend on rank g (no
+    """Stands in for HelixMLABackend in helix_absorb_core: core helix_extend on rank g (no
     prefix), passing on the w_uv the model path hands over; records the output width."""
 
     def __init__(self, g):
@@ -311,7 +311,8 @@ def fake_runner(rank, mode="latent", kv_dtype=torch.float32):
     req_to_token = torch.zeros(len(LENS), CTX, dtype=torch.int32)
     for i, n in enumerate(LENS):
         req_to_token[i, :n] = torch.tensor([loc_of(i, p) for p in range(n)])
-    return SimpleNamespace(device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+    return SimpleNamespace(device="cpu", dtype=torch.float32,
+                           req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                            token_to_kv_pool=pool, server_args=SimpleNamespace(_helix_config=cfg),
                            model_config=SimpleNamespace(context_len=CTX, kv_lora_rank=R))
 
@@ -343,7 +344,7 @@ def _backend_rank(rank, world, mode="latent", fp8=False):
 
     seqs = sequences()
     kv_dtype = torch.float8_e4m3fn if fp8 else torch.float32
-    backend = HelixMLAAttnBackend(fake_runner(rank, mode, kv_dtype), rank=rank, kvp_group=dist.group.WORLD)
+    backend = HelixMLABackend(fake_runner(rank, mode, kv_dtype), rank=rank, kvp_group=dist.group.WORLD)
     extra = {"w_uv": w_uv_all()} if mode == "value" else {}
     layer = SimpleNamespace(layer_id=0, scaling=SCALE)
     if fp8:
@@ -403,7 +404,7 @@ def test_backend_refuses_w_uv_mismatching_the_layout():
                                ("latent", {"w_uv": w_uv_all()}, "passed w_uv")):
         backend = SimpleNamespace(cfg=HelixConfig(**CFG, mla_exchange=mode))
         with pytest.raises(HelixConfigError, match=match):
-            HelixMLAAttnBackend._value_projection(backend, extra)
+            HelixMLABackend._value_projection(backend, extra)
 
 
 def test_backend_stores_latent_only_on_owner():
@@ -423,7 +424,7 @@ def _stored_rows_rank(rank, world):
     import torch.distributed as dist
 
     runner = fake_runner(rank)
-    backend = HelixMLAAttnBackend(runner, rank=rank, kvp_group=dist.group.WORLD)
+    backend = HelixMLABackend(runner, rank=rank, kvp_group=dist.group.WORLD)
     seqs = sequences()
     fb = batch(ForwardMode.EXTEND, [(0, n) for n in LENS])
     q = torch.cat([s[0] for s in seqs])
@@ -443,7 +444,7 @@ def test_backend_refuses_non_helix_pool():
     runner = fake_runner(0)
     runner.token_to_kv_pool = object()
     with pytest.raises(HelixPoolError, match="pool hooks are not live"):
-        HelixMLAAttnBackend(runner, rank=0, kvp_group=object())
+        HelixMLABackend(runner, rank=0, kvp_group=object())
 
 
 # ----------------------------------------------------------------------------- hooks

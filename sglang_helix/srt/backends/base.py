@@ -1,7 +1,9 @@
 """What the GQA and MLA "helix" attention backends share: construction, per-batch planning, extend.
 
-A backend of global attention rank g holds this rank's Helix KV pool (srt.memory.pools), a
-`HelixAttention` for decode (core `decode`) and plans each batch once in
+A backend of global attention rank g holds this rank's Helix KV pool (srt.memory.pools), its
+`KernelPath` (core `kernel_path`: decode, merge and extend kernels resolved once, when the backend
+is built, from the device, the model and pool dtypes, the pool's dims and whether CUDA graphs
+capture decode), a `HelixAttention` for decode (core `decode`) and plans each batch once in
 `init_forward_metadata`: decode -> this rank's local page table and lengths in preallocated
 buffers; extend -> an `ExtendPlan` (host lengths + local prefix page table). Layers only run
 kernels: decode = partial + exchange + merge (HOP-B slices when configured); extend = core
@@ -30,6 +32,7 @@ from ...comm import partial_dtype
 from ...config import HelixConfig, HelixConfigError
 from ...decode import HelixAttention
 from ...extend import helix_extend
+from ...kernel_path import KernelInputs, resolve_kernel_path
 from ...kernels import kv_quant
 from ...metadata import ExtendPlan, plan_extend
 from .. import state
@@ -50,15 +53,16 @@ def _attention_backend_base():
 
 
 class HelixBackendBase(_attention_backend_base()):
-    """Shared part of HelixAttnBackend (GQA) and HelixMLAAttnBackend.
+    """Shared part of HelixGQABackend and HelixMLABackend.
 
-    model_runner: needs .device, .req_to_token_pool (.req_to_token [reqs, ctx]),
-        .token_to_kv_pool (this backend's Helix pool class), .server_args (carrying the
-        HelixConfig, srt.state.CONFIG_ATTR) and .model_config.context_len.
+    model_runner: needs .device, .dtype (the activations'), .req_to_token_pool (.req_to_token
+        [reqs, ctx]), .token_to_kv_pool (this backend's Helix pool class), .server_args (carrying
+        the HelixConfig, srt.state.CONFIG_ATTR) and .model_config.context_len.
     rank: global attention rank g (default: the Helix runtime's, else SGLang's attn_tp_rank);
-    kvp_group: this rank's KVP group (default: the runtime's); impl: partial-attention
-    implementation (sglang_helix.attention).
-    Subclasses set `mla` and `pool_type()` and implement `_extend_inputs` and `forward_decode`.
+    kvp_group: this rank's KVP group (default: the runtime's); impl: the kernel request resolved
+    into `self.kernels` (sglang_helix.kernel_path; "auto" in a server).
+    Subclasses set `mla` and `pool_type()` and implement `kernel_inputs`, `_extend_inputs` and
+    `forward_decode`.
     """
 
     mla = False
@@ -78,16 +82,22 @@ class HelixBackendBase(_attention_backend_base()):
             raise HelixPoolError(f"pool holds KVP rank {self.pool.kvp_rank} but rank {self.rank} is "
                                  f"KVP rank {self.cfg.kvp_rank(self.rank)}")
         max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
-        self.impl = impl
+        self.kernels = resolve_kernel_path(impl, self.device, mla=self.mla, cuda_graphs=decode_graphs(self.device),
+                                           inputs=self.kernel_inputs(model_runner.dtype))
+        logger.info("sglang_helix: %s backend kernels %s", "MLA" if self.mla else "GQA", self.kernels.describe())
         self.helix = HelixAttention(
             self.cfg, self.rank, group, max_batch=self.req_to_token_pool.req_to_token.shape[0],
-            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)), impl=impl,
+            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)), kernels=self.kernels,
             device=self.device)
         self._planned = None  # the ForwardBatch the current metadata was planned for
         self.extend_plan: Optional[ExtendPlan] = None
 
     @classmethod
     def pool_type(cls) -> type:
+        raise NotImplementedError
+
+    def kernel_inputs(self, q_dtype: torch.dtype) -> KernelInputs:
+        """The dtypes and dims the kernel path is resolved for (queries in q_dtype, this pool)."""
         raise NotImplementedError
 
     def _config_of(self, model_runner: Any) -> HelixConfig:
@@ -179,18 +189,19 @@ class HelixBackendBase(_attention_backend_base()):
     # static-grid kernels and no host sync, so a replay sees the new batch's metadata.
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
-        """Check the preallocated decode buffers hold the largest graph batch; pick a
-        capture-safe kernel (Triton: a static grid; the flashinfer/FlashMLA wrappers plan on
-        the host per call)."""
+        """Check the preallocated decode buffers hold the largest graph batch and that the decode
+        kernel was resolved capturable (Triton: a static grid; the library wrappers plan on the
+        host per call), as it is wherever SGLang's decode graphs were on when it was built."""
         if max_bs > self.helix.meta.max_batch:
             raise HelixConfigError(
                 f"CUDA graph batch {max_bs} > the {self.helix.meta.max_batch} requests the Helix "
                 f"decode buffers hold (the request pool); lower --cuda-graph-max-bs to "
                 f"{self.helix.meta.max_batch}")
-        if torch.device(self.device).type == "cuda" and self.helix.impl == "auto":
-            self.helix.impl = "triton"
-            logger.info("sglang_helix: decode CUDA graphs capture the Triton partial-attention "
-                        "kernels (static grids)")
+        if torch.device(self.device).type == "cuda" and not self.kernels.capturable:
+            raise HelixConfigError(
+                f"decode CUDA graphs cannot capture the helix backend's kernels {self.kernels.describe()}: "
+                f"it was built while decode CUDA graphs were off (--cuda-graph-backend-decode=disabled); "
+                f"build it after SGLang publishes its graph config, or keep decode graphs off")
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         """Host-side planning for capture, replay and eager runs alike."""
@@ -221,15 +232,10 @@ class HelixBackendBase(_attention_backend_base()):
         out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
                            kvp_rank=self.cfg.kvp_rank(self.rank),
                            heads_per_rank=self.cfg.heads_per_rank, exchange=self.helix.exchange,
-                           w_uv=self._value_projection(kwargs), impl=self._extend_impl(),
+                           w_uv=self._value_projection(kwargs), kernels=self.kernels,
                            k_scale=k_scale, v_scale=v_scale,
                            partial_dtype=partial_dtype(self.cfg.exchange_dtype, q3.dtype))
         return out.reshape(out.shape[0], -1)
-
-    def _extend_impl(self) -> str:
-        """The backend's impl where the extend kernels have it (else auto): "reference",
-        "torch" and "triton" exist for both; decode-only GPU libraries fall back to auto."""
-        return self.impl if self.impl in ("reference", "torch", "triton") else "auto"
 
     def _store(self, k, v, layer, forward_batch) -> None:
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,
@@ -263,6 +269,16 @@ class HelixBackendBase(_attention_backend_base()):
 
     def support_triton(self):
         return False
+
+
+def decode_graphs(device) -> bool:
+    """SGLang captures decode in CUDA graphs on `device` (its published graph config; a config not
+    published yet counts as on, so the kernel path stays capturable)."""
+    if torch.device(device).type != "cuda":
+        return False
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+
+    return not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
 
 
 def check_chain_drafts(next_token: torch.Tensor, next_sibling: torch.Tensor, n: int) -> None:

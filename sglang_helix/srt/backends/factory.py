@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..memory.pools import HelixMLATokenToKVPool
-from .gqa import HelixAttnBackend
-from .mla import HelixMLAAttnBackend
+from .gqa import HelixGQABackend
+from .mla import HelixMLABackend
 
 
 def create_helix_backend(model_runner: Any):
     """Factory SGLang's attention registry calls for "helix": MLA pools get the MLA backend."""
     if isinstance(model_runner.token_to_kv_pool, HelixMLATokenToKVPool):
-        return HelixMLAAttnBackend(model_runner)
-    return HelixAttnBackend(model_runner)
+        return HelixMLABackend(model_runner)
+    return HelixGQABackend(model_runner)

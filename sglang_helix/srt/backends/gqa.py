@@ -11,11 +11,14 @@ keep them), partial attention over this rank's pages, one exchange, LSE merge. E
 
 from __future__ import annotations
 
+import torch
+
+from ...kernel_path import KernelInputs
 from ..memory.pools import HelixMHATokenToKVPool
 from .base import HelixBackendBase
 
 
-class HelixAttnBackend(HelixBackendBase):
+class HelixGQABackend(HelixBackendBase):
     """SGLang attention backend of one Helix rank (GQA); see HelixBackendBase for arguments."""
 
     mla = False
@@ -23,6 +26,11 @@ class HelixAttnBackend(HelixBackendBase):
     @classmethod
     def pool_type(cls) -> type:
         return HelixMHATokenToKVPool
+
+    def kernel_inputs(self, q_dtype: torch.dtype) -> KernelInputs:
+        pool = self.pool
+        return KernelInputs(False, q_dtype, pool.dtype, self.cfg.heads_per_tpa, pool.head_dim, pool.v_head_dim,
+                            pool.page_size)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         """q [B, H/TPA * D] (or [B, H/TPA, D]); k/v [B, K/TPA, D/Dv] of the new tokens.

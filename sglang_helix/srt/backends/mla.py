@@ -14,23 +14,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ...config import HelixConfigError
+from ...kernel_path import KernelInputs
 from ..memory.pools import HelixMLATokenToKVPool
 from .base import BACKEND_NAME, HelixBackendBase
 
 
-class HelixMLAAttnBackend(HelixBackendBase):
+class HelixMLABackend(HelixBackendBase):
     """SGLang attention backend of one Helix rank for absorbed MLA; arguments as the base."""
 
     mla = True
 
     def __init__(self, model_runner: Any, **kwargs: Any):
-        super().__init__(model_runner, **kwargs)
         self.kv_lora_rank = model_runner.model_config.kv_lora_rank
+        super().__init__(model_runner, **kwargs)
 
     @classmethod
     def pool_type(cls) -> type:
         return HelixMLATokenToKVPool
+
+    def kernel_inputs(self, q_dtype: torch.dtype) -> KernelInputs:
+        pool = self.pool
+        return KernelInputs(True, q_dtype, pool.dtype, self.cfg.num_heads, self.kv_lora_rank, self.kv_lora_rank,
+                            pool.page_size, rope_dim=pool.qk_rope_head_dim)
 
     def _store(self, k, v, layer, forward_batch) -> None:
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k.view(-1, 1, k.shape[-1]), v,
@@ -71,8 +79,8 @@ class HelixMLAAttnBackend(HelixBackendBase):
         return q3, k_new, k_new[..., :rank_r], pages, pages[..., :rank_r]
 
 
-def find_helix_mla_backend(backend: Any = None) -> "HelixMLAAttnBackend":
-    """The HelixMLAAttnBackend of this runner (direct, or inside a hybrid / TBO wrapper)."""
+def find_helix_mla_backend(backend: Any = None) -> "HelixMLABackend":
+    """The HelixMLABackend of this runner (direct, or inside a hybrid / TBO wrapper)."""
     if backend is None:
         from sglang.srt.model_executor.forward_context import get_attn_backend
 
@@ -80,7 +88,7 @@ def find_helix_mla_backend(backend: Any = None) -> "HelixMLAAttnBackend":
     seen = [backend]
     while seen:
         item = seen.pop()
-        if isinstance(item, HelixMLAAttnBackend):
+        if isinstance(item, HelixMLABackend):
             return item
         for name in ("decode_backend", "prefill_backend", "primary"):
             child = getattr(item, name, None)

@@ -1,5 +1,6 @@
-"""Input checks of the attention entry points (sglang_helix.attention): shapes, dtypes (fp8 KV
-pages included), devices, page-table capacity. Every message names the argument and the fix."""
+"""Tensor input checks of the attention entry points (sglang_helix.attention) and the Triton
+extend inputs (sglang_helix.kernel_path): shapes, dtypes (fp8 KV pages included), devices,
+page-table capacity. Every message names the argument and the fix."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ import torch
 
 from .kernels import kv_quant
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+def check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
-def _check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "") -> None:
-    if t.dtype not in _FLOAT_DTYPES:
+def check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "") -> None:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32 (cast with .to())")
     if like is not None and t.dtype != like.dtype:
         raise TypeError(
@@ -30,22 +31,22 @@ def _check_float(name: str, t: torch.Tensor, like: torch.Tensor | None = None, l
         )
 
 
-def _check_kv(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+def check_kv(name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
     """KV pages: `like`'s dtype, or fp8 pages (kv_quant; read with k_scale / v_scale)."""
     if kv_quant.is_fp8(t.dtype):
         return
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; use {like_name}'s dtype or an fp8 dtype "
                         f"(--kv-cache-dtype fp8_e4m3 / fp8_e5m2 pages)")
-    _check_float(name, t, like, like_name)
+    check_float(name, t, like, like_name)
 
 
-def _check_index(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _INDEX_DTYPES:
+def check_index(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; use int32 or int64 (e.g. {name}.to(torch.int32))")
 
 
-def _check_last_contiguous(name: str, t: torch.Tensor) -> None:
+def check_last_contiguous(name: str, t: torch.Tensor) -> None:
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name} must have a contiguous last dim (stride(-1) == 1), got stride {t.stride()}; "
@@ -53,26 +54,26 @@ def _check_last_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _check_devices(**tensors: torch.Tensor) -> None:
+def check_devices(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all inputs must be on one device, got {listed}; move them with .to(device)")
 
 
-def _check_scale(scale) -> None:
+def check_scale(scale) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite Python float (e.g. head_dim ** -0.5), got {scale!r}")
 
 
-def _check_table(
+def check_table(
     page_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int, page_size: int, q_name: str, lengths: bool
 ) -> None:
     """page_table [B, max_pages], seq_lens [B], and (if `lengths`) every length fits the table."""
-    _check_tensor("page_table", page_table, 2, "[B, max_pages]")
-    _check_tensor("seq_lens", seq_lens, 1, "[B]")
-    _check_index("page_table", page_table)
-    _check_index("seq_lens", seq_lens)
+    check_tensor("page_table", page_table, 2, "[B, max_pages]")
+    check_tensor("seq_lens", seq_lens, 1, "[B]")
+    check_index("page_table", page_table)
+    check_index("seq_lens", seq_lens)
     if page_table.shape[0] != bsz:
         raise ValueError(
             f"page_table has {page_table.shape[0]} rows but {q_name} has batch size B={bsz}; "
@@ -94,13 +95,13 @@ def _check_table(
         )
 
 
-def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, lengths: bool) -> None:
-    _check_tensor("q", q, 3, "[B, Hq, D]")
-    _check_tensor("k_cache", k_cache, 4, "[num_pages, P, Kh, D]")
-    _check_tensor("v_cache", v_cache, 4, "[num_pages, P, Kh, Dv]")
-    _check_float("q", q)
-    _check_kv("k_cache", k_cache, q, "q")
-    _check_kv("v_cache", v_cache, q, "q")
+def validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, lengths: bool) -> None:
+    check_tensor("q", q, 3, "[B, Hq, D]")
+    check_tensor("k_cache", k_cache, 4, "[num_pages, P, Kh, D]")
+    check_tensor("v_cache", v_cache, 4, "[num_pages, P, Kh, Dv]")
+    check_float("q", q)
+    check_kv("k_cache", k_cache, q, "q")
+    check_kv("v_cache", v_cache, q, "q")
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share a dtype")
     bsz, hq, d = q.shape
@@ -117,20 +118,20 @@ def _validate_gqa(q, k_cache, v_cache, page_table, seq_lens, scale, lengths: boo
         )
     if k_cache.shape[3] != d:
         raise ValueError(f"q head dim D={d} != k_cache head dim {k_cache.shape[3]}; they must match")
-    _check_scale(scale)
-    _check_devices(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
+    check_scale(scale)
+    check_devices(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_last_contiguous(name, t)
-    _check_table(page_table, seq_lens, bsz, k_cache.shape[1], "q", lengths)
+        check_last_contiguous(name, t)
+    check_table(page_table, seq_lens, bsz, k_cache.shape[1], "q", lengths)
 
 
-def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, lengths: bool) -> None:
-    _check_tensor("q_latent", q_latent, 3, "[B, H, R]")
-    _check_tensor("q_rope", q_rope, 3, "[B, H, Dr]")
-    _check_tensor("kv_cache", kv_cache, 3, "[num_pages, P, R + Dr]")
-    _check_float("q_latent", q_latent)
-    _check_float("q_rope", q_rope, q_latent, "q_latent")
-    _check_kv("kv_cache", kv_cache, q_latent, "q_latent")
+def validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, lengths: bool) -> None:
+    check_tensor("q_latent", q_latent, 3, "[B, H, R]")
+    check_tensor("q_rope", q_rope, 3, "[B, H, Dr]")
+    check_tensor("kv_cache", kv_cache, 3, "[num_pages, P, R + Dr]")
+    check_float("q_latent", q_latent)
+    check_float("q_rope", q_rope, q_latent, "q_latent")
+    check_kv("kv_cache", kv_cache, q_latent, "q_latent")
     bsz, heads, rank_r = q_latent.shape
     if q_rope.shape[:2] != (bsz, heads):
         raise ValueError(
@@ -142,23 +143,23 @@ def _validate_mla(q_latent, q_rope, kv_cache, page_table, seq_lens, scale, lengt
             f"kv_cache last dim {kv_cache.shape[2]} != R + Dr = {rank_r} + {q_rope.shape[2]} = {width} "
             f"(latent c_kv then rotary k_pe)"
         )
-    _check_scale(scale)
-    _check_devices(q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, page_table=page_table, seq_lens=seq_lens)
+    check_scale(scale)
+    check_devices(q_latent=q_latent, q_rope=q_rope, kv_cache=kv_cache, page_table=page_table, seq_lens=seq_lens)
     for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
-        _check_last_contiguous(name, t)
-    _check_table(page_table, seq_lens, bsz, kv_cache.shape[1], "q_latent", lengths)
+        check_last_contiguous(name, t)
+    check_table(page_table, seq_lens, bsz, kv_cache.shape[1], "q_latent", lengths)
 
 
-def _validate_merge(outs, lses) -> None:
-    _check_tensor("outs", outs, 4, "[S, B, H, Dv]")
-    _check_tensor("lses", lses, 3, "[S, B, H]")
-    _check_float("outs", outs)
-    _check_float("lses", lses)
+def validate_merge(outs, lses) -> None:
+    check_tensor("outs", outs, 4, "[S, B, H, Dv]")
+    check_tensor("lses", lses, 3, "[S, B, H]")
+    check_float("outs", outs)
+    check_float("lses", lses)
     if lses.shape != outs.shape[:3]:
         raise ValueError(
             f"lses shape {tuple(lses.shape)} must equal outs' [S, B, H] = {tuple(outs.shape[:3])}"
         )
     if outs.shape[0] < 1:
         raise ValueError("outs must hold at least one partial (S >= 1)")
-    _check_devices(outs=outs, lses=lses)
-    _check_last_contiguous("outs", outs)
+    check_devices(outs=outs, lses=lses)
+    check_last_contiguous("outs", outs)

@@ -1,11 +1,11 @@
-"""Every input check of sglang_helix.attention raises a clear error naming the argument."""
+"""Every input check of sglang_helix.attention (sglang_helix.tensor_checks) raises a clear error
+naming the argument."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sglang_helix import attention
 from sglang_helix.attention import merge_partials, partial_attention_gqa, partial_attention_mla
 
 B, HQ, KH, D, DV, P, PAGES, MAXP = 2, 4, 2, 16, 8, 4, 6, 3
@@ -185,4 +185,3 @@ def test_gpu_paths_report_unavailable_on_cpu():
     assert not gpu.flashinfer_gqa_available(a["q"], a["k_cache"], a["v_cache"])
     assert not gpu.flashinfer_mla_available(m["q_latent"], m["q_rope"], m["kv_cache"])
     assert not gpu.flashmla_available(m["q_latent"], m["q_rope"], m["kv_cache"])
-    assert attention._resolve("auto", torch.device("cpu"), False) == "torch"
