@@ -17,17 +17,25 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "sglang_helix"
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "sglang_helix"
+# The design card's layout: kernel sources in the top-level kernels/, installed as
+# sglang_helix.kernels (pyproject's package-dir), never as a top-level package `kernels`.
+KERNELS = ROOT / "kernels"
 MAX_LINES = 450
 
 
-def _modules() -> dict[str, Path]:
+def _package_modules(directory: Path, package: str) -> dict[str, Path]:
     out = {}
-    for path in PKG.rglob("*.py"):
-        parts = path.relative_to(PKG.parent).with_suffix("").parts
+    for path in directory.rglob("*.py"):
+        parts = (package, *path.relative_to(directory).with_suffix("").parts)
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
     return out
+
+
+def _modules() -> dict[str, Path]:
+    return {**_package_modules(PKG, "sglang_helix"), **_package_modules(KERNELS, "sglang_helix.kernels")}
 
 
 MODULES = _modules()
@@ -119,7 +127,7 @@ def test_kernels_import_no_other_part_of_the_package():
 
 
 # The size rule covers the package and the repository's benchmarks and scripts.
-SIZED = {**MODULES, **{str(p.relative_to(PKG.parent)): p for d in ("benchmarks", "scripts")
+SIZED = {**MODULES, **{str(p.relative_to(ROOT)): p for d in ("benchmarks", "scripts")
                              for p in (PKG.parent / d).rglob("*.py")}}
 
 
@@ -145,3 +153,16 @@ def test_core_imports_without_sglang():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_kernels_sit_at_the_top_level_and_install_under_the_package():
+    import tomllib
+
+    assert (KERNELS / "__init__.py").is_file() and not (PKG / "kernels").exists()
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"]["sglang_helix.kernels"] == "kernels"
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert set(tool["packages"]) == packages  # every package directory is installed
+    import sglang_helix.kernels as kernels
+
+    assert Path(kernels.__file__).resolve().parent == KERNELS
