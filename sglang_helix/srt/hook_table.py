@@ -201,6 +201,10 @@ TABLE = (
          "the same for fp8 MoE experts", "fp8-weights"),
     _cpu(f"{_FP8}.Fp8MoEMethod.apply", "AROUND", "cpu.fp8_fix._around_moe_apply",
          "marked fp8 MoE: native torch MoE over experts dequantized as routed", "fp8-weights"),
+    _cpu("sglang.srt.models.deepseek_common.deepseek_weight_loader.block_quant_to_tensor_quant",
+         "AROUND", "cpu.fp8_fix._around_kv_b_requant",
+         "block-fp8 kv_b_proj (W_UK / W_UV) dequantized to bf16 as SGLang's CUDA branch does, not "
+         "requantized per tensor (a second, lossy rounding)", "fp8-weights"),
     _cpu(f"{_SPEC_OPS}.reconstruct_tree.reconstruct_indices_from_tree_mask", "REPLACE",
          "cpu.spec_fix.reconstruct_indices_from_tree_mask", f"draft tree links from its mask. {NO_ORIGINAL}",
          "ngram-spec"),

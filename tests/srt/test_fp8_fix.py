@@ -5,6 +5,9 @@
   keeps the weight fp8 and its `apply` equals F.linear with the dequantized
   weight bit for bit, and the fp32 reference within bf16 rounding;
 - fp8 MoE experts equal SGLang's native MoE on the dequantized experts, bit for bit;
+- MLA's block-fp8 kv_b_proj: SGLang's non-CUDA requantization to one per-tensor fp8 scale
+  (`block_quant_to_tensor_quant`) moves W_UK / W_UV by percents (pinned: the minimal case of that
+  defect); the hook gives the exact dequantized weight in bf16, as SGLang's CUDA branch does;
 - per-tensor fp8 still stops inside SGLang's own requantization (a CUDA-only kernel; pinned, so
   the day it works the docs' support table gets updated);
 - where the hooks are installed and that they apply: tests/srt/test_hook_table.py.
@@ -94,6 +97,37 @@ def test_per_tensor_fp8_still_needs_a_cuda_kernel_on_cpu():
     layer, _ = _layer(block=False)
     with pytest.raises(NameError, match="sgl_per_tensor_quant_fp8"):
         _process(layer)
+
+
+def _kv_b_proj():
+    """A block-fp8 kv_b_proj of H=4 heads x (nope 64 + v 64) rows by kv_lora_rank 192, whose two
+    row blocks have scales 30x apart (as trained layers' blocks do)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 192, generator=g) / 192 ** 0.5
+    w[:128] *= 30.0
+    q, s = block_quantize(w)
+    return q, s, block_dequantize(q, s)
+
+
+def test_sglang_requantizes_kv_b_proj_lossily_on_cpu():
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_to_tensor_quant
+
+    q, s, exact = _kv_b_proj()
+    w, scale = block_quant_to_tensor_quant(q, s, [128, 128])
+    got = w.float() * scale
+    rel = ((got - exact).norm() / exact.norm()).item()
+    small = ((got[128:] - exact[128:]).norm() / exact[128:].norm()).item()
+    assert w.dtype == torch.float8_e4m3fn and rel > 1e-2 and small > 1e-2, (rel, small)  # ~2%: a second rounding
+
+
+def test_kv_b_proj_dequantized_exactly_in_bf16():
+    q, s, exact = _kv_b_proj()
+    w, scale = fp8_fix.kv_b_proj_weight(q, s, [128, 128])
+    assert w.dtype == torch.bfloat16 and float(scale) == 1.0
+    torch.testing.assert_close(w, exact.to(torch.bfloat16), atol=0, rtol=0)
+    calls = []
+    fp8_fix._around_kv_b_requant(lambda *a: calls.append(a) or "sglang", q.float(), s, [128, 128])
+    assert len(calls) == 1  # not fp8: SGLang's own function
 
 
 def test_unmarked_layers_call_sglang():

@@ -48,7 +48,7 @@ CPU_FIXES = (
            "SGLANG_HELIX_CPU_MOE_FIX"),
     CpuFix("fp8-weights", "fp8_fix",
            "block-fp8 checkpoints need AMX kernels (sgl-kernel CPU build, not on PyPI): an exact "
-           "torch W8A16 path instead"),
+           "torch W8A16 path instead; MLA's kv_b_proj dequantized as on CUDA, not requantized"),
     CpuFix("fp8-kv", "fp8_kv_fix",
            "KVCacheConfigurator.configure refuses fp8_e4m3 KV on CPU without AMX although "
            "torch_native and the Helix pools read fp8 pages: step over that one check"),

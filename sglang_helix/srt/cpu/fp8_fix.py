@@ -20,8 +20,14 @@ Inert on GPU and on AMX CPUs with a real sgl-kernel: the hooks are installed onl
 (fix "fp8-weights" of srt.cpu.fixes, rows of srt.hook_table), and every hook calls straight through unless SGLang's fp8 module runs on CPU without
 AMX. Per-tensor / per-channel fp8 checkpoints still stop inside SGLang's own load-time
 requantization (`requantize_with_max_scale` -> a CUDA-only kernel) before reaching the marker;
-`apply` would handle them. The absorbed MLA bmm with an fp8 W_UK/W_UV needs nothing here: SGLang's CPU branch already
-does it in torch (`w_kc.to(bf16) * w_scale`).
+`apply` would handle them.
+
+MLA's W_UK / W_UV: for a block-fp8 kv_b_proj SGLang's CUDA branch dequantizes the weight to bf16
+(128 x 128 blocks), but every other platform requantizes it to one per-tensor fp8 scale for
+`bmm_fp8` (`block_quant_to_tensor_quant` in its DeepSeek weight loader) and its CPU branch then
+multiplies back: a second rounding of every element, to a grid set by the largest block. Here
+(`kv_b_proj_weight`) the CPU engine without AMX dequantizes like CUDA instead, so W_UK / W_UV are
+the checkpoint's exact values in bf16; the absorbed bmm then runs in bf16 (Helix on or off).
 """
 
 from __future__ import annotations
@@ -113,6 +119,29 @@ def _around_linear_apply(original: Callable, method: Any, layer: Any, x: Any, bi
     if getattr(layer, MARK, None) is None:
         return original(method, layer, x, bias, *args, **kwargs)
     return fp8_linear(layer, method.weight_block_size if method.block_quant else None, x, bias)
+
+
+# ---------------------------------------------------------------- MLA's W_UK / W_UV
+
+
+def kv_b_proj_weight(weight: torch.Tensor, scale: torch.Tensor, block_size: list[int]):
+    """(W [N, K] in bf16, scale 1) from a block-fp8 kv_b_proj: what SGLang's CUDA branch does for
+    128 x 128 blocks (`block_quant_dequant` to bf16, then the bf16 absorbed bmm), in place of the
+    per-tensor requantization its other platforms take (`block_quant_to_tensor_quant`, for
+    `bmm_fp8`): that rounds every element a second time to a grid set by the largest block and
+    moved W_UK / W_UV by ~2% (relative norm) and the tiny fp8 MLA model's next-token logprobs by
+    up to 4.8 nats (docs/usage.md section 4). The returned scale is the `w_scale` SGLang stores;
+    its bf16 absorbed path never reads it."""
+    from sglang.srt.layers.quantization.fp8_utils import block_quant_dequant
+
+    return block_quant_dequant(weight, scale, block_size, torch.bfloat16), torch.ones((), dtype=torch.float32)
+
+
+def _around_kv_b_requant(original: Callable, weight: torch.Tensor, scale: torch.Tensor,
+                         block_size: list[int], *args: Any, **kwargs: Any):
+    if not torch_path_wanted() or weight.dtype != torch.float8_e4m3fn:
+        return original(weight, scale, block_size, *args, **kwargs)
+    return kv_b_proj_weight(weight, scale, block_size)
 
 
 # ---------------------------------------------------------------- MoE experts
