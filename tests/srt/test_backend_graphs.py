@@ -12,7 +12,6 @@ resolve one again.
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +20,6 @@ import torch
 
 pytestmark = NEEDS_SGLANG
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 

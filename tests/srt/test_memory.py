@@ -7,7 +7,6 @@ instances fed the same operation stream, as the SPMD scheduler does on every ran
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 from types import SimpleNamespace
 
@@ -17,7 +16,6 @@ import torch
 
 pytestmark = NEEDS_SGLANG
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub as sgl_kernel_cpu_stub
 

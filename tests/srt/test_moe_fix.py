@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                 reason="sglang not installed")
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import pytest
 from helpers import NEEDS_SGLANG
@@ -16,7 +15,6 @@ from sglang_helix.srt.sglang_version import SUPPORTED_SGLANG
 
 pytestmark = NEEDS_SGLANG
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")  # as every module here that imports SGLang
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 

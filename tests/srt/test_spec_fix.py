@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                 reason="sglang not installed")
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 
