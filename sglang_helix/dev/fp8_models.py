@@ -164,6 +164,23 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def logprobs_along(path, prompts, continuations) -> list[Any]:
+    """transformers fp32 next-token log-probabilities along given continuations (teacher forced):
+    for prompt i and its continuation c, [len(c), vocab] where row s is the distribution the
+    model gives for token s of c after prompt + c[:s]. One forward per prompt, no cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 local_files_only=True).eval()
+    out = []
+    with torch.no_grad():
+        for prompt, cont in zip(prompts, continuations, strict=True):
+            logits = model(torch.tensor([list(prompt) + list(cont)])).logits[0].float()
+            out.append(torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(cont)], -1))
+    return out
+
+
 def fp8_latent_sensitivity(path, sequences, starts, *, eps: float = 2.0 ** -9, seeds: int = 4,
                            top: int = 5, fp8_latent: bool = True) -> list[list[float]]:
     """How far bf16-sized noise moves an MLA model's next-token logprobs once its KV latent is

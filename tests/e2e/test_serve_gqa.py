@@ -1,186 +1,41 @@
-"""Real SGLang 0.5.23 on CPU with --enable-helix, GQA (tiny Llama: H=8, K=2, D=16, 4 layers).
+"""Real SGLang 0.5.23 on CPU with --enable-helix on GQA models, against transformers' fp32 greedy.
 
-Each layout gets one server (one alive at a time) and is compared with transformers' fp32 greedy
-generation on the same weights (tests/e2e/test_serve_helix_off.py shows Helix-off SGLang equals
-that reference token for token at TP 1 and TP 2, so "equal to the reference" is "equal to Helix
-off"). Logprob tolerance: 1e-3 absolute (fp32; Helix changes only the summation order of the
-attention softmax, measured differences are ~1e-6).
-
-Covered per layout: concurrent requests with prompts spanning several pages and decodes crossing
-page boundaries; a shared prefix whose second request reports cached_tokens = prefix floored to
-the page size P (not P x KVP) and still generates the reference tokens (extend over a cached
-prefix: partial attention over local prefix pages + one exchange); chunked prefill (KVP 2 x
-TPA 1 runs with --chunked-prefill-size 16, so long prompts are prefilled in chunks over their own
-cached KV); Helix state in /server_info: per-rank pool = 1/KVP of the logical capacity (+-1
-page), its KV bytes against a plain-TP rank's (equal for N <= K, plain x K/N for N > K), free
-pages back to the start after finished and aborted requests and /flush_cache.
-A small pool (--max-total-tokens 256) forces radix-cache eviction (KVP 2 x TPA 1).
+- "qwen2-kvp2" (tests/e2e/servers.py): tiny Qwen2 (H=8, K=2, D=16, qkv bias) at KVP 2 x TPA 1
+  (QKV replicated over the KVP ranks, KV pages split over two ranks), fp8_e4m3 KV pages, page 4,
+  chunked prefill 16, a 256-token pool. Reference: transformers' fp32 greedy with every cached
+  key (after RoPE) and value rounded through fp8 where SGLang's pool stores them. Checked:
+  concurrent requests over several pages, decodes crossing page boundaries; a shared prefix whose
+  second request reports cached_tokens = the prefix floored to the page size P (not P x KVP) and
+  still gives the reference (extend over a KV-sharded cached prefix); radix eviction through the
+  small pool; an abort mid-decode; /server_info: per-rank pool 1/KVP of the logical capacity, KV
+  bytes 1 per element against a plain-TP rank's, every KVP rank holding pages while requests are
+  cached and every page free after /flush_cache.
+- "qwen3-kvp2-tpa2": tiny Qwen3 (per-head q/k RMSNorm) at KVP 2 x TPA 2 on 4 ranks (one KV head
+  and 2 query heads per rank); fp32 KV, tolerance 1e-3 on logprobs.
+- `sglang.Engine(...)` with SGLANG_HELIX (tiny Llama, KVP 2 x TPA 1): the offline API's way in.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import threading
 import time
-import urllib.request
 
 import pytest
-from helpers import E2E_PROMPT_TEXTS, e2e_marks
+from checks import (FP8_KV_LOGPROB_TOL, assert_all_pages_free, assert_every_rank_used, assert_greedy,
+                    check_kv_bytes, flush_cache, helix_state, prompt_ids, references,
+                    run_shared_prefix, shared_prefix_pair)
+from helpers import e2e_marks
+from servers import EVICT_POOL, P
 
 from sglang_helix.dev import engine
 from sglang_helix.dev import server as ts
-from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
+from sglang_helix.dev.tiny_models import ensure_tiny_model
 
-pytestmark = e2e_marks(900)
+pytestmark = e2e_marks(600)
 
 MAX_NEW = 10
-LOGPROB_TOL = 1e-3
-START_TIMEOUT_S = 300
-PROMPT_TEXTS = E2E_PROMPT_TEXTS
 SHARED = 30  # shared-prefix length (not a multiple of the page size)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
-
-
-@pytest.fixture(scope="module")
-def prompts(model):
-    """3 concurrent prompts (3..44 tokens) and two prompts sharing their first SHARED tokens."""
-    tok = load_tokenizer(model)
-    main = [tok.encode(text) for text in PROMPT_TEXTS]
-    base = main[1][:SHARED]
-    return {"main": main, "shared": [base + [11, 12, 13], base + [21, 22, 23, 24, 25, 26]]}
-
-
-@pytest.fixture(scope="module")
-def references(model, prompts):
-    return {k: reference_greedy(model, v, MAX_NEW) for k, v in prompts.items()}
-
-
-def helix_args(kvp: int, tpa: int, page: int, *extra: str) -> list[str]:
-    return ["--page-size", str(page), "--enable-helix", "--helix-kvp-size", str(kvp),
-            "--helix-tpa-size", str(tpa), *extra]
-
-
-def helix_state(server) -> dict:
-    """The "helix" entry /server_info reports (scheduler rank 0's view)."""
-    info = ts.request_json(server.base_url + "/server_info")
-    return info["internal_states"][0]["helix"]
-
-
-def flush_cache(server) -> None:
-    """POST /flush_cache (answers plain text, 200 when the cache was flushed)."""
-    req = urllib.request.Request(server.base_url + "/flush_cache", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        assert resp.status == 200
-
-
-def free_pages(server) -> list[int]:
-    return [r["free_pages"] for r in helix_state(server)["per_kvp_rank"]]
-
-
-def assert_matches(answers, refs, argv) -> None:
-    for answer, ref in zip(answers, refs):
-        assert ref.min_margin > 1e-4, ref.min_margin  # token equality is meaningful
-        assert ts.output_ids(answer) == ref.tokens, argv
-        got = [entry[0] for entry in answer["meta_info"]["output_token_logprobs"]]
-        assert all(math.isclose(g, r, abs_tol=LOGPROB_TOL) for g, r in zip(got, ref.logprobs))
-
-
-def check_kv_bytes(state: dict, kvp: int, page: int) -> None:
-    """KV bytes of this Helix rank (its pool's real buffers) against a plain-TP rank on the same
-    N = KVP x TPA ranks for the same logical capacity: a Helix rank holds K/TPA KV heads for
-    1/KVP of the tokens, a plain-TP rank ceil(K/N) heads (one replicated head when N > K) for
-    all of them. K = 2 here, so KVP 2 x TPA 1 and KVP 1 x TPA 2 (N = K) hold the same bytes as
-    plain TP 2 and KVP 2 x TPA 2 (N = 4 > K) half of plain TP 4's."""
-    lay = state["layout"]
-    k, tpa, n = lay["num_kv_heads"], lay["tpa"], lay["world_size"]
-    plain_heads = -(-k // n)
-    helix_per_row = state["plain_tp_kv_bytes_per_token"] * (k // tpa) // plain_heads
-    # the buffers hold local_pool_rows + one padding page of K/TPA heads x (D + Dv) x layers
-    assert state["kv_bytes_per_rank"] == (state["local_pool_rows"] + page) * helix_per_row
-    expected = state["plain_tp_kv_bytes_per_rank"] * (k // tpa) / (kvp * plain_heads)
-    assert abs(state["kv_bytes_per_rank"] - expected) <= 2 * page * helix_per_row, state
-    if n > k:
-        assert state["kv_bytes_per_rank"] < 0.6 * state["plain_tp_kv_bytes_per_rank"], state
-
-
-def check_state_at_start(server, kvp: int, page: int) -> list[int]:
-    """Layout in /server_info; per-rank pool 1/KVP of the logical capacity (+-1 page); after
-    /flush_cache (the warm-up request stays cached otherwise) every page of every rank is free."""
-    flush_cache(server)
-    state = helix_state(server)
-    assert state["layout"]["kvp"] == kvp and state["page_size"] == page
-    assert abs(state["local_pool_rows"] * kvp - state["logical_tokens"]) <= kvp * page
-    check_kv_bytes(state, kvp, page)
-    ranks = state["per_kvp_rank"]
-    assert len(ranks) == kvp and all(r["free_pages"] == r["total_pages"] > 0 for r in ranks)
-    return free_pages(server)
-
-
-def run_shared_prefix(server, prompts, references, page: int) -> None:
-    """Second request reuses floor(SHARED / P) * P cached tokens and still matches."""
-    first, second = prompts["shared"]
-    a = ts.generate(server.base_url, first, max_new_tokens=MAX_NEW, return_logprob=True)
-    b = ts.generate(server.base_url, second, max_new_tokens=MAX_NEW, return_logprob=True)
-    assert b["meta_info"]["cached_tokens"] == (SHARED // page) * page
-    assert_matches([a, b], references["shared"], server.argv)
-
-
-def abort_one_request(server, prompt) -> None:
-    """Start a long request, abort everything while it decodes."""
-    errors: list[Exception] = []
-
-    def run():
-        try:
-            ts.generate(server.base_url, prompt, max_new_tokens=400)
-        except Exception as exc:  # aborted requests may answer with an error status
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    time.sleep(1.5)
-    ts.request_json(server.base_url + "/abort_request", {"abort_all": True})
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-
-
-def check_state_returns(server, start: list[int]) -> None:
-    flush_cache(server)
-    deadline = time.monotonic() + 30
-    while free_pages(server) != start and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert free_pages(server) == start
-
-
-def serve_and_check(model, prompts, references, *, kvp, tpa, page, extra=(), abort=True):
-    args = helix_args(kvp, tpa, page, *extra)
-    with ts.launch_server(model, args, tp=kvp * tpa, timeout=START_TIMEOUT_S) as server:
-        assert "sglang_helix: Helix layout GQA KVP=%d x TPA=%d" % (kvp, tpa) in server.log(10**6)
-        start = check_state_at_start(server, kvp, page)
-        answers = ts.generate_concurrent(server.base_url, prompts["main"], max_new_tokens=MAX_NEW,
-                                         return_logprob=True)
-        assert_matches(answers, references["main"], server.argv)
-        assert any(u > 0 for u in (r["used_pages"] for r in helix_state(server)["per_kvp_rank"]))
-        run_shared_prefix(server, prompts, references, page)
-        if abort:
-            abort_one_request(server, prompts["main"][0])
-        check_state_returns(server, start)
-
-
-def test_kvp2_tpa1_tp2_chunked_prefill(model, prompts, references):
-    serve_and_check(model, prompts, references, kvp=2, tpa=1, page=4,
-                    extra=("--chunked-prefill-size", "16"))
-
-
-def test_kvp2_tpa2_tp4(model, prompts, references):
-    serve_and_check(model, prompts, references, kvp=2, tpa=2, page=4, abort=False)
-
-
-EVICT_TOTAL_TOKENS = 256
 EVICT_PROMPTS, EVICT_PROMPT_LEN = 8, 40
 
 
@@ -190,34 +45,117 @@ def distinct_prompts(n: int, length: int) -> list[list[int]]:
     return [[20 + i] + [rng.randrange(20, 370) for _ in range(length - 1)] for i in range(n)]
 
 
-def test_kvp2_tpa1_radix_eviction_small_pool(model):
-    """8 distinct 50-token requests (40 prompt + 10 new), two at a time, through a 256-token
-    pool: finished requests stay in the radix cache until later ones need their pages, so the
-    oldest are evicted. Outputs match the reference; re-sent, the first prompt is recomputed
-    (cached_tokens 0) while the last one is still cached, both match; after /flush_cache every KVP rank's pages are all free."""
-    prompts = distinct_prompts(EVICT_PROMPTS, EVICT_PROMPT_LEN)
-    refs = reference_greedy(model, prompts, MAX_NEW)
-    args = helix_args(2, 1, 4, "--max-total-tokens", str(EVICT_TOTAL_TOKENS))
-    with ts.launch_server(model, args, tp=2, timeout=START_TIMEOUT_S) as server:
-        start = check_state_at_start(server, 2, 4)
-        assert sum(len(p) + MAX_NEW for p in prompts) > 1.5 * helix_state(server)["logical_tokens"]
+@pytest.mark.server("qwen2-kvp2")
+class TestQwen2Kvp2Fp8Kv:
+    def test_layout_and_pool_in_server_info(self, served):
+        assert "sglang_helix: Helix layout GQA KVP=2 x TPA=1" in served.log()
+        assert "HelixMHATokenToKVPool" in served.log()
+        flush_cache(served)
+        state = helix_state(served)
+        assert state["layout"]["kvp"] == 2 and state["page_size"] == P
+        assert state["kv_cache_dtype"] == "float8_e4m3fn"
+        # K = 2 = N: a Helix rank holds both KV heads of half the pages, a plain-TP rank one
+        # head of all of them: the same bytes (1 per element in fp8)
+        check_kv_bytes(state, P, item_bytes=1)
+        assert_all_pages_free(served, 2)
+
+    def test_concurrent_greedy_matches_the_fp8_reference(self, served):
+        prompts = prompt_ids(served.model)
+        refs = references(served.model, prompts, MAX_NEW, fp8_kv=True)
+        answers = ts.generate_concurrent(served.base_url, prompts, max_new_tokens=MAX_NEW,
+                                         return_logprob=True)
+        assert_greedy(answers, refs, tol=FP8_KV_LOGPROB_TOL, argv=served.server.argv)
+        assert_every_rank_used(served)
+
+    def test_shared_prefix_cached_page_floored(self, served):
+        pair = shared_prefix_pair(prompt_ids(served.model), SHARED)
+        refs = references(served.model, pair, MAX_NEW, fp8_kv=True)
+        run_shared_prefix(served, pair, refs, MAX_NEW, P, tol=FP8_KV_LOGPROB_TOL)
+
+    def test_abort_mid_decode_frees_every_page(self, served):
+        """abort_all while a long request decodes: it ends early with finish_reason abort, and
+        every page of every KVP rank is free again."""
+        flush_cache(served)
+        prompt = prompt_ids(served.model)[0]
+        result: dict = {}
+
+        def run():
+            try:
+                result["answer"] = ts.generate(served.base_url, prompt, max_new_tokens=200)
+            except ts.RequestError as exc:  # an aborted request may answer with an error status
+                result["error"] = str(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        _wait_until_decoding(served)
+        ts.request_json(served.base_url + "/abort_request", {"abort_all": True})
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        if "answer" in result:
+            meta = result["answer"]["meta_info"]
+            assert meta["finish_reason"]["type"] == "abort", meta["finish_reason"]
+            assert len(ts.output_ids(result["answer"])) < 200
+        else:
+            assert "abort" in result["error"].lower(), result["error"]
+        assert_all_pages_free(served, 2)
+
+    def test_radix_eviction_in_a_small_pool(self, served):
+        """8 distinct 50-token requests (40 prompt + 10 new), two at a time, through the 256-token
+        pool: finished requests stay cached until later ones need their pages, so the oldest are
+        evicted. Re-sent, the first prompt is recomputed (cached_tokens 0) while the last one is
+        still cached; all match the reference; afterwards every page of every rank is free."""
+        flush_cache(served)
+        prompts = distinct_prompts(EVICT_PROMPTS, EVICT_PROMPT_LEN)
+        refs = references(served.model, prompts, MAX_NEW, fp8_kv=True)
+        assert helix_state(served)["logical_tokens"] == EVICT_POOL
+        assert sum(len(p) + MAX_NEW for p in prompts) > 1.5 * EVICT_POOL
         for i in range(0, len(prompts), 2):
-            answers = ts.generate_concurrent(server.base_url, prompts[i:i + 2],
+            answers = ts.generate_concurrent(served.base_url, prompts[i:i + 2],
                                              max_new_tokens=MAX_NEW, return_logprob=True)
-            assert_matches(answers, refs[i:i + 2], server.argv)
-        oldest, newest = (ts.generate(server.base_url, prompts[i], max_new_tokens=MAX_NEW,
+            assert_greedy(answers, refs[i:i + 2], tol=FP8_KV_LOGPROB_TOL)
+        oldest, newest = (ts.generate(served.base_url, prompts[i], max_new_tokens=MAX_NEW,
                                       return_logprob=True) for i in (0, -1))
         assert oldest["meta_info"]["cached_tokens"] == 0  # evicted
-        assert newest["meta_info"]["cached_tokens"] >= EVICT_PROMPT_LEN - 4  # still cached
-        assert_matches([oldest, newest], [refs[0], refs[-1]], server.argv)
-        check_state_returns(server, start)
-        assert all(r["free_pages"] == r["total_pages"] for r in helix_state(server)["per_kvp_rank"])
+        assert newest["meta_info"]["cached_tokens"] >= EVICT_PROMPT_LEN - P  # still cached
+        assert_greedy([oldest, newest], [refs[0], refs[-1]], tol=FP8_KV_LOGPROB_TOL)
+        assert_all_pages_free(served, 2)
 
 
-def test_engine_users_turn_helix_on_with_sglang_helix_env(model, prompts, references):
+def _wait_until_decoding(served, timeout: float = 60) -> None:
+    """Until some KVP rank holds pages of a running request (the request is past its prefill)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["used_pages"] > 0 for r in helix_state(served)["per_kvp_rank"]):
+            time.sleep(0.5)  # a few decode steps in
+            return
+        time.sleep(0.1)
+    raise AssertionError("the request never reached decode")
+
+
+@pytest.mark.server("qwen3-kvp2-tpa2")
+class TestQwen3Kvp2Tpa2:
+    def test_concurrent_greedy_and_cached_prefix_match_transformers(self, served):
+        assert "sglang_helix: Helix layout GQA KVP=2 x TPA=2" in served.log()
+        prompts = prompt_ids(served.model)
+        refs = references(served.model, prompts, MAX_NEW)
+        flush_cache(served)
+        check_kv_bytes(helix_state(served), P)
+        answers = ts.generate_concurrent(served.base_url, prompts, max_new_tokens=MAX_NEW,
+                                         return_logprob=True)
+        assert_greedy(answers, refs, argv=served.server.argv)
+        assert_every_rank_used(served)
+        again = ts.generate(served.base_url, prompts[1], max_new_tokens=MAX_NEW, return_logprob=True)
+        assert again["meta_info"]["cached_tokens"] >= (len(prompts[1]) // P - 1) * P
+        assert_greedy([again], refs[1:2])
+        assert_all_pages_free(served, 2)
+
+
+def test_engine_users_turn_helix_on_with_sglang_helix_env(exclusive_cpu, tiny_cache):
     """sglang.Engine(...) takes no unknown kwargs: Engine users set SGLANG_HELIX (docs/usage.md)."""
+    model = ensure_tiny_model("gqa", tiny_cache)
+    prompts = prompt_ids(model)
     env = {"SGLANG_HELIX": "--enable-helix --helix-kvp-size 2 --helix-tpa-size 1"}
-    out = engine.run_engine(model, prompts["main"], MAX_NEW, tp=2, overrides={"page_size": 4},
-                        env=env, timeout=START_TIMEOUT_S)
+    out = engine.run_engine(model, prompts, MAX_NEW, tp=2, overrides={"page_size": P}, env=env,
+                            timeout=300)
     assert out.helix is not None and out.helix["layout"]["kvp"] == 2, out.helix
-    assert out.output_ids == [ref.tokens for ref in references["main"]]
+    assert out.output_ids == [ref.tokens for ref in references(model, prompts, MAX_NEW)]

@@ -20,11 +20,11 @@ within a bounded time, the prefill stays healthy and serves a new decode server;
 -> the request fails, the decode server frees the pages it reserved on every KVP rank.
 With SGLANG_HELIX_E2E_SLOW=1, GQA also runs KVP 2 x TPA 2 (a 4-rank decode server behind the
 same prefill): tokens identical, each (kvp, tpa) rank registered and received its pages.
-Retraction (its own deployment, GQA, decode radix cache off): a decode pool too small for the
-concurrent requests makes the decode server retract; with the default backup under Helix
-(`cpu_tensor`: each KVP rank copies out and restores its own pages, srt.memory.retraction) every
-request completes (no 503), token-identical to transformers and to the same prompts sent one at a
-time (no pressure), and every page is free afterwards.
+Retraction (GQA class; its decode pool holds 160 logical tokens): six concurrent requests need
+~480, SGLang admits them (it counts running requests as retractable) and retracts under decode
+memory pressure; with the default backup under Helix (`cpu_tensor`: each KVP rank copies out and
+restores its own pages, srt.memory.retraction) every request completes (no 503), token-identical
+to transformers, and every page is free afterwards.
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ MAX_NEW = 8
 COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
 HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
                 "--disaggregation-decode-enable-radix-cache"]
-GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1"]
+# a pool small enough for the retraction test; the other GQA tests fit in it
+RETRACT_POOL = 160
+RETRACT_NEW = 48
+GQA_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "1", "--max-total-tokens", str(RETRACT_POOL),
+              "--num-reserved-decode-tokens", "8"]
 TPA2_DECODE = [*HELIX_DECODE, "--helix-tpa-size", "2"]
 SLOW_ENV = "SGLANG_HELIX_E2E_SLOW"  # opt in to the slow TPA 2 case
 PROMPT_TEXTS = E2E_PROMPT_TEXTS
@@ -156,7 +160,8 @@ def run_shared_prefix(pd, model, reference=reference_greedy):
 
 
 @pytest.fixture(scope="class")
-def gqa(tmp_path_factory):
+def gqa(tmp_path_factory, server_factory):
+    server_factory.release()  # one deployment alive at a time, no other server
     model = ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
     hold = tmp_path_factory.mktemp("pd-hold") / "hold"
     env = {**FAST_FAILURE_ENV, HOLD_ENV: str(hold)}
@@ -174,6 +179,24 @@ class TestGQA:
     def test_cached_prefix_pages_are_not_sent_again(self, gqa):
         model, pd, *_ = gqa
         run_shared_prefix(pd, model)
+
+    def test_retracted_requests_resume_with_their_kv(self, gqa):
+        model, pd, *_ = gqa
+        info = ts.request_json(pd.decode.base_url + "/server_info")
+        assert info.get("disaggregation_decode_retraction_backup") == "cpu_tensor"
+        prompts = [[(7 * i + 3 * k) % 200 + 5 for k in range(30 + 4 * i)] for i in range(6)]
+        refs = [r.tokens for r in reference_greedy(model, prompts, RETRACT_NEW)]
+        before = retracted_count(pd.decode)
+        # any non-200 answer (503 "Retracted ... without a KV backup") raises here
+        answers = ts.generate_concurrent(pd.router_url, prompts, max_new_tokens=RETRACT_NEW)
+        assert retracted_count(pd.decode) > before, "no retraction: the test lost its pressure"
+        assert [a["meta_info"]["finish_reason"]["type"] for a in answers] == ["length"] * len(prompts)
+        assert [ts.output_ids(a) for a in answers] == refs
+        flush = urllib.request.Request(pd.decode.base_url + "/flush_cache", data=b"{}", method="POST")
+        urllib.request.urlopen(flush, timeout=60).close()
+        wait_for(lambda: all(r["free_pages"] == r["total_pages"]
+                             for r in server_state(pd.decode.base_url, "helix")["per_kvp_rank"]),
+                 FAIL_WITHIN_S, "every decode page free again on every KVP rank")
 
     @pytest.mark.skipif(os.environ.get(SLOW_ENV) != "1",
                         reason=f"adds 145-180 s on 2 CPU cores (a 4-rank decode server); "
@@ -298,9 +321,10 @@ FP8_KV = ["--kv-cache-dtype", "fp8_e4m3"]
 
 
 @pytest.fixture(scope="class")
-def mla(tmp_path_factory):
+def mla(tmp_path_factory, server_factory):
     """MLA with fp8 KV on both sides: the plain prefill through the CPU-engine fix
     srt.cpu.fp8_kv_fix, the Helix decode pools storing 1-byte pages; mooncake moves fp8 bytes."""
+    server_factory.release()
     model = ensure_tiny_model("mla", tmp_path_factory.getbasetemp() / "tiny-cache")
     with launch_pd(model, decode_args=HELIX_DECODE, decode_tp=2, common_args=[*COMMON, *FP8_KV],
                    env=FAST_FAILURE_ENV, log_dir=tmp_path_factory.mktemp("pd-mla-logs")) as pd:
@@ -321,50 +345,9 @@ class TestMLA:
         run_shared_prefix(pd, model, fp8_kv_reference_greedy)
 
 
-# ------------------------------------------------------------------------------- retraction
-
-# The decode pool holds ~160 logical tokens; six concurrent requests of 30..50 prompt tokens + 48
-# new ones need ~480, and SGLang admits them (it counts running requests as retractable) and then
-# retracts under decode memory pressure. Decode radix cache off: nothing cached eases the pressure.
-RETRACT_POOL = 160
-RETRACT_NEW = 48
-RETRACT_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP), "--helix-tpa-size", "1",
-                  "--max-total-tokens", str(RETRACT_POOL), "--num-reserved-decode-tokens", "8"]
 RETRACT_LOG = re.compile(r"TP0\] KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
-
-
-@pytest.fixture(scope="class")
-def pressured(tmp_path_factory):
-    model = ensure_tiny_model("gqa", tmp_path_factory.getbasetemp() / "tiny-cache")
-    with launch_pd(model, decode_args=RETRACT_DECODE, decode_tp=2, common_args=COMMON,
-                   env=FAST_FAILURE_ENV, log_dir=tmp_path_factory.mktemp("pd-retract-logs")) as pd:
-        yield model, pd
 
 
 def retracted_count(server) -> int:
     """Requests rank 0 of the decode server retracted so far (from its log)."""
     return sum(int(n) for n in RETRACT_LOG.findall(server.log_path.read_text(errors="replace")))
-
-
-class TestRetraction:
-    def test_retracted_requests_resume_with_their_kv(self, pressured):
-        model, pd = pressured
-        info = ts.request_json(pd.decode.base_url + "/server_info")
-        assert info.get("disaggregation_decode_retraction_backup") == "cpu_tensor"
-        prompts = [[(7 * i + 3 * k) % 200 + 5 for k in range(30 + 4 * i)] for i in range(6)]
-        refs = [r.tokens for r in reference_greedy(model, prompts, RETRACT_NEW)]
-        pages_free = free_pages(pd.decode.base_url)
-
-        # any non-200 answer (503 "Retracted ... without a KV backup") raises here
-        answers = ts.generate_concurrent(pd.router_url, prompts, max_new_tokens=RETRACT_NEW)
-        retracted = retracted_count(pd.decode)
-        assert retracted >= 1, "no retraction happened: the test lost its memory pressure"
-        assert [a["meta_info"]["finish_reason"]["type"] for a in answers] == ["length"] * len(prompts)
-        pressured_out = [ts.output_ids(a) for a in answers]
-        assert pressured_out == refs
-
-        alone = [ts.output_ids(ts.generate(pd.router_url, p, max_new_tokens=RETRACT_NEW))
-                 for p in prompts]  # one at a time: each fits, no pressure
-        assert alone == pressured_out
-        wait_for(lambda: free_pages(pd.decode.base_url) == pages_free, FAIL_WITHIN_S,
-                 "every decode page free again on every KVP rank")

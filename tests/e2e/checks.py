@@ -1,0 +1,143 @@
+"""What the e2e server tests check, shared by their modules: references (computed once per
+session), greedy comparisons, /server_info Helix state, page accounting, cache flushes."""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import urllib.request
+
+from helpers import E2E_PROMPT_TEXTS
+
+from sglang_helix.dev import server as ts
+
+LOGPROB_TOL = 1e-3  # fp32 servers: Helix changes only the summation order of the softmax
+FP8_KV_LOGPROB_TOL = 2e-3  # fp32 both sides; a rare fp8 rounding flip moves a logprob ~1e-3
+FP8_KV_MIN_MARGIN = 5e-3  # fp8-KV references: margins far above what a rounding flip moves
+FP32_MIN_MARGIN = 1e-4  # margins well above fp32 noise: token equality is meaningful
+
+
+def prompt_ids(model) -> list[list[int]]:
+    """E2E_PROMPT_TEXTS with the model's tokenizer: 3 prompts of different lengths."""
+    from sglang_helix.dev.tiny_models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    return [tok.encode(text) for text in E2E_PROMPT_TEXTS]
+
+
+@functools.cache
+def _references(model: str, prompts: tuple[tuple[int, ...], ...], max_new: int, fp8_kv: bool):
+    from sglang_helix.dev.fp8_models import fp8_kv_reference_greedy
+    from sglang_helix.dev.tiny_models import reference_greedy
+
+    run = fp8_kv_reference_greedy if fp8_kv else reference_greedy
+    refs = run(model, [list(p) for p in prompts], max_new)
+    floor = FP8_KV_MIN_MARGIN if fp8_kv else FP32_MIN_MARGIN
+    for ref in refs:
+        assert ref.min_margin > floor, (ref.min_margin, floor)
+    return refs
+
+
+def references(model, prompts, max_new: int, *, fp8_kv: bool = False) -> list:
+    """transformers' fp32 greedy of each prompt (KV rounded through fp8_e4m3 where the server
+    stores it, with fp8_kv), margins checked; computed once per session per argument set."""
+    return _references(str(model), tuple(map(tuple, prompts)), max_new, fp8_kv)
+
+
+def assert_greedy(answers, refs, *, tol: float = LOGPROB_TOL, argv=()) -> None:
+    """Each answer's tokens equal its reference's (lengths checked); logprobs within tol."""
+    assert len(answers) == len(refs), (len(answers), len(refs))
+    for answer, ref in zip(answers, refs):
+        assert ts.output_ids(answer) == ref.tokens, argv
+        logprobs = answer["meta_info"].get("output_token_logprobs")
+        if logprobs is not None:
+            got = [entry[0] for entry in logprobs]
+            assert len(got) == len(ref.logprobs)
+            assert all(math.isclose(g, r, abs_tol=tol) for g, r in zip(got, ref.logprobs)), argv
+
+
+def helix_state(served) -> dict:
+    """The "helix" entry of /server_info (scheduler rank 0's view: every KVP rank's pages)."""
+    return internal_state(served)["helix"]
+
+
+def internal_state(served) -> dict:
+    return ts.request_json(served.base_url + "/server_info")["internal_states"][0]
+
+
+def flush_cache(served) -> None:
+    """POST /flush_cache (answers plain text, 200 once the cache was flushed)."""
+    req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200
+
+
+def free_pages(served) -> list[int]:
+    return [r["free_pages"] for r in helix_state(served)["per_kvp_rank"]]
+
+
+def assert_all_pages_free(served, kvp: int) -> None:
+    """After /flush_cache: every page of every KVP rank is free again (waits for the
+    scheduler to finish releasing, 30 s at most)."""
+    flush_cache(served)
+    deadline = time.monotonic() + 30
+    while True:
+        ranks = helix_state(served)["per_kvp_rank"]
+        if all(r["free_pages"] == r["total_pages"] > 0 for r in ranks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(ranks) == kvp and all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+
+
+def assert_every_rank_used(served) -> None:
+    """While requests' KV is cached: every KVP rank holds some of its pages."""
+    ranks = helix_state(served)["per_kvp_rank"]
+    assert all(r["used_pages"] > 0 for r in ranks), ranks
+
+
+def check_kv_bytes(state: dict, page: int, item_bytes: int | None = None) -> None:
+    """KV bytes of this Helix rank (its pool's real buffers) against a plain-TP rank on the same
+    N = KVP x TPA ranks for the same logical capacity (the plugin's formula, kv_size): a Helix
+    rank holds K/TPA KV heads (MLA: the latent) for 1/KVP of the tokens, a plain-TP rank
+    ceil(K/N) heads (MLA: the latent) for all of them."""
+    lay = state["layout"]
+    kvp, tpa, n = lay["kvp"], lay["tpa"], lay["world_size"]
+    k = lay["num_kv_heads"]
+    plain_heads = 1 if lay["mla"] else -(-k // n)
+    helix_heads = 1 if lay["mla"] else k // tpa
+    helix_per_row = state["plain_tp_kv_bytes_per_token"] * helix_heads // plain_heads
+    # the buffers hold local_pool_rows + one padding page
+    assert state["kv_bytes_per_rank"] == (state["local_pool_rows"] + page) * helix_per_row
+    expected = state["plain_tp_kv_bytes_per_rank"] * helix_heads / (kvp * plain_heads)
+    assert abs(state["kv_bytes_per_rank"] - expected) <= 2 * page * helix_per_row, state
+    assert abs(state["local_pool_rows"] * kvp - state["logical_tokens"]) <= kvp * page
+    if item_bytes is not None:
+        assert state["kv_bytes_per_rank"] % item_bytes == 0
+
+
+def shared_prefix_pair(prompts, shared: int):
+    """Two prompts sharing their first `shared` tokens (not a page multiple): the 44-token prompt's
+    head, then two different tails."""
+    base = prompts[1][:shared]
+    return [base + [11, 12, 13], base + [21, 22, 23, 24, 25, 26]]
+
+
+def run_shared_prefix(served, pair, refs, max_new: int, page: int, tol: float = LOGPROB_TOL):
+    """The second request reuses floor(shared / P) * P cached tokens (the page, not P x KVP) and
+    still gives the reference tokens (extend over a KV-sharded cached prefix)."""
+    flush_cache(served)
+    first = ts.generate(served.base_url, pair[0], max_new_tokens=max_new, return_logprob=True)
+    second = ts.generate(served.base_url, pair[1], max_new_tokens=max_new, return_logprob=True)
+    shared = next(i for i, (a, b) in enumerate(zip(*pair)) if a != b)
+    assert second["meta_info"]["cached_tokens"] == shared // page * page
+    assert_greedy([first, second], refs, tol=tol, argv=served.server.argv)
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

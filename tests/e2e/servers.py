@@ -1,0 +1,103 @@
+"""Every real-server configuration of the e2e suite, once: one row per distinct launch.
+
+A test asks for a configuration by name (`@pytest.mark.server("mla-kvp2")`); the e2e conftest
+starts it once for every test that names it (tests are grouped by configuration), keeps one
+server alive at a time (2 cores), and prints each server's start time at the end of the run.
+Rows differ in what they launch; tests that differ only in what they send share a row. PD
+deployments and the offline Engine have their own fixtures (several processes per launch) and
+are listed in PD_DEPLOYMENTS / in tests/e2e/test_serve_gqa.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+P = 4  # page size of every e2e server: prompts of 3..44 tokens span up to 11 pages
+CHUNK = ("--chunked-prefill-size", "16")  # the 44-token prompt is prefilled in 3 chunks
+FP8_KV = ("--kv-cache-dtype", "fp8_e4m3")
+BF16 = ("--dtype", "bfloat16")  # SGLang's fp8 linear method runs bf16 / fp16 activations only
+HELIX = ("--enable-helix",)
+KVP2_TPA1 = (*HELIX, "--helix-kvp-size", "2", "--helix-tpa-size", "1")
+# SGLang counts the n-gram corpus / draft state against the host's free memory at start: the
+# harness default 0.05 is refused whenever other processes hold memory; the pool stays capped by
+# --max-total-tokens either way.
+SPEC_MEM = ("--mem-fraction-static", "0.3")
+NGRAM = ("--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "4",
+         "--speculative-ngram-max-bfs-breadth", "1", "--speculative-ngram-capacity", "100000",
+         "--decode-log-interval", "1", *SPEC_MEM)
+MTP_STEPS = 3  # SGLang's DeepSeek setting: a chain of 3 drafts, verified as 4 tokens
+NEXTN = ("--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(MTP_STEPS),
+         "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(MTP_STEPS + 1),
+         *SPEC_MEM)
+EVICT_POOL = 256  # logical tokens of the GQA server: radix eviction under 8 x 50-token requests
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One launch: the tiny model kind (sglang_helix.dev.tiny_models), --tp-size, flags, env."""
+
+    model: str
+    tp: int
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    why: str = ""
+
+    @property
+    def helix(self) -> bool:
+        return "--enable-helix" in self.args
+
+
+SERVERS: dict[str, ServerSpec] = {
+    # ---------------------------------------------------------------- GQA
+    "qwen2-kvp2": ServerSpec(
+        "qwen2", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--max-total-tokens", str(EVICT_POOL),
+                     *KVP2_TPA1),
+        why="GQA KVP 2 x TPA 1 (Qwen2 qkv bias, QKV replicated over KVP), fp8 KV pages, chunked "
+            "prefill, radix prefix hits and eviction in a small pool, aborts, /server_info"),
+    "qwen3-kvp2-tpa2": ServerSpec(
+        "qwen3", 4, ("--page-size", str(P), *HELIX, "--helix-kvp-size", "2", "--helix-tpa-size", "2"),
+        why="GQA KVP 2 x TPA 2 on 4 ranks (Qwen3 per-head q/k norm, one KV head per rank)"),
+    "gqa-kvp2-ngram": ServerSpec(
+        "gqa", 2, ("--page-size", str(P), *KVP2_TPA1, *NGRAM),
+        why="Helix + NGRAM chain drafts (Llama), verify over the KV-sharded prefix"),
+    "gqa-off-ngram": ServerSpec(
+        "gqa", 1, ("--page-size", str(P), *NGRAM),
+        why="Helix off: the CPU engine's NGRAM ops (srt.cpu.spec_fix); the harness against "
+            "transformers; OpenAI endpoints"),
+    # ---------------------------------------------------------------- MLA (DeepSeek-V3-style)
+    "mla-kvp2": ServerSpec(
+        "mla", 2, ("--page-size", str(P), *CHUNK, *HELIX, "--helix-hopb-slices", "2",
+                   "--ep-size", "2"),
+        why="MLA KVP 2, latent exchange, HOP-B 2 slices, FFN as MoE TP 1 x EP 2 on the same ranks"),
+    "mla-kvp2-value": ServerSpec(
+        "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, *HELIX, "--helix-mla-exchange", "value",
+                   "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation"),
+        why="MLA value exchange (W_UV replicated), exchange in the activation dtype, fp8 latent "
+            "pages"),
+    "mla-off": ServerSpec(
+        "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--ep-size", "2"),
+        why="Helix off: the CPU fixes that make SGLang serve this at all (absorbed MLA, native MoE "
+            "with EP, fp8 KV on torch_native)"),
+    "mla-kvp2-ngram": ServerSpec(
+        "mla", 2, ("--page-size", str(P), *CHUNK, *HELIX, *NGRAM),
+        why="Helix + NGRAM on MLA: latent moves stay on their page owner"),
+    "mtp-off": ServerSpec(
+        "mla-mtp", 2, ("--page-size", str(P), *CHUNK, *NEXTN),
+        why="Helix off DeepSeek MTP (CPU EAGLE ops): the drafts Helix must reproduce"),
+    "mtp-kvp2": ServerSpec(
+        "mla-mtp", 2, ("--page-size", str(P), *CHUNK, *NEXTN, *HELIX, "--helix-kvp-size", "2"),
+        why="Helix + MTP: the MTP layer's own KV-sharded pool, exchange in every draft step"),
+    # ---------------------------------------------------------------- fp8 checkpoints (bf16)
+    "mla-fp8-kvp2": ServerSpec(
+        "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX),
+        why="block-fp8 DeepSeek-style checkpoint: fp8 replicated q projection, W_UK from fp8"),
+    "mla-fp8-off": ServerSpec(
+        "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16),
+        why="Helix off on the same checkpoint: the CPU fp8 path alone, held to the same bound"),
+    "qwen3-fp8-kvp2": ServerSpec(
+        "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *KVP2_TPA1),
+        why="block-fp8 GQA: QKV rebuilt TPA ways from the fp8 shards + scales"),
+    "qwen3-fp8-tpa2": ServerSpec(
+        "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
+        why="block-fp8 GQA at KVP 1 x TPA 2 (heads only)"),
+}
