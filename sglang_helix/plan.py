@@ -3,7 +3,7 @@ context, GPU count and chip, from the analytic model in sglang_helix/perf.
 
     python -m sglang_helix.plan --model M --context L --gpus N --hardware H \
         [--batch B | --tpot-ms T] [--precision fp4|fp8|bf16] [--kv-cache-dtype fp4|fp8|bf16] \
-        [--exchange-dtype fp32|activation] [--plot out.png]
+        [--exchange-dtype fp32|activation] [--collective-latency-us 1] [--plot out.png]
 
 Prints every family's best layouts (Helix KVP x TPA, SGLang --dcp-size, plain TP, DP attention,
 PP) ranked at the objective with predicted TPOT, tok/s/user, tok/s/GPU, max concurrency at the
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache (default: fp8 where the chip has it, else bf16)")
     p.add_argument("--exchange-dtype", choices=("fp32", "activation"), default="fp32",
                    help="Helix --helix-exchange-dtype (default fp32, the plugin's)")
+    p.add_argument("--collective-latency-us", type=float, default=1.0,
+                   help="seconds per collective step inside the NVLink domain, in us (default 1: the "
+                        "model's assumption; beyond the domain 5x this)")
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch tried with --tpot-ms")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of the per-family frontiers")
     p.add_argument("--refresh-probe", action="store_true", help="re-measure the cpu profile")
@@ -71,9 +74,11 @@ def setting_from(args) -> Setting:
         hw = get_hardware(args.hardware)
     weights = args.precision or next(p for p in ("fp4", "fp8", "bf16") if p in hw.flops)
     kv = args.kv_cache_dtype or ("fp8" if "fp8" in hw.flops else "bf16")
+    if not args.collective_latency_us >= 0:
+        raise search.PlannerError(f"--collective-latency-us {args.collective_latency_us:g}: must be >= 0")
     try:
         return Setting(get_model(args.model), hw, search.parse_context(args.context), weights, kv,
-                       args.exchange_dtype)
+                       args.exchange_dtype, args.collective_latency_us / (hw.link_latency * 1e6))
     except SpecError as exc:
         raise search.PlannerError(f"--precision {weights}: {exc}") from None
 

@@ -58,6 +58,7 @@ class Ranking:
     evaluated: int
     kinds: tuple[str, ...] = PLANNER_KINDS
     dcp_at_helix_dtypes: Row | None = None  # the best --dcp-size row at the Helix row's dtypes
+    absent: tuple[str, ...] = ()  # families with no valid layout on these GPUs (e.g. GQA DCP at TP <= K)
 
     def best(self, kind: str) -> Row | None:
         return next((r for r in self.rows if r.family == kind), None)
@@ -115,7 +116,8 @@ def best_point(st: Setting, lay: Layout, batches: np.ndarray, batch: int | None,
 def rank(st: Setting, gpus: int, batches, batch: int | None = None, tpot: float | None = None,
          kinds: tuple[str, ...] = PLANNER_KINDS) -> Ranking:
     """Every layout of `kinds` on `gpus` GPUs at the objective, best first."""
-    lays = layouts_for(st.model, gpus, kinds, fi_a2a=st.hw.name in FI_A2A_CHIPS)
+    lays = [lay for lay in layouts_for(st.model, gpus, kinds, fi_a2a=st.hw.name in FI_A2A_CHIPS)
+            if lay.kind != "helix" or lay.kvp > 1]  # Helix KVP 1 is plain TP
     if not lays:
         raise PlannerError(f"--gpus {gpus}: no layout of {st.model.name} uses exactly {gpus} GPUs "
                            f"(TP sizes must divide {st.model.num_heads} heads)")
@@ -128,7 +130,9 @@ def rank(st: Setting, gpus: int, batches, batch: int | None = None, tpot: float 
     if helix is not None and helix.setting != st and "dcp" in kinds:
         dcp = [lay for lay in lays if lay.kind == "dcp"]
         rival = min(_rows(helix.setting, dcp, batches, batch, tpot)[0], key=key, default=None)
-    return Ranking(rows, refused, _objective(batch, tpot), len(lays) * (len(batches) if tpot else 1), kinds, rival)
+    absent = tuple(k for k in kinds if not any(lay.kind == k for lay in lays))
+    return Ranking(rows, refused, _objective(batch, tpot), len(lays) * (len(batches) if tpot else 1), kinds, rival,
+                   absent)
 
 
 def _rows(st: Setting, lays: list[Layout], batches, batch, tpot):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from .model import step
 from .ranking import FAMILY_NAMES, Ranking, Row, accepted_setting, top_rows
 from .search import pareto, sweep
 
@@ -30,8 +33,8 @@ def comparison_line(ranking: Ranking) -> str:
     """Helix vs --dcp-size (the question the planner answers) at the objective."""
     h, d = ranking.best("helix"), ranking.best("dcp")
     if h is None or d is None:
-        missing = "Helix" if h is None else "--dcp-size"
-        return f"Helix vs --dcp-size: no {missing} layout meets the objective"
+        kind = "helix" if h is None else "dcp"
+        return f"Helix vs --dcp-size: {FAMILY_NAMES[kind]} {_why_missing(ranking, kind)}"
     tput = ranking.objective.startswith("most")
     what = "tok/s/GPU" if tput else "TPOT"
     line = f"Helix vs --dcp-size ({what}): {_versus(h, d, tput)}"
@@ -50,6 +53,17 @@ def _versus(h: Row, d: Row, tput: bool) -> str:
     return f"Helix {hs} vs --dcp-size {ds}: {winner} by {ratio:.2f}x"
 
 
+def _why_missing(ranking: Ranking, kind: str) -> str:
+    if kind in ranking.absent:
+        if kind == "dcp":
+            return ("has no layout here: DCP must divide TP and, for GQA, (TP / KV heads) % DCP == 0 "
+                    "(DCP only shards what TP duplicates)")
+        return "has no layout on this many GPUs"
+    if kind in ranking.refused and ranking.best(kind) is None:
+        return "is refused by sglang_helix at every dtype (above)"
+    return "has no layout that fits in memory and meets the objective"
+
+
 def ranking_lines(st, gpus: int, ranking: Ranking) -> list[str]:
     """Everything the planner prints for one ranking."""
     out = header_lines(st, gpus, ranking) + ["", HEADER]
@@ -58,13 +72,15 @@ def ranking_lines(st, gpus: int, ranking: Ranking) -> list[str]:
     out.append("")
     for kind in ranking.kinds:
         if ranking.best(kind) is None and kind not in ranking.refused:
-            out.append(f"{FAMILY_NAMES[kind]}: no layout fits in memory / meets the objective")
+            out.append(f"{FAMILY_NAMES[kind]}: {_why_missing(ranking, kind)}")
     for kind, reason in sorted(ranking.refused.items()):
         fallback = ranking.best(kind)
         tail = f"; ranked at {fallback.setting.weights} weights / {fallback.setting.kv} KV" if fallback else ""
         out.append(f"Refused by sglang_helix ({FAMILY_NAMES[kind]} at {st.weights} weights / {st.kv} KV): "
                    f"{reason}{tail}")
     out.append(comparison_line(ranking))
+    out += breakdown_lines([r for r in (ranking.best("helix"), ranking.dcp_at_helix_dtypes or ranking.best("dcp"))
+                            if r is not None])
     win = ranking.winner
     if win is None:
         out.append("No layout with an SGLang launch line meets the objective; add GPUs, shorten the context "
@@ -76,6 +92,27 @@ def ranking_lines(st, gpus: int, ranking: Ranking) -> list[str]:
     helix = ranking.best("helix")
     if helix is not None and helix is not win:
         out += [f"Best Helix (rank {position[id(helix)]}):", "  " + helix.launch.line]
+    return out
+
+
+def breakdown_lines(rows: list[Row]) -> list[str]:
+    """Where each row's step goes (all layers, ms) and what it holds: the reasons behind Helix vs
+    --dcp-size (q projected or all-gathered, exchange and HOP-B, KV shard and page)."""
+    if len(rows) < 2:
+        return []
+    from . import memory
+    from .attention import projected_q_heads
+
+    out = [f"  {'':<13} {'KV read':>8} {'q gather + exchange':>19} {'attention side':>14} "
+           f"{'o_proj + FFN':>12} {'q heads projected':>17} {'KV MB/request/GPU':>17} {'page':>5}"]
+    for r in rows:
+        st, lay = r.setting, r.layout
+        res = step(st, lay, np.array([float(r.batch)]))
+        page = memory.page_size(st.model, lay) * (lay.kvp if lay.kind == "dcp" else 1)
+        out.append(f"  {FAMILY_NAMES[r.family]:<13} {res.kv_read[0] * 1e3:>8.3f} {res.exchange[0] * 1e3:>19.3f} "
+                   f"{res.attention[0] * 1e3:>14.3f} {res.ffn[0] * 1e3:>12.3f} "
+                   f"{projected_q_heads(st.model, lay):>17g} {memory.kv_bytes_per_request(st, lay) / 1e6:>17.1f} "
+                   f"{page:>5}")
     return out
 
 
