@@ -1,29 +1,22 @@
-"""Reproduce the Helix paper's headline ratios with the analytic model, and calibrate it on CPU.
+"""The Helix paper's six ratios and three published measurements against the analytic model, and
+the model's CPU calibration from committed measurements.
 
     python benchmarks/paper_repro.py [--no-calibration] [--out-dir docs] [--refresh-probe]
-                                     [--mla-exchange {latent,value}] [--compare-mla-exchange]
+                                     [--compare-mla-exchange]
 
-1. Sweeps DeepSeek-R1 and Llama-3.1-405B at 1M context, FP4, GB200 NVL72, 1..64 GPUs, every
-   TP / PP / EP / KVP / Helix layout x a dense batch grid; prints the paper's claims next to the
-   simulator's numbers (also with collective latency set to 0) and writes
-   docs/paper_pareto_deepseek_r1.png and docs/paper_pareto_llama405b.png.
-2. Calibration, from committed measurements only: with the "cpu" hardware profile in
+1. The paper's six ratios (sglang_helix/perf/paper.py: the paper's setting, its definitions, and
+   per ratio the one modelling difference that explains a gap, applied and shown), plus the
+   abstract's "TTL at fixed batch" wording; writes docs/paper_pareto_{deepseek_r1,llama405b}.png.
+2. Published measurements on real hardware (sglang_helix/perf/published.py: source, setup,
+   published figure, the model's prediction; nothing fitted), and the same predictions with
+   5 us per collective step, to show the model's largest assumption.
+3. Calibration, from committed measurements only: with the "cpu" hardware profile in
    --cpu-profile (default docs/results/cpu_profile.json, written by sglang_helix/perf/probe.py's
    measure() when this script runs with --refresh-probe), predicts benchmarks/bench_layer.py's
    DeepSeek-V3 single-layer step (bf16, batch 1, one core per rank) for every layout in the
-   --calibration-csv files (default docs/results/helix_vs_tp/bench_layer_deepseek-v3_b1.csv:
-   1 rank, Helix KVP 2 a2a, plain TP 2) and prints predicted vs measured. The commands that
-   produced the committed files are in docs/results.md ("Calibration on this machine").
-3. --compare-mla-exchange: DeepSeek-R1's metrics, fastest Helix TTL and exchange share with the MLA
-   exchange of latents vs values (docs/math.md section 4), the a2a bytes per rank per layer and
-   the replicated W_UV memory per GPU. --mla-exchange sets the mode of section 1 (MLA only).
-
-Metric definitions ("up to" = the maximum over the swept range):
-- TTL at fixed batch: for each batch size, best baseline TTL / best Helix TTL; max over batches.
-- users (throughput) at the same latency: Helix tok/s/GPU / baseline tok/s/GPU, both the best
-  frontier point with tok/s/user >= x; max over x within the baseline's range.
-- interactivity: max Helix tok/s/user / max baseline tok/s/user.
-- HOP-B off: 1 - TTL(HOP-B) / TTL(HOP-B off) over the Helix frontier points; max.
+   --calibration-csv files and prints predicted vs measured (docs/results.md, "Calibration").
+4. --compare-mla-exchange: DeepSeek-R1's ratios and fastest Helix points with the MLA exchange
+   of latents vs values on the paper's setting, and the a2a bytes per rank per layer.
 """
 
 from __future__ import annotations
@@ -32,6 +25,7 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,146 +33,103 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sglang_helix.perf import paper, published  # noqa: E402
 from sglang_helix.perf import search as P  # noqa: E402
 from sglang_helix.perf.layouts import Layout, all_layouts  # noqa: E402
-from sglang_helix.config import DEFAULT_MLA_EXCHANGE, MLA_EXCHANGES  # noqa: E402
-from sglang_helix.perf.model import (  # noqa: E402
-    Setting, attention_layer_time, helix_exchange_bytes, step, w_uv_params)
-from sglang_helix.perf.specs import get_hardware, get_model  # noqa: E402
+from sglang_helix.perf.model import Setting, attention_layer_time, step  # noqa: E402
+from sglang_helix.perf.specs import get_model  # noqa: E402
 
-CONTEXT = 1 << 20
-MAX_GPUS = 64
-# Paper (arXiv 2507.07120) headline claims, GB200 NVL72, FP4, 1M context.
-PAPER = {
-    ("deepseek-r1", "ttl_fixed_batch"): 1.5,
-    ("deepseek-r1", "users_same_latency"): 32.0,
-    ("llama-405b", "interactivity"): 1.13,
-    ("llama-405b", "users_same_latency"): 4.0,
-    ("llama-405b", "hopb_off_loss"): 0.12,
-    ("deepseek-r1", "hopb_off_loss"): 0.01,
-}
-LABELS = {
-    "ttl_fixed_batch": "TTL reduction at fixed batch (up to)",
-    "users_same_latency": "tok/s/GPU at same tok/s/user (up to)",
-    "interactivity": "max tok/s/user ratio",
-    "hopb_off_loss": "tok/s/user lost with HOP-B off (max)",
-}
 RESULTS = ROOT / "docs" / "results"
 CPU_PROFILE = RESULTS / "cpu_profile.json"
 CALIBRATION_CSVS = (RESULTS / "helix_vs_tp" / "bench_layer_deepseek-v3_b1.csv",)
 
 
-def run_sweep(model: str, latency_scale: float = 1.0,
-              mla_exchange: str = DEFAULT_MLA_EXCHANGE) -> P.Sweep:
-    st = Setting(get_model(model), get_hardware("gb200"), CONTEXT, "fp4", latency_scale,
-                 mla_exchange)
-    return P.sweep(st, all_layouts(st.model, MAX_GPUS), P.batch_grid(8192, per_octave=8))
+def _label(lay: Layout) -> str:
+    """A layout's label fit for a Markdown table cell."""
+    return lay.label().replace(" | ", ", ")
 
 
-def metrics(sw: P.Sweep) -> dict:
-    """The four ratios defined in the module docstring."""
-    helix, base = P.split_families(sw)
-    fh, fb = P.pareto(helix), P.pareto(base)
-    fixed = [base.ttl[base.batch == b].min() / helix.ttl[helix.batch == b].min()
-             for b in np.unique(sw.batch) if (base.batch == b).any() and (helix.batch == b).any()]
-    xs = np.unique(np.concatenate([helix.tok_s_user[fh], base.tok_s_user[fb]]))
-    xs = xs[xs <= base.tok_s_user.max()]
-    users = P.best_gpu_at(helix, fh, xs) / P.best_gpu_at(base, fb, xs)
-    loss = 1.0 - helix.ttl[fh] / helix.hopb_off_ttl[fh]
-    return {
-        "ttl_fixed_batch": max(fixed),
-        "users_same_latency": float(users.max()),
-        "interactivity": float(helix.tok_s_user.max() / base.tok_s_user.max()),
-        "hopb_off_loss": float(loss.max()),
-    }
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.1f}%" if metric == "hopb" else f"{value:.2f}x"
 
 
-def print_paper_table(results: dict, zero_lat: dict) -> None:
-    print("| model | claim | paper | simulator | sim / paper | within +-20% | simulator, latency 0 |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: |")
-    for (model, key), paper in PAPER.items():
-        sim, sim0 = results[model][key], zero_lat[model][key]
-        ok = "yes" if abs(sim / paper - 1) <= 0.2 else "no"
-        fmt = (lambda v: f"{v * 100:.1f}%") if key == "hopb_off_loss" else (lambda v: f"{v:.2f}x")
-        print(f"| {model} | {LABELS[key]} | {fmt(paper)} | {fmt(sim)} | {sim / paper:.2f} | {ok} | {fmt(sim0)} |")
+def print_paper_table() -> None:
+    print("| model | claim (the paper's words) | paper | model | model / paper | modelling difference "
+          "(flip) | model, flipped | status |")
+    print("| --- | --- | ---: | ---: | ---: | --- | ---: | --- |")
+    for r in paper.results():
+        c = r.claim
+        flip = paper.FLIPS[c.flip].what if (c.flip and r.flipped is not None) else "-"
+        print(f"| {c.model} | {c.text} | {_fmt(c.paper, c.metric)} | {_fmt(r.model, c.metric)} | "
+              f"{r.model / c.paper:.2f} | {flip} | {_fmt(r.flipped, c.metric)} | {r.status} |")
+    ds = paper.paper_sweep("deepseek-r1")
+    print(f"\nThe abstract's wording for DeepSeek-R1 (\"reduces TTL by up to 1.5x at fixed batch sizes\"): "
+          f"{paper.ttl_at_fixed_batch(ds):.2f}x in this model.")
+    for model in ("deepseek-r1", "llama-405b"):
+        sw = paper.paper_sweep(model)
+        for name, fam in (("Helix", sw.kinds(("helix",))), ("baseline", sw.kinds(paper.PAPER_BASELINE))):
+            i = P.choose(fam, None)
+            print(f"{model} fastest {name}: {_label(fam.layout(i))}, batch {int(fam.batch[i])}, "
+                  f"TTL {fam.ttl[i] * 1e3:.3f} ms")
 
 
-def compare_mla_exchange(model: str = "deepseek-r1") -> None:
-    """Section 3 of the module doc: the same sweep with latent and value MLA exchange."""
-    spec = get_model(model)
-    print(f"\nMLA exchange, {model}, 1M context, FP4, GB200 NVL72, <= {MAX_GPUS} GPUs (simulated)")
-    print("| mode | TTL at fixed batch | tok/s/GPU same tok/s/user | max tok/s/user ratio "
-          "| HOP-B off loss | fastest Helix: TTL ms, exchange share | most tok/s/GPU Helix: "
-          "TTL ms, exchange share |")
-    print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
-    for mode in MLA_EXCHANGES:
-        sw = run_sweep(model, mla_exchange=mode)
-        met, (helix, _) = metrics(sw), P.split_families(sw)
-        st = Setting(spec, get_hardware("gb200"), CONTEXT, "fp4", 1.0, mode)
-        points = []
-        for i in (P.choose(helix, None), int(np.argmax(helix.tok_s_gpu))):
-            lay, batch = helix.layout(i), helix.batch[i]
-            res = step(st, lay, [batch])
-            points.append(f"{lay.label().replace(' | ', ', ')} b{int(batch)}: {res.ttl[0] * 1e3:.3f}, "
-                          f"{res.exchange[0] / res.ttl[0] * 100:.1f}%")
-        print(f"| {mode} | {met['ttl_fixed_batch']:.2f}x | {met['users_same_latency']:.2f}x | "
-              f"{met['interactivity']:.2f}x | {met['hopb_off_loss'] * 100:.1f}% | "
-              f"{points[0]} | {points[1]} |")
-    batches = (1, 8, 64, 512, 2048)
-    print("\nTTL value / latent of one layout (< 1: values faster; '-': does not fit in memory)")
-    print("| context | layout | " + " | ".join(f"batch {b}" for b in batches) + " |")
-    print("| --- | --- |" + " ---: |" * len(batches))
-    for ctx in (CONTEXT, 1 << 16):
-        for hopb in (1, 4):
-            lay = Layout("helix", kvp=MAX_GPUS, tpf=8, ep=8, hopb=hopb)
-            lat, val = (step(Setting(spec, get_hardware("gb200"), ctx, "fp4", 1.0, mode), lay, batches)
-                        for mode in MLA_EXCHANGES)
-            cells = [f"{v / t:.3f}" if ok else "-" for t, v, ok in zip(lat.ttl, val.ttl, val.feasible)]
-            print(f"| {ctx // 1024}K | {lay.label().replace(' | ', ', ')} | " + " | ".join(cells) + " |")
-    print("\n| KVP | tokens | latent a2a bytes/rank/layer | value a2a bytes/rank/layer | ratio |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+def print_published_table() -> None:
+    print("| measurement | published | predicted | predicted, 5 us per collective step | setup | source | "
+          "the prediction assumes |")
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
+    base = {p.published.key: p for p in published.predictions()}
+    slow = {p.published.key: p for p in published.predictions(latency_scale=5.0)}
+    for key, p in base.items():
+        pub = p.published
+        shown = "not found" if pub.published is None else f"{pub.published:.2f}x"
+        print(f"| {pub.what} | {shown} | {p.predicted:.2f}x ({p.detail}) | {slow[key].predicted:.2f}x | "
+              f"{pub.setup} | {pub.source} | {pub.assumptions} |")
+
+
+def plot_paper(out_dir: Path) -> None:
+    from sglang_helix.perf.report import plot_sweep
+
+    for model, png, title in (("deepseek-r1", "paper_pareto_deepseek_r1.png", "DeepSeek-R1"),
+                              ("llama-405b", "paper_pareto_llama405b.png", "Llama-3.1-405B")):
+        plot_sweep(paper.paper_sweep(model), out_dir / png,
+                   f"{title}, 1M context, FP4, GB200 NVL72, <= 64 GPUs (model)")
+    print(f"wrote {out_dir / 'paper_pareto_deepseek_r1.png'} and {out_dir / 'paper_pareto_llama405b.png'}")
+
+
+def compare_mla_exchange() -> None:
+    """Section 4 of the module doc."""
+    print("\nMLA exchange on the paper's setting (DeepSeek-R1, 1M, FP4, GB200, <= 64 GPUs, bf16 partials)")
+    print("| mode | max tok/s/user ratio | tok/s/GPU same tok/s/user | HOP-B off loss | fastest Helix: TTL ms, "
+          "exchange share |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    spec = get_model("deepseek-r1")
+    for mode in ("latent", "value"):
+        st = paper.paper_setting("deepseek-r1")
+        lays = [lay for lay in all_layouts(spec, paper.MAX_GPUS, paper.PAPER_BASELINE + ("helix",))
+                if lay.kind != "helix" or lay.kvp == 1 or lay.mla_x == mode]
+        sw = P.sweep(st, lays, P.batch_grid(8192, per_octave=8))
+        helix = sw.kinds(("helix",))
+        i = P.choose(helix, None)
+        res = step(st, helix.layout(i), [helix.batch[i]])
+        print(f"| {mode} | {paper.interactivity(sw):.2f}x | {paper.users(sw):.2f}x | "
+              f"{paper.hopb_loss(sw, st) * 100:.1f}% | {_label(helix.layout(i))}, b{int(helix.batch[i])}: "
+              f"{res.ttl[0] * 1e3:.3f}, {res.exchange[0] / res.ttl[0] * 100:.1f}% |")
+    from sglang_helix.perf.attention import attended_heads, exchange_width
+
+    print("\n| KVP | tokens | latent a2a bytes/rank/layer | value a2a bytes/rank/layer (bf16 partials) |")
+    print("| ---: | ---: | ---: | ---: |")
     for kvp, tokens in ((2, 1), (8, 32), (64, 1), (64, 256)):
         lay = Layout("helix", kvp=kvp, tpf=kvp)
-        lat, val = (helix_exchange_bytes(spec, lay, tokens, m) for m in MLA_EXCHANGES)
-        print(f"| {kvp} | {tokens} | {lat:,.0f} | {val:,.0f} | {lat / val:.2f} |")
-    per_layer = w_uv_params(spec)
-    print(f"\nreplicated W_UV: H x R x Dv = {spec.num_heads} x {spec.kv_lora_rank} x "
-          f"{spec.v_head_dim} = {per_layer:,} elements per layer; x {spec.num_layers} layers = "
-          f"{per_layer * spec.num_layers * 0.5 / 2**20:,.0f} MiB fp4, "
-          f"{per_layer * spec.num_layers * 2 / 2**20:,.0f} MiB bf16 per GPU (latent: 1/N of it)")
-
-
-def plot(sw: P.Sweep, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = {"helix": ("Helix", "k", "-"), "tp": ("TP", "C0", "--"), "pp": ("PP", "C1", "--"),
-              "ep": ("EP (DP attention)", "C2", "--"), "kvp": ("KVP (Medha-style)", "C3", "--")}
-    for kind, (label, color, ls) in styles.items():
-        fam = sw.kinds((kind,))
-        f = P.pareto(fam)
-        if len(f):
-            ax.plot(fam.tok_s_user[f], fam.tok_s_gpu[f], ls, color=color, marker=".", label=label,
-                    lw=2.2 if kind == "helix" else 1.2, drawstyle="steps-post")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens/s/user (1 / TTL)")
-    ax.set_ylabel("tokens/s/GPU")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        sizes = [tokens * attended_heads(spec, l) * (exchange_width(spec, l) * 2 + 4) * (kvp - 1) / kvp
+                 for l in (lay, replace(lay, mla_x="value"))]
+        print(f"| {kvp} | {tokens} | {sizes[0]:,.0f} | {sizes[1]:,.0f} |")
 
 
 def measured_bench(path: Path) -> dict:
     """{(layout, N): {ctx: step ms}} from a bench_layer CSV: the single rank, Helix with the a2a
-    exchange and no HOP-B, plain TP. CSVs written before bench_layer had a layout column hold
-    only the single rank (KVP 1) and Helix rows."""
+    exchange and no HOP-B, plain TP."""
     out: dict = {}
     with path.open() as f:
         for row in csv.DictReader(f):
@@ -210,14 +161,12 @@ def load_cpu_profile(path: Path, refresh: bool):
         path.write_text(json.dumps(data, indent=1) + "\n")
         print(f"measured the cpu profile -> {_rel(path)}")
     if not path.exists():
-        raise SystemExit(f"{path} missing: run with --refresh-probe to measure this machine, or "
-                         f"--no-calibration")
+        raise SystemExit(f"{path} missing: run with --refresh-probe to measure this machine, or --no-calibration")
     return probe.hardware_from_profile(json.loads(path.read_text()))
 
 
 def calibration(profile: Path, csvs: list[Path], refresh: bool) -> None:
     hw = load_cpu_profile(profile, refresh)
-    st0 = Setting(get_model("deepseek-r1"), hw, 8192, "bf16")
     print(f"\nCalibration: cpu profile {_rel(profile)} = {hw.source}: fp32 matmul "
           f"{hw.flops['fp32'] / 1e9:.1f} GFLOP/s, copy {hw.hbm_bw / 1e9:.1f} GB/s, gloo a2a "
           f"{hw.link_latency * 1e6:.0f} us + {hw.link_bw / 1e9:.2f} GB/s")
@@ -228,7 +177,7 @@ def calibration(profile: Path, csvs: list[Path], refresh: bool) -> None:
         print("| ---: | --- | ---: | ---: | ---: | ---: |")
         for (layout, ranks), points in sorted(meas.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             for ctx, ms in sorted(points.items()):
-                st = Setting(st0.model, hw, ctx, "bf16")
+                st = Setting(get_model("deepseek-r1"), hw, ctx, "bf16", "bf16", "activation")
                 pred = attention_layer_time(st, _sim_layout(layout, ranks), 1)["step"] * 1e3
                 name = {"1 rank": "1 rank", "helix": f"Helix KVP {ranks} a2a", "tp": f"plain TP {ranks}"}[layout]
                 print(f"| {ctx} | {name} | {ranks} | {pred:.2f} | {ms:.2f} | {pred / ms:.2f} |")
@@ -251,36 +200,18 @@ def main(argv=None) -> int:
                     help="probe JSON the calibration predicts with (committed: %(default)s)")
     ap.add_argument("--calibration-csv", type=Path, nargs="+", default=list(CALIBRATION_CSVS),
                     help="bench_layer.py CSVs (DeepSeek-V3, batch 1) to compare with")
-    ap.add_argument("--mla-exchange", choices=MLA_EXCHANGES, default=DEFAULT_MLA_EXCHANGE,
-                    help="what DeepSeek's Helix layouts exchange in the paper sweep (default "
-                         "%(default)s)")
     ap.add_argument("--compare-mla-exchange", action="store_true",
-                    help="also sweep DeepSeek-R1 with both MLA exchanges and print the difference")
+                    help="also compare DeepSeek-R1's MLA exchange of latents vs values")
     args = ap.parse_args(argv)
-    results, zero_lat, total = {}, {}, 0
-    for model, png, title in (("deepseek-r1", "paper_pareto_deepseek_r1.png", "DeepSeek-R1"),
-                              ("llama-405b", "paper_pareto_llama405b.png", "Llama-3.1-405B")):
-        sw = run_sweep(model, mla_exchange=args.mla_exchange)
-        total += sw.evaluated
-        results[model] = metrics(sw)
-        zero_lat[model] = metrics(run_sweep(model, 0.0, args.mla_exchange))
-        plot(sw, f"{title}, 1M context, FP4, GB200 NVL72, <= {MAX_GPUS} GPUs (simulated)", args.out_dir / png)
-        _print_best(model, sw)
-    print(f"\nswept {total} (layout, batch) configurations per latency setting; wrote PNGs to {args.out_dir}\n")
-    print_paper_table(results, zero_lat)
+    print_paper_table()
+    print()
+    print_published_table()
+    plot_paper(args.out_dir)
     if args.compare_mla_exchange:
         compare_mla_exchange()
     if not args.no_calibration:
         calibration(args.cpu_profile, args.calibration_csv, args.refresh_probe)
     return 0
-
-
-def _print_best(model: str, sw: P.Sweep) -> None:
-    helix, base = P.split_families(sw)
-    for name, fam in (("Helix", helix), ("baseline", base)):
-        i = P.choose(fam, None)
-        print(f"{model} fastest {name}: {fam.layout(i).label()}, batch {int(fam.batch[i])}, "
-              f"TTL {fam.ttl[i] * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""Analytic decode performance model and layout planner for Helix vs TP/PP/EP/KVP baselines.
+"""Analytic decode performance model and planner: Helix next to SGLang's --dcp-size (and vLLM's
+DCP), plain TP, DP attention, PP and Medha-style KVP, on one roofline.
 
-Pure Python + numpy (no torch, except `probe`, which measures this machine):
-
-- `specs`   — model and hardware specs as frozen, validated data (public configs / datasheets).
-- `model`   — per-decode-step roofline: KV reads, weight reads + FLOPs, collectives, HOP-B,
-              memory feasibility; vectorised over batch sizes.
-- `layouts` — enumeration of TP, PP, EP (DP-attention), KVP (Medha-style) and Helix layouts.
-- `probe`   — the "cpu" hardware profile of this machine (measured, cached as JSON).
-- `search`  — sweeps, Pareto frontiers and the chosen layout with its SGLang launch line (checked
-              with the launch rules, sglang_helix.rules).
+Pure Python + numpy (no torch, except `probe`, which measures this machine). Modules: specs
+(models), hardware (chips, with sources), layouts (families and their enumeration), collectives,
+attention (each family's attention side), model (`Setting`, `step`), memory (weights, KV via
+kv_size, states, reserve), search (sweeps, frontiers), launch (launch lines + the plugin's rules),
+ranking and report (the planner's answer), paper (the paper's six ratios), published (measurements
+on real hardware vs predictions), probe (the cpu profile).
 """

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .specs import HardwareSpec
+from .hardware import HardwareSpec
 
 CACHE_VERSION = 1
 

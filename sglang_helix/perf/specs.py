@@ -1,33 +1,31 @@
-"""Model and hardware specs as data.
+"""Model specs as data: the fields of each model's public Hugging Face `config.json`.
 
-Model numbers are the fields of each model's public Hugging Face `config.json` (field names in
-the comments). Hardware numbers are vendor datasheet figures, per GPU, *dense* (the datasheets
-quote FP4/FP8/BF16 tensor throughput with 2:4 sparsity; dense is half). Every assumption that is
-not a datasheet figure is marked ASSUMPTION.
+Every number is a config field (named in the comments); every assumption that is not one is
+marked ASSUMPTION. The KV row of a model is a `kv_size.KVShape` (the one KV arithmetic): this
+module never counts KV bytes itself. Hardware specs are in `hardware.py`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
 from ..errors import HelixError
 from ..kv_size import KVShape
 
-# Bytes per element of weights / KV cache at each precision. FP4 ignores block-scale overhead
-# (NVFP4 adds one fp8 scale per 16 values, +6%): ASSUMPTION, as the paper quotes plain FP4.
+# Bytes per element at each precision. FP4 ignores the block scales (NVFP4 adds one fp8 scale per
+# 16 values, +6%): ASSUMPTION, as the Helix paper quotes plain FP4.
 PRECISION_BYTES = {"fp4": 0.5, "fp8": 1.0, "bf16": 2.0, "fp32": 4.0}
-# Activations travel in bf16. The exchanged partial outputs are counted at bf16 too: the paper's
-# design and `--helix-exchange-dtype activation`; the default fp32 exchange (docs/math.md
-# section 4) sends about twice these exchange bytes, not modelled here.
-ACT_BYTES = 2.0
-LSE_BYTES = 4.0  # the LSE always travels as fp32 (docs/math.md section 4)
+ACT_BYTES = 2.0  # activations (and the "activation" exchange dtype) travel in bf16
+LSE_BYTES = 4.0  # an LSE always travels as fp32 (docs/math.md section 4)
+STATE_BYTES = 4.0  # linear-attention (Gated DeltaNet) recurrent state: fp32 in SGLang
 
 
 class SpecError(HelixError, ValueError):
     """A model or hardware spec that cannot be right; the message names the field."""
 
 
-def _positive(obj, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
+def check_numbers(obj, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> None:
+    """SpecError unless every named field is a number > 0 (or >= 0 for `allow_zero`)."""
     for name in names:
         value = getattr(obj, name)
         low_ok = name in allow_zero
@@ -39,7 +37,8 @@ def _positive(obj, names: tuple[str, ...], allow_zero: tuple[str, ...] = ()) -> 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One decoder-only model: attention (MLA or GQA) + dense FFN and/or MoE layers."""
+    """One decoder-only model: attention (MLA or GQA, optionally hybrid with linear-attention
+    layers that keep a fixed recurrent state instead of a KV cache) + dense FFN and/or MoE."""
 
     name: str
     hf_id: str
@@ -61,23 +60,34 @@ class ModelSpec:
     top_k: int = 0
     num_shared_experts: int = 0
     moe_intermediate: int = 0
+    gated_attention: bool = False  # attn_output_gate: q_proj also produces a per-head gate
+    linear_layers: int = 0  # layers with linear attention (no KV cache), e.g. Gated DeltaNet
+    linear_params: int = 0  # weights of one linear-attention layer
+    linear_state: int = 0  # recurrent-state elements of one request in one linear layer
+    checkpoint: str = "bf16"  # dtype of the upstream checkpoint's weights
 
     def __post_init__(self) -> None:
-        _positive(self, ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "vocab"))
-        _positive(self, ("num_dense_layers", "num_experts", "top_k", "num_shared_experts"),
-                  allow_zero=("num_dense_layers", "num_experts", "top_k", "num_shared_experts"))
+        check_numbers(self, ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "vocab"))
+        check_numbers(self, ("num_dense_layers", "num_experts", "top_k", "num_shared_experts",
+                             "linear_layers", "linear_params", "linear_state"),
+                      allow_zero=("num_dense_layers", "num_experts", "top_k", "num_shared_experts",
+                                  "linear_layers", "linear_params", "linear_state"))
         if self.num_heads % self.num_kv_heads:
             raise SpecError(f"{self.name}: num_heads {self.num_heads} not a multiple of num_kv_heads")
         if self.mla and (self.num_kv_heads != 1 or self.kv_lora_rank <= 0 or self.v_head_dim <= 0):
             raise SpecError(f"{self.name}: MLA needs num_kv_heads=1, kv_lora_rank > 0, v_head_dim > 0")
-        if self.num_dense_layers > self.num_layers:
-            raise SpecError(f"{self.name}: num_dense_layers > num_layers")
+        if self.num_dense_layers > self.num_layers or self.linear_layers >= self.num_layers:
+            raise SpecError(f"{self.name}: num_dense_layers / linear_layers exceed num_layers")
+        if bool(self.linear_layers) != bool(self.linear_params and self.linear_state):
+            raise SpecError(f"{self.name}: linear layers need linear_params and linear_state")
         if self.is_moe and not (0 < self.top_k <= self.num_experts and self.moe_intermediate > 0):
             raise SpecError(f"{self.name}: MoE needs 0 < top_k <= num_experts and moe_intermediate > 0")
         if self.num_dense_layers and self.dense_intermediate <= 0:
             raise SpecError(f"{self.name}: dense layers need dense_intermediate > 0")
         if not self.is_moe and self.num_dense_layers != self.num_layers:
             raise SpecError(f"{self.name}: a model without experts has only dense layers")
+        if self.checkpoint not in PRECISION_BYTES:
+            raise SpecError(f"{self.name}: checkpoint dtype {self.checkpoint!r} unknown")
 
     @property
     def is_moe(self) -> bool:
@@ -87,13 +97,18 @@ class ModelSpec:
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers
 
+    @property
+    def attention_layers(self) -> int:
+        """Layers with softmax attention over a KV cache (all but the linear-attention ones)."""
+        return self.num_layers - self.linear_layers
+
     # ---- attention geometry (decode; MLA in the absorbed latent form) -------------------------
     @property
     def kv_shape(self) -> KVShape:
-        """The per-token KV row (sglang_helix.kv_size): MLA latent + rope, or GQA K and V heads."""
+        """The per-token KV row (sglang_helix.kv_size) over the layers that keep a KV cache."""
         if self.mla:
-            return KVShape.mla_latent(self.kv_lora_rank, self.qk_rope_dim, self.num_layers)
-        return KVShape.gqa(self.num_kv_heads, self.head_dim, layers=self.num_layers)
+            return KVShape.mla_latent(self.kv_lora_rank, self.qk_rope_dim, self.attention_layers)
+        return KVShape.gqa(self.num_kv_heads, self.head_dim, layers=self.attention_layers)
 
     @property
     def kv_elems_per_token(self) -> int:
@@ -107,40 +122,50 @@ class ModelSpec:
 
     @property
     def v_dim(self) -> int:
-        """Per-head value length attention outputs (absorbed MLA: the latent, exchanged pre-W_UV)."""
+        """Per-head width attention outputs (absorbed MLA: the latent, before W_UV)."""
         return self.kv_lora_rank if self.mla else self.head_dim
 
-    # ---- parameter groups per layer (counts, not bytes) ---------------------------------------
+    # ---- parameter groups per attention layer (counts, not bytes) -----------------------------
     @property
     def attn_shared_params(self) -> int:
-        """Input projections every attention rank needs whole (MLA: q_a and kv_a down-projections)."""
+        """Input projections every attention rank holds whole (MLA: q_a and kv_a)."""
         if self.mla:
             return self.hidden * self.q_lora_rank + self.hidden * (self.kv_lora_rank + self.qk_rope_dim)
         return 0
 
     @property
-    def attn_q_params(self) -> int:
-        """Per-query-head input projections (split by heads). MLA: q_b plus the absorbed W_UK."""
+    def q_params_per_head(self) -> int:
+        """Query-side projection weights of one head. MLA: q_b plus the absorbed W_UK; a gated
+        GQA head also projects its output gate."""
         if self.mla:
             nope = self.head_dim
-            return self.num_heads * (self.q_lora_rank * (nope + self.qk_rope_dim) + self.kv_lora_rank * nope)
-        return self.hidden * self.num_heads * self.head_dim
+            return self.q_lora_rank * (nope + self.qk_rope_dim) + self.kv_lora_rank * nope
+        return self.hidden * self.head_dim * (2 if self.gated_attention else 1)
 
     @property
-    def attn_kv_params(self) -> int:
-        """GQA K and V projections (split by KV head); 0 for MLA (kv_a is in attn_shared_params)."""
-        return 0 if self.mla else 2 * self.hidden * self.num_kv_heads * self.head_dim
+    def attn_q_params(self) -> int:
+        return self.num_heads * self.q_params_per_head
 
     @property
-    def attn_out_params(self) -> int:
-        """Per-head output side: o_proj (MLA also W_UV), split by heads."""
-        if self.mla:
-            return self.num_heads * self.v_head_dim * (self.kv_lora_rank + self.hidden)
-        return self.num_heads * self.head_dim * self.hidden
+    def kv_params_per_head(self) -> int:
+        """GQA K and V projection weights of one KV head; 0 for MLA (kv_a is shared)."""
+        return 0 if self.mla else 2 * self.hidden * self.head_dim
+
+    @property
+    def w_uv_per_head(self) -> int:
+        """MLA W_UV of one head (R x Dv); 0 for GQA."""
+        return self.kv_lora_rank * self.v_head_dim if self.mla else 0
+
+    @property
+    def out_params_per_head(self) -> int:
+        """o_proj of one head (MLA: W_UV + o_proj)."""
+        width = self.v_head_dim if self.mla else self.head_dim
+        return self.w_uv_per_head + width * self.hidden
 
     @property
     def attn_params(self) -> int:
-        return self.attn_shared_params + self.attn_q_params + self.attn_kv_params + self.attn_out_params
+        return (self.attn_shared_params + self.attn_q_params + self.num_kv_heads * self.kv_params_per_head
+                + self.num_heads * self.out_params_per_head)
 
     @property
     def dense_ffn_params(self) -> int:
@@ -157,11 +182,20 @@ class ModelSpec:
     @property
     def total_params(self) -> int:
         """All weights (embedding and LM head untied, as in every model here)."""
-        moe = self.num_experts * self.expert_params + self.num_shared_experts * self.expert_params
-        per_dense = self.attn_params + self.dense_ffn_params
-        per_moe = self.attn_params + moe + self.router_params
-        return self.num_dense_layers * per_dense + self.num_moe_layers * per_moe + 2 * self.vocab * self.hidden
+        moe = (self.num_experts + self.num_shared_experts) * self.expert_params + self.router_params
+        mixers = self.attention_layers * self.attn_params + self.linear_layers * self.linear_params
+        return (mixers + self.num_dense_layers * self.dense_ffn_params + self.num_moe_layers * moe
+                + 2 * self.vocab * self.hidden)
 
+
+def _gdn(hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int) -> tuple[int, int]:
+    """(weights, recurrent-state elements per request) of one Gated DeltaNet layer: q, k, v, z
+    and the a/b gates in, o out; state v_heads x k_dim x v_dim (SGLang's mamba-style pool)."""
+    qk, v = k_heads * k_dim, v_heads * v_dim
+    return hidden * (2 * qk + 2 * v + 2 * v_heads) + v * hidden, v_heads * k_dim * v_dim
+
+
+_QWEN35_GDN = _gdn(4096, 16, 64, 128, 128)
 
 # Public config.json values, field names as in the config.
 MODELS: dict[str, ModelSpec] = {
@@ -169,12 +203,12 @@ MODELS: dict[str, ModelSpec] = {
     # num_attention_heads 128, kv_lora_rank 512, qk_rope_head_dim 64, qk_nope_head_dim 128,
     # v_head_dim 128, q_lora_rank 1536, intermediate_size 18432, first_k_dense_replace 3,
     # n_routed_experts 256, num_experts_per_tok 8, n_shared_experts 1, moe_intermediate_size 2048,
-    # vocab_size 129280.
+    # vocab_size 129280; quantization_config fp8 (block 128).
     "deepseek-r1": ModelSpec(
         "deepseek-r1", "deepseek-ai/DeepSeek-R1", "DeepseekV3ForCausalLM", 61, 7168, 128, 1, 128, 129280,
         mla=True, kv_lora_rank=512, qk_rope_dim=64, q_lora_rank=1536, v_head_dim=128,
         dense_intermediate=18432, num_dense_layers=3, num_experts=256, top_k=8, num_shared_experts=1,
-        moe_intermediate=2048,
+        moe_intermediate=2048, checkpoint="fp8",
     ),
     # meta-llama/Llama-3.1-405B-Instruct: num_hidden_layers 126, hidden_size 16384,
     # num_attention_heads 128, num_key_value_heads 8, head_dim 128, intermediate_size 53248,
@@ -198,106 +232,32 @@ MODELS: dict[str, ModelSpec] = {
         "qwen3-235b", "Qwen/Qwen3-235B-A22B", "Qwen3MoeForCausalLM", 94, 4096, 64, 4, 128, 151936,
         num_experts=128, top_k=8, moe_intermediate=1536,
     ),
-    # moonshotai/Kimi-K2-Instruct (DeepseekV3ForCausalLM): num_hidden_layers 61, hidden_size 7168,
-    # num_attention_heads 64, kv_lora_rank 512, qk_rope_head_dim 64, qk_nope_head_dim 128,
-    # v_head_dim 128, q_lora_rank 1536, intermediate_size 18432, first_k_dense_replace 1,
-    # n_routed_experts 384, num_experts_per_tok 8, n_shared_experts 1, moe_intermediate_size 2048,
-    # vocab_size 163840.
+    # Qwen/Qwen3.5-397B-A17B (text_config): num_hidden_layers 60, full_attention_interval 4 (15
+    # gated-attention layers, 45 Gated DeltaNet layers), hidden_size 4096, num_attention_heads 32,
+    # num_key_value_heads 2, head_dim 256, attn_output_gate true, linear_num_key_heads 16,
+    # linear_num_value_heads 64, linear_key/value_head_dim 128, num_experts 512,
+    # num_experts_per_tok 10, moe_intermediate_size 1024, shared_expert_intermediate_size 1024,
+    # vocab_size 248320.
+    "qwen3.5-397b": ModelSpec(
+        "qwen3.5-397b", "Qwen/Qwen3.5-397B-A17B", "Qwen3_5MoeForConditionalGeneration", 60, 4096, 32, 2,
+        256, 248320, num_experts=512, top_k=10, num_shared_experts=1, moe_intermediate=1024,
+        gated_attention=True, linear_layers=45, linear_params=_QWEN35_GDN[0], linear_state=_QWEN35_GDN[1],
+    ),
+    # moonshotai/Kimi-K2-Instruct (DeepseekV3ForCausalLM; Kimi-K2.5/K2.6 keep this text model):
+    # num_hidden_layers 61, hidden_size 7168, num_attention_heads 64, kv_lora_rank 512,
+    # qk_rope_head_dim 64, qk_nope_head_dim 128, v_head_dim 128, q_lora_rank 1536,
+    # intermediate_size 18432, first_k_dense_replace 1, n_routed_experts 384,
+    # num_experts_per_tok 8, n_shared_experts 1, moe_intermediate_size 2048, vocab_size 163840;
+    # quantization_config fp8 (block 128).
     "kimi-k2": ModelSpec(
         "kimi-k2", "moonshotai/Kimi-K2-Instruct", "DeepseekV3ForCausalLM", 61, 7168, 64, 1, 128, 163840,
         mla=True, kv_lora_rank=512, qk_rope_dim=64, q_lora_rank=1536, v_head_dim=128,
         dense_intermediate=18432, num_dense_layers=1, num_experts=384, top_k=8, num_shared_experts=1,
-        moe_intermediate=2048,
+        moe_intermediate=2048, checkpoint="fp8",
     ),
 }
-MODEL_ALIASES = {"deepseek-v3": "deepseek-r1", "llama-3.1-405b": "llama-405b", "llama-3-70b": "llama-70b"}
-
-
-@dataclass(frozen=True)
-class HardwareSpec:
-    """One accelerator (per-GPU figures) and the links between accelerators.
-
-    flops: dense FLOP/s per precision; a precision the chip cannot compute natively is absent.
-    link_bw: bytes/s per direction per GPU inside the scale-up domain (NVLink).
-    link_latency: seconds per collective step inside the domain (ASSUMPTION for GPUs, see HARDWARE).
-    scaleout_bw / scaleout_latency: the same beyond `domain_size` GPUs (one NIC per GPU).
-    mem_fraction: share of HBM usable for weights + KV (the rest: activations, workspace, graphs).
-    attn_precision: if set, attention math runs at this precision's rate whatever the KV precision
-        (the CPU torch path upcasts to fp32).
-    """
-
-    name: str
-    flops: dict = field(hash=False)
-    hbm_bw: float
-    hbm_capacity: float
-    link_bw: float
-    link_latency: float
-    domain_size: int
-    scaleout_bw: float
-    scaleout_latency: float
-    mem_fraction: float = 0.9
-    attn_precision: str | None = None
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        _positive(self, ("hbm_bw", "hbm_capacity", "link_bw", "domain_size", "scaleout_bw"))
-        _positive(self, ("link_latency", "scaleout_latency"), allow_zero=("link_latency", "scaleout_latency"))
-        if not 0 < self.mem_fraction <= 1:
-            raise SpecError(f"{self.name}: mem_fraction must be in (0, 1], got {self.mem_fraction}")
-        if not self.flops:
-            raise SpecError(f"{self.name}: flops needs at least one precision")
-        for prec, rate in self.flops.items():
-            if prec not in PRECISION_BYTES or not rate > 0:
-                raise SpecError(f"{self.name}: flops[{prec!r}] = {rate!r} (precision or rate invalid)")
-        if self.attn_precision is not None and self.attn_precision not in self.flops:
-            raise SpecError(f"{self.name}: attn_precision {self.attn_precision!r} has no flops entry")
-
-    def flop_rate(self, precision: str) -> float:
-        """Dense FLOP/s at `precision`; SpecError if the chip has no such tensor path."""
-        if precision not in self.flops:
-            raise SpecError(
-                f"{self.name} has no {precision} compute (has {', '.join(sorted(self.flops))}); "
-                f"pick --precision {' or '.join(sorted(p for p in self.flops if p != 'fp32'))}"
-            )
-        return self.flops[precision]
-
-    def link(self, group: int) -> tuple[float, float]:
-        """(bandwidth bytes/s per direction, latency s per step) for a group of `group` GPUs."""
-        if group <= self.domain_size:
-            return self.link_bw, self.link_latency
-        return self.scaleout_bw, self.scaleout_latency
-
-    @property
-    def usable_memory(self) -> float:
-        return self.hbm_capacity * self.mem_fraction
-
-
-_T, _G, _US = 1e12, 1e9, 1e-6
-# ASSUMPTION (all GPUs): one collective step inside the NVLink domain costs 1 us (NVLink +
-# switch hop + synchronisation, small messages, CUDA graphs, no launch overhead); beyond the
-# domain 5 us per step over 400 Gb/s (50 GB/s) InfiniBand/ConnectX-7 NICs, one per GPU.
-HARDWARE: dict[str, HardwareSpec] = {
-    # GB200 NVL72 datasheet (per rack / 72 GPUs): FP4 1,440 PF sparse -> 10 PF dense per GPU;
-    # FP8 720 PF sparse -> 5 PF dense; BF16 360 PF sparse -> 2.5 PF dense; HBM3e 576 TB/s -> 8 TB/s
-    # (the paper's 8000 GB/s); 13.4 TB HBM -> 186 GB; NVLink 5 130 TB/s -> 1.8 TB/s bidirectional
-    # = 900 GB/s per direction; one NVLink domain of 72 GPUs.
-    "gb200": HardwareSpec("gb200", {"fp4": 10e15, "fp8": 5e15, "bf16": 2.5e15}, 8 * _T, 186 * _G,
-                          900 * _G, 1 * _US, 72, 50 * _G, 5 * _US, source="GB200 NVL72 datasheet"),
-    # HGX B200 datasheet (8 GPUs): FP4 144 PF sparse -> 9 PF dense per GPU; FP8 72 PF sparse ->
-    # 4.5 PF; BF16 36 PF sparse -> 2.25 PF; 8 TB/s HBM3e; 1.44 TB -> 180 GB; NVLink 5 1.8 TB/s
-    # bidirectional; domain 8.
-    "b200": HardwareSpec("b200", {"fp4": 9e15, "fp8": 4.5e15, "bf16": 2.25e15}, 8 * _T, 180 * _G,
-                         900 * _G, 1 * _US, 8, 50 * _G, 5 * _US, source="HGX B200 datasheet"),
-    # H200 SXM datasheet: FP8 3,958 TF sparse -> 1,979 dense; BF16 1,979 sparse -> 989 dense; no FP4;
-    # 4.8 TB/s HBM3e, 141 GB; NVLink 4 900 GB/s bidirectional = 450 GB/s per direction; domain 8.
-    "h200": HardwareSpec("h200", {"fp8": 1979 * _T, "bf16": 989 * _T}, 4.8 * _T, 141 * _G,
-                         450 * _G, 1 * _US, 8, 50 * _G, 5 * _US, source="H200 SXM datasheet"),
-    # H100 SXM datasheet: FP8 1,979 TF dense; BF16 989 TF dense; no FP4; 3.35 TB/s HBM3, 80 GB;
-    # NVLink 4 450 GB/s per direction; domain 8.
-    "h100": HardwareSpec("h100", {"fp8": 1979 * _T, "bf16": 989 * _T}, 3.35 * _T, 80 * _G,
-                         450 * _G, 1 * _US, 8, 50 * _G, 5 * _US, source="H100 SXM datasheet"),
-}
-HARDWARE_CHOICES = tuple(HARDWARE) + ("cpu",)
+MODEL_ALIASES = {"deepseek-v3": "deepseek-r1", "llama-3.1-405b": "llama-405b", "llama-3-70b": "llama-70b",
+                 "qwen3.5": "qwen3.5-397b", "kimi-k2.6": "kimi-k2"}
 
 
 def get_model(name: str) -> ModelSpec:
@@ -306,19 +266,3 @@ def get_model(name: str) -> ModelSpec:
     if key not in MODELS:
         raise SpecError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
     return MODELS[key]
-
-
-def get_hardware(name: str) -> HardwareSpec:
-    """Hardware spec by name (datasheet figures). "cpu" is measured, not specified: use
-    sglang_helix.perf.probe.cpu_hardware()."""
-    if name == "cpu":
-        raise SpecError("hardware 'cpu' is measured on this machine: call "
-                        "sglang_helix.perf.probe.cpu_hardware()")
-    if name not in HARDWARE:
-        raise SpecError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE_CHOICES)}")
-    return HARDWARE[name]
-
-
-def log2_steps(group: int) -> int:
-    """ceil(log2(group)) collective steps for tree/recursive-doubling algorithms (0 for 1 GPU)."""
-    return 0 if group <= 1 else math.ceil(math.log2(group))
