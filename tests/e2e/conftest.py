@@ -136,6 +136,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("=", f"e2e servers: {len(timings)} configurations")
     for name, (start_s, alive_s, starts) in sorted(timings.items(), key=lambda kv: -kv[1][1]):
         again = f"  (started {starts} times: its tests were not grouped)" * (starts > 1)
-        terminalreporter.write_line(f"{alive_s:7.1f}s alive {start_s:6.1f}s start  {name}{again}")
+        terminalreporter.write_line(f"{start_s:6.1f}s start {alive_s:6.1f}s in use  {name}{again}")
     total = sum(t[0] for t in timings.values())
     terminalreporter.write_line(f"{total:7.1f}s spent starting servers")
