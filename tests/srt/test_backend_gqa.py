@@ -216,9 +216,28 @@ def _verify_chain(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk
     return max(errs)
 
 
-@pytest.mark.parametrize("kvp,tpa,fp8", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)])
-def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa, fp8):
-    results = run_ranks(_rank_main, kvp * tpa, (kvp, tpa, fp8), timeout=150)
+CASES = [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)]
+
+
+def _cases_main(rank: int, world: int, cases) -> dict:
+    """Every case of one world size on the same spawned ranks (each spawn imports SGLang: one
+    spawn per world size, not per case)."""
+    return {case: _rank_main(rank, world, *case) for case in cases}
+
+
+@pytest.fixture(scope="module")
+def results_by_case() -> dict:
+    out: dict = {}
+    for world in sorted({kvp * tpa for kvp, tpa, _ in CASES}):
+        cases = [c for c in CASES if c[0] * c[1] == world]
+        per_rank = run_ranks(_cases_main, world, (cases,), timeout=300)
+        out.update({case: [r[case] for r in per_rank] for case in cases})
+    return out
+
+
+@pytest.mark.parametrize("kvp,tpa,fp8", CASES)
+def test_helix_backend_prefill_and_decode_match_full_attention(kvp, tpa, fp8, results_by_case):
+    results = results_by_case[kvp, tpa, fp8]
     for err, shape in results:
         assert shape == (len(SEQS), H // (kvp * tpa), DV)  # decode; extend errors are in err
         assert err < 1e-5, results

@@ -98,8 +98,10 @@ for case_id, argv in spec["resolve"]:
         sa = prepare_server_args(argv)
         sa.resolve_once()
         view = resolved_view(sa)
+        graphs = view.cuda_graph_config
         out[case_id] = {"ok": True, "page_size": view.page_size, "log": log.getvalue(),
-                        "backends": [view.prefill_attention_backend, view.decode_attention_backend]}
+                        "backends": [view.prefill_attention_backend, view.decode_attention_backend],
+                        "graphs": [str(graphs.prefill.backend), str(graphs.decode.backend)]}
     except (Exception, SystemExit) as exc:  # SystemExit: SGLang's own argparse refusals
         out[case_id] = {"ok": False, "type": type(exc).__name__, "message": str(exc)}
 parsed = {}
@@ -114,7 +116,8 @@ parser = argparse.ArgumentParser()
 ServerArgs.add_cli_args(parser)
 spellings = {a.dest: a.option_strings for a in parser._actions}
 print("RESULT " + json.dumps({"cases": out, "parsed": parsed, "spellings": spellings,
-                              "defaults": dataclasses.asdict(ServerLayout.of(defaults))}))
+                              "defaults": dataclasses.asdict(ServerLayout.of(defaults)),
+                              "help": parser.format_help()}))
 """
 
 
@@ -200,6 +203,21 @@ def test_bare_enable_helix_gets_the_helix_page_size_and_passes_validation(resolv
     assert result["page_size"] == 64 and result["backends"] == ["helix", "helix"]
     assert "sglang_helix: --page-size not given; using 64 for Helix" in result["log"]
     assert "page_size=64; attention backend helix" in result["log"]
+
+
+def test_cpu_launch_resolves_cuda_graphs_off(resolved):
+    """SGLang's resolved CudaGraphConfig (what its graph runners read) on the CPU engine under
+    Helix: prefill and decode graphs disabled (the CUDA cases: tests/srt/test_plugin.py)."""
+    assert resolved["cases"]["bare"]["graphs"] == ["disabled", "disabled"]
+
+
+def test_sglang_help_lists_the_helix_group(resolved):
+    """SGLang's own parser with the plugin's AFTER hook on add_cli_args: `--help` shows the group."""
+    text = resolved["help"]
+    assert "\nHelix:\n" in text
+    for flag in ("--enable-helix", "--helix-kvp-size", "--helix-tpa-size",
+                 "--helix-comm-backend {a2a,ag_rs,nvshmem}", "--helix-hopb-slices"):
+        assert flag in text, flag
 
 
 def test_layout_defaults_and_flags_are_sglangs(resolved):

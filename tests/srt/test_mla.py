@@ -369,15 +369,32 @@ def _backend_rank(rank, world, mode="latent", fp8=False):
     return results
 
 
-@pytest.mark.parametrize("mode, fp8", [("latent", False), ("value", False), ("latent", True)])
-def test_backend_extend_prefix_and_decode_match_dense_attention(mode, fp8):
+BACKEND_CASES = [("latent", False), ("value", False), ("latent", True)]
+
+
+def _all_backend_runs(rank, world):
+    """Every backend case and the stored-rows check on the same spawned ranks (each spawn imports
+    SGLang: one spawn for the module, not one per case)."""
+    return ({case: _backend_rank(rank, world, *case) for case in BACKEND_CASES},
+            _stored_rows_rank(rank, world))
+
+
+@pytest.fixture(scope="module")
+def backend_runs():
+    per_rank = run_ranks(_all_backend_runs, N, timeout=400)
+    return ({case: [r[0][case] for r in per_rank] for case in BACKEND_CASES},
+            [r[1] for r in per_rank])
+
+
+@pytest.mark.parametrize("mode, fp8", BACKEND_CASES)
+def test_backend_extend_prefix_and_decode_match_dense_attention(mode, fp8, backend_runs):
     """Chunked prefill (2nd chunk over a cached, non-page-aligned prefix), 3 decode steps
     crossing page boundaries and a speculative verify of 3 chain drafts over the committed tokens
     (causal among the drafts), 2 KVP ranks: rank g's heads == dense attention over all tokens
     (value exchange: the backend is handed W_UV of all heads and returns values == dense
     attention then W_UV). fp8: an fp8_e4m3 pool with per-tensor scales; the reference attends
     the latent as stored and read (every token, the chunk's own included, through fp8)."""
-    per_rank = run_ranks(_backend_rank, N, args=(mode, fp8), timeout=240)
+    per_rank = backend_runs[0][mode, fp8]
     seqs = sequences()
     width = DV if mode == "value" else R
     for step in range(len(per_rank[0])):
@@ -407,9 +424,9 @@ def test_backend_refuses_w_uv_mismatching_the_layout():
             HelixMLABackend._value_projection(backend, extra)
 
 
-def test_backend_stores_latent_only_on_owner():
+def test_backend_stores_latent_only_on_owner(backend_runs):
     """Every rank is handed every token's latent; each pool keeps only its own pages."""
-    per_rank = run_ranks(_stored_rows_rank, N, timeout=240)
+    per_rank = backend_runs[1]
     seqs = sequences()
     for rank, stored in enumerate(per_rank):
         for (i, pos), row in stored.items():

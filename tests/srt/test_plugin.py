@@ -69,17 +69,6 @@ def test_entry_point_registered():
     assert eps[0].load() is register
 
 
-@needs_sglang
-def test_launch_server_help_lists_helix_group(tmp_path):
-    proc = run_py(["-m", "sglang.launch_server", "--help"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    assert "\nHelix:\n" in out
-    for flag in ("--enable-helix", "--helix-kvp-size", "--helix-tpa-size",
-                 "--helix-comm-backend {a2a,ag_rs,nvshmem}", "--helix-hopb-slices"):
-        assert flag in out, flag
-
-
 # ------------------------------------------------------------------ hooks in one SGLang process
 
 # Runs in the one hook-probe interpreter (tests/srt/conftest.py): the plugin registered and applied.
@@ -122,32 +111,41 @@ from sglang_helix.srt import plugin; plugin.register()
 from sglang.srt.plugins.hook_registry import HookRegistry; HookRegistry.apply_hooks()
 from sglang.srt.arg_groups.overrides import resolved_view
 from sglang.srt.server_args import prepare_server_args
-sa = prepare_server_args(["--model-path", sys.argv[1], "--tp-size", "2", "--enable-helix", *sys.argv[2:]])
-sa.resolve_once()
-graphs = resolved_view(sa).cuda_graph_config
-print("GRAPHS", graphs.prefill.backend, graphs.decode.backend)
+for flags in sys.argv[2:]:
+    sa = prepare_server_args(["--model-path", sys.argv[1], "--tp-size", "2", "--enable-helix",
+                              *flags.split()])
+    sa.resolve_once()
+    graphs = resolved_view(sa).cuda_graph_config
+    print("GRAPHS", flags, "|", graphs.prefill.backend, graphs.decode.backend)
 """
 
 
-@needs_sglang
-@pytest.mark.parametrize("flags, cpu_engine, decode", [
-    (["--device", "cuda", "--attention-backend", "triton"], "0", "full"),
-    (["--device", "cuda", "--attention-backend", "triton", "--helix-kvp-size", "2",
-      "--helix-hopb-slices", "2"], "0", "disabled"),
-    (["--device", "cpu", "--attention-backend", "torch_native"], "1", "disabled"),
-    # Started without SGLANG_USE_CPU_ENGINE: the plugin sets it for the ranks during resolution,
-    # after register() chose its hook tables, and its liveness check must not then expect the
-    # CPU-only hooks this process never installed.
-    (["--device", "cpu", "--attention-backend", "torch_native"], None, "disabled"),
-], ids=["cuda", "cuda-hopb2", "cpu", "cpu-engine-env-set-by-plugin"])
-def test_resolved_cuda_graphs_under_helix(tmp_path, tiny_llama, flags, cpu_engine, decode):
-    """SGLang's resolved CudaGraphConfig (what its graph runners read): prefill graphs off under
-    Helix, decode graphs kept on CUDA unless a blocker (HOP-B > 1) applies. Resolution only: no
-    GPU is touched."""
-    proc = run_py(["-c", RESOLVE_SCRIPT, str(tiny_llama), *flags], tmp_path, SGLANG_PLUGINS="none",
+def _resolved_graphs(tmp_path, model, cases, cpu_engine):
+    proc = run_py(["-c", RESOLVE_SCRIPT, str(model), *cases], tmp_path, SGLANG_PLUGINS="none",
                   SGLANG_USE_CPU_ENGINE=cpu_engine)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"GRAPHS disabled {decode}" in proc.stdout, proc.stdout[-2000:]
+    return [ln.split("|", 1)[1].split() for ln in proc.stdout.splitlines() if ln.startswith("GRAPHS")]
+
+
+@needs_sglang
+def test_resolved_cuda_graphs_under_helix_on_cuda(tmp_path, tiny_llama):
+    """SGLang's resolved CudaGraphConfig (what its graph runners read) with --device cuda:
+    prefill graphs off under Helix, decode graphs kept unless a blocker (HOP-B > 1) applies.
+    Resolution only: no GPU is touched. Both cases in one interpreter (the CPU engine off)."""
+    got = _resolved_graphs(tmp_path, tiny_llama, [
+        "--device cuda --attention-backend triton",
+        "--device cuda --attention-backend triton --helix-kvp-size 2 --helix-hopb-slices 2"], "0")
+    assert got == [["disabled", "full"], ["disabled", "disabled"]], got
+
+
+@needs_sglang
+def test_plugin_sets_the_cpu_engine_for_ranks_it_did_not_start_with(tmp_path, tiny_llama):
+    """Started without SGLANG_USE_CPU_ENGINE: the plugin sets it for the ranks during resolution,
+    after register() chose its hook tables, and its liveness check must not then expect the
+    CPU-only hooks this process never installed (the CPU engine case itself:
+    tests/srt/test_launch_refusals.py)."""
+    got = _resolved_graphs(tmp_path, tiny_llama, ["--device cpu --attention-backend torch_native"], None)
+    assert got == [["disabled", "disabled"]], got
 
 
 # ------------------------------------------------------------------ sgl_kernel stand-in
