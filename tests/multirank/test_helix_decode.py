@@ -321,7 +321,7 @@ def test_run_ranks_reports_failures_and_kills_stragglers():
 
     t0 = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(_failing_rank, 2, timeout=20)
+        run_ranks(_failing_rank, 2, timeout=10)
     msg = str(info.value)
     assert "rank 0" in msg and "boom from rank zero" in msg and "ValueError" in msg
     assert "rank 1: timed out" in msg
