@@ -102,27 +102,48 @@ def quantize_checkpoint(directory: str | Path, block: tuple[int, int] = BLOCK) -
     return count
 
 
-def fp8_kv_reference_greedy(path, prompts, max_new_tokens: int) -> list[SimpleNamespace]:
-    """transformers fp32 greedy, full recomputation per step, with the KV cache rounded through
-    float8_e4m3fn where SGLang stores it (a DynamicCache whose update rounds what it keeps and
-    returns: every token's key/value, the current ones included, as SGLang's pool holds them)."""
+def _fp8_cache(noise_rel: float = 0.0, seed: int = 0):
+    """A transformers DynamicCache that rounds every key/value it keeps and returns through
+    float8_e4m3fn, as SGLang's fp8 KV pool holds them; with noise_rel, each element is first
+    scaled by (1 + noise_rel * N(0, 1)): fp32 summation-order differences, made visible."""
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(x):
+        if noise_rel:
+            x = x * (1 + noise_rel * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+        return x.to(torch.float8_e4m3fn).to(x.dtype)
 
     class Fp8Cache(DynamicCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            def rnd(x):
-                return x.to(torch.float8_e4m3fn).to(x.dtype)
-
             return super().update(rnd(key_states), rnd(value_states), layer_idx, *args, **kwargs)
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    return Fp8Cache
+
+
+def fp32_model(path):
+    """transformers loads the checkpoint at `path` in fp32 on CPU, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+
+
+def fp8_kv_reference_greedy(path, prompts, max_new_tokens: int) -> list[SimpleNamespace]:
+    """transformers fp32 greedy, full recomputation per step, with the KV cache rounded through
+    float8_e4m3fn where SGLang stores it (every token's key/value, the current ones included, as
+    SGLang's pool holds them). Each result carries `envelope`: see fp8_kv_rounding_envelope."""
+    import torch
+
+    model, cache = fp32_model(path), _fp8_cache()
     out = []
     with torch.no_grad():
         for prompt in prompts:
             ids, tokens, logprobs, margin = list(prompt), [], [], float("inf")
             for _ in range(max_new_tokens):
-                logits = model(torch.tensor([ids]), past_key_values=Fp8Cache(config=model.config),
+                logits = model(torch.tensor([ids]), past_key_values=cache(config=model.config),
                                use_cache=True).logits[0, -1].float()
                 top2 = torch.topk(logits, 2)
                 token = int(top2.indices[0])
@@ -131,7 +152,33 @@ def fp8_kv_reference_greedy(path, prompts, max_new_tokens: int) -> list[SimpleNa
                 tokens.append(token)
                 ids.append(token)
             out.append(SimpleNamespace(tokens=tokens, logprobs=logprobs, min_margin=margin))
+    for ref, envelope in zip(out, fp8_kv_rounding_envelope(model, prompts, out)):
+        ref.envelope = envelope
     return out
+
+
+def fp8_kv_rounding_envelope(model, prompts, refs, *, seeds: int = 8, noise_rel: float = 3e-6) -> list[float]:
+    """Per prompt: the largest move of any logprob along its reference's tokens when the K/V
+    elements get relative noise noise_rel before the fp8 rounding (`seeds` draws). A server
+    computes K/V with other fp32 summation orders than transformers; the few elements that sit on
+    an fp8 rounding midpoint then round the other way, and one e4m3 step is 6-12% of an element.
+    On tiny random models that moves logprobs by up to ~5e-2: a fixed tolerance is either flaky
+    or blind, so each prompt's tolerance and decisiveness come from its own envelope."""
+    import torch
+
+    envelopes = []
+    with torch.no_grad():
+        for prompt, ref in zip(prompts, refs):
+            ids = torch.tensor([[*prompt, *ref.tokens[:-1]]])
+            positions = range(len(prompt) - 1, ids.shape[1])
+            worst = 0.0
+            for seed in range(seeds):
+                cache = _fp8_cache(noise_rel, seed)(config=model.config)
+                logp = torch.log_softmax(model(ids, past_key_values=cache, use_cache=True).logits[0].float(), -1)
+                moved = [abs(float(logp[pos, tok]) - lp) for pos, tok, lp in zip(positions, ref.tokens, ref.logprobs)]
+                worst = max(worst, *moved)
+            envelopes.append(worst)
+    return envelopes
 
 
 def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:

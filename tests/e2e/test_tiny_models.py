@@ -168,3 +168,17 @@ def test_trained_kind_continues_its_text_with_wide_margins(built):
         assert said == (text + text)[start:start + len(said)], (prompt, said)  # the text, verbatim
         assert ref.min_margin > 1.0, (prompt, ref.min_margin)
     assert tm.cache_key("mla-trained") != tm.cache_key("mla")
+
+
+def test_fp8_kv_envelope_reproduces_the_reference_and_measures_rounding_flips(built):
+    """The envelope's teacher-forced pass lines up with the reference's greedy steps: without
+    noise every logprob is reproduced (envelope ~0); with noise, rounding flips move them."""
+    from sglang_helix.dev import fp8_models as fm
+
+    tok = tm.load_tokenizer(built["qwen2"])
+    prompts = [tok.encode(text) for text in E2E_PROMPT_TEXTS]
+    refs = fm.fp8_kv_reference_greedy(built["qwen2"], prompts, 6)
+    model = fm.fp32_model(built["qwen2"])
+    assert max(fm.fp8_kv_rounding_envelope(model, prompts, refs, seeds=1, noise_rel=0.0)) < 1e-4
+    noisy = fm.fp8_kv_rounding_envelope(model, prompts, refs, seeds=2, noise_rel=1e-3)
+    assert max(noisy) > 1e-3 and all(r.envelope >= 0 for r in refs)
