@@ -13,8 +13,8 @@ The formats of most FP8 Llama / Qwen checkpoints (the CPU paths of srt.cpu.fp8_f
 - "gqa-fp8-tensor-kvp2": AutoFP8's per-tensor format (`quant_method: fp8`, one fp32 scale per
   tensor, dynamic activations), tiny Llama at KVP 2 x TPA 1: QKV and gate_up fuse shards of
   different scales, each kept (no requantization to the largest);
-- "qwen3-fp8-ct-kvp2-tpa2": compressed-tensors FP8-dynamic (`quant_method: compressed-tensors`,
-  a bf16 scale per output channel, dynamic per-token activations), tiny Qwen3 at KVP 2 x TPA 2:
+- "qwen3-fp8-ct-tpa2": compressed-tensors FP8-dynamic (`quant_method: compressed-tensors`,
+  a bf16 scale per output channel, dynamic per-token activations), tiny Qwen3 at KVP 1 x TPA 2:
   the channel scales sliced with the TPA-sharded QKV Helix builds.
 
 The reference: transformers in fp32 on the dequantized checkpoint (`dequantize_checkpoint`), its
@@ -128,8 +128,8 @@ def test_per_tensor_fp8_llama_kvp2_held_to_the_fp32_reference(served):
     assert_all_pages_free(served, kvp=2)
 
 
-@pytest.mark.server("qwen3-fp8-ct-kvp2-tpa2")
-def test_compressed_tensors_fp8_qwen3_kvp2_tpa2_held_to_the_fp32_reference(served):
-    assert "Helix layout GQA KVP=2 x TPA=2" in served.log()
+@pytest.mark.server("qwen3-fp8-ct-tpa2")
+def test_compressed_tensors_fp8_qwen3_tpa2_held_to_the_fp32_reference(served):
+    assert "Helix layout GQA KVP=1 x TPA=2" in served.log()
     assert_held_to_the_reference(served)
-    assert_all_pages_free(served, kvp=2)
+    assert_all_pages_free(served, kvp=1)
