@@ -1,17 +1,35 @@
-"""FP8 block-quantized tiny checkpoints in the on-disk format of DeepSeek-V3 / Qwen3-FP8.
+"""FP8 tiny checkpoints in the on-disk formats of real FP8 checkpoints (FORMATS).
 
-Format (what SGLang's `Fp8Config` reads): every linear weight of the attention and MLP / expert
-layers is stored as float8_e4m3fn [N, K] with a float32 `<name>_scale_inv` of shape
-[ceil(N / bn), ceil(K / bk)] (W ~= fp8 * scale_inv, one scale per bn x bk block), and config.json
-carries `quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
-"dynamic", "weight_block_size": [bn, bk]}`. Embeddings, norms, the MoE router (`mlp.gate`) and
-lm_head stay unquantized, as in the real checkpoints.
+"block", DeepSeek-V3 / Qwen3-FP8 (what SGLang's `Fp8Config` reads): every linear weight of the
+attention and MLP / expert layers is stored as float8_e4m3fn [N, K] with a float32
+`<name>_scale_inv` of shape [ceil(N / bn), ceil(K / bk)] (W ~= fp8 * scale_inv, one scale per
+bn x bk block), and config.json carries `quantization_config = {"quant_method": "fp8", "fmt":
+"e4m3", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]}`. Embeddings, norms, the
+MoE router (`mlp.gate`) and lm_head stay unquantized, as in the real checkpoints (all formats).
 
-The tiny kinds that use it (`"mla-fp8"`, `"qwen3-fp8"` in dev.tiny_models) have every sharded
-dimension a multiple of 128 at TP 2, so SGLang's block-quant shape rules accept the real 128 x 128
-blocks: MLA hidden 128, q_lora_rank 128, kv_lora_rank 192 (!= qk_nope_head_dim 64), rope 64,
-v_head_dim 64, 4 heads, dense / expert intermediate 256; Qwen3 hidden 512 (= H x D), 4 query heads, 2 KV
-heads, head_dim 128, intermediate 512.
+"tensor", AutoFP8's per-tensor format (many FP8 Llama / Qwen checkpoints): the same weights in
+fp8, each with a 0-dim float32 `weight_scale` (`q_proj.weight_scale`; W ~= fp8 * scale, scale =
+amax / 448 as AutoFP8 computes it), `quantization_config = {"quant_method": "fp8",
+"activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}`.
+
+"channel", compressed-tensors FP8-dynamic (llm-compressor; e.g. the RedHatAI / neuralmagic
+"-FP8-dynamic" Llama / Qwen checkpoints): fp8 weights with a `weight_scale` [N, 1] per output
+channel in the model's dtype (bf16 here, as llm-compressor stores it), and a `quantization_config`
+with `quant_method: compressed-tensors`, `format: float-quantized`, one config group targeting
+`Linear` (weights: 8-bit float, channel, static; input_activations: 8-bit float, token, dynamic),
+`ignore: ["lm_head"]`.
+
+The tiny kinds (FORMAT_KINDS): `"mla-fp8"`, `"qwen3-fp8"` in the "block" format, the Llama
+`"gqa-fp8-tensor"` in the "tensor" one and `"qwen3-fp8-ct"` in the "channel" one, each larger than
+its base kind so that greedy margins are wide enough to check against a reference (a quarter of
+the e2e steps above 1 nat) while bf16 moves logprobs by well under a nat. A Llama, without Qwen3's
+q/k norms, gets more sensitive as it grows (at Qwen3's size below, bf16 moved its top-5 logprobs
+by up to 2.3 nats with Helix off at TP 1, on the 2-core dev VM), so it stays smaller: hidden 256,
+8 query heads, 2 KV heads, head_dim 32, 2 layers, intermediate 512. Every sharded dimension of
+the others is a multiple of 128 at TP 2, so SGLang's block-quant shape rules accept the real
+128 x 128 blocks: MLA hidden 128, q_lora_rank 128, kv_lora_rank 192 (!= qk_nope_head_dim 64),
+rope 64, v_head_dim 64, 4 heads, dense / expert intermediate 256; Qwen3 hidden 512 (= H x D),
+4 query heads, 2 KV heads, head_dim 128, intermediate 512.
 """
 
 from __future__ import annotations
@@ -24,6 +42,11 @@ from typing import Any
 
 BLOCK = (128, 128)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FORMATS = ("block", "tensor", "channel")
+# the fp8 tiny kinds of dev.tiny_models: their format, and the kind whose config they resize
+FORMAT_KINDS = {"mla-fp8": "block", "qwen3-fp8": "block", "gqa-fp8-tensor": "tensor",
+                "qwen3-fp8-ct": "channel"}
+BASE_KIND = {"mla-fp8": "mla", "qwen3-fp8": "qwen3", "gqa-fp8-tensor": "gqa", "qwen3-fp8-ct": "qwen3"}
 
 
 def mla_fp8_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -42,10 +65,44 @@ def gqa_fp8_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}
 
 
+def llama_fp8_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The tiny Llama config of the per-tensor kind (see the module docstring)."""
+    return {**cfg, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}
+
+
+def fp8_kind_config(kind: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The config of fp8 tiny kind `kind` from its base kind's (BASE_KIND), resized as the module
+    docstring says."""
+    resize = {"mla": mla_fp8_config, "gqa": llama_fp8_config}.get(BASE_KIND[kind], gqa_fp8_config)
+    return resize(base)
+
+
 def quantization_config(block: tuple[int, int] = BLOCK) -> dict[str, Any]:
     """config.json's quantization_config of a block-fp8 checkpoint (DeepSeek-V3's keys)."""
     return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": list(block)}
+
+
+def per_tensor_config() -> dict[str, Any]:
+    """config.json's quantization_config of an AutoFP8 per-tensor checkpoint (dynamic activations)."""
+    return {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+
+
+def _ct_args(strategy: str, dynamic: bool, observer: str | None) -> dict[str, Any]:
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
+            "dynamic": dynamic, "group_size": None, "block_structure": None, "actorder": None,
+            "observer": observer, "observer_kwargs": {}}
+
+
+def compressed_tensors_config() -> dict[str, Any]:
+    """config.json's quantization_config of a compressed-tensors FP8-dynamic checkpoint."""
+    group = {"targets": ["Linear"], "weights": _ct_args("channel", False, "minmax"),
+             "input_activations": _ct_args("token", True, None), "output_activations": None,
+             "format": "float-quantized"}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "config_groups": {"group_0": group},
+            "ignore": ["lm_head"], "kv_cache_scheme": None, "sparsity_config": {}}
 
 
 def is_quantized(name: str, ndim: int) -> bool:
@@ -78,26 +135,67 @@ def block_dequantize(q: Any, scale: Any, block: tuple[int, int] = BLOCK) -> Any:
     return q.float() * full
 
 
-def quantize_checkpoint(directory: str | Path, block: tuple[int, int] = BLOCK) -> int:
-    """Rewrite `directory`'s model.safetensors and config.json as a block-fp8 checkpoint, in place.
+def tensor_quantize(weight: Any) -> tuple[Any, Any]:
+    """weight [N, K] -> (fp8 [N, K], 0-dim fp32 scale), W ~= q * scale; AutoFP8's arithmetic
+    (multiply by 448 / amax, clamp, cast; the scale is the reciprocal of that factor)."""
+    import torch
+
+    w = weight.float()
+    factor = FP8_MAX / w.abs().max().clamp(min=1e-12)
+    q = (w * factor).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, factor.reciprocal()
+
+
+def channel_quantize(weight: Any) -> tuple[Any, Any]:
+    """weight [N, K] -> (fp8 [N, K], scale [N, 1] in weight's dtype), W ~= q * scale: one scale
+    per output row (amax / 448, stored in the model's dtype as llm-compressor does; the fp8
+    values are quantized with the stored scale)."""
+    import torch
+
+    w = weight.float()
+    scale = (w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX).to(weight.dtype)
+    q = (w / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _quantize_one(name: str, tensor: Any, fmt: str, block: tuple[int, int]) -> dict[str, Any]:
+    if fmt == "block":
+        q, s = block_quantize(tensor, block)
+        return {name: q, f"{name}_scale_inv": s}
+    q, s = tensor_quantize(tensor) if fmt == "tensor" else channel_quantize(tensor)
+    return {name: q, f"{name}_scale": s}
+
+
+def _format_config(fmt: str, block: tuple[int, int]) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown fp8 checkpoint format {fmt!r}; choose one of {FORMATS}")
+    return {"block": lambda: quantization_config(block), "tensor": per_tensor_config,
+            "channel": compressed_tensors_config}[fmt]()
+
+
+def quantize_checkpoint(directory: str | Path, block: tuple[int, int] = BLOCK,
+                        fmt: str = "block") -> int:
+    """Rewrite `directory`'s model.safetensors and config.json as an fp8 checkpoint of format
+    `fmt` (FORMATS; `block` sizes the "block" format's blocks), in place.
 
     Returns the number of weights quantized.
     """
     from safetensors.torch import load_file, save_file
 
+    quantization = _format_config(fmt, block)
     directory = Path(directory)
     tensors = load_file(directory / "model.safetensors")
     out, count = {}, 0
     for name, tensor in tensors.items():
         if is_quantized(name, tensor.dim()):
-            out[name], out[f"{name}_scale_inv"] = block_quantize(tensor, block)
+            out.update(_quantize_one(name, tensor, fmt, block))
             count += 1
         else:
             out[name] = tensor
     save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"] = quantization_config(block)
+    config["quantization_config"] = quantization
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     return count
 
@@ -182,9 +280,10 @@ def fp8_kv_rounding_envelope(model, prompts, refs, *, seeds: int = 8, noise_rel:
 
 
 def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """An fp32 copy of block-fp8 checkpoint `src` in `dst`: every fp8 weight replaced by
-    fp8 * scale_inv, no quantization_config; tokenizer and other files copied. transformers loads
-    it on CPU (its fp8 loader needs a GPU): the fp32 reference of the fp8 weights."""
+    """An fp32 copy of fp8 checkpoint `src` (any of FORMATS) in `dst`: every fp8 weight replaced
+    by fp8 * its scale (block `_scale_inv`, per-tensor or per-channel `_scale`), no
+    quantization_config; tokenizer and other files copied. transformers loads it on CPU (its fp8
+    loaders need a GPU): the fp32 reference of the fp8 weights."""
     import shutil
 
     import torch
@@ -198,10 +297,12 @@ def dequantize_checkpoint(src: str | Path, dst: str | Path) -> Path:
     tensors = load_file(src / "model.safetensors")
     out = {}
     for name, tensor in tensors.items():
-        if name.endswith("_scale_inv"):
+        if name.endswith(("_scale_inv", "_scale")):
             continue
-        if tensor.dtype == torch.float8_e4m3fn:
+        if tensor.dtype == torch.float8_e4m3fn and f"{name}_scale_inv" in tensors:
             tensor = block_dequantize(tensor, tensors[f"{name}_scale_inv"])
+        elif tensor.dtype == torch.float8_e4m3fn:
+            tensor = tensor.float() * tensors[f"{name}_scale"].float()  # 0-dim or [N, 1]
         out[name] = tensor.float().contiguous()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())

@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Nine kinds (fp32 by default, weights from transformers' own model classes, seeded):
+Eleven kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -20,7 +20,8 @@ Nine kinds (fp32 by default, weights from transformers' own model classes, seede
 - ``"mla-mtp"``: ``"mla"`` (same weights) plus a DeepSeek-V3 MTP layer for NEXTN drafts (dev.mtp_models).
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
-  dims are 128-aligned.
+  dims are 128-aligned; ``"gqa-fp8-tensor"`` (AutoFP8 per-tensor), ``"qwen3-fp8-ct"``
+  (compressed-tensors FP8-dynamic): ``"gqa"`` and ``"qwen3"`` in those formats.
 - ``"mla-trained"``: ``"mla"`` trained for a few seconds on a short text (dev.trained_models), its own
   tokenizer trained on that text: greedy continuations are words, and margins are wide.
 
@@ -56,7 +57,8 @@ from . import fp8_models, mtp_models, trained_models
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained",
+         "gqa-fp8-tensor", "qwen3-fp8-ct")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -156,23 +158,22 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     _check_kind(kind)
     _check_max_positions(max_positions)
     kind = trained_models.BASE_KIND.get(kind, kind)
+    if kind in fp8_models.FORMAT_KINDS:  # an fp8 kind: its base kind's config, resized
+        base = model_config(fp8_models.BASE_KIND[kind], vocab_size, bos_id, eos_id, pad_id, max_positions)
+        return fp8_models.fp8_kind_config(kind, base)
     common = _common_config(vocab_size, bos_id, eos_id, pad_id, max_positions)
     if kind == "gqa":
         return gqa_config(common)
     if kind in ("qwen2", "qwen3"):
         return qwen_config(common)
-    if kind == "qwen3-fp8":
-        return fp8_models.gqa_fp8_config(qwen_config(common))
     if kind in ("mla", "mla-mtp"):
         cfg = mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
         return mtp_models.mtp_config(cfg) if kind == "mla-mtp" else cfg
-    if kind == "mla-fp8":
-        return fp8_models.mla_fp8_config(mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24))
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
 
 
 def _default_dtype(kind: str) -> str:  # SGLang's fp8 method runs bf16/fp16 activations only
-    return "bfloat16" if kind.endswith("-fp8") else "float32"
+    return "bfloat16" if kind in fp8_models.FORMAT_KINDS else "float32"
 
 
 def _check_kind(kind: str) -> None:
@@ -239,7 +240,7 @@ def _model_class(kind: str) -> tuple[Any, Any]:
     """transformers' config and model classes of `kind`'s family."""
     import transformers
 
-    family = {"gqa": "Llama", "qwen2": "Qwen2"}.get(kind) or (
+    family = {"gqa": "Llama", "qwen2": "Qwen2"}.get(fp8_models.BASE_KIND.get(kind, kind)) or (
         "Qwen3" if kind.startswith("qwen3") else "DeepseekV3")
     return getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}ForCausalLM")
 
@@ -306,8 +307,8 @@ def build_tiny_model(
         if trained:  # before _finish_config: saving the trained model rewrites config.json
             trained_models.train_checkpoint(work, tok, seed)
         _finish_config(work, cfg, dtype)
-        if kind.endswith("-fp8"):
-            fp8_models.quantize_checkpoint(work)
+        if kind in fp8_models.FORMAT_KINDS:
+            fp8_models.quantize_checkpoint(work, fmt=fp8_models.FORMAT_KINDS[kind])
         if kind == "mla-mtp":
             mtp_models.add_mtp_layer(work, seed, INIT_RANGE)
         (work / "sglang_helix_tiny.json").write_text(

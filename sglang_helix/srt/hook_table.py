@@ -42,6 +42,8 @@ _DRAFT = "sglang.srt.speculative.draft_utils.DraftBackendFactory"
 _CONN = "sglang.srt.disaggregation.mooncake.conn"
 _FP8 = "sglang.srt.layers.quantization.fp8"
 _SPEC_OPS = "sglang.kernels.ops.speculative"
+_CT = "sglang.srt.layers.quantization.compressed_tensors"
+_CT_W8A16 = f"{_CT}.schemes.compressed_tensors_w8a16_fp8.CompressedTensorsW8A16Fp8"
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,18 @@ TABLE = (
          "the same for fp8 MoE experts", "fp8-weights"),
     _cpu(f"{_FP8}.Fp8MoEMethod.apply", "AROUND", "cpu.fp8_fix._around_moe_apply",
          "marked fp8 MoE: native torch MoE over experts dequantized as routed", "fp8-weights"),
+    _cpu(f"{_FP8}.requantize_with_max_scale", "AROUND", "cpu.fp8_fix._around_requantize",
+         "per-tensor fp8 fused shards (QKV, gate_up) keep their own scales, one per row, as SGLang "
+         "does on sm89-sm100 GPUs, instead of a requantization through a CUDA-only kernel",
+         "fp8-weights"),
+    _cpu(f"{_CT}.compressed_tensors.CompressedTensorsConfig.get_linear_scheme", "AROUND",
+         "cpu.ct_fp8_fix._around_get_linear_scheme", "the scheme a CPU supports, not the CUDA "
+         "capability's: SGLang's weight-only fp8 scheme; any other refused by name",
+         "ct-fp8-weights"),
+    _cpu(f"{_CT_W8A16}.process_weights_after_loading", "AROUND", "cpu.ct_fp8_fix._around_w8a16_process",
+         "SGLang's weight processing with the Marlin packing replaced by a marker", "ct-fp8-weights"),
+    _cpu(f"{_CT_W8A16}.apply_weights", "AROUND", "cpu.ct_fp8_fix._around_w8a16_apply",
+         "marked layers: fp8 weight * per-row scale, F.linear (W8A16)", "ct-fp8-weights"),
     _cpu("sglang.srt.models.deepseek_common.deepseek_weight_loader.block_quant_to_tensor_quant",
          "AROUND", "cpu.fp8_fix._around_kv_b_requant",
          "block-fp8 kv_b_proj (W_UK / W_UV) dequantized to bf16 as SGLang's CUDA branch does, not "

@@ -120,3 +120,81 @@ def test_fp8_latent_sensitivity_is_zero_without_noise_and_moves_with_it(tmp_path
     moved = fm.fp8_latent_sensitivity(fp32, seqs, starts, eps=2.0 ** -6, seeds=2)
     assert [len(m) for m in moved] == [4, 3]
     assert all(x > 0 for m in moved for x in m)
+
+
+# ---------------------------------------------------------------- per-tensor and compressed-tensors
+
+
+def test_tensor_quantize_is_autofp8s_arithmetic():
+    w = torch.randn(33, 70, generator=torch.Generator().manual_seed(3)) * 0.02
+    q, s = fm.tensor_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == ()
+    factor = fm.FP8_MAX / w.abs().max()
+    assert torch.equal(q.view(torch.uint8), (w * factor).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+    torch.testing.assert_close(s, factor.reciprocal(), atol=0, rtol=0)
+    assert float(q.float().abs().max()) == fm.FP8_MAX  # the largest element maps to 448
+    assert bool(((q.float() * s - w).abs() <= w.abs() * 2.0 ** -4 + s * 2.0 ** -9).all())
+
+
+def test_channel_quantize_has_one_stored_scale_per_row():
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    w[7] *= 50.0
+    q, s = fm.channel_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.bfloat16 and s.shape == (40, 1)
+    # quantized with the scale as stored (bf16), so dequantizing with it is the checkpoint's value
+    assert torch.equal(q.view(torch.uint8),
+                       (w.float() / s.float()).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+    back = q.float() * s.float()
+    assert bool(((back - w.float()).abs() <= w.float().abs() * 2.0 ** -4 + s.float() * 2.0 ** -8).all())
+
+
+@pytest.mark.parametrize("fmt, scale_shape, scale_dtype", [
+    ("tensor", (), torch.float32), ("channel", (64, 1), torch.bfloat16)])
+def test_quantize_checkpoint_writes_the_other_formats(tmp_path, fmt, scale_shape, scale_dtype):
+    from safetensors.torch import load_file, save_file
+
+    src, dst = tmp_path / "fp8", tmp_path / "fp32"
+    src.mkdir()
+    w = torch.randn(64, 200).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.down_proj.weight": w, "lm_head.weight": torch.ones(8, 64)},
+              src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    assert fm.quantize_checkpoint(src, fmt=fmt) == 1
+    t = load_file(src / "model.safetensors")
+    assert sorted(t) == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight",
+                         "model.layers.0.mlp.down_proj.weight_scale"]
+    scale = t["model.layers.0.mlp.down_proj.weight_scale"]
+    assert scale.shape == scale_shape and scale.dtype == scale_dtype
+    assert json.loads((src / "config.json").read_text())["quantization_config"] == (
+        fm.per_tensor_config() if fmt == "tensor" else fm.compressed_tensors_config())
+    fm.dequantize_checkpoint(src, dst)
+    back = load_file(dst / "model.safetensors")
+    expect = t["model.layers.0.mlp.down_proj.weight"].float() * scale.float()
+    torch.testing.assert_close(back["model.layers.0.mlp.down_proj.weight"], expect, atol=0, rtol=0)
+    assert sorted(back) == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"]
+
+
+def test_compressed_tensors_config_is_what_the_library_reads():
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy
+
+    cfg = QuantizationConfig.model_validate(fm.compressed_tensors_config())
+    group = cfg.config_groups["group_0"]
+    assert cfg.quant_method == "compressed-tensors" and cfg.format == "float-quantized"
+    assert cfg.ignore == ["lm_head"] and group.targets == ["Linear"]
+    assert (group.weights.num_bits, group.weights.type, group.weights.strategy) == (
+        8, "float", QuantizationStrategy.CHANNEL)
+    assert group.input_activations.strategy == QuantizationStrategy.TOKEN
+    assert group.input_activations.dynamic is True and group.weights.dynamic is False
+
+
+def test_fp8_kinds_and_their_formats():
+    from sglang_helix.dev import tiny_models as tm
+
+    assert set(fm.FORMAT_KINDS) <= set(tm.KINDS) and set(fm.FORMAT_KINDS.values()) == set(fm.FORMATS)
+    assert set(fm.BASE_KIND) == set(fm.FORMAT_KINDS)
+    llama = tm.model_config("gqa-fp8-tensor", 9, 0, 1, 2)
+    assert llama["hidden_size"] == llama["num_attention_heads"] * llama["head_dim"] == 256
+    qwen = tm.model_config("qwen3-fp8-ct", 9, 0, 1, 2)
+    assert qwen == tm.model_config("qwen3-fp8", 9, 0, 1, 2)  # the block kind's shape
+    with pytest.raises(ValueError, match="fp8 checkpoint format"):
+        fm.quantize_checkpoint("unused", fmt="int8")

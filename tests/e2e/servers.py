@@ -100,4 +100,12 @@ SERVERS: dict[str, ServerSpec] = {
     "qwen3-fp8-tpa2": ServerSpec(
         "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
         why="block-fp8 GQA at KVP 1 x TPA 2 (heads only)"),
+    "gqa-fp8-tensor-kvp2": ServerSpec(
+        "gqa-fp8-tensor", 2, ("--page-size", str(P), *CHUNK, *BF16, *KVP2_TPA1),
+        why="per-tensor fp8 (AutoFP8) Llama at KVP 2 x TPA 1: the CPU fp8 path keeps each QKV / "
+            "gate_up shard's own scale; QKV replicated whole over KVP"),
+    "qwen3-fp8-ct-tpa2": ServerSpec(
+        "qwen3-fp8-ct", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
+        why="compressed-tensors FP8-dynamic Qwen3 at KVP 1 x TPA 2: per-channel scales sliced with "
+            "the TPA-sharded QKV Helix builds; SGLang's weight-only fp8 scheme on CPU"),
 }

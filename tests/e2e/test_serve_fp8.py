@@ -1,14 +1,21 @@
-"""End to end: block-fp8 checkpoints, every server held to the fp32 reference of its weights.
+"""End to end: fp8 checkpoints, every server held to the fp32 reference of its weights.
 
 Real SGLang 0.5.23 CPU servers (tests/e2e/servers.py) serving tiny checkpoints in the on-disk
-format of DeepSeek-V3 / Qwen3-FP8 (float8_e4m3fn weights + fp32 `weight_scale_inv` per 128 x 128
-block, `quantization_config.quant_method: fp8`; dev.fp8_models), bf16 activations (SGLang's fp8
-method runs bf16 / fp16 only), page 4, chunked prefill 16:
+formats of real fp8 checkpoints (dev.fp8_models), bf16 activations (SGLang's fp8 methods run
+bf16 / fp16 only), page 4, chunked prefill 16. Block fp8, DeepSeek-V3 / Qwen3-FP8's format
+(float8_e4m3fn weights + fp32 `weight_scale_inv` per 128 x 128 block, `quant_method: fp8`):
 - "mla-fp8-kvp2" (DeepSeek-V3-style MLA + MoE, fp8 experts) at KVP 2: the replicated q projection
   is an fp8 ReplicatedLinear, W_UK comes from the fp8 kv_b_proj; "mla-fp8-off": the same
   checkpoint with Helix off (the CPU fp8 path alone);
 - "qwen3-fp8-kvp2" (GQA, QKV rebuilt TPA ways from the fp8 shards + scales) and "qwen3-fp8-tpa2"
   (KVP 1 x TPA 2).
+The formats of most FP8 Llama / Qwen checkpoints (the CPU paths of srt.cpu.fp8_fix / ct_fp8_fix):
+- "gqa-fp8-tensor-kvp2": AutoFP8's per-tensor format (`quant_method: fp8`, one fp32 scale per
+  tensor, dynamic activations), tiny Llama at KVP 2 x TPA 1: QKV and gate_up fuse shards of
+  different scales, each kept (no requantization to the largest);
+- "qwen3-fp8-ct-tpa2": compressed-tensors FP8-dynamic (`quant_method: compressed-tensors`,
+  a bf16 scale per output channel, dynamic per-token activations), tiny Qwen3 at KVP 1 x TPA 2:
+  the channel scales sliced with the TPA-sharded QKV Helix builds.
 
 The reference: transformers in fp32 on the dequantized checkpoint (`dequantize_checkpoint`), its
 next-token log-probabilities computed along each server's own greedy tokens (teacher forced), so
@@ -33,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from checks import prompt_ids
+from checks import assert_all_pages_free, prompt_ids
 from helpers import e2e_marks
 
 from sglang_helix.dev import fp8_models
@@ -111,3 +118,18 @@ def test_qwen3_fp8_kvp2_held_to_the_fp32_reference(served):
 def test_qwen3_fp8_tpa2_held_to_the_fp32_reference(served):
     assert "Helix layout GQA KVP=1 x TPA=2" in served.log()
     assert_held_to_the_reference(served)
+
+
+@pytest.mark.server("gqa-fp8-tensor-kvp2")
+def test_per_tensor_fp8_llama_kvp2_held_to_the_fp32_reference(served):
+    log = served.log()
+    assert "Helix layout GQA KVP=2 x TPA=1" in log and "Detected fp8 checkpoint" in log
+    assert_held_to_the_reference(served)
+    assert_all_pages_free(served, kvp=2)
+
+
+@pytest.mark.server("qwen3-fp8-ct-tpa2")
+def test_compressed_tensors_fp8_qwen3_tpa2_held_to_the_fp32_reference(served):
+    assert "Helix layout GQA KVP=1 x TPA=2" in served.log()
+    assert_held_to_the_reference(served)
+    assert_all_pages_free(served, kvp=1)

@@ -8,9 +8,16 @@
 - MLA's block-fp8 kv_b_proj: SGLang's non-CUDA requantization to one per-tensor fp8 scale
   (`block_quant_to_tensor_quant`) moves W_UK / W_UV by percents (pinned: the minimal case of that
   defect); the hook gives the exact dequantized weight in bf16, as SGLang's CUDA branch does;
-- per-tensor fp8 still stops inside SGLang's own requantization (a CUDA-only kernel; pinned, so
-  the day it works the docs' support table gets updated);
-- where the hooks are installed and that they apply: tests/srt/test_hook_table.py.
+- per-tensor fp8 (AutoFP8): SGLang alone stops in its requantization of fused shards (a CUDA-only
+  kernel; pinned); through the hooks each shard keeps its own scale (SGLang's sm90 step,
+  `convert_to_channelwise`), the fp8 weight is kept bit for bit, and `apply` equals F.linear with
+  the dequantized weight bit for bit;
+- compressed-tensors fp8 (srt.cpu.ct_fp8_fix): SGLang alone asks torch.cuda for a capability
+  (pinned); through the hooks SGLang picks its weight-only scheme, keeps the fp8 weight and the
+  channel / tensor scales, and `apply_weights` equals F.linear with the dequantized weight bit for
+  bit; other compressed-tensors schemes are refused by name;
+- where the hooks are installed and that they apply: tests/srt/test_hook_table.py, and
+  SGLANG_CHECKS below (SGLang's own callers reach every per-tensor / compressed-tensors row).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sglang_helix.dev import fp8_models
 from sglang_helix.dev.fp8_models import block_dequantize, block_quantize, quantization_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
@@ -34,12 +42,16 @@ if importlib.util.find_spec("sglang") is not None:
 
     sgl_kernel_stub.install()
     import sglang.srt.layers.quantization.fp8 as sglang_fp8
-    from sglang.srt.layers.linear import ReplicatedLinear
+    from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedLinear
+    from sglang.srt.layers.quantization.compressed_tensors import compressed_tensors as sglang_ct
+    from sglang.srt.layers.quantization.compressed_tensors.schemes import (
+        compressed_tensors_w8a16_fp8 as sglang_w8a16,
+    )
     from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
     from sglang.srt.layers.moe.topk import StandardTopKOutput
     from sglang.srt.layers.quantization.fp8 import Fp8Config, Fp8LinearMethod
 
-    from sglang_helix.srt.cpu import fp8_fix
+    from sglang_helix.srt.cpu import ct_fp8_fix, fp8_fix
 
 N, K = 320, 200  # 3 x 2 blocks of 128, the last row / column blocks ragged
 
@@ -93,10 +105,145 @@ def test_fp8_linear_is_w8a16_of_the_dequantized_weight():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_per_tensor_fp8_still_needs_a_cuda_kernel_on_cpu():
-    layer, _ = _layer(block=False)
+# ---------------------------------------------------------------- per-tensor fp8 (AutoFP8)
+
+SHARDS = (("q", 128, 1.0), ("k", 32, 30.0), ("v", 32, 0.05))  # scales ~600x apart, as trained QKVs'
+
+
+def fused_qkv(quant_config, quantize, seed: int = 0):
+    """A real SGLang QKVParallelLinear (one rank: 8 query + 2 KV heads of 16 over K inputs, bf16)
+    with `quant_config`'s method, each shard of SHARDS quantized by `quantize` (weight [n, K] ->
+    (fp8, scale)) and loaded through SGLang's own loaders. Returns (layer, fp32 W [192, K])."""
+    layer = QKVParallelLinear(K, 16, 8, 2, bias=False, quant_config=quant_config,
+                              prefix="model.layers.0.self_attn.qkv_proj", parallel_group="replicated",
+                              params_dtype=torch.bfloat16)
+    g, parts = torch.Generator().manual_seed(seed), []
+    for shard, rows, mul in SHARDS:
+        q, scale = quantize(torch.randn(rows, K, generator=g) * mul / K ** 0.5)
+        layer.weight.weight_loader(layer.weight, q, shard)
+        layer.weight_scale.weight_loader(layer.weight_scale, scale, shard)
+        parts.append(q.float() * scale.float())
+    return layer, torch.cat(parts)
+
+
+def _assert_near_fp32(out, x, w_ref):
+    """Within bf16 rounding of the fp32 product, per output column (shards' scales differ ~600x)."""
+    ref = x.float() @ w_ref.T
+    assert float(((out.float() - ref).abs().amax(0) / ref.abs().amax(0)).max()) < 2e-2
+
+
+def per_tensor_qkv(seed: int = 0):
+    return fused_qkv(Fp8Config.from_config(fp8_models.per_tensor_config()),
+                     fp8_models.tensor_quantize, seed)
+
+
+def _hook_requantize(monkeypatch):
+    original = sglang_fp8.requantize_with_max_scale
+    monkeypatch.setattr(sglang_fp8, "requantize_with_max_scale",
+                        lambda *a, **k: fp8_fix._around_requantize(original, *a, **k))
+
+
+def test_sglang_requantizes_fused_per_tensor_shards_with_a_cuda_kernel():
+    layer, _ = per_tensor_qkv()
     with pytest.raises(NameError, match="sgl_per_tensor_quant_fp8"):
         _process(layer)
+
+
+def test_per_tensor_shards_keep_their_own_scales_and_apply_is_w8a16(monkeypatch):
+    layer, w_ref = per_tensor_qkv()
+    stored = layer.weight.detach().clone()
+    scales = layer.weight_scale.detach().clone()
+    _hook_requantize(monkeypatch)
+    _process(layer)
+    assert layer.weight.dtype == torch.float8_e4m3fn and getattr(layer, fp8_fix.MARK) == ("weight",)
+    assert torch.equal(layer.weight.view(torch.uint8), stored.view(torch.uint8))  # not requantized
+    rows = torch.tensor([rows for _, rows, _ in SHARDS])
+    torch.testing.assert_close(layer.weight_scale, scales.repeat_interleave(rows)[:, None],
+                               atol=0, rtol=0)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = _apply(layer, x)
+    torch.testing.assert_close(out, F.linear(x, w_ref.to(torch.bfloat16)), atol=0, rtol=0)
+    _assert_near_fp32(out, x, w_ref)
+
+
+def test_per_tensor_fused_on_disk_and_non_torch_paths_call_sglang():
+    calls = []
+    original = lambda *a: calls.append(a) or "sglang"  # noqa: E731
+    one_scale = torch.tensor([0.5, torch.finfo(torch.float32).min])  # only the first was loaded
+    assert fp8_fix._around_requantize(original, torch.zeros(4, 2), one_scale, [2, 2]) == "sglang"
+    assert fp8_fix._around_requantize(original, torch.zeros(4, 2), torch.ones(2), [2, 2]) == "sglang"
+    assert len(calls) == 2  # the second: outside the CPU processing of `_around_process`
+
+
+# ---------------------------------------------------------------- compressed-tensors fp8
+
+
+def ct_config(strategy: str, weights_type: str = "float"):
+    cfg = fp8_models.compressed_tensors_config()
+    cfg["config_groups"]["group_0"]["weights"].update(strategy=strategy, type=weights_type)
+    cfg["config_groups"]["group_0"]["input_activations"]["type"] = weights_type
+    return sglang_ct.CompressedTensorsConfig.from_config(cfg)
+
+
+def ct_quantize(strategy: str):
+    if strategy == "channel":
+        return lambda w: fp8_models.channel_quantize(w.to(torch.bfloat16))
+    return lambda w: (lambda q, s: (q, s.reshape(1)))(*fp8_models.tensor_quantize(w))
+
+
+def _hook_ct_scheme(monkeypatch):
+    original = sglang_ct.CompressedTensorsConfig.get_linear_scheme
+    monkeypatch.setattr(sglang_ct.CompressedTensorsConfig, "get_linear_scheme",
+                        lambda self, *a, **k: ct_fp8_fix._around_get_linear_scheme(original, self, *a, **k))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None and torch.cuda.is_available(),
+                    reason="a CUDA device answers the capability")
+def test_sglang_alone_asks_cuda_for_a_compressed_tensors_capability():
+    with pytest.raises((RuntimeError, AssertionError)):
+        fused_qkv(ct_config("channel"), ct_quantize("channel"))
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_is_w8a16_of_the_dequantized_weight(monkeypatch, strategy):
+    _hook_ct_scheme(monkeypatch)
+    layer, w_ref = fused_qkv(ct_config(strategy), ct_quantize(strategy))
+    W8A16 = sglang_w8a16.CompressedTensorsW8A16Fp8
+    assert type(layer.scheme) is W8A16
+    ct_fp8_fix._around_w8a16_process(W8A16.process_weights_after_loading, layer.scheme, layer)
+    assert sglang_w8a16.prepare_fp8_layer_for_marlin is not ct_fp8_fix._mark  # restored
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.shape == w_ref.shape
+    assert layer.weight_scale.shape == (w_ref.shape[0], 1) and getattr(layer, fp8_fix.MARK)
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out = ct_fp8_fix._around_w8a16_apply(W8A16.apply_weights, layer.scheme, layer, x)
+    torch.testing.assert_close(out, F.linear(x, w_ref.to(torch.bfloat16)), atol=0, rtol=0)
+    _assert_near_fp32(out, x, w_ref)
+
+
+def test_other_compressed_tensors_schemes_are_refused_on_cpu(monkeypatch):
+    _hook_ct_scheme(monkeypatch)
+    with pytest.raises(fp8_fix.CpuFp8Error, match="CompressedTensorsW8A8Int8 has no CPU-engine path"):
+        fused_qkv(ct_config("channel", weights_type="int"), ct_quantize("channel"))
+
+
+SGLANG_CHECKS = {"fp8: SGLang's callers reach the per-tensor and compressed-tensors rows": """
+import torch
+import torch.nn.functional as F
+import test_fp8_fix as t
+
+x = torch.randn(3, t.K).to(torch.bfloat16)
+layer, w = t.per_tensor_qkv()
+layer.quant_method.process_weights_after_loading(layer)
+assert torch.equal(layer.quant_method.apply(layer, x), F.linear(x, w.to(torch.bfloat16)))
+for strategy in ("channel", "tensor"):
+    layer, w = t.fused_qkv(t.ct_config(strategy), t.ct_quantize(strategy))
+    layer.quant_method.process_weights_after_loading(layer)
+    assert torch.equal(layer.quant_method.apply(layer, x), F.linear(x, w.to(torch.bfloat16)))
+"""}
+
+
+def test_sglangs_callers_reach_the_per_tensor_and_compressed_tensors_rows(sglang_checks):
+    sglang_checks.assert_ok("fp8: SGLang's callers reach the per-tensor and compressed-tensors rows")
 
 
 def _kv_b_proj():

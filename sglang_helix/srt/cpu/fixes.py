@@ -48,7 +48,12 @@ CPU_FIXES = (
            "SGLANG_HELIX_CPU_MOE_FIX"),
     CpuFix("fp8-weights", "fp8_fix",
            "block-fp8 checkpoints need AMX kernels (sgl-kernel CPU build, not on PyPI): an exact "
-           "torch W8A16 path instead; MLA's kv_b_proj dequantized as on CUDA, not requantized"),
+           "torch W8A16 path instead; MLA's kv_b_proj dequantized as on CUDA, not requantized; "
+           "per-tensor fp8's fused shards keep their own scales (as on sm90), not requantized by "
+           "a CUDA-only kernel"),
+    CpuFix("ct-fp8-weights", "ct_fp8_fix",
+           "compressed-tensors checkpoints ask torch.cuda for a compute capability: on CPU, SGLang's "
+           "weight-only fp8 scheme with the torch W8A16 path instead of Marlin; other schemes refused"),
     CpuFix("fp8-kv", "fp8_kv_fix",
            "KVCacheConfigurator.configure refuses fp8_e4m3 KV on CPU without AMX although "
            "torch_native and the Helix pools read fp8 pages: step over that one check"),

@@ -18,9 +18,18 @@ a time, only for the experts a batch routes to. Weights stay fp8 in memory.
 
 Inert on GPU and on AMX CPUs with a real sgl-kernel: the hooks are installed only on the CPU engine
 (fix "fp8-weights" of srt.cpu.fixes, rows of srt.hook_table), and every hook calls straight through unless SGLang's fp8 module runs on CPU without
-AMX. Per-tensor / per-channel fp8 checkpoints still stop inside SGLang's own load-time
-requantization (`requantize_with_max_scale` -> a CUDA-only kernel) before reaching the marker;
-`apply` would handle them.
+AMX.
+
+Per-tensor fp8 (`quant_method: fp8` without `weight_block_size`: AutoFP8's format, one fp32
+`weight_scale` per checkpoint tensor): a fused layer (QKV, gate_up) holds one scale per shard, and
+SGLang's CPU branch requantizes the shards to their largest scale (`requantize_with_max_scale`,
+whose `scaled_fp8_quant` is a CUDA / XPU kernel: undefined on CPU). On GPUs with CUTLASS fp8
+(sm89, sm90, sm100) SGLang does not requantize: `convert_to_channelwise` gives every output row
+its shard's own scale and the fp8 weight is kept as stored (only sm120 and GPUs without CUTLASS
+fp8 take the requantization). `_around_requantize` does the sm90 step on the CPU engine without
+AMX, so W = fp8 * its shard's scale exactly, per row; the marked layer then runs W8A16 as above
+(the GPU kernels also quantize the activations to fp8 per tensor; the CPU path, like SGLang's
+AMX kernels, keeps them in the activation dtype).
 
 MLA's W_UK / W_UV: for a block-fp8 kv_b_proj SGLang's CUDA branch dequantizes the weight to bf16
 (128 x 128 blocks), but every other platform requantizes it to one per-tensor fp8 scale for
@@ -119,6 +128,32 @@ def _around_linear_apply(original: Callable, method: Any, layer: Any, x: Any, bi
     if getattr(layer, MARK, None) is None:
         return original(method, layer, x, bias, *args, **kwargs)
     return fp8_linear(layer, method.weight_block_size if method.block_quant else None, x, bias)
+
+
+# ---------------------------------------------------------------- per-tensor fp8: fused shards
+
+
+def shards_have_own_scales(weight_scale: torch.Tensor) -> bool:
+    """SGLang's test in `requantize_with_max_scale`: every shard's scale was loaded (a checkpoint
+    storing the fused module with one scale leaves the others at the parameter's fill value)."""
+    return bool(weight_scale[-1] > torch.finfo(torch.float8_e4m3fn).min)
+
+
+def channelwise_scales(weight_scale: torch.Tensor, logical_widths: list[int]) -> torch.Tensor:
+    """Per-shard scales [S] of a fused per-tensor fp8 layer -> one per output row [N, 1] fp32
+    (shard i's scale on its logical_widths[i] rows): SGLang's own `convert_to_channelwise`."""
+    from sglang.srt.layers.quantization.utils import convert_to_channelwise
+
+    return convert_to_channelwise(weight_scale, logical_widths)
+
+
+def _around_requantize(original: Callable, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       logical_widths: list[int], *args: Any, **kwargs: Any):
+    # only inside `_around_process`'s CPU processing (which makes the AMX flag read True)
+    if _fp8_module()._amx_process_weight_after_loading is not _mark \
+            or not shards_have_own_scales(weight_scale):
+        return original(weight, weight_scale, logical_widths, *args, **kwargs)
+    return channelwise_scales(weight_scale, logical_widths), weight
 
 
 # ---------------------------------------------------------------- MLA's W_UK / W_UV
