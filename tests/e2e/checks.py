@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import time
 import urllib.request
+from types import SimpleNamespace
 
 from helpers import E2E_PROMPT_TEXTS
 
@@ -54,12 +55,13 @@ def _reference(model: str, prompt: tuple[int, ...], max_new: int, fp8_kv: bool):
 
     if not fp8_kv:
         (ref,) = reference_greedy(model, [list(prompt)], max_new)
-        ref.tol, ref.decisive = LOGPROB_TOL, ref.min_margin > FP32_MIN_MARGIN
-        return ref
-    (ref,) = fp8_kv_reference_greedy(model, [list(prompt)], max_new)
-    ref.tol = max(FP8_KV_LOGPROB_TOL, 1.5 * ref.envelope)
-    ref.decisive = ref.min_margin > FP8_KV_MIN_MARGIN + 2 * ref.tol
-    return ref
+        tol, decisive = LOGPROB_TOL, ref.min_margin > FP32_MIN_MARGIN
+    else:
+        (ref,) = fp8_kv_reference_greedy(model, [list(prompt)], max_new)
+        tol = max(FP8_KV_LOGPROB_TOL, 1.5 * ref.envelope)
+        decisive = ref.min_margin > FP8_KV_MIN_MARGIN + 2 * tol
+    return SimpleNamespace(tokens=list(ref.tokens), logprobs=list(ref.logprobs),
+                           min_margin=ref.min_margin, tol=tol, decisive=decisive)
 
 
 def assert_greedy(answers, refs, *, argv=()) -> None:

@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from checks import references, wait_for
 from helpers import E2E_PROMPT_TEXTS
 
 from sglang_helix.dev import server as ts
@@ -52,8 +53,7 @@ from sglang_helix.dev.pd import (
     pd_args,
     server_state,
 )
-from sglang_helix.dev.fp8_models import fp8_kv_reference_greedy
-from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer, reference_greedy
+from sglang_helix.dev.tiny_models import ensure_tiny_model, load_tokenizer
 
 pytestmark = [
     pytest.mark.sglang_e2e,
@@ -135,18 +135,18 @@ def check_transfer(pd, model, prompts, run, itemsize: int = 4) -> list:
     return answers
 
 
-def run_and_check(pd, model, reference=reference_greedy, itemsize: int = 4):
+def run_and_check(pd, model, *, fp8_kv: bool = False, itemsize: int = 4):
     main, _ = prompts_for(model)
-    refs = reference(model, main, MAX_NEW)
+    refs = references(model, main, MAX_NEW, fp8_kv=fp8_kv)
     answers = check_transfer(pd, model, main, lambda: ts.generate_concurrent(
         pd.router_url, main, max_new_tokens=MAX_NEW), itemsize)
     assert [ts.output_ids(a) for a in answers] == [r.tokens for r in refs]
 
 
-def run_shared_prefix(pd, model, reference=reference_greedy):
+def run_shared_prefix(pd, model, *, fp8_kv: bool = False):
     """The second request's cached prefix pages stay on the decode server: only later pages move."""
     _, (first, second) = prompts_for(model)
-    refs = reference(model, [first, second], MAX_NEW)
+    refs = references(model, [first, second], MAX_NEW, fp8_kv=fp8_kv)
     a = ts.generate(pd.router_url, first, max_new_tokens=MAX_NEW)
     before = sent_by_rank(pd.prefill.base_url)
     b = ts.generate(pd.router_url, second, max_new_tokens=MAX_NEW)
@@ -185,7 +185,7 @@ class TestGQA:
         info = ts.request_json(pd.decode.base_url + "/server_info")
         assert info.get("disaggregation_decode_retraction_backup") == "cpu_tensor"
         prompts = [[(7 * i + 3 * k) % 200 + 5 for k in range(30 + 4 * i)] for i in range(6)]
-        refs = [r.tokens for r in reference_greedy(model, prompts, RETRACT_NEW)]
+        refs = [r.tokens for r in references(model, prompts, RETRACT_NEW)]
         before = retracted_count(pd.decode)
         # any non-200 answer (503 "Retracted ... without a KV backup") raises here
         answers = ts.generate_concurrent(pd.router_url, prompts, max_new_tokens=RETRACT_NEW)
@@ -208,7 +208,7 @@ class TestGQA:
         engine.batch_transfer_sync directly, past the byte counter on _transfer_data.)"""
         model, pd, _, env, logs = gqa
         main, _ = prompts_for(model)
-        refs = reference_greedy(model, main, MAX_NEW)
+        refs = references(model, main, MAX_NEW)
         with contextlib.ExitStack() as stack:
             decode = stack.enter_context(ts.launch_server(
                 model, [*COMMON, *pd_args("decode"), *TPA2_DECODE],
@@ -228,7 +228,7 @@ class TestGQA:
         model, pd, hold, env, logs = gqa
         # fresh prompts: pages the decode radix cache already holds would not be sent (no hold)
         p1, p2, p3 = ([7 + i, *range(40 + 3 * i, 62 + 3 * i)] for i in range(3))
-        ref = reference_greedy(model, [p2], MAX_NEW)[0].tokens
+        ref = references(model, [p2], MAX_NEW)[0].tokens
 
         # 1. decode dies while the prefill holds the KV write
         result = start_held_request(pd.router_url, p1, hold)
@@ -305,15 +305,6 @@ def used_pages(url: str) -> int:
     return sum(r["used_pages"] for r in server_state(url, "helix")["per_kvp_rank"])
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 # ------------------------------------------------------------------------------- MLA
 
 
@@ -336,13 +327,13 @@ class TestMLA:
 
     def test_tokens_identical_and_each_rank_gets_its_pages(self, mla):
         model, pd = mla
-        run_and_check(pd, model, fp8_kv_reference_greedy, itemsize=1)
+        run_and_check(pd, model, fp8_kv=True, itemsize=1)
         info = server_state(pd.decode.base_url, "helix")
         assert info["kv_cache_dtype"] == "float8_e4m3fn", info
 
     def test_cached_prefix_pages_are_not_sent_again(self, mla):
         model, pd = mla
-        run_shared_prefix(pd, model, fp8_kv_reference_greedy)
+        run_shared_prefix(pd, model, fp8_kv=True)
 
 
 RETRACT_LOG = re.compile(r"TP0\] KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")

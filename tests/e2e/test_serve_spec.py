@@ -98,16 +98,10 @@ class TestHelixOffNgram:
         assert chat["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.server("gqa-kvp2-ngram")
-def test_helix_gqa_ngram_lossless_accepts_and_frees_every_page(served):
-    rounds, state = _two_rounds(served)
-    _assert_round_two_accepts(rounds[1])
-    _assert_acceptance_reported(state, rounds)
-    assert_all_pages_free(served, 2)
-
-
-@pytest.mark.server("mla-kvp2-ngram")
-def test_helix_mla_ngram_lossless_accepts_and_frees_every_page(served):
+@pytest.mark.parametrize("server", [pytest.param(name, marks=pytest.mark.server(name))
+                                    for name in ("gqa-kvp2-ngram", "mla-kvp2-ngram")])
+def test_helix_ngram_lossless_accepts_and_frees_every_page(served, server):
+    """GQA and MLA at KVP 2: chain drafts verified over the KV-sharded prefix."""
     rounds, state = _two_rounds(served)
     _assert_round_two_accepts(rounds[1])
     _assert_acceptance_reported(state, rounds)

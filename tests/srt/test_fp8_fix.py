@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -36,7 +35,6 @@ from sglang_helix.dev.fp8_models import block_dequantize, block_quantize, quanti
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                 reason="sglang not installed")
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 

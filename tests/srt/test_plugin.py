@@ -17,6 +17,7 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+from helpers import TINY_LLAMA_CONFIG
 
 from sglang_helix.srt.cpu import sgl_kernel_stub as stub
 
@@ -26,12 +27,6 @@ needs_sglang = pytest.mark.skipif(
 )
 
 TIMEOUT_S = 150
-LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5, "torch_dtype": "float32", "rope_theta": 10000.0,
-}
 
 
 def sglang_env(**extra: str | None) -> dict[str, str]:
@@ -52,7 +47,7 @@ def run_py(args: list[str], tmp_path, **extra_env: str | None) -> subprocess.Com
 def tiny_llama(tmp_path):
     model_dir = tmp_path / "tiny-llama"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     return model_dir
 
 
@@ -77,7 +72,7 @@ import json, multiprocessing as mp, pathlib, pickle, tempfile
 from sglang.srt.server_args import prepare_server_args
 model = pathlib.Path(tempfile.mkdtemp()) / "tiny-llama"
 model.mkdir()
-(model / "config.json").write_text(json.dumps({LLAMA_CONFIG!r}))
+(model / "config.json").write_text(json.dumps({TINY_LLAMA_CONFIG!r}))
 plain = prepare_server_args(["--model-path", str(model), "--device", "cpu"])
 assert not hasattr(plain, "_helix_args")
 plain.resolve_once()                   # non-Helix resolution passes through our hooks

@@ -21,11 +21,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import NEEDS_SGLANG
+from helpers import NEEDS_SGLANG, TINY_LLAMA_CONFIG
 
 pytestmark = NEEDS_SGLANG
 
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 if importlib.util.find_spec("sglang") is not None:
     from sglang_helix.srt.cpu import sgl_kernel_stub
 
@@ -254,12 +253,6 @@ for name, flags in json.loads(sys.argv[2]).items():
         out[name] = f"ERROR {type(exc).__name__}: {exc}"
 print("RESULT " + json.dumps(out))
 """
-LLAMA_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5, "torch_dtype": "float32", "rope_theta": 10000.0,
-}
 GPU_DECODE_CASES = {  # name: (flags, what the outcome starts with, what it contains)
     "default": ([], "BACKUP cpu_tensor", ""),  # SGLang alone would take host_pool for an MHA pool on GPU
     "none": (["--disaggregation-decode-retraction-backup", "none"], "BACKUP none", ""),
@@ -277,7 +270,7 @@ def gpu_decode_resolutions(tmp_path_factory):
     import sys
 
     model = tmp_path_factory.mktemp("tiny-llama")
-    (model / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_HELIX", "SGLANG_PLUGINS")}
     env.update(SGLANG_PLUGINS="none", SGLANG_USE_CPU_ENGINE="0", PYTHONUNBUFFERED="1")
     cases = json.dumps({name: flags for name, (flags, _, _) in GPU_DECODE_CASES.items()})
