@@ -136,6 +136,9 @@ TABLE = (
            f"{cls}: qkv_proj and heads sharded TPA ways (H/TPA query, K/TPA KV heads)", "models")
       for module, cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"),
                           ("qwen3", "Qwen3Attention"))),
+    _row("sglang.srt.models.llama_eagle3.LlamaDecoderLayer.__init__", "AROUND",
+         "models.eagle_draft._around_eagle3_layer_init", "EAGLE-3 draft layer: its 2 x hidden QKV "
+         "projection rebuilt TPA ways (H/TPA query, K/TPA KV heads), like the target's", "models"),
     _row("sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin."
          "post_load_weights", "AFTER", "models.deepseek._after_post_load",
          "replicates the q projection and W_UK (+ W_UV for the value exchange) on every rank, "
