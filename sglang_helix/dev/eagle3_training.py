@@ -1,12 +1,18 @@
 """Training of the tiny EAGLE-3 draft (dev.eagle3_models) on its target's own greedy text.
 
 Data: the target (transformers, fp32) continues prompts greedily (prefixes of every line of the
-tiny models' corpus, plus seeded random token prompts); one more forward over each whole sequence
+tiny models' corpus, `PROMPT_TEXTS`, seeded random token prompts); one more forward over each whole sequence
 gives the hidden states SGLang captures for the draft (the inputs of target layers id + 1 of
 `eagle_aux_hidden_state_layer_ids`) and the target's greedy token at every position. The draft at
 position t reads the target's embedding of token t + 1 and the captured states of position t and
 learns the target's greedy token after t + 1 (EAGLE's next-next-token objective, teacher forced,
 in the draft vocabulary: the DRAFT_VOCAB target tokens the target predicts most often).
+
+A random-weight target's next token is no smooth function of its features: the draft learns its
+training continuations (accuracy near 1 on them) and hardly generalises. `PROMPT_TEXTS` holds the
+prompts the e2e suite and the serving benchmark send, so drafts are accepted there (often at the
+first draft step; later steps read the draft's own hidden states, which it was not trained on).
+Acceptance lengths measured with these drafts show the serving path works, not a draft's quality.
 
 Deterministic: seeded data and init, one torch thread (restored after), as the trained tiny model.
 """
@@ -17,16 +23,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-STEPS, LR, NEW_TOKENS, RANDOM_PROMPTS = 300, 3e-3, 40, 48
+STEPS, LR, NEW_TOKENS, RANDOM_PROMPTS = 300, 3e-3, 48, 48
+# The e2e suite's prompts (tests/helpers.py).
+PROMPT_TEXTS = (
+    "The quick brown fox jumps over the lazy dog and then",
+    "Helix parallelism shards the key value cache of a decoding request by page across ranks. "
+    "Each rank",
+    "Hello",
+)
 
 
 def cache_fields() -> list[Any]:
     """What the training adds to the draft's cache key."""
-    return [STEPS, LR, NEW_TOKENS, RANDOM_PROMPTS]
+    return [STEPS, LR, NEW_TOKENS, RANDOM_PROMPTS, PROMPT_TEXTS]
 
 
 def _prompts(tokenizer: Any, vocab: int, seed: int) -> list[list[int]]:
-    """Prefixes (3, 8, 16 tokens and whole) of every corpus line, then random token prompts."""
+    """Prefixes (3, 8, 16 tokens and whole) of every corpus line, PROMPT_TEXTS, then random token
+    prompts."""
     import torch
 
     from .tiny_models import CORPUS
@@ -35,6 +49,7 @@ def _prompts(tokenizer: Any, vocab: int, seed: int) -> list[list[int]]:
     for line in CORPUS.splitlines():
         ids = tokenizer.encode(line)
         out += [ids[:n] for n in (3, 8, 16) if n < len(ids)] + [ids]
+    out += [tokenizer.encode(text) for text in PROMPT_TEXTS]
     gen = torch.Generator().manual_seed(seed + 11)
     for _ in range(RANDOM_PROMPTS):
         n = int(torch.randint(1, 24, (1,), generator=gen))
