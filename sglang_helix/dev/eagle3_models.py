@@ -18,19 +18,15 @@ whose hidden states it reads; SGLang captures the input of layer id + 1). Its te
 No embedding: the draft reads the target's (SGLang's `set_embed`). SGLang 0.5.23 loads exactly these
 (`models/llama_eagle3.py`: `midlayer` -> `layers.0`, `d2t` -> its hot-token map, `t2d` skipped).
 
-The draft here is trained for a few seconds on CPU (`eagle3_training`) to predict the target's
-own greedy next-next token from its captured hidden states, so it drafts tokens the target accepts
-(random weights would almost never be accepted). `draft_forward` is the draft's computation as
-SGLang runs it (the training forward and a reference for tests).
+The draft here is trained for a few seconds on CPU (`eagle3_training`, which also caches it) to
+predict the target's own greedy next-next token from its captured hidden states, so it drafts
+tokens the target accepts (random weights would almost never be accepted). `draft_forward` is the
+draft's computation as SGLang runs it (the training forward and a reference for tests).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,39 +158,3 @@ def save_draft(directory: Path, cfg: dict[str, Any], weights: dict[str, Any], d2
     tensors.update(d2t=d2t.contiguous(), t2d=t2d.contiguous())
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-def build_eagle3_draft(target: str | os.PathLike[str], path: str | os.PathLike[str], *,
-                       seed: int = 0) -> Path:
-    """Train an EAGLE-3 draft for the tiny Llama at `target` and write it to `path` (atomically)."""
-    from . import eagle3_training
-
-    target, path = Path(target), Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        stats = eagle3_training.train_draft(target, work, seed)
-        (work / "sglang_helix_eagle3.json").write_text(json.dumps(
-            {"target": target.name, "seed": seed, "builder_version": BUILDER_VERSION, **stats}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        work.rename(path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return path
-
-
-def ensure_eagle3_draft(target: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """The cached draft of the tiny Llama at `target` (built next to it on first use; the target
-    directory's name, a content hash of the tiny models' cache, and the training settings are the
-    key)."""
-    from . import eagle3_training
-
-    target = Path(target)
-    blob = json.dumps([BUILDER_VERSION, target.name, seed, DRAFT_VOCAB, AUX_LAYER_IDS,
-                       *eagle3_training.cache_fields()])
-    path = target.parent / f"{target.name}-eagle3-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-    if not all((path / f).is_file() for f in ("config.json", "model.safetensors", "sglang_helix_eagle3.json")):
-        build_eagle3_draft(target, path, seed=seed)
-    return path

@@ -1,4 +1,5 @@
-"""Training of the tiny EAGLE-3 draft (dev.eagle3_models) on its target's own greedy text.
+"""Training of the tiny EAGLE-3 draft (dev.eagle3_models) on its target's own greedy text, and
+its cache (`ensure_eagle3_draft`: built next to the target on first use).
 
 Data: the target (transformers, fp32) continues prompts greedily (prefixes of every line of the
 tiny models' corpus, `PROMPT_TEXTS`, seeded random token prompts); one more forward over each whole sequence
@@ -19,9 +20,16 @@ Deterministic: seeded data and init, one torch thread (restored after), as the t
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from . import eagle3_models as em
 
 STEPS, LR, NEW_TOKENS, RANDOM_PROMPTS = 300, 3e-3, 48, 48
 # The e2e suite's prompts (tests/helpers.py).
@@ -94,12 +102,8 @@ def _examples(data, embed, t2d, draft_of):
 def train_draft(target: Path, out: Path, seed: int) -> dict[str, float]:
     """Train and save the draft of `target` into `out`; returns first / last loss, accuracy on
     the training sequences (top-1, draft vocabulary) and seconds."""
-    import json
-
     import torch
     from safetensors.torch import load_file
-
-    from . import eagle3_models as em
 
     t0, saved = time.monotonic(), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -156,3 +160,35 @@ def _loss(weights, cfg, example):
     emb, aux, label, pos = example
     logits, _ = draft_forward(weights, cfg, emb, aux, pos)
     return torch.nn.functional.cross_entropy(logits, label, ignore_index=-100)
+
+
+def build_eagle3_draft(target: str | os.PathLike[str], path: str | os.PathLike[str], *,
+                       seed: int = 0) -> Path:
+    """Train an EAGLE-3 draft for the tiny Llama at `target` and write it to `path` (atomically)."""
+    target, path = Path(target), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        stats = train_draft(target, work, seed)
+        (work / "sglang_helix_eagle3.json").write_text(json.dumps(
+            {"target": target.name, "seed": seed, "builder_version": em.BUILDER_VERSION, **stats}, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        work.rename(path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return path
+
+
+def ensure_eagle3_draft(target: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """The cached draft of the tiny Llama at `target` (built next to it on first use; the target
+    directory's name, a content hash of the tiny models' cache, and the training settings are the
+    key)."""
+    target = Path(target)
+    blob = json.dumps([em.BUILDER_VERSION, target.name, seed, em.DRAFT_VOCAB, em.AUX_LAYER_IDS,
+                       *cache_fields()])
+    path = target.parent / f"{target.name}-eagle3-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+    if not all((path / f).is_file() for f in ("config.json", "model.safetensors", "sglang_helix_eagle3.json")):
+        build_eagle3_draft(target, path, seed=seed)
+    return path
