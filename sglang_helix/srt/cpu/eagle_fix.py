@@ -273,7 +273,3 @@ def _resolved_attention_backend(server_args: Any) -> str | None:
 
     view = resolved_view(server_args)
     return getattr(view, "speculative_draft_attention_backend", None) or view.attention_backend
-
-
-class CpuEagleError(NotImplementedError):
-    """An EAGLE / NEXTN setting the CPU-engine path does not serve (names the flag)."""
