@@ -15,6 +15,12 @@ tp 2 with the same page size and the same per-rank KV budget:
                      --speculative-num-draft-tokens 4 --speculative-ngram-max-bfs-breadth 1
                      --speculative-ngram-capacity 100000 (GQA and MLA models; not in the
                      default --configs)
+    helix-a2a-eagle3 helix-a2a with an EAGLE-3 draft model (chain drafts; --model gqa only):
+                     --speculative-algorithm EAGLE3 --speculative-num-steps 3
+                     --speculative-eagle-topk 1 --speculative-num-draft-tokens 4
+                     --speculative-draft-model-path DRAFT, DRAFT the tiny Llama's own tiny
+                     EAGLE-3 draft (`ensure_eagle3_draft`, built on first use; not in the
+                     default --configs)
 
 `--model gqa` serves the tiny Llama GQA model instead (8 query heads, 2 KV heads, head dim 16,
 4 layers, random weights). Its per-rank KV rows differ between layouts: plain TP 2 keeps one KV
@@ -26,10 +32,10 @@ words repeated to L tokens (distinct first tokens: no radix-cache reuse), so n-g
 even with random weights (on what earlier requests generated after the same text); `random` (the
 default) samples 60-160 words per text.
 
-Acceptance length (accept_len, NGRAM configs): tokens committed per verified request-step in one
-measured run, from the plugin's /server_info counters (internal_states[0]["helix"]["spec"], read
-after a /flush_cache before the run, which restarts them, and after the run); empty for configs
-without speculative decoding.
+Acceptance length (accept_len, NGRAM and EAGLE-3 configs): tokens committed per verified
+request-step in one measured run, from the plugin's /server_info counters
+(internal_states[0]["helix"]["spec"], read after a /flush_cache before the run, which restarts
+them, and after the run); empty for configs without speculative decoding.
 
 Each server is reused for every context length L and concurrency C; for each (L, C) this runs
 
@@ -176,6 +182,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.context_lens = sorted(dict.fromkeys(args.context_lens))
     args.concurrency = sorted(dict.fromkeys(args.concurrency))
     args.configs = list(dict.fromkeys(args.configs))
+    eagle3 = [n for n in args.configs if CONFIGS[n].eagle3]
+    if eagle3 and args.model != "gqa":
+        p.error(f"--configs {' '.join(eagle3)}: the tiny EAGLE-3 drafts are built for the tiny "
+                "Llama; add --model gqa")
     # Keep docs/results' main CSV for the default model and prompts; other runs get their own.
     args.stem = STEM if (args.model, args.prompt_set) == ("mla", "random") else (
         f"{STEM}-{args.model}-{args.prompt_set}")
@@ -258,7 +268,12 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                                          reset_peak_rss)
 
     bpt = layout_bytes_per_token(model_cfg, args.dtype, config.kvp)
-    with launch_server(model, [*server_common, *config.server_args()], tp=TP,
+    draft = None
+    if config.eagle3:
+        from sglang_helix.dev.eagle3_training import ensure_eagle3_draft
+
+        draft = ensure_eagle3_draft(model)
+    with launch_server(model, [*server_common, *config.server_args(draft)], tp=TP,
                        timeout=args.start_timeout, log_dir=work) as server:
         info_url = server.base_url + "/server_info"
         pool = pool_info(request_json(info_url), config, args.page_size)
@@ -283,7 +298,7 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                     # SGLang's /flush_cache resets its speculative counters, and the client
                     # flushes again when it starts: read them after our own flush, so the
                     # difference below is this run whether or not the client's flush succeeds.
-                    before = (flush_and_count(server.base_url) if config.ngram else None)
+                    before = (flush_and_count(server.base_url) if config.speculative else None)
                     reset_peak_rss(ranks)
                     run_client(argv, work / f"{tag}.log", args.run_timeout)
                     check_alive(server, config.name)
@@ -291,7 +306,7 @@ def _run_config(args: argparse.Namespace, config: ServerConfig, model: Path,
                     metrics = parse_result(out_file, num_prompts=n, input_len=length,
                                            output_len=args.output_len, concurrency=conc)
                     accept = run_accept_length(before, spec_counts(request_json(info_url)),
-                                               tag) if config.ngram else None
+                                               tag) if config.speculative else None
                 except ServingCompareError as exc:
                     raise ServingCompareError(f"{tag}: {exc}\n(server log {server.log_path})") from exc
                 rows.append(make_row(config.name, length, conc, n, args.output_len, metrics,
@@ -323,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"of plain TP (--max-total-tokens), {args.dtype}, torch_native/helix attention, "
                   f"{args.prompt_set} prompts, output {args.output_len} tokens, N = {args.waves} x C"),
         "tok_s_user": "1000 / TPOT p50; output_tok_s over all requests of the run",
-        "accept_len": "NGRAM configs: tokens committed per verified request-step in the run",
+        "accept_len": "NGRAM / EAGLE-3 configs: tokens committed per verified request-step in the run",
     }
     csv_path = write_csv(args.out_dir / f"{args.stem}.csv", rows, meta)
     png_path = plot_pareto(rows, args.out_dir / f"{args.stem}.png",

@@ -62,9 +62,11 @@ class HelixAttention:
             device=device,
         )
 
-    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor) -> None:
-        """seq_lens [B] logical lengths; local_page_table [B, pages] this rank's pages."""
-        self.meta.plan(seq_lens, local_page_table)
+    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor,
+             local_lens: torch.Tensor | None = None) -> None:
+        """seq_lens [B] logical lengths; local_page_table [B, pages] this rank's pages;
+        local_lens [B] its tokens where they are not the position-owned ones (metadata.plan)."""
+        self.meta.plan(seq_lens, local_page_table, local_lens)
 
     def forward_gqa(self, q, k_cache, v_cache, scale: float, *, k_scale: float = 1.0,
                     v_scale: float = 1.0) -> torch.Tensor:

@@ -5,7 +5,8 @@ Every rank has the chunk's new K/V (GQA: of its TPA group's KV heads; MLA: the l
 cached prefix lives on its KVP page owners. On KVP rank d, which keeps query-head slice d of
 Hn = Hq / KVP heads after the exchange:
 
-1. causal attention of the chunk over itself, for its own Hn heads only (with its LSE);
+1. causal attention of the chunk over itself, for its own Hn heads only (with its LSE); a draft
+   tree's verify chunk attends under its tree mask instead (plan.chunk_masks, spec_tree);
 2. without any cached prefix in the batch, that is the answer: no exchange;
 3. otherwise the partial of all Hq query heads over this rank's pages of each request's prefix
    (with its LSE; -inf where the rank holds none), LSE-merged with (1) on the own head slice,
@@ -34,6 +35,7 @@ import torch
 from .attention import chunk_attention_lse, merge_state, prefix_attention_lse, project_values
 from .kernel_path import KernelPath
 from .metadata import ExtendPlan
+from .spec_tree import tree_chunk_attention_lse
 
 Exchange = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,8 +78,12 @@ def helix_extend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, plan
     own = own_heads(kvp_rank, heads_per_rank)
     k_own, v_own = own_kv(k_new, v_new, own, q.shape[1])
     scales = dict(k_scale=k_scale, v_scale=v_scale)
-    chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale,
-                                               kernels, **scales)
+    if plan.chunk_masks is None:
+        chunk_out, chunk_lse = chunk_attention_lse(q[:, own], k_own, v_own, plan.extend_lens, scale,
+                                                   kernels, **scales)
+    else:  # a draft tree's verify: the chunk attends under the tree mask (spec_tree)
+        chunk_out, chunk_lse = tree_chunk_attention_lse(q[:, own], k_own, v_own, plan.chunk_masks,
+                                                        scale, **scales)
     if w_uv is not None:
         chunk_out = project_values(chunk_out, w_uv[own])
     if not plan.has_prefix:

@@ -73,14 +73,18 @@ class HelixDecodeMetadata:
         """[B, max_local_pages] int32 local page table of the planned batch (a view)."""
         return self.page_table_buf[: self.batch_size]
 
-    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor) -> None:
+    def plan(self, seq_lens: torch.Tensor, local_page_table: torch.Tensor,
+             local_lens: Optional[torch.Tensor] = None) -> None:
         """Fill the buffers for a batch.
 
         seq_lens: [B] logical (whole-sequence) lengths; local_page_table: [B, pages] this rank's
         page table (sharding.local_page_table of the logical one), pages <= max_local_pages.
+        local_lens: [B] this rank's token counts when its pages are not the position-owned ones
+        (draft-tree branches, spec_tree.local_tables_by_color); default local_seq_len(seq_lens).
         """
         bsz = self._check_shapes(seq_lens, local_page_table)
-        local = local_seq_len(seq_lens.to(torch.int64), self.kvp_rank, self.page_size, self.kvp)
+        local = (local_lens.to(torch.int64) if local_lens is not None else
+                 local_seq_len(seq_lens.to(torch.int64), self.kvp_rank, self.page_size, self.kvp))
         needed = (local + self.page_size - 1) // self.page_size
         if bsz and int(needed.max()) > local_page_table.shape[1]:
             raise ValueError(
@@ -120,13 +124,16 @@ class ExtendPlan:
     prefix_lens [B]: cached-prefix tokens per request (logical, host ints);
     local_prefix_lens [B]: of those, the tokens this rank holds (host ints);
     page_table: [B, pages] int32 local page slots of each request's prefix pages on this rank
-        (None when no request has a cached prefix).
+        (None when no request has a cached prefix);
+    chunk_masks: [B, n, n] bool: a draft tree's verify (every extend_lens n): chunk token i
+        attends chunk token j where True (spec_tree.tree_masks); None: causal.
     """
 
     extend_lens: tuple[int, ...]
     prefix_lens: tuple[int, ...]
     local_prefix_lens: tuple[int, ...]
     page_table: Optional[torch.Tensor] = None
+    chunk_masks: Optional[torch.Tensor] = None
 
     @property
     def has_prefix(self) -> bool:
@@ -140,12 +147,12 @@ class ExtendPlan:
 
 
 def plan_extend(extend_lens, prefix_lens, kvp_rank: int, page_size: int, kvp: int,
-                local_tables=None) -> ExtendPlan:
+                local_tables=None, chunk_masks: Optional[torch.Tensor] = None) -> ExtendPlan:
     """Build the ExtendPlan of a batch.
 
     extend_lens / prefix_lens: host ints per request (identical on every rank).
     local_tables(prefix_lens_tensor) -> ([B, pages] local slots, ...): this rank's prefix page
-    table; called only when some request has a cached prefix.
+    table; called only when some request has a cached prefix. chunk_masks: see ExtendPlan.
     """
     extend = tuple(int(n) for n in extend_lens)
     prefix = tuple(int(n) for n in prefix_lens) if prefix_lens is not None else (0,) * len(extend)
@@ -157,4 +164,7 @@ def plan_extend(extend_lens, prefix_lens, kvp_rank: int, page_size: int, kvp: in
         if local_tables is None:
             raise ValueError("a batch with a cached prefix needs local_tables to build its page table")
         table = local_tables(torch.tensor(prefix, dtype=torch.int64))[0]
-    return ExtendPlan(extend, prefix, local, table)
+    if chunk_masks is not None and (chunk_masks.dim() != 3 or chunk_masks.shape[0] != len(extend)
+                                    or any(n != chunk_masks.shape[-1] for n in extend)):
+        raise ValueError(f"chunk_masks {tuple(chunk_masks.shape)} is not [B, n, n] for extend_lens {extend}")
+    return ExtendPlan(extend, prefix, local, table, chunk_masks)

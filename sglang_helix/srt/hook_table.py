@@ -138,6 +138,9 @@ TABLE = (
            f"{cls}: qkv_proj and heads sharded TPA ways (H/TPA query, K/TPA KV heads)", "models")
       for module, cls in (("llama", "LlamaAttention"), ("qwen2", "Qwen2Attention"),
                           ("qwen3", "Qwen3Attention"))),
+    _row("sglang.srt.models.llama_eagle3.LlamaDecoderLayer.__init__", "AROUND",
+         "models.eagle_draft._around_eagle3_layer_init", "EAGLE-3 draft layer: its 2 x hidden QKV "
+         "projection rebuilt TPA ways (H/TPA query, K/TPA KV heads), like the target's", "models"),
     _row("sglang.srt.models.deepseek_common.deepseek_weight_loader.DeepseekV2WeightLoaderMixin."
          "post_load_weights", "AFTER", "models.deepseek._after_post_load",
          "replicates the q projection and W_UK (+ W_UV for the value exchange) on every rank, "
@@ -157,11 +160,16 @@ TABLE = (
     _row("sglang.srt.speculative.cpp_ngram.ngram_corpus.NgramCorpus.batch_get", "AROUND",
          "spec._around_batch_get", "NGRAM under Helix: draft masks become chain masks (padding "
          "drafts continue the chain)", "spec"),
+    _row("sglang.srt.arg_groups.speculative_hook._handle_eagle_family", "AROUND",
+         "spec._around_handle_eagle_family", "top-k > 1 at page size > 1: the helix backend (Helix "
+         "on) and the CPU EAGLE fix's torch_native draft steps (Helix off) serve page trees, so "
+         "SGLang's refusal outside flashinfer / fa3 / triton is stepped over", "spec", "eagle"),
     _row(f"{_DRAFT}.create_draft_extend_backend", "AROUND", "spec._around_draft_extend_backend",
-         "NEXTN draft extend on the draft runner's helix backend; Helix off: the CPU EAGLE fix "
+         "draft extend (MTP layer, EAGLE / EAGLE-3 draft) on the draft runner's helix backend; "
+         "Helix off: the CPU EAGLE fix "
          "(torch_native draft backend on the CPU engine)", "spec", "eagle"),
     _row(f"{_DRAFT}.create_decode_backend", "AROUND", "spec._around_draft_decode_backend",
-         "multi-step NEXTN draft decode on helix backends; Helix off: the CPU EAGLE fix "
+         "multi-step draft decode (chains, trees) on helix backends; Helix off: the CPU EAGLE fix "
          "(torch_native multi-step draft backend on the CPU engine)", "spec", "eagle"),
     # ---------------------------------------------------------------- PD disaggregation
     _row(f"{_CONN}.MooncakeKVManager.build_receiver_registration_message", "AROUND",

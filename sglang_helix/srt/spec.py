@@ -65,13 +65,13 @@ def _around_batch_get(original: Callable, corpus: Any, *args: Any, **kwargs: Any
     return drafts, chain_mask(mask, corpus.draft_token_num)
 
 
-def _draft_backend(draft_runner: Any) -> Any:
+def _draft_backend(draft_runner: Any, **kwargs: Any) -> Any:
     """A helix backend of the draft runner (its own Helix pool), stamped with the name SGLang's
-    draft factory stamps on the backends it makes."""
+    draft factory stamps on the backends it makes; kwargs: the backend's (a draft-tree step)."""
     from .backends.base import BACKEND_NAME
     from .backends.factory import create_helix_backend
 
-    backend = create_helix_backend(draft_runner)
+    backend = create_helix_backend(draft_runner, **kwargs)
     backend.prefill_attention_backend_str = backend.decode_attention_backend_str = BACKEND_NAME
     return backend
 
@@ -99,20 +99,27 @@ def _around_draft_extend_backend(original: Callable, factory: Any, *args: Any, *
 
 
 class HelixMultiStepDraftBackend:
-    """The MTP layer's draft decode steps under Helix (chain drafts, top-k 1): one helix backend
-    per step but the last (SGLang's multi-step draft backend contract: `attn_backends`, and
-    `init_forward_metadata` once per draft). Step s decodes the token at position seq_len + s, so
-    it attends seq_len + s + 1 tokens; their slots were allocated ahead with their positions'
-    page colours, so each rank attends its own pages of them, then one exchange per layer."""
+    """The draft model's decode steps under Helix (MTP layer, EAGLE / EAGLE-3 draft): one helix
+    backend per step but the last (SGLang's multi-step draft backend contract: `attn_backends`,
+    and `init_forward_metadata` once per draft), then one exchange per layer.
+
+    Chains (top-k 1): step s decodes the token at position seq_len + s, so it attends
+    seq_len + s + 1 tokens; their slots were allocated ahead with their positions' page colours,
+    so each rank attends its own pages of them. Trees (top-k > 1): step s decodes top-k rows per
+    request, branch t attending the committed prefix and its own page-aligned draft region
+    (SGLang's layout); each rank attends the pages of its colour (srt.backends.spec_plans)."""
 
     def __init__(self, draft_runner: Any, topk: int, num_steps: int):
-        if topk != 1:
-            raise HelixConfigError(f"--speculative-eagle-topk {topk}: Helix drafts chains only; "
-                                   f"set --speculative-eagle-topk 1")
+        from .backends.spec_plans import DraftTreeStep
+
         self.topk, self.speculative_num_steps = topk, num_steps
-        self.attn_backends = [_draft_backend(draft_runner) for _ in range(num_steps - 1)]
-        for step, backend in enumerate(self.attn_backends):
-            backend.decode_len_offset = step + 1  # also when SGLang re-plans a step itself
+        self.attn_backends = []
+        for step in range(num_steps - 1):
+            tree = DraftTreeStep(step, topk, num_steps) if topk > 1 else None
+            backend = _draft_backend(draft_runner, draft_tree=tree)
+            if tree is None:
+                backend.decode_len_offset = step + 1  # also when SGLang re-plans a step itself
+            self.attn_backends.append(backend)
         self.prefill_attention_backend_str = self.decode_attention_backend_str = HELIX_BACKEND
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
@@ -128,3 +135,23 @@ def _around_draft_decode_backend(original: Callable, factory: Any, *args: Any, *
     if factory.speculative_num_steps <= 1 or not _helix_draft(factory):
         return original(factory, *args, **kwargs)
     return HelixMultiStepDraftBackend(factory.draft_model_runner, factory.topk, factory.speculative_num_steps)
+
+
+def _around_handle_eagle_family(original: Callable, server_args: Any) -> None:
+    """SGLang resolves EAGLE-family settings and, last, refuses top-k > 1 at a page size > 1 on any
+    attention backend but its page-tree ones (flashinfer, fa3, triton: two-pass draft decode over a
+    shared prefix + per-branch pages). With Helix the helix backend serves page trees (tree verify
+    over the KV-sharded prefix, branch tables by page colour, cross-rank KV moves; srt.backends.
+    spec_plans, srt.memory.pools), so that refusal is stepped over; every other refusal stands.
+    Helix off: the CPU engine's EAGLE fix decides (its torch_native draft steps serve trees)."""
+    from .resolution import helix_args_of
+
+    helix = helix_args_of(server_args)
+    if helix is None or not helix.enable_helix:
+        return eagle_fix.handle_eagle_family(original, server_args)
+    try:
+        original(server_args)
+    except ValueError as err:
+        if not eagle_fix.page_tree_refusal(err):
+            raise
+

@@ -267,9 +267,9 @@ def test_refuse_attn_cp_and_attn_dp():
     refused(r"--attn-dp-size 2", helix(), server(attn_dp_size=2))
 
 
-@pytest.mark.parametrize("algo", ["EAGLE3", "STANDALONE", "DFLASH"])
-def test_refuse_speculative_other_than_ngram_and_nextn(algo):
-    refused(rf"--speculative-algorithm {algo}: with Helix only NGRAM .* and NEXTN .*"
+@pytest.mark.parametrize("algo", ["STANDALONE", "DFLASH"])
+def test_refuse_speculative_other_than_ngram_nextn_and_eagle(algo):
+    refused(rf"--speculative-algorithm {algo}: with Helix only NGRAM .*, NEXTN .*, EAGLE and EAGLE3 .*"
             r"--speculative-algorithm NGRAM", helix(), server(speculative_algorithm=algo))
 
 
@@ -287,23 +287,35 @@ def test_nextn_chains_accepted_on_mla(algo, steps):
     assert check_launch(helix(), layout_from_argv(argv), DSV3) is not None  # others not given yet
 
 
-def test_refuse_nextn_trees_and_unmatched_draft_tokens():
-    refused(r"--speculative-eagle-topk 2: Helix serves NEXTN with chain drafts.*--speculative-eagle-topk 1",
-            helix(), server(speculative_algorithm="NEXTN", **{**MTP, "speculative_eagle_topk": 2}), model=DSV3)
-    refused(r"--speculative-num-draft-tokens 8 with --speculative-num-steps 3: .* verifies 4 tokens; "
-            r"set --speculative-num-draft-tokens 4", helix(),
+def test_trees_accepted_and_unmatched_chain_draft_tokens_refused():
+    tree = {**MTP, "speculative_eagle_topk": 2}
+    assert check_launch(helix(), server(speculative_algorithm="NEXTN", **tree), DSV3).mla
+    assert check_launch(helix(), server(speculative_algorithm="NEXTN", **{**tree, "speculative_num_draft_tokens": 6}),
+                        DSV3).mla  # a tree verifies any node count
+    refused(r"--speculative-num-draft-tokens 8 with --speculative-num-steps 3 and --speculative-eagle-topk 1: "
+            r".* verifies 4 tokens; set --speculative-num-draft-tokens 4", helix(),
             server(speculative_algorithm="NEXTN", **{**MTP, "speculative_num_draft_tokens": 8}), model=DSV3)
     argv = ["--tp-size", "4", "--speculative-algorithm", "NEXTN", "--speculative-eagle-topk", "4"]
-    with pytest.raises(HelixConfigError, match="--speculative-eagle-topk 4"):
-        check_launch(helix(), layout_from_argv(argv), DSV3)
+    assert check_launch(helix(), layout_from_argv(argv), DSV3) is not None
 
 
-def test_refuse_nextn_on_gqa_and_separate_eagle_drafts():
-    refused(r"--speculative-algorithm NEXTN on a GQA model.*--speculative-algorithm NGRAM", helix(),
+@pytest.mark.parametrize("algo", ["EAGLE3", "EAGLE"])
+@pytest.mark.parametrize("topk", [1, 2])
+def test_eagle_draft_models_accepted_on_gqa(algo, topk):
+    srv = server(speculative_algorithm=algo, model_path="/m", speculative_draft_model_path="/draft",
+                 **{**MTP, "speculative_eagle_topk": topk})
+    assert check_launch(helix(), srv, LLAMA) is not None
+
+
+def test_refuse_nextn_on_gqa_and_separate_eagle_drafts_on_mla():
+    refused(r"--speculative-algorithm NEXTN on a GQA model.*--speculative-algorithm EAGLE3 "
+            r"--speculative-draft-model-path <draft>.*--speculative-algorithm NGRAM", helix(),
             server(speculative_algorithm="NEXTN", **MTP), model=LLAMA)
-    refused(r"--speculative-draft-model-path /eagle-head: .*drop --speculative-draft-model-path", helix(),
-            server(speculative_algorithm="EAGLE", model_path="/m", speculative_draft_model_path="/eagle-head",
-                   **MTP), model=DSV3)
+    for algo in ("EAGLE", "EAGLE3"):
+        refused(rf"--speculative-algorithm {algo} with --speculative-draft-model-path /eagle-head on an MLA "
+                r"model: .*GQA .*use --speculative-algorithm NEXTN", helix(),
+                server(speculative_algorithm=algo, model_path="/m", speculative_draft_model_path="/eagle-head",
+                       **MTP), model=DSV3)
 
 
 def test_ngram_chain_drafts_accepted_for_gqa_and_mla():
@@ -325,7 +337,7 @@ def test_ngram_without_breadth_is_refused_as_sglang_parses_it():
 
 def test_refuse_ngram_trees():
     # SGLang's resolved default breadth is 10: a draft tree
-    refused(r"--speculative-ngram-max-bfs-breadth 10: Helix verifies chain drafts only.*"
+    refused(r"--speculative-ngram-max-bfs-breadth 10: an NGRAM draft tree .*SGLang refuses NGRAM trees.*"
             r"--speculative-ngram-max-bfs-breadth 1", helix(),
             server(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=10))
     argv = ["--tp-size", "4", "--speculative-algorithm", "NGRAM", "--speculative-ngram-max-bfs-breadth", "2"]

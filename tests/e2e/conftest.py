@@ -20,6 +20,7 @@ import pytest
 from servers import SERVERS, ServerSpec
 
 from sglang_helix.dev import server as ts
+from sglang_helix.dev.eagle3_training import ensure_eagle3_draft
 from sglang_helix.dev.tiny_models import ensure_tiny_model
 
 START_TIMEOUT_S = 300
@@ -57,7 +58,10 @@ class ServerFactory:
         self.release()
         spec = SERVERS[name]
         model = ensure_tiny_model(spec.model, self.cache)
-        context = ts.launch_server(model, spec.args, tp=spec.tp, env=dict(spec.env),
+        args = spec.args
+        if spec.draft == "eagle3":
+            args += ("--speculative-draft-model-path", str(ensure_eagle3_draft(model)))
+        context = ts.launch_server(model, args, tp=spec.tp, env=dict(spec.env),
                                    timeout=START_TIMEOUT_S, log_dir=self.log_dir)
         server = context.__enter__()
         self.current = (Served(name, spec, model, server), context)

@@ -29,6 +29,10 @@ MTP_STEPS = 3  # SGLang's DeepSeek setting: a chain of 3 drafts, verified as 4 t
 NEXTN = ("--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(MTP_STEPS),
          "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(MTP_STEPS + 1),
          *SPEC_MEM)
+# Draft trees: top-k 2 over 3 steps, 4 nodes verified per step (SGLang's page-tree layout: each
+# branch's drafts in their own pages)
+TREE = ("--speculative-num-steps", "3", "--speculative-eagle-topk", "2",
+        "--speculative-num-draft-tokens", "4", "--decode-log-interval", "1", *SPEC_MEM)
 EVICT_POOL = 256  # logical tokens of the GQA server: radix eviction under 8 x 50-token requests
 
 
@@ -41,6 +45,7 @@ class ServerSpec:
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     why: str = ""
+    draft: str = ""  # "eagle3": --speculative-draft-model-path of the target's tiny EAGLE-3 draft
 
     @property
     def helix(self) -> bool:
@@ -64,6 +69,11 @@ SERVERS: dict[str, ServerSpec] = {
         "gqa", 1, ("--page-size", str(P), *NGRAM),
         why="Helix off: the CPU engine's NGRAM ops (srt.cpu.spec_fix); the harness against "
             "transformers; OpenAI endpoints"),
+    "eagle3-kvp2-tree": ServerSpec(
+        "gqa", 2, ("--page-size", str(P), *KVP2_TPA1, "--speculative-algorithm", "EAGLE3", *TREE),
+        draft="eagle3",
+        why="Helix + EAGLE-3 draft trees (Llama): the draft's KV-sharded pool, tree verify and "
+            "cross-rank KV moves"),
     # ---------------------------------------------------------------- MLA (DeepSeek-V3-style)
     "mla-kvp2": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *HELIX, "--helix-hopb-slices", "2",
@@ -87,6 +97,10 @@ SERVERS: dict[str, ServerSpec] = {
     "mtp-kvp2": ServerSpec(
         "mla-mtp", 2, ("--page-size", str(P), *CHUNK, *NEXTN, *HELIX, "--helix-kvp-size", "2"),
         why="Helix + MTP: the MTP layer's own KV-sharded pool, exchange in every draft step"),
+    "mtp-kvp2-tree": ServerSpec(
+        "mla-mtp", 2, ("--page-size", str(P), *CHUNK, "--speculative-algorithm", "NEXTN", *TREE,
+                       *HELIX, "--helix-kvp-size", "2"),
+        why="Helix + DeepSeek MTP draft trees: tree verify over the latent-sharded prefix"),
     # ---------------------------------------------------------------- fp8 checkpoints (bf16)
     "mla-fp8-kvp2": ServerSpec(
         "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX),

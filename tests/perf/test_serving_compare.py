@@ -319,6 +319,30 @@ def test_ngram_config_adds_the_e2e_flags_helix_accepts():
         assert "--speculative-algorithm" not in CONFIGS[name].server_args()
 
 
+def test_eagle3_config_adds_a_draft_helix_accepts_on_gqa_only():
+    from sglang_helix.rules.server import ServerLayout
+    from sglang_helix.rules.speculative import check_speculative
+
+    config = CONFIGS["helix-a2a-eagle3"]
+    assert config.eagle3 and config.speculative and config.helix and config.name not in DEFAULT_CONFIGS
+    with pytest.raises(sc.ServingCompareError, match="helix-a2a-eagle3: .*draft model's directory"):
+        config.server_args()
+    args = config.server_args("/drafts/eagle3")
+    assert args[:len(CONFIGS["helix-a2a"].server_args())] == CONFIGS["helix-a2a"].server_args()
+
+    def flag(name):
+        return args[args.index(name) + 1]
+
+    names = ("--speculative-algorithm", "--speculative-num-steps", "--speculative-eagle-topk",
+             "--speculative-num-draft-tokens", "--speculative-draft-model-path")
+    assert [flag(n) for n in names] == ["EAGLE3", "3", "1", "4", "/drafts/eagle3"]
+    check_speculative(ServerLayout(model_path="/m", **{n[2:].replace("-", "_"): flag(n) for n in names}),
+                      is_mla=False)
+    assert sc.parse_args(["--model", "gqa", "--configs", "helix-a2a", "helix-a2a-eagle3"]).configs[1] == config.name
+    with pytest.raises(SystemExit):
+        sc.parse_args(["--configs", "helix-a2a-eagle3"])  # the MLA model: no EAGLE-3 draft
+
+
 def test_gqa_kv_rows_per_layout():
     # plain TP 2: one of the 2 KV heads per rank; Helix KVP 2 x TPA 1: both heads, half the pages
     assert budget.layout_bytes_per_token(GQA_TINY, "float32", 1) == 4 * 1 * 32 * 4 == 512

@@ -6,7 +6,8 @@ forward_extend, decodes several steps (crossing page boundaries, staggered appen
 init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
 page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
 chunk's causal attention), then verifies chain drafts (a TARGET_VERIFY batch: each request's n
-drafts attend its committed tokens and the drafts before them; a draft tree is refused). Every output is compared with fp32 full attention over
+drafts attend its committed tokens and the drafts before them; draft trees:
+tests/srt/test_spec_tree_ranks.py). Every output is compared with fp32 full attention over
 the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N). One run stores fp8_e4m3 pages
 with per-tensor k/v scales: its reference attends every key and value as the pool stores and the
 kernels read them (x / scale through fp8, times scale), the chunk's own tokens included.
@@ -177,19 +178,14 @@ DRAFTS = 3
 
 def _verify_chain(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv) -> float:
     """A TARGET_VERIFY batch of DRAFTS chain drafts per request over its committed `lens` tokens
-    (slots allocated ahead, as SGLang's spec decode does); then a draft tree is refused."""
-    import pytest as _pytest
-
-    from sglang_helix.config import HelixConfigError
-
+    (slots allocated ahead, as SGLang's spec decode does; trees: tests/srt/test_spec_tree_ranks.py)."""
     n, bs = DRAFTS, len(lens)
     req_idx = torch.arange(bs)
     locs = alloc.alloc_extend(lens, lens, lens + n, lens + n, r2t[req_idx, lens - 1].to(torch.int64), bs * n)
     for i in range(bs):
         r2t[i, int(lens[i]) : int(lens[i]) + n] = locs[i * n : (i + 1) * n].to(torch.int32)
-    nxt = torch.tensor([1, 2, -1]).repeat(bs, 1)
-    spec = SimpleNamespace(draft_token_num=n, retrieve_next_token=nxt,
-                           retrieve_next_sibling=torch.full((bs, n), -1))
+    chain = torch.ones(n, n, dtype=torch.bool).tril()  # SGLang's QLEN_ONLY mask of a chain
+    spec = SimpleNamespace(draft_token_num=n, custom_mask=chain.repeat(bs, 1, 1).reshape(-1))
     batch = SimpleNamespace(forward_mode=_Mode(False, verify=True), out_cache_loc=locs, seq_lens=lens.clone(),
                             seq_lens_cpu=lens.clone(), req_pool_indices=req_idx, spec_info=spec)
     backend.init_forward_metadata(batch)
@@ -209,10 +205,7 @@ def _verify_chain(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk
             stop = int(lens[i]) + t + 1
             ref = _full(qn[i * n + t, heads], k_all[:stop], v_all[:stop], D ** -0.5)
             errs.append(float((out[i * n + t] - ref).abs().max()))
-    spec.retrieve_next_token = torch.tensor([1, -1, -1]).repeat(bs, 1)  # root -> {1, 2}: a tree
-    spec.retrieve_next_sibling = torch.tensor([-1, 2, -1]).repeat(bs, 1)
-    with _pytest.raises(HelixConfigError, match="chain drafts only"):
-        backend.init_forward_metadata(batch)
+    assert backend.extend_plan.chunk_masks is None  # a chain: the causal chunk path
     return max(errs)
 
 

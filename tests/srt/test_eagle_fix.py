@@ -157,14 +157,14 @@ def test_draft_backends_torch_native_only(monkeypatch):
     assert eagle_fix.draft_decode_backend(original, other) == "sglang's"
     assert eagle_fix.draft_decode_backend(original, _factory("torch_native", 1)) == "sglang's"
     assert len(called) == 3
-    with pytest.raises(eagle_fix.CpuEagleError, match="--speculative-eagle-topk 2.*--speculative-eagle-topk 1"):
-        eagle_fix.draft_decode_backend(original, _factory("torch_native", 3, topk=2))
     made = []
-    monkeypatch.setattr(eagle_fix, "_torch_native_step_class",
-                        lambda: lambda runner, step: made.append(step) or SimpleNamespace(step=step))
+    monkeypatch.setattr(eagle_fix, "_torch_native_step_class", lambda: lambda runner, step, topk, steps:
+                        made.append((step, topk, steps)) or SimpleNamespace(step=step))
     multi = eagle_fix.draft_decode_backend(original, _factory("torch_native", 3))
-    assert isinstance(multi, eagle_fix.TorchNativeMultiStepDraftBackend) and made == [0, 1]
+    assert isinstance(multi, eagle_fix.TorchNativeMultiStepDraftBackend) and made == [(0, 1, 3), (1, 1, 3)]
     assert [b.step for b in multi.attn_backends] == [0, 1] and len(called) == 3
+    tree = eagle_fix.draft_decode_backend(original, _factory("torch_native", 3, topk=2))  # trees too
+    assert isinstance(tree, eagle_fix.TorchNativeMultiStepDraftBackend) and made[2:] == [(0, 2, 3), (1, 2, 3)]
 
 
 def test_torch_native_draft_step_attends_committed_plus_step_plus_one(monkeypatch):
@@ -176,7 +176,7 @@ def test_torch_native_draft_step_attends_committed_plus_step_plus_one(monkeypatc
     monkeypatch.setattr(TorchNativeAttnBackend, "__init__", lambda self, runner: None)
     monkeypatch.setattr(TorchNativeAttnBackend, "forward_decode",
                         lambda self, q, k, v, layer, fb, save_kv_cache=True, **kw: seen.append(fb.seq_lens.tolist()))
-    step = eagle_fix._torch_native_step_class()(None, 2)
+    step = eagle_fix._torch_native_step_class()(SimpleNamespace(page_size=4), 2)
     batch = SimpleNamespace(seq_lens=torch.tensor([5, 9]))
     step.forward_decode(None, None, None, None, batch)
     assert seen == [[8, 12]] and batch.seq_lens.tolist() == [5, 9]
@@ -197,7 +197,7 @@ def test_helix_off_draft_factory_hooks_hand_over_to_this_fix(monkeypatch):
 
     monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
     monkeypatch.setattr(eagle_fix, "_torch_native_step_class",
-                        lambda: lambda runner, step: SimpleNamespace(step=step))
+                        lambda: lambda runner, step, topk, steps: SimpleNamespace(step=step))
     factory = _factory("torch_native", 3)
     factory.draft_model_runner = SimpleNamespace(server_args=SimpleNamespace())  # no HelixConfig
     multi = spec._around_draft_decode_backend(lambda f: "sglang's", factory)
@@ -209,7 +209,7 @@ def test_hooks_are_cpu_engine_only():
 
     rows = rows_of_fix("eagle")
     shared = {r.target.rsplit(".", 1)[1] for r in rows if not r.cpu_only}
-    assert shared == {"create_draft_extend_backend", "create_decode_backend"}
+    assert shared == {"_handle_eagle_family", "create_draft_extend_backend", "create_decode_backend"}
     assert all(r.owner == "spec" for r in rows if not r.cpu_only)
     cpu_rows = [r for r in rows if r.cpu_only]
     assert len(cpu_rows) == 4 and all(r.owner == "cpu.eagle_fix" for r in cpu_rows)

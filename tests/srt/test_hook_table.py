@@ -26,7 +26,7 @@ DOC_START, DOC_END = "<!-- hook-table:start -->", "<!-- hook-table:end -->"
 def test_every_target_appears_once():
     counts = collections.Counter(row.target for row in hook_table.TABLE)
     assert [t for t, n in counts.items() if n > 1] == []
-    assert len(hook_table.TABLE) == 57
+    assert len(hook_table.TABLE) == 59
 
 
 @NEEDS_SGLANG
@@ -65,11 +65,12 @@ def test_cpu_rows_installed_on_the_cpu_engine_only_unless_opted_out(fix):
 
 
 def test_shared_targets_are_one_row_owned_by_helix():
-    """The three targets Helix and a CPU fix both need: one row, the Helix hook's, always installed."""
+    """The targets Helix and a CPU fix both need: one row, the Helix hook's, always installed."""
     shared = {r.target.rsplit(".", 1)[1]: r for r in hook_table.TABLE if r.cpu_fix and not r.cpu_only
               and not r.owner.startswith("cpu.")}
     assert {name: (r.owner, r.cpu_fix) for name, r in shared.items()} == {
         "configure": ("memory.hooks", "fp8-kv"),
+        "_handle_eagle_family": ("spec", "eagle"),
         "create_draft_extend_backend": ("spec", "eagle"),
         "create_decode_backend": ("spec", "eagle")}
 
@@ -81,11 +82,12 @@ def test_replace_rows_say_why_they_cannot_wrap():
 
 def test_srt_cpu_imports_nothing_of_helix():
     """srt/cpu holds CPU-engine fixes that apply with Helix on or off: it imports only itself (and
-    the core's error base), never srt.state, srt.memory, srt.backends, srt.spec, ..."""
+    the core's error base and spec_tree: SGLang's draft-tree page layout, pure index math), never
+    srt.state, srt.memory, srt.backends, srt.spec, ..."""
     bad = {}
     for path in (ROOT / "sglang_helix" / "srt" / "cpu").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module != "errors":
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module not in ("errors", "spec_tree"):
                 bad.setdefault(path.name, []).append("." * node.level + (node.module or ""))
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sglang_helix.srt") \
                     and not node.module.startswith("sglang_helix.srt.cpu"):

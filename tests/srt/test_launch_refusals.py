@@ -71,8 +71,8 @@ EARLY_REFUSALS = [
     ("dcp", CPU_HELIX + ["--dcp-size", "2"], ["--dcp-size 2", "drop --dcp-size"]),
     ("block-scaled-kv", CPU_HELIX + ["--kv-cache-dtype", "nvfp4"],
      ["--kv-cache-dtype nvfp4", "use --kv-cache-dtype auto, bf16, fp8_e4m3 or fp8_e5m2"]),
-    ("eagle3", CPU_HELIX + ["--speculative-algorithm", "EAGLE3"],
-     ["--speculative-algorithm EAGLE3", "--speculative-algorithm NGRAM --speculative-ngram-max-bfs-breadth 1"]),
+    ("standalone", CPU_HELIX + ["--speculative-algorithm", "STANDALONE"],
+     ["--speculative-algorithm STANDALONE", "--speculative-algorithm NGRAM --speculative-ngram-max-bfs-breadth 1"]),
 ]
 ACCEPTED = [("bare", CPU_HELIX)]
 

@@ -320,12 +320,11 @@ def fake_runner(rank, mode="latent", kv_dtype=torch.float32):
 def batch(mode, spans):
     """spans: per request (start, stop) positions computed in this forward. TARGET_VERIFY: the
     positions are chain drafts over the committed `start` tokens (SGLang's verify batch: seq_lens
-    = committed lengths, spec_info with the tree links of a chain)."""
+    = committed lengths, spec_info with the QLEN_ONLY tree mask of a chain)."""
     verify = mode == ForwardMode.TARGET_VERIFY
     n = spans[0][1] - spans[0][0]
-    chain = torch.tensor([*range(1, n), -1]).repeat(len(spans), 1)
-    spec = SimpleNamespace(draft_token_num=n, retrieve_next_token=chain,
-                           retrieve_next_sibling=torch.full((len(spans), n), -1)) if verify else None
+    chain = torch.ones(n, n, dtype=torch.bool).tril().repeat(len(spans), 1, 1).reshape(-1)
+    spec = SimpleNamespace(draft_token_num=n, custom_mask=chain) if verify else None
     seq_lens = torch.tensor([a if verify else b for a, b in spans])
     return SimpleNamespace(
         forward_mode=mode, req_pool_indices=torch.arange(len(spans)), seq_lens=seq_lens,

@@ -1,6 +1,7 @@
 """Helix on + NGRAM: the drafter's chain masks (srt.spec) and the helix backend's verify plan
-(srt.backends.base: chain check, TARGET_VERIFY planned as an extend over the committed tokens);
-Helix on + NEXTN: the MTP draft runner's extend backend (srt.spec)."""
+(srt.backends.spec_plans: TARGET_VERIFY planned as an extend over the committed tokens, causal
+for chains); Helix on + NEXTN / EAGLE / EAGLE-3: the draft runner's extend backend and its
+multi-step draft backends, chains and trees (srt.spec); SGLang's page-tree refusal (srt.spec)."""
 
 from types import SimpleNamespace
 
@@ -10,8 +11,11 @@ import torch
 
 from sglang_helix.config import HelixConfigError
 from sglang_helix.srt import spec
-from sglang_helix.srt.backends.base import check_chain_drafts
+from sglang_helix.spec_tree import is_chain, tree_masks
+from sglang_helix.srt.cpu import sgl_kernel_stub
 from sglang_helix.srt.cpu.spec_fix import reconstruct_indices_from_tree_mask
+
+sgl_kernel_stub.install()  # the modules under test import SGLang's (CPU-engine) kernels
 
 
 def ngram_mask(prevs_per_req, n):
@@ -39,13 +43,13 @@ def test_chain_mask_turns_padding_siblings_into_a_chain():
     n = 4
     # request 0: one real draft, two padding nodes under the root; request 1: a full chain
     mask = ngram_mask([[-1, 0, 0, 0], [-1, 0, 1, 2]], n)
-    with pytest.raises(HelixConfigError, match="chain drafts only.*bfs-breadth 1"):
-        check_chain_drafts(*links(mask, 2, n)[1:], n)
+    assert not is_chain(tree_masks(torch.from_numpy(mask), [5, 5], n))
     chain = spec.chain_mask(mask, n)
     assert chain.dtype == mask.dtype and chain.shape == mask.shape
     assert np.array_equal(chain.reshape(2, n, n)[1], mask.reshape(2, n, n)[1])  # chains unchanged
+    assert is_chain(tree_masks(torch.from_numpy(chain), [5, 5], n))  # verified causally
     pos, nxt, sib = links(chain, 2, n)
-    check_chain_drafts(nxt, sib, n)
+    assert (sib == -1).all() and nxt.tolist() == [[1, 2, 3, -1]] * 2
     assert pos.tolist() == [5, 6, 7, 8] * 2  # draft i at position seq_len + i
 
 
@@ -120,7 +124,7 @@ def test_helix_multi_step_draft_plans_each_step_at_its_length(monkeypatch):
     planned = []
 
     class Step:
-        decode_len_offset = 0
+        decode_len_offset, draft_tree = 0, None
 
         def init_forward_metadata(self, fb):  # the base's decode plan, with a recording kernel plan
             HelixBackendBase._plan_decode(self, fb)
@@ -130,12 +134,50 @@ def test_helix_multi_step_draft_plans_each_step_at_its_length(monkeypatch):
 
         helix = SimpleNamespace(plan=lambda lens, table: planned.append(lens.tolist()))
 
-    monkeypatch.setattr(spec, "_draft_backend", lambda runner: Step())
+    made = []
+    monkeypatch.setattr(spec, "_draft_backend",
+                        lambda runner, draft_tree=None: made.append(draft_tree) or Step())
     multi = spec.HelixMultiStepDraftBackend(object(), topk=1, num_steps=4)
-    assert [b.decode_len_offset for b in multi.attn_backends] == [1, 2, 3]
+    assert [b.decode_len_offset for b in multi.attn_backends] == [1, 2, 3] and made == [None] * 3
     fb = SimpleNamespace(seq_lens=torch.tensor([5, 9]))
     multi.init_forward_metadata(fb)
     multi.attn_backends[1].init_forward_metadata(fb)  # a re-plan of step 1 alone
     assert planned == [[6, 10], [7, 11], [8, 12], [7, 11]]
-    with pytest.raises(HelixConfigError, match="--speculative-eagle-topk 2"):
-        spec.HelixMultiStepDraftBackend(object(), topk=2, num_steps=3)
+    made.clear()
+    tree = spec.HelixMultiStepDraftBackend(object(), topk=2, num_steps=3)  # a tree: one step each
+    assert [(t.step, t.topk, t.num_steps) for t in made] == [(0, 2, 3), (1, 2, 3)]
+    assert [b.decode_len_offset for b in tree.attn_backends] == [0, 0]
+
+
+def test_page_tree_refusal_stepped_over_only_where_served(monkeypatch):
+    """SGLang's last EAGLE-family check refuses top-k > 1 at page size > 1 outside flashinfer / fa3 /
+    triton: with Helix it is stepped over (the helix backend serves page trees), Helix off on the
+    CPU engine with torch_native too (the CPU EAGLE fix's draft steps); any other error stands."""
+    from sglang_helix.rules.flags import HelixServerArgs
+    from sglang_helix.srt import resolution
+    from sglang_helix.srt.cpu import eagle_fix
+
+    refusal = ValueError("speculative_eagle_topk > 1 with page_size > 1 is only supported on "
+                         "('flashinfer', 'fa3', 'triton'); got attention_backend='torch_native'.")
+
+    def raising(err):
+        def original(server_args):
+            raise err
+        return original
+
+    on = SimpleNamespace(_helix_args=HelixServerArgs(enable_helix=True))
+    spec._around_handle_eagle_family(raising(refusal), on)
+    with pytest.raises(ValueError, match="other"):
+        spec._around_handle_eagle_family(raising(ValueError("other")), on)
+    off = SimpleNamespace()
+    monkeypatch.setattr(resolution, "helix_args_of", lambda args: getattr(args, "_helix_args", None))
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    monkeypatch.setattr(eagle_fix, "_resolved_attention_backend", lambda args: "torch_native")
+    spec._around_handle_eagle_family(raising(refusal), off)
+    monkeypatch.setattr(eagle_fix, "_resolved_attention_backend", lambda args: "intel_amx")
+    with pytest.raises(ValueError, match="only supported on"):
+        spec._around_handle_eagle_family(raising(refusal), off)
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "0")
+    monkeypatch.setattr(eagle_fix, "_resolved_attention_backend", lambda args: "torch_native")
+    with pytest.raises(ValueError, match="only supported on"):
+        spec._around_handle_eagle_family(raising(refusal), off)

@@ -5,7 +5,8 @@ A backend of global attention rank g holds this rank's Helix KV pool (srt.memory
 is built, from the device, the model and pool dtypes, the pool's dims and whether CUDA graphs
 capture decode), a `HelixAttention` for decode (core `decode`) and plans each batch once in
 `init_forward_metadata`: decode -> this rank's local page table and lengths in preallocated
-buffers; extend -> an `ExtendPlan` (host lengths + local prefix page table). Layers only run
+buffers; extend -> an `ExtendPlan` (host lengths + local prefix page table); speculative
+TARGET_VERIFY batches and draft-tree decode steps -> srt.backends.spec_plans. Layers only run
 kernels: decode = partial + exchange + merge (HOP-B slices when configured); extend = core
 `extend.helix_extend` (one algorithm for GQA and MLA).
 
@@ -37,6 +38,7 @@ from ...kernels import kv_quant
 from ...metadata import ExtendPlan, plan_extend
 from .. import state
 from ..memory.pools import HelixPoolError
+from . import spec_plans
 
 BACKEND_NAME = "helix"
 # Padded rows of a captured batch get seq_len 1: valid on every rank (the owner of page 0 attends
@@ -66,12 +68,12 @@ class HelixBackendBase(_attention_backend_base()):
     """
 
     mla = False
-    # Tokens a decode forward attends beyond forward_batch.seq_lens: step s of a multi-step MTP
+    # Tokens a decode forward attends beyond forward_batch.seq_lens: step s of a multi-step chain
     # draft decodes position seq_len + s of the same batch (srt.spec sets s + 1 on its backends).
     decode_len_offset = 0
 
     def __init__(self, model_runner: Any, *, rank: Optional[int] = None, kvp_group=None,
-                 impl: str = "auto"):
+                 impl: str = "auto", draft_tree: Optional[spec_plans.DraftTreeStep] = None):
         super().__init__()
         self.cfg = self._config_of(model_runner)
         self.device = model_runner.device
@@ -81,13 +83,16 @@ class HelixBackendBase(_attention_backend_base()):
         if self.cfg.kvp_rank(self.rank) != self.pool.kvp_rank:
             raise HelixPoolError(f"pool holds KVP rank {self.pool.kvp_rank} but rank {self.rank} is "
                                  f"KVP rank {self.cfg.kvp_rank(self.rank)}")
+        # a draft-tree step decodes top-k rows per request (srt.backends.spec_plans)
+        self.draft_tree = draft_tree
+        rows, extra = (draft_tree.topk, draft_tree.extra_pages) if draft_tree else (1, 0)
         max_pages = math.ceil(model_runner.model_config.context_len / self.cfg.page_size)
         self.kernels = resolve_kernel_path(impl, self.device, mla=self.mla, cuda_graphs=decode_graphs(self.device),
                                            inputs=self.kernel_inputs(model_runner.dtype))
         logger.info("sglang_helix: %s backend kernels %s", "MLA" if self.mla else "GQA", self.kernels.describe())
         self.helix = HelixAttention(
-            self.cfg, self.rank, group, max_batch=self.req_to_token_pool.req_to_token.shape[0],
-            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)), kernels=self.kernels,
+            self.cfg, self.rank, group, max_batch=self.req_to_token_pool.req_to_token.shape[0] * rows,
+            max_local_pages=max(1, math.ceil(max_pages / self.cfg.kvp)) + extra, kernels=self.kernels,
             device=self.device)
         self._planned = None  # the ForwardBatch the current metadata was planned for
         self.extend_plan: Optional[ExtendPlan] = None
@@ -139,20 +144,15 @@ class HelixBackendBase(_attention_backend_base()):
         return self._plan_extend(forward_batch)
 
     def _plan_verify(self, forward_batch: Any) -> ExtendPlan:
-        """TARGET_VERIFY: each request's n draft tokens are an extend chunk over its committed
-        seq_lens tokens (the cached prefix), causal among themselves: exact for chain drafts
-        (draft i's ancestors are drafts 0..i-1), which `check_chain_drafts` makes sure of."""
-        spec = forward_batch.spec_info
-        n = int(spec.draft_token_num)
-        check_chain_drafts(spec.retrieve_next_token, spec.retrieve_next_sibling, n)
-        prefix = forward_batch.seq_lens_cpu
-        prefix = prefix if prefix is not None else forward_batch.seq_lens.cpu()
-        return plan_extend(
-            (n,) * len(prefix), prefix, self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
-            local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device),
-                                                         int(max(prefix, default=0))))
+        """TARGET_VERIFY: an extend over the committed tokens, causal for chains, under the tree
+        mask for draft trees (srt.backends.spec_plans)."""
+        return spec_plans.plan_verify(self, forward_batch)
 
     def _plan_decode(self, forward_batch: Any) -> None:
+        if self.draft_tree is not None:  # a draft-tree step: branch tables by page colour
+            spec_plans.plan_tree_step(self, forward_batch, self.draft_tree)
+            self._planned = forward_batch
+            return
         seq_lens = forward_batch.seq_lens
         if self.decode_len_offset:
             seq_lens = seq_lens + self.decode_len_offset
@@ -279,19 +279,6 @@ def decode_graphs(device) -> bool:
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
 
     return not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED)
-
-
-def check_chain_drafts(next_token: torch.Tensor, next_sibling: torch.Tensor, n: int) -> None:
-    """Refuse draft trees: next_token / next_sibling [B, n] are the verify tree's links (SGLang's
-    retrieve_next_token / retrieve_next_sibling); a chain has draft i -> i + 1 and no siblings.
-    One host sync per verify batch (at plan time, not per layer)."""
-    chain = torch.arange(1, n + 1, device=next_token.device)
-    chain[-1] = -1
-    if not (bool((next_sibling == -1).all()) and bool((next_token == chain).all())):
-        raise HelixConfigError(
-            "Helix: the helix backend verifies chain drafts only (each draft the child of the one "
-            "before), but this TARGET_VERIFY batch holds a draft tree; use "
-            "--speculative-ngram-max-bfs-breadth 1 (NGRAM; the plugin turns its drafts into chains)")
 
 
 def rank_and_group(cfg: HelixConfig, rank: Optional[int], kvp_group):

@@ -176,25 +176,29 @@ def _stamped(backend: Any) -> Any:
 
 def draft_decode_backend(original: Callable, factory: Any, *args: Any, **kwargs: Any):
     """`DraftBackendFactory.create_decode_backend` without Helix: torch_native on the CPU engine has
-    no multi-step draft decode backend, so `TorchNativeMultiStepDraftBackend` (chain drafts; a
-    draft tree is refused by its flag); else SGLang's."""
+    no multi-step draft decode backend, so `TorchNativeMultiStepDraftBackend` (chains and trees);
+    else SGLang's."""
     if factory.speculative_num_steps <= 1 or not _torch_native_draft(factory):
         return original(factory, *args, **kwargs)
-    if factory.topk != 1:
-        raise CpuEagleError(f"--speculative-eagle-topk {factory.topk}: the CPU engine (torch_native) "
-                            "drafts chains only; set --speculative-eagle-topk 1")
-    return TorchNativeMultiStepDraftBackend(factory.draft_model_runner, factory.speculative_num_steps)
+    return TorchNativeMultiStepDraftBackend(factory.draft_model_runner, factory.topk,
+                                            factory.speculative_num_steps)
 
 
 class TorchNativeMultiStepDraftBackend:
-    """Chain draft decode steps on torch_native: step s decodes the token at position seq_len + s
-    over req_to_token[:seq_len + s + 1] (the draft slots sit there, allocated ahead), i.e. SGLang's
-    torch_native decode with the step's lengths in place of the batch's committed ones."""
+    """Draft decode steps on torch_native, SGLang's torch_native decode over each row's tokens.
 
-    def __init__(self, draft_runner: Any, num_steps: int):
+    Chains (top-k 1): step s decodes the token at position seq_len + s over req_to_token[:seq_len +
+    s + 1] (the draft slots sit there, allocated ahead). Trees (top-k > 1): step s decodes top-k
+    rows per request; branch t attends the virtual sequence of SGLang's draft layout (the paged
+    backends' reading: the prefix, then its own draft region whose first page holds a copy of the
+    prefix's tail, core spec_tree.branch_page_columns), given to SGLang's decode as a row of token
+    locs of its own."""
+
+    def __init__(self, draft_runner: Any, topk: int, num_steps: int):
         step_cls = _torch_native_step_class()
-        self.topk, self.speculative_num_steps = 1, num_steps
-        self.attn_backends = [_stamped(step_cls(draft_runner, step)) for step in range(num_steps - 1)]
+        self.topk, self.speculative_num_steps = topk, num_steps
+        self.attn_backends = [_stamped(step_cls(draft_runner, step, topk, num_steps))
+                              for step in range(num_steps - 1)]
         _stamped(self)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
@@ -202,23 +206,70 @@ class TorchNativeMultiStepDraftBackend:
             backend.init_forward_metadata(forward_batch)
 
 
+def branch_token_locs(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                      topk: int, num_steps: int, step: int, page_size: int):
+    """(locs [B * topk, L_max] token locs of each branch's virtual sequence, lens [B * topk])."""
+    from ...spec_tree import branch_page_columns
+
+    longest = int(seq_lens.max()) + step + 1
+    cols, lens = branch_page_columns(seq_lens, topk, num_steps, step, page_size, -(-longest // page_size))
+    pos = torch.arange(longest, device=seq_lens.device)
+    token_cols = cols[:, pos // page_size] * page_size + pos % page_size  # [R, L_max]
+    rows = req_to_token[req_pool_indices.to(torch.int64).repeat_interleave(topk)]
+    return torch.gather(rows, 1, token_cols.to(torch.int64)), lens
+
+
 def _torch_native_step_class() -> type:
+    from types import SimpleNamespace
+
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     class TorchNativeDraftStep(TorchNativeAttnBackend):
-        """One draft step: decode over the committed tokens + step + 1."""
+        """One draft step: a chain's decode over the committed tokens + step + 1, or a tree's
+        rows over their branches' token locs (TorchNativeMultiStepDraftBackend)."""
 
-        def __init__(self, model_runner: Any, step: int):
+        def __init__(self, model_runner: Any, step: int, topk: int = 1, num_steps: int = 0):
             super().__init__(model_runner)
-            self.step = step
+            self.step, self.topk, self.num_steps = step, topk, num_steps
+            self.page_size = model_runner.page_size
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
             view = copy.copy(forward_batch)
-            view.seq_lens = forward_batch.seq_lens + self.step + 1
-            return super().forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
+            if self.topk == 1:
+                view.seq_lens = forward_batch.seq_lens + self.step + 1
+                return super().forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
+            locs, view.seq_lens = branch_token_locs(
+                self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                forward_batch.seq_lens, self.topk, self.num_steps, self.step, self.page_size)
+            view.req_pool_indices = torch.arange(locs.shape[0], device=locs.device)
+            real, self.req_to_token_pool = self.req_to_token_pool, SimpleNamespace(req_to_token=locs)
+            try:  # SGLang's decode reads self.req_to_token_pool.req_to_token rows
+                return super().forward_decode(q, k, v, layer, view, save_kv_cache, **kwargs)
+            finally:
+                self.req_to_token_pool = real
 
     return TorchNativeDraftStep
 
 
-class CpuEagleError(NotImplementedError):
-    """An EAGLE / NEXTN setting the CPU-engine path does not serve (names the flag)."""
+def page_tree_refusal(err: Exception) -> bool:
+    """SGLang's refusal of top-k > 1 at a page size > 1 outside its page-tree backends."""
+    return "speculative_eagle_topk > 1 with page_size > 1 is only supported on" in str(err)
+
+
+def handle_eagle_family(original: Callable, server_args: Any) -> None:
+    """`_handle_eagle_family` without Helix: on the CPU engine with torch_native the multi-step
+    draft backend above serves page trees (SGLang's refusal of them, the step's last statement,
+    is stepped over); else SGLang's step unchanged."""
+    try:
+        original(server_args)
+    except ValueError as err:
+        if not (page_tree_refusal(err) and cpu_fix("eagle").enabled()
+                and _resolved_attention_backend(server_args) == TORCH_NATIVE):
+            raise
+
+
+def _resolved_attention_backend(server_args: Any) -> str | None:
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    view = resolved_view(server_args)
+    return getattr(view, "speculative_draft_attention_backend", None) or view.attention_backend

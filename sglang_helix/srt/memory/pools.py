@@ -22,6 +22,7 @@ from ...errors import HelixError
 from ...kernels import kv_quant
 from ...sharding import (colored_page_id_to_slot, kv_move_is_local, local_page_table, local_pool_tokens,
                          local_seq_len, page_owner, pages_per_color)
+from ...spec_tree import move_sources, moved_rows
 
 
 class HelixPoolError(HelixError):
@@ -81,19 +82,55 @@ class _HelixPoolMixin:
         raise HelixPoolError(f"{type(self).__name__}.{what} is not supported under Helix: {fix}")
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
-        """Speculative accept: KV of logical locs src_loc [n] -> tgt_loc [n], every layer.
+        """KV of logical locs src_loc [n] -> tgt_loc [n], every layer, all sources read before
+        any target is written (SGLang's semantics). Speculative decoding calls it on every rank
+        alike: after a verify (the accepted path to its positions) and, for draft trees, to copy
+        a prefix's tail page into each branch's first page.
 
-        Only moves within one KVP rank exist here (chain drafts: an accepted draft already sits at
-        its own position, tgt == src); a move across page colors would need the KV of another
-        rank and is refused (tree drafts; rules.speculative refuses them at launch)."""
-        if not bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
-            self._refuse("move_kv_cache across KVP ranks", "use chain drafts "
-                         "(--speculative-ngram-max-bfs-breadth 1)")
-        tgt, owned = self.local_rows(tgt_loc)
+        Moves within one KVP rank (chains: tgt == src) copy rows locally; a move across page
+        colours (trees) runs spec_tree's cross-rank move: one all-gather over the KVP group
+        (module doc of sglang_helix.spec_tree). The branch is a host check every rank agrees on."""
+        if self.kvp == 1 or bool(kv_move_is_local(tgt_loc, src_loc, self.page_size, self.kvp).all()):
+            tgt, owned = self.local_rows(tgt_loc)
+            src, _ = self.local_rows(src_loc)
+            tgt, src = tgt[owned], src[owned]
+            for buffer in self._kv_buffers():
+                buffer[tgt] = buffer[src]
+            return
+        self._move_across_ranks(tgt_loc, src_loc)
+
+    def _move_across_ranks(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor) -> None:
+        """Every rank reads the sources it holds (others: the padding page), the KVP group
+        all-gathers the rows as bytes, move i takes the row of rank token_owner(src_loc[i]), and
+        each rank writes the targets it holds (others go to the padding page)."""
+        import torch.distributed as dist
+
+        buffers = self._kv_buffers()
         src, _ = self.local_rows(src_loc)
-        tgt, src = tgt[owned], src[owned]
-        for buffer in self._kv_buffers():
-            buffer[tgt] = buffer[src]
+        tgt, _ = self.local_rows(tgt_loc)
+        n = src.shape[0]
+        send = torch.cat([buf[src].reshape(n, -1).view(torch.uint8) for buf in buffers], dim=1)
+        recv = send.new_empty((self.kvp * n, send.shape[1]))
+        dist.all_gather_into_tensor(recv, send, group=self.kvp_group())
+        rows = moved_rows(recv.view(self.kvp, n, -1), move_sources(src_loc, self.page_size, self.kvp))
+        start = 0
+        for buf in buffers:
+            width = buf[0].numel() * buf.element_size()
+            buf[tgt] = rows[:, start:start + width].contiguous().view(buf.dtype).view(n, *buf.shape[1:])
+            start += width
+
+    def kvp_group(self):
+        """The KVP process group of this rank (the Helix runtime's; tests set `_kvp_group`)."""
+        group = getattr(self, "_kvp_group", None)
+        if group is None:
+            from .. import state
+
+            rt = state.runtime()
+            if rt is None:
+                raise HelixPoolError("a KV move across KVP ranks needs the KVP group, created by the "
+                                     "plugin's state hook after SGLang's initialize_model_parallel")
+            group = rt.kvp_group
+        return group
 
     def _kv_buffers(self) -> list[torch.Tensor]:
         """Every per-layer KV buffer this pool holds (rows = local token rows)."""

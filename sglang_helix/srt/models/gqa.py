@@ -68,12 +68,14 @@ def stock_qkv_group(qkv_proj: Any) -> str:
     return group
 
 
-def _tpa_qkv(attn: Any, cfg: HelixConfig, bias: bool, quant_config: Any, prefix: str):
-    """QKVParallelLinear holding this rank's TPA group's Q (H/TPA) and K/V (K/TPA) heads."""
+def _tpa_qkv(attn: Any, cfg: HelixConfig, bias: bool, quant_config: Any, prefix: str,
+             input_size: int | None = None):
+    """QKVParallelLinear holding this rank's TPA group's Q (H/TPA) and K/V (K/TPA) heads (input:
+    the layer's hidden size unless given, e.g. an EAGLE-3 draft's 2 x hidden)."""
     from sglang.srt.layers.linear import QKVParallelLinear, ReplicatedParallelGroup
 
     return QKVParallelLinear(
-        attn.hidden_size, attn.head_dim, attn.total_num_heads, attn.total_num_kv_heads,
+        input_size or attn.hidden_size, attn.head_dim, attn.total_num_heads, attn.total_num_kv_heads,
         bias=bias, quant_config=quant_config, prefix=prefix,
         parallel_group=ReplicatedParallelGroup(stock_qkv_group(attn.qkv_proj), cfg.kvp),
     )
