@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Nine kinds (fp32 by default, weights from transformers' own model classes, seeded):
+Ten kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -21,6 +21,9 @@ Nine kinds (fp32 by default, weights from transformers' own model classes, seede
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
   dims are 128-aligned.
+- ``"mla-nvfp4"``: the MLA + MoE of ``"mla-fp8"`` (same dims) as an NVFP4 checkpoint in the
+  on-disk format of NVIDIA's ModelOpt DeepSeek exports (dev.nvfp4_models): MLPs, experts and
+  o_proj NVFP4, the MLA projections bf16.
 - ``"mla-trained"``: ``"mla"`` trained for a few seconds on a short text (dev.trained_models), its own
   tokenizer trained on that text: greedy continuations are words, and margins are wide.
 
@@ -52,11 +55,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fp8_models, mtp_models, trained_models
+from . import fp8_models, mtp_models, nvfp4_models, trained_models
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
-KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained")
+KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained",
+         "mla-nvfp4")
+# Quantized kinds: their quantizer (run on the built checkpoint, in place); bf16 unquantized tensors.
+QUANTIZERS = {"mla-fp8": fp8_models.quantize_checkpoint, "qwen3-fp8": fp8_models.quantize_checkpoint,
+              "mla-nvfp4": nvfp4_models.quantize_checkpoint}
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -166,13 +173,13 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     if kind in ("mla", "mla-mtp"):
         cfg = mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24)
         return mtp_models.mtp_config(cfg) if kind == "mla-mtp" else cfg
-    if kind == "mla-fp8":
+    if kind in ("mla-fp8", "mla-nvfp4"):
         return fp8_models.mla_fp8_config(mla_config(common, kv_lora_rank=48, qk_nope_head_dim=24))
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
 
 
-def _default_dtype(kind: str) -> str:  # SGLang's fp8 method runs bf16/fp16 activations only
-    return "bfloat16" if kind.endswith("-fp8") else "float32"
+def _default_dtype(kind: str) -> str:  # SGLang's fp8 / fp4 methods run bf16/fp16 activations only
+    return "bfloat16" if kind in QUANTIZERS else "float32"
 
 
 def _check_kind(kind: str) -> None:
@@ -306,8 +313,8 @@ def build_tiny_model(
         if trained:  # before _finish_config: saving the trained model rewrites config.json
             trained_models.train_checkpoint(work, tok, seed)
         _finish_config(work, cfg, dtype)
-        if kind.endswith("-fp8"):
-            fp8_models.quantize_checkpoint(work)
+        if kind in QUANTIZERS:
+            QUANTIZERS[kind](work)
         if kind == "mla-mtp":
             mtp_models.add_mtp_layer(work, seed, INIT_RANGE)
         (work / "sglang_helix_tiny.json").write_text(
@@ -371,7 +378,7 @@ def ensure_tiny_model(
     """Path of the cached tiny model `kind`, building it only when missing or incomplete.
 
     A non-default `max_positions` (long-context variant, same weights) gets its own cache entry.
-    `dtype` defaults to float32, bfloat16 for the fp8 kinds (their unquantized tensors).
+    `dtype` defaults to float32, bfloat16 for the quantized kinds (their unquantized tensors).
     """
     _check_kind(kind)
     dtype = dtype or _default_dtype(kind)

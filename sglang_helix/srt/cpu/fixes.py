@@ -49,6 +49,10 @@ CPU_FIXES = (
     CpuFix("fp8-weights", "fp8_fix",
            "block-fp8 checkpoints need AMX kernels (sgl-kernel CPU build, not on PyPI): an exact "
            "torch W8A16 path instead; MLA's kv_b_proj dequantized as on CUDA, not requantized"),
+    CpuFix("nvfp4-weights", "nvfp4_fix",
+           "NVFP4 (ModelOpt) checkpoints need CUDA fp4 kernels (Blackwell, or Marlin on SM80+) and "
+           "the NVFP4 MoE method refuses every other platform: an exact torch weight-only (W4A16) "
+           "path instead"),
     CpuFix("fp8-kv", "fp8_kv_fix",
            "KVCacheConfigurator.configure refuses fp8_e4m3 KV on CPU without AMX although "
            "torch_native and the Helix pools read fp8 pages: step over that one check"),
