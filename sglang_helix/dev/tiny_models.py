@@ -20,10 +20,8 @@ Ten kinds (fp32 by default, weights from transformers' own model classes, seeded
 - ``"mla-mtp"``: ``"mla"`` (same weights) plus a DeepSeek-V3 MTP layer for NEXTN drafts (dev.mtp_models).
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
-  dims are 128-aligned.
-- ``"mla-nvfp4"``: the MLA + MoE of ``"mla-fp8"`` (same dims) as an NVFP4 checkpoint in the
-  on-disk format of NVIDIA's ModelOpt DeepSeek exports (dev.nvfp4_models): MLPs, experts and
-  o_proj NVFP4, the MLA projections bf16.
+  dims are 128-aligned; ``"mla-nvfp4"``: ``"mla-fp8"``'s model as a ModelOpt NVFP4 checkpoint
+  (NVIDIA's DeepSeek export format, dev.nvfp4_models: MLA projections bf16, the rest NVFP4).
 - ``"mla-trained"``: ``"mla"`` trained for a few seconds on a short text (dev.trained_models), its own
   tokenizer trained on that text: greedy continuations are words, and margins are wide.
 
@@ -61,9 +59,6 @@ from . import fp8_models, mtp_models, nvfp4_models, trained_models
 BUILDER_VERSION = 1
 KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained",
          "mla-nvfp4")
-# Quantized kinds: their quantizer (run on the built checkpoint, in place); bf16 unquantized tensors.
-QUANTIZERS = {"mla-fp8": fp8_models.quantize_checkpoint, "qwen3-fp8": fp8_models.quantize_checkpoint,
-              "mla-nvfp4": nvfp4_models.quantize_checkpoint}
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -179,7 +174,7 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
 
 
 def _default_dtype(kind: str) -> str:  # SGLang's fp8 / fp4 methods run bf16/fp16 activations only
-    return "bfloat16" if kind in QUANTIZERS else "float32"
+    return "bfloat16" if kind.endswith(("-fp8", "-nvfp4")) else "float32"
 
 
 def _check_kind(kind: str) -> None:
@@ -313,8 +308,8 @@ def build_tiny_model(
         if trained:  # before _finish_config: saving the trained model rewrites config.json
             trained_models.train_checkpoint(work, tok, seed)
         _finish_config(work, cfg, dtype)
-        if kind in QUANTIZERS:
-            QUANTIZERS[kind](work)
+        if kind.endswith(("-fp8", "-nvfp4")):  # quantized in place
+            (nvfp4_models if kind == "mla-nvfp4" else fp8_models).quantize_checkpoint(work)
         if kind == "mla-mtp":
             mtp_models.add_mtp_layer(work, seed, INIT_RANGE)
         (work / "sglang_helix_tiny.json").write_text(
