@@ -114,6 +114,20 @@ def test_fp4_deepseek_helix_is_ranked_at_fp4_weights(capsys):
         assert _assert_plugin_accepts("deepseek-r1", line) is not None
 
 
+def test_fp4_mla_projections_default_to_bf16_as_nvfp4_exports_keep_them(capsys):
+    """The header says what the MLA projections were modelled at; bf16 ones (NVIDIA's NVFP4
+    exports, the default) make Helix's attention side dearer than the paper's all-fp4 setting."""
+    common = ("--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200", "--batch", "8")
+    rc, bf16, _ = _run(capsys, *common)
+    rc4, fp4, _ = _run(capsys, *common, "--fp4-mla-projections", "fp4")
+    assert rc == rc4 == 0
+    assert "weights fp4 (MLA projections bf16), KV fp8" in bf16 and "(MLA projections fp4)" in fp4
+    helix_attention = [float(out.split("\n  Helix ")[1].split()[2]) for out in (bf16, fp4)]
+    assert helix_attention[0] > helix_attention[1]
+    rc, llama, _ = _run(capsys, "--model", "llama-70b", "--context", "128K", "--gpus", "8", "--hardware", "b200")
+    assert rc == 0 and "weights fp4, KV fp8" in llama  # GQA: no MLA projections
+
+
 def test_helix_is_ranked_at_the_kv_dtype_the_rules_accept(capsys):
     """fp4 (nvfp4) KV pages are refused by the rules: Helix is re-evaluated at fp8 KV and compared
     with --dcp-size at those dtypes too."""
