@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rank by tok/s/GPU at TPOT <= this (ms)")
     p.add_argument("--precision", choices=("fp4", "fp8", "bf16"), default=None,
                    help="weights (default: fp4 where the chip has it, else fp8; cpu bf16)")
+    p.add_argument("--fp4-mla-projections", choices=("bf16", "fp4"), default="bf16",
+                   help="MLA projections at fp4 weights: bf16 as NVIDIA's NVFP4 exports keep them, "
+                        "or fp4 (the paper's setting)")
     p.add_argument("--kv-cache-dtype", choices=("fp4", "fp8", "bf16"), default=None,
                    help="KV cache (default: fp8 where the chip has it, else bf16)")
     p.add_argument("--exchange-dtype", choices=("fp32", "activation"), default="fp32",
@@ -78,7 +81,8 @@ def setting_from(args) -> Setting:
         raise search.PlannerError(f"--collective-latency-us {args.collective_latency_us:g}: must be >= 0")
     try:
         return Setting(get_model(args.model), hw, search.parse_context(args.context), weights, kv,
-                       args.exchange_dtype, args.collective_latency_us / (hw.link_latency * 1e6))
+                       args.exchange_dtype, args.collective_latency_us / (hw.link_latency * 1e6),
+                       fp4_mla_projections=args.fp4_mla_projections)
     except SpecError as exc:
         raise search.PlannerError(f"--precision {weights}: {exc}") from None
 

@@ -1,6 +1,6 @@
 """Tiny random-weight models built locally (no model hub) for SGLang tests and demos.
 
-Eleven kinds (fp32 by default, weights from transformers' own model classes, seeded):
+Twelve kinds (fp32 by default, weights from transformers' own model classes, seeded):
 
 - ``"gqa"``: Llama-style GQA. hidden 64, 4 layers, 8 query heads, 2 KV heads, head_dim 16.
 - ``"qwen2"``: Qwen2ForCausalLM, the same heads (hidden 128 = 8 x 16), with q/k/v bias (random, not transformers'
@@ -15,13 +15,13 @@ Eleven kinds (fp32 by default, weights from transformers' own model classes, see
   SGLang 0.5.23's own CPU torch_native path cannot serve this shape; the plugin's CPU
   absorbed-MLA fix (sglang_helix.srt.cpu.mla_fix) makes it serve, Helix on or off.
 - ``"mla-compat"``: the same with ``kv_lora_rank == qk_nope_head_dim`` (32 / 32): the only MLA
-  shape SGLang's own CPU torch_native path starts with (its tokens are wrong;
-  tests/e2e/test_serve_helix_off.py pins both facts).
+  shape SGLang's own CPU torch_native path starts with (with wrong tokens).
 - ``"mla-mtp"``: ``"mla"`` (same weights) plus a DeepSeek-V3 MTP layer for NEXTN drafts (dev.mtp_models).
 - ``"mla-fp8"``, ``"qwen3-fp8"``: block-fp8 checkpoints (128 x 128 blocks: the on-disk format of
   DeepSeek-V3 and Qwen3-FP8, dev.fp8_models) of an MLA + MoE and a Qwen3 GQA model whose sharded
   dims are 128-aligned; ``"gqa-fp8-tensor"`` (AutoFP8 per-tensor), ``"qwen3-fp8-ct"``
-  (compressed-tensors FP8-dynamic): ``"gqa"`` and ``"qwen3"`` in those formats.
+  (compressed-tensors FP8-dynamic): ``"gqa"`` and ``"qwen3"`` in those formats; ``"mla-nvfp4"``:
+  ``"mla-fp8"``'s model in NVIDIA's ModelOpt NVFP4 export format (dev.nvfp4_models).
 - ``"mla-trained"``: ``"mla"`` trained for a few seconds on a short text (dev.trained_models), its own
   tokenizer trained on that text: greedy continuations are words, and margins are wide.
 
@@ -33,12 +33,9 @@ Random init uses a larger ``initializer_range`` than real models (0.2 instead of
 greedy top-1 / top-2 logit margins are wide enough for token-exact comparisons between
 implementations; ``reference_greedy`` reports the smallest margin so tests can check it.
 
-``max_positions`` (default 1024) sets ``max_position_embeddings`` for long-context runs, e.g.
-``ensure_tiny_model("mla", max_positions=131072)`` for the serving benchmark; same weights.
+``max_positions`` (default 1024) sets ``max_position_embeddings`` for long contexts; same weights.
 
-API: ``build_tiny_model(kind, path)``, ``ensure_tiny_model(kind)`` (cached under
-``~/.cache/sglang_helix/tiny/<kind>-<hash>``), ``reference_greedy(path, prompts, n)``,
-``load_tokenizer(path)``.
+API: ``build_tiny_model``, ``ensure_tiny_model`` (cached in ~/.cache/sglang_helix/tiny), ``reference_greedy``.
 """
 
 from __future__ import annotations
@@ -53,12 +50,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fp8_models, mtp_models, trained_models
+from . import fp8_models, mtp_models, nvfp4_models, trained_models
 
 # Bump when anything that changes the built files changes: it is part of the cache key.
 BUILDER_VERSION = 1
 KINDS = ("gqa", "qwen2", "qwen3", "mla", "mla-compat", "mla-fp8", "qwen3-fp8", "mla-mtp", "mla-trained",
-         "gqa-fp8-tensor", "qwen3-fp8-ct")
+         "gqa-fp8-tensor", "qwen3-fp8-ct", "mla-nvfp4")
 TOKENIZER_VOCAB = 384
 INIT_RANGE = 0.2
 MAX_POSITIONS = 1024
@@ -158,6 +155,8 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     _check_kind(kind)
     _check_max_positions(max_positions)
     kind = trained_models.BASE_KIND.get(kind, kind)
+    if kind == "mla-nvfp4":  # mla-fp8's model, in NVFP4's format
+        return model_config("mla-fp8", vocab_size, bos_id, eos_id, pad_id, max_positions)
     if kind in fp8_models.FORMAT_KINDS:  # an fp8 kind: its base kind's config, resized
         base = model_config(fp8_models.BASE_KIND[kind], vocab_size, bos_id, eos_id, pad_id, max_positions)
         return fp8_models.fp8_kind_config(kind, base)
@@ -172,8 +171,8 @@ def model_config(kind: str, vocab_size: int, bos_id: int, eos_id: int, pad_id: i
     return mla_config(common, kv_lora_rank=32, qk_nope_head_dim=32)
 
 
-def _default_dtype(kind: str) -> str:  # SGLang's fp8 method runs bf16/fp16 activations only
-    return "bfloat16" if kind in fp8_models.FORMAT_KINDS else "float32"
+def _default_dtype(kind: str) -> str:  # SGLang's fp8 / fp4 methods run bf16/fp16 activations only
+    return "bfloat16" if kind in fp8_models.FORMAT_KINDS or kind == "mla-nvfp4" else "float32"
 
 
 def _check_kind(kind: str) -> None:
@@ -307,7 +306,9 @@ def build_tiny_model(
         if trained:  # before _finish_config: saving the trained model rewrites config.json
             trained_models.train_checkpoint(work, tok, seed)
         _finish_config(work, cfg, dtype)
-        if kind in fp8_models.FORMAT_KINDS:
+        if kind == "mla-nvfp4":
+            nvfp4_models.quantize_checkpoint(work)
+        elif kind in fp8_models.FORMAT_KINDS:
             fp8_models.quantize_checkpoint(work, fmt=fp8_models.FORMAT_KINDS[kind])
         if kind == "mla-mtp":
             mtp_models.add_mtp_layer(work, seed, INIT_RANGE)
@@ -372,7 +373,7 @@ def ensure_tiny_model(
     """Path of the cached tiny model `kind`, building it only when missing or incomplete.
 
     A non-default `max_positions` (long-context variant, same weights) gets its own cache entry.
-    `dtype` defaults to float32, bfloat16 for the fp8 kinds (their unquantized tensors).
+    `dtype` defaults to float32, bfloat16 for the quantized kinds (their unquantized tensors).
     """
     _check_kind(kind)
     dtype = dtype or _default_dtype(kind)

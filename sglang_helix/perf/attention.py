@@ -65,6 +65,12 @@ def kv_elems(model, lay: Layout) -> int:
     return model.kv_shape.elems_per_token(kv_ranks(lay))
 
 
+def weight_units(st, params):
+    """Projection params held, counted in units of the weights' dtype (the step's memory
+    multiplies every layer's params by that dtype's bytes)."""
+    return params * st.proj_wbytes / st.wbytes
+
+
 def input_projections(st, lay: Layout, tok):
     """(seconds, params held): MLA q_a/kv_a whole, q_b (+ W_UK) or q (+ gate) per projected
     head, GQA K/V per KV head held."""
@@ -72,7 +78,7 @@ def input_projections(st, lay: Layout, tok):
     kv_heads = 0 if m.mla else m.kv_shape.heads_per_rank(kv_ranks(lay))
     params = (m.attn_shared_params + projected_q_heads(m, lay) * m.q_params_per_head
               + kv_heads * m.kv_params_per_head)
-    return kernel(st.hw, params * st.wbytes, 2 * tok * params, st.rate), params
+    return kernel(st.hw, params * st.proj_wbytes, 2 * tok * params, st.rate), weight_units(st, params)
 
 
 def attention_core(st, lay: Layout, tok):
@@ -133,7 +139,7 @@ def w_uv_before_exchange(st, lay: Layout, tok):
     if not (m.mla and lay.kind == "helix" and lay.mla_x == "value"):
         return 0.0 * tok, 0.0
     params = attended_heads(m, lay) * m.w_uv_per_head
-    return kernel(st.hw, params * st.wbytes, 2 * tok * params, st.rate), params
+    return kernel(st.hw, params * st.proj_wbytes, 2 * tok * params, st.rate), weight_units(st, params)
 
 
 def attention_phase(st, lay: Layout, tok) -> Phase:
@@ -154,11 +160,12 @@ def output_phase(st, lay: Layout, tok) -> Phase:
     """o_proj (MLA: W_UV + o_proj; value exchange: o_proj only) over the heads this GPU owns
     after the exchange, and its all-reduce over the o_proj group."""
     m = st.model
-    per_head = m.out_params_per_head - (m.w_uv_per_head if lay.mla_x == "value" else 0)
-    params = m.num_heads / lay.out_split * per_head
-    t = kernel(st.hw, params * st.wbytes, 2 * tok * params, st.rate)
+    heads = m.num_heads / lay.out_split
+    o_proj = heads * (m.out_params_per_head - m.w_uv_per_head)
+    w_uv = 0.0 if lay.mla_x == "value" else heads * m.w_uv_per_head  # 0 for GQA
+    t = kernel(st.hw, o_proj * st.wbytes + w_uv * st.proj_wbytes, 2 * tok * (o_proj + w_uv), st.rate)
     t = t + all_reduce(st.hw, tok * m.hidden * ACT_BYTES, lay.out_split, st.latency_scale)
-    return Phase(t, 0.0 * tok, 0.0 * tok, params)
+    return Phase(t, 0.0 * tok, 0.0 * tok, o_proj + weight_units(st, w_uv))
 
 
 def linear_attention_phase(st, lay: Layout, tok) -> Phase:

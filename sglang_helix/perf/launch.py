@@ -3,8 +3,8 @@
 Every line is checked with the function the plugin's resolution hooks run
 (`rules.argv.check_argv` -> `rules.check_launch`, with the model's heads, experts and the weights
 the line serves): `plugin_refusal` says why the plugin would refuse it, or None. The weights are
-a parameter of the line (`Setting.weights`), so when the rules accept a dtype they refuse today
-(fp4 MLA weights) the planner offers it with no change here.
+a parameter of the line (`Setting.weights`): fp4 lines serve an NVFP4 checkpoint, which the rules
+accept for MLA (its MLA projections stay bf16).
 """
 
 from __future__ import annotations

@@ -40,6 +40,10 @@ class Setting:
     # collective paying the latency; HOP-B pipelines them request by request (used only to show
     # that modelling difference; the planner batches the exchange per HOP-B slice).
     exchange_per_request: bool = False
+    # At fp4 weights, the dtype of the MLA projections (q_a/q_b/kv_a/kv_b: the q projection,
+    # W_UK, W_UV). NVIDIA's NVFP4 DeepSeek / Kimi exports keep them bf16 (the planner CLI's
+    # default); "fp4" is the paper's all-fp4 setting.
+    fp4_mla_projections: str = "fp4"
 
     def __post_init__(self) -> None:
         if self.context < 1:
@@ -47,6 +51,9 @@ class Setting:
         for name, value in (("weights", self.weights), ("kv_dtype", self.kv_dtype or self.weights)):
             if value not in PRECISION_BYTES:
                 raise ValueError(f"{name} {value!r} unknown; one of {', '.join(PRECISION_BYTES)}")
+        if self.fp4_mla_projections not in PRECISION_BYTES:
+            raise ValueError(f"fp4_mla_projections {self.fp4_mla_projections!r} unknown; one of "
+                             f"{', '.join(PRECISION_BYTES)}")
         if self.exchange_dtype not in EXCHANGE_DTYPES + ("fp8",):
             raise ValueError(f"exchange_dtype {self.exchange_dtype!r}; one of {', '.join(EXCHANGE_DTYPES)}")
         self.hw.flop_rate(self.weights)  # SpecError if the chip cannot compute it
@@ -58,6 +65,13 @@ class Setting:
     @property
     def wbytes(self) -> float:
         return PRECISION_BYTES[self.weights]
+
+    @property
+    def proj_wbytes(self) -> float:
+        """Bytes of one attention input-projection / W_UV weight (MLA at fp4 weights: the
+        projections' own dtype, `fp4_mla_projections`; otherwise the weights')."""
+        mla_fp4 = self.model.mla and self.weights == "fp4"
+        return PRECISION_BYTES[self.fp4_mla_projections if mla_fp4 else self.weights]
 
     @property
     def kv_bytes(self) -> float:
@@ -220,6 +234,6 @@ def attention_layer_time(st: Setting, lay: Layout, batch: int, w_uv: bool = Fals
     if w_uv and m.mla:
         heads = attended_heads(m, lay) if lay.mla_x == "value" else m.num_heads / lay.out_split
         params = heads * m.w_uv_per_head
-        proj = float(kernel(st.hw, params * st.wbytes, 2 * batch * params, st.rate))
+        proj = float(kernel(st.hw, params * st.proj_wbytes, 2 * batch * params, st.rate))
     x = float(x_lat + x_bw)
     return {"attn": core, "exchange": x, "merge": merge, "w_uv": proj, "step": core + x + merge + proj}

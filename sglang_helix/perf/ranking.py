@@ -3,8 +3,8 @@ PP) at one objective, ranked, each with its launch line and the plugin's verdict
 
 Objective: `batch` B (lowest TPOT at B), or `tpot` T seconds (most tok/s/GPU at TPOT <= T), or
 neither (lowest TPOT at batch 1). A Helix line the rules refuse at the requested weights / KV dtype
-is re-evaluated at the nearest wider dtypes the rules accept (fp4 -> fp8 -> bf16): the weights are
-a parameter, so when the rules accept NVFP4 MLA weights nothing here changes.
+is re-evaluated at the nearest wider dtypes the rules accept (fp4 -> fp8 -> bf16; of the
+planner's dtypes the rules refuse only an fp4 KV cache: NVFP4 weights pass for MLA and GQA).
 """
 
 from __future__ import annotations

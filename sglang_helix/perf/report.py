@@ -21,9 +21,12 @@ def fmt_row(rank: int, r: Row) -> str:
 
 
 def header_lines(st, gpus: int, ranking: Ranking) -> list[str]:
+    weights = st.weights
+    if st.model.mla and st.weights == "fp4":
+        weights += f" (MLA projections {st.fp4_mla_projections})"
     return [
         f"Helix planner: {st.model.name} ({st.model.hf_id}), context {st.context} tokens, {gpus} x "
-        f"{st.hw.name} ({st.hw.source}), weights {st.weights}, KV {st.kv}, Helix exchange {st.exchange_dtype}",
+        f"{st.hw.name} ({st.hw.source}), weights {weights}, KV {st.kv}, Helix exchange {st.exchange_dtype}",
         f"objective: {ranking.objective}; {ranking.evaluated} (layout, batch) points; analytic roofline "
         "(sglang_helix/perf), not a measurement",
     ]

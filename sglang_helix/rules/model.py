@@ -17,11 +17,15 @@ GQA_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
 # Weight dtypes the Helix MLA path replicates and applies (srt.models.deepseek): unquantized as
-# they are; fp8 (e4m3) through SGLang's own fp8 linear method and its W_UK/W_UV conversion.
+# they are; fp8 (e4m3) through SGLang's own fp8 linear method and its W_UK/W_UV conversion; fp4 as
+# NVFP4 checkpoints are exported (ModelOpt: the MLA projections q_a/q_b/kv_a/kv_b stay bf16, which
+# Helix replicates as they are; o_proj and the MLPs / experts are NVFP4 and stay as SGLang shards
+# them). An NVFP4 q projection or kv_b_proj is refused at weight load (srt.models.deepseek).
 UNQUANTIZED_WEIGHT_DTYPES = frozenset({"bf16", "fp16", "fp32"})
-HELIX_MLA_WEIGHT_DTYPES = UNQUANTIZED_WEIGHT_DTYPES | {"fp8"}
+HELIX_MLA_WEIGHT_DTYPES = UNQUANTIZED_WEIGHT_DTYPES | {"fp8", "fp4"}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
-                  "float": "fp32", "float8_e4m3fn": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8"}
+                  "float": "fp32", "float8_e4m3fn": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8",
+                  "nvfp4": "fp4"}
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,9 @@ def check_architecture(model: ModelInfo) -> None:
 
 
 def weight_dtype_name(dtype: Any) -> str:
-    """'bf16' for torch.bfloat16 / 'bfloat16' / 'bf16' (and fp16, fp32 likewise); other dtypes
-    (fp8, fp4, int8, ...) come back as given, lower case, without a 'torch.' prefix."""
+    """'bf16' for torch.bfloat16 / 'bfloat16' / 'bf16' (and fp16, fp32 likewise; 'fp8' for e4m3,
+    'fp4' for 'nvfp4'); other dtypes (int8, mxfp4, ...) come back as given, lower case, without a
+    'torch.' prefix."""
     name = str(dtype).lower().removeprefix("torch.")
     return _DTYPE_ALIASES.get(name, name)
 
@@ -71,18 +76,20 @@ def is_unquantized_weight(dtype: Any) -> bool:
 
 
 def is_helix_mla_weight(dtype: Any) -> bool:
-    """True for the MLA checkpoint dtypes Helix serves: bf16/fp16/fp32 and fp8 (e4m3)."""
+    """True for the MLA checkpoint dtypes Helix serves: bf16/fp16/fp32, fp8 (e4m3), fp4 (NVFP4)."""
     return weight_dtype_name(dtype) in HELIX_MLA_WEIGHT_DTYPES
 
 
 def check_mla_weights(model: ModelInfo, weights: Any) -> None:
-    """Refuse an MLA checkpoint quantized other than fp8: every Helix MLA rank gathers the q
-    projection and W_UK of all heads (fp8 ones with their scales) and applies them with SGLang's
-    own linear method (srt.models.deepseek checks the loaded modules again at weight load).
-    `weights`: the checkpoint's dtype ('bf16', 'fp8', torch.float8_e4m3fn, 'fp4', ...) or None
-    (unknown: left to the weight-load check)."""
+    """Refuse an MLA checkpoint quantized other than fp8 or NVFP4: every Helix MLA rank gathers the
+    q projection and W_UK of all heads (fp8 ones with their scales; an NVFP4 checkpoint keeps
+    them bf16) and applies them with SGLang's own linear method (srt.models.deepseek checks the
+    loaded modules again at weight load). `weights`: the checkpoint's dtype ('bf16', 'fp8',
+    torch.float8_e4m3fn, 'fp4', 'nvfp4', 'int8', ...) or None (unknown: left to the weight-load
+    check)."""
     if not model.is_mla or weights is None or is_helix_mla_weight(weights):
         return
     refuse(f"--enable-helix with {weight_dtype_name(weights)} weights ({model.architecture}): the "
-           "Helix MLA path serves bf16/fp16/fp32 and fp8 (e4m3, block or per-tensor scales) "
-           "checkpoints; serve the fp8 or bf16 checkpoint or drop --enable-helix")
+           "Helix MLA path serves bf16/fp16/fp32, fp8 (e4m3, block or per-tensor scales) and "
+           "NVFP4 (ModelOpt, MLA projections bf16) checkpoints; serve one of those or drop "
+           "--enable-helix")

@@ -44,6 +44,8 @@ _FP8 = "sglang.srt.layers.quantization.fp8"
 _SPEC_OPS = "sglang.kernels.ops.speculative"
 _CT = "sglang.srt.layers.quantization.compressed_tensors"
 _CT_W8A16 = f"{_CT}.schemes.compressed_tensors_w8a16_fp8.CompressedTensorsW8A16Fp8"
+_FP4_LINEAR = "sglang.srt.layers.quantization.modelopt_quant.ModelOptFp4LinearMethod"
+_FP4_MOE = "sglang.srt.layers.quantization.modelopt_quant.ModelOptNvFp4FusedMoEMethod"
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,24 @@ TABLE = (
          "AROUND", "cpu.fp8_fix._around_kv_b_requant",
          "block-fp8 kv_b_proj (W_UK / W_UV) dequantized to bf16 as SGLang's CUDA branch does, not "
          "requantized per tensor (a second, lossy rounding)", "fp8-weights"),
+    _cpu(f"{_FP4_LINEAR}.process_weights_after_loading", "AROUND", "cpu.nvfp4_fix._around_linear_process",
+         "NVFP4 linear layers: the checkpoint's packed weights and scales kept as loaded (no "
+         "Blackwell / Marlin repacking), the layer marked", "nvfp4-weights"),
+    _cpu(f"{_FP4_LINEAR}.apply", "AROUND", "cpu.nvfp4_fix._around_linear_apply",
+         "marked NVFP4 linear layers: dequantized weight, F.linear (W4A16)", "nvfp4-weights"),
+    _cpu(f"{_FP4_MOE}.__init__", "AROUND", "cpu.nvfp4_fix._around_moe_init",
+         "the NVFP4 MoE method is built on the CPU engine (its Blackwell-or-Marlin refusal guards "
+         "kernels the CPU path does not call)", "nvfp4-weights"),
+    _cpu(f"{_FP4_MOE}.create_moe_runner", "AROUND", "cpu.nvfp4_fix._around_moe_runner",
+         "CPU experts: the runner config recorded, no CUDA fp4 runner built", "nvfp4-weights"),
+    _cpu("sglang.srt.layers.moe.fused_moe_triton.layer._fuses_routed_scaling_factor_in_topk", "AROUND",
+         "cpu.nvfp4_fix._around_fuses_scaling", "CPU NVFP4 experts: routed_scaling_factor not folded "
+         "into the top-k weights (SGLang's non-CUDA DeepSeek MoE multiplies after the experts)",
+         "nvfp4-weights"),
+    _cpu(f"{_FP4_MOE}.process_weights_after_loading", "AROUND", "cpu.nvfp4_fix._around_moe_process",
+         "the same for NVFP4 MoE experts", "nvfp4-weights"),
+    _cpu(f"{_FP4_MOE}.apply", "AROUND", "cpu.nvfp4_fix._around_moe_apply",
+         "marked NVFP4 MoE: native torch MoE over experts dequantized as routed", "nvfp4-weights"),
     _cpu(f"{_SPEC_OPS}.reconstruct_tree.reconstruct_indices_from_tree_mask", "REPLACE",
          "cpu.spec_fix.reconstruct_indices_from_tree_mask", f"draft tree links from its mask. {NO_ORIGINAL}",
          "ngram-spec"),

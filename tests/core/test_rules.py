@@ -18,7 +18,7 @@ from sglang_helix.rules.argv import (add_helix_group, check_argv, layout_from_ar
 from sglang_helix.rules.flags import GROUP_TITLE, HelixServerArgs
 from sglang_helix.rules.graphs import decode_graph_blocker
 from sglang_helix.rules.kv_cache import HELIX_DEFAULT_PAGE_SIZE, check_page_size, helix_page_size
-from sglang_helix.rules.model import ModelInfo, check_mla_weights, is_unquantized_weight
+from sglang_helix.rules.model import ModelInfo, check_mla_weights, is_unquantized_weight, weight_dtype_name
 from sglang_helix.rules.pd import HELIX_RETRACTION_BACKUP, helix_retraction_backup
 from sglang_helix.rules.server import ServerLayout
 from sglang_helix.rules.sizes import default_tpa
@@ -450,26 +450,27 @@ def test_server_layout_from_argv_reads_sglang_spellings():
 # ------------------------------------------------------------------ MLA weight dtype
 
 
-def test_mla_weights_unquantized_or_fp8():
+def test_mla_weights_unquantized_fp8_or_nvfp4():
     for ok in ("bf16", "bfloat16", "torch.bfloat16", "fp16", "float16", "fp32", "float32", None,
-               "fp8", "torch.float8_e4m3fn"):
+               "fp8", "torch.float8_e4m3fn", "fp4", "nvfp4", "NVFP4"):
         check_mla_weights(DSV3, ok)
-    for bad in ("fp4", "int8", "torch.float8_e5m2", "nvfp4"):
+    for bad in ("int8", "torch.float8_e5m2", "mxfp4", "int4"):
         with pytest.raises(HelixConfigError, match=r"--enable-helix with .* weights \(DeepseekV3ForCausalLM\)"
-                                                   r".*fp8 \(e4m3.*drop --enable-helix"):
+                                                   r".*fp8 \(e4m3.*NVFP4.*drop --enable-helix"):
             check_mla_weights(DSV3, bad)
         check_mla_weights(LLAMA, bad)  # GQA: quantized weights are not refused by this rule
+    assert weight_dtype_name("nvfp4") == "fp4" and weight_dtype_name("mxfp4") == "mxfp4"
     assert is_unquantized_weight("torch.float16") and not is_unquantized_weight("torch.float8_e5m2")
-    assert not is_unquantized_weight("fp8")
+    assert not is_unquantized_weight("fp8") and not is_unquantized_weight("fp4")
 
 
-def test_check_launch_refuses_quantized_mla_weights():
+def test_check_launch_accepts_fp4_mla_weights_and_refuses_other_quantizations():
     argv = ["--model-path", "m", "--tp-size", "4", "--enable-helix"]
     helix_args, layout = parse_helix_argv(argv), layout_from_argv(argv)
-    assert check_launch(helix_args, layout, DSV3, "bf16").kvp == 4
-    assert check_launch(helix_args, layout, DSV3, "fp8").kvp == 4
-    with pytest.raises(HelixConfigError, match="fp4 weights"):
-        check_launch(helix_args, layout, DSV3, "fp4")
+    for weights in ("bf16", "fp8", "fp4"):
+        assert check_launch(helix_args, layout, DSV3, weights).kvp == 4
+    with pytest.raises(HelixConfigError, match="int8 weights"):
+        check_launch(helix_args, layout, DSV3, "int8")
 
 
 def test_decode_graph_blockers():

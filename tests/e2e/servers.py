@@ -122,4 +122,9 @@ SERVERS: dict[str, ServerSpec] = {
         "qwen3-fp8-ct", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
         why="compressed-tensors FP8-dynamic Qwen3 at KVP 1 x TPA 2: per-channel scales sliced with "
             "the TPA-sharded QKV Helix builds; SGLang's weight-only fp8 scheme on CPU"),
+    # ---------------------------------------------------------------- NVFP4 checkpoint (bf16)
+    "mla-nvfp4-kvp2": ServerSpec(
+        "mla-nvfp4", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--ep-size", "2"),
+        why="NVFP4 (ModelOpt) DeepSeek-style checkpoint: bf16 MLA projections replicated, NVFP4 "
+            "o_proj / MLPs / experts (EP 2) on the CPU weight-only path"),
 }

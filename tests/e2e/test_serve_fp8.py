@@ -1,4 +1,4 @@
-"""End to end: fp8 checkpoints, every server held to the fp32 reference of its weights.
+"""End to end: fp8 and NVFP4 checkpoints, every server held to the fp32 reference of its weights.
 
 Real SGLang 0.5.23 CPU servers (tests/e2e/servers.py) serving tiny checkpoints in the on-disk
 formats of real fp8 checkpoints (dev.fp8_models), bf16 activations (SGLang's fp8 methods run
@@ -15,7 +15,12 @@ The formats of most FP8 Llama / Qwen checkpoints (the CPU paths of srt.cpu.fp8_f
   different scales, each kept (no requantization to the largest);
 - "qwen3-fp8-ct-tpa2": compressed-tensors FP8-dynamic (`quant_method: compressed-tensors`,
   a bf16 scale per output channel, dynamic per-token activations), tiny Qwen3 at KVP 1 x TPA 2:
-  the channel scales sliced with the TPA-sharded QKV Helix builds.
+  the channel scales sliced with the TPA-sharded QKV Helix builds;
+- "mla-nvfp4-kvp2": the same MLA + MoE as an NVFP4 checkpoint in the on-disk format of NVIDIA's
+  ModelOpt DeepSeek exports (packed e2m1 weights, fp8 group scales, fp32 global scales,
+  `quant_algo: NVFP4`; dev.nvfp4_models) at KVP 2 with the experts EP 2: the bf16 MLA projections
+  replicated, o_proj / MLPs / experts on the CPU engine's NVFP4 weight-only path
+  (srt.cpu.nvfp4_fix).
 
 The reference: transformers in fp32 on the dequantized checkpoint (`dequantize_checkpoint`), its
 next-token log-probabilities computed along each server's own greedy tokens (teacher forced), so
@@ -40,10 +45,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from checks import assert_all_pages_free, prompt_ids
+from checks import assert_all_pages_free, assert_every_rank_used, prompt_ids
 from helpers import e2e_marks
 
-from sglang_helix.dev import fp8_models
+from sglang_helix.dev import fp8_models, nvfp4_models
 from sglang_helix.dev import server as ts
 
 pytestmark = e2e_marks(600)
@@ -67,7 +72,10 @@ def _generate(served, ids):
 
 @functools.cache
 def _reference_dir(model: Path) -> Path:
-    return fp8_models.dequantize_checkpoint(model, model.parent / f"{model.name}-fp32")
+    """The fp32 copy of the checkpoint's dequantized weights (NVFP4: ModelOpt's hf_quant_config.json)."""
+    dequantize = (nvfp4_models.dequantize_checkpoint if (model / "hf_quant_config.json").is_file()
+                  else fp8_models.dequantize_checkpoint)
+    return dequantize(model, model.parent / f"{model.name}-fp32")
 
 
 def assert_held_to_the_reference(served) -> None:
@@ -133,3 +141,19 @@ def test_compressed_tensors_fp8_qwen3_tpa2_held_to_the_fp32_reference(served):
     assert "Helix layout GQA KVP=1 x TPA=2" in served.log()
     assert_held_to_the_reference(served)
     assert_all_pages_free(served, kvp=1)
+
+
+@pytest.mark.server("mla-nvfp4-kvp2")
+class TestMlaNvfp4Kvp2:
+    def test_held_to_the_fp32_reference(self, served):
+        assert "Detected nvfp4 checkpoint" in served.log() and "Helix layout" in served.log()
+        assert_held_to_the_reference(served)
+
+    def test_bf16_mla_projections_replicated_and_pages_freed(self, served):
+        """ModelOpt keeps the MLA projections bf16: Helix replicates them as they are; after a
+        flush every page of both KVP ranks is free."""
+        assert ("replicated q projection + W_UK (all heads) in 3 MLA layers (unquantized)"
+                in served.log())
+        _generate(served, prompt_ids(served.model)[1])  # 44 tokens: pages on both ranks, cached
+        assert_every_rank_used(served)
+        assert_all_pages_free(served, kvp=2)

@@ -136,6 +136,28 @@ def test_mla_value_exchange_moves_values_and_holds_w_uv():
     assert b.weights_bytes - a.weights_bytes == pytest.approx(w_uv * (1 - 1 / 8) * st.wbytes)
 
 
+def test_bf16_mla_projections_at_fp4_weights_cost_their_bytes_and_nothing_else():
+    """NVFP4 exports keep DeepSeek's MLA projections bf16: at fp4 weights they (q_a/q_b/kv_a,
+    W_UK, W_UV) are read and held at 2 bytes, the rest at 0.5; GQA models and other weight
+    dtypes are unchanged."""
+    fp4, bf16 = _st(), _st(fp4_mla_projections="bf16")
+    assert (fp4.proj_wbytes, bf16.proj_wbytes, bf16.wbytes) == (0.5, 2.0, 0.5)
+    for lay in (Layout("helix", kvp=64, tpf=64), Layout("dcp", kvp=64, tpa=64, tpf=64)):
+        a, b = step(fp4, lay, BATCH), step(bf16, lay, BATCH)
+        assert (b.attention > a.attention).all() and (b.ttl > a.ttl).all()
+    spec, value = fp4.model, Layout("helix", kvp=64, tpf=64, mla_x="value")
+    a, b = step(fp4, value, BATCH), step(bf16, value, BATCH)
+    assert np.allclose(b.ffn, a.ffn)  # value exchange: W_UV before it, o_proj (fp4) after
+    held = spec.attn_shared_params + spec.attn_q_params + spec.num_heads * spec.w_uv_per_head
+    assert b.weights_bytes - a.weights_bytes == pytest.approx(held * spec.num_layers * 1.5, rel=1e-9)
+    for st in (_st(model="llama-405b"), _st(weights="fp8")):
+        lay = layouts_for(st.model, 64)[0]
+        same = step(replace(st, fp4_mla_projections="bf16"), lay, BATCH)
+        assert same.ttl.tolist() == step(st, lay, BATCH).ttl.tolist()
+    with pytest.raises(ValueError, match="fp4_mla_projections"):
+        _st(fp4_mla_projections="int8")
+
+
 def test_hopb_overlap_never_slower_without_latency_and_planner_picks_best():
     rng = np.random.default_rng(0)
     a, x = rng.uniform(0, 1, 1000), rng.uniform(0, 1, 1000)

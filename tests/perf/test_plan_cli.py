@@ -101,15 +101,44 @@ def test_every_printed_launch_line_is_accepted_by_the_plugin(capsys, model, hw, 
         assert P.line_weights(get_model(model), shlex.split(line)) is not None, line
 
 
-def test_fp4_deepseek_helix_is_ranked_at_the_weights_the_rules_accept(capsys):
+def test_fp4_deepseek_helix_is_ranked_at_fp4_weights(capsys):
+    """NVFP4 MLA weights pass the rules: Helix is ranked at the requested fp4 weights and its lines
+    serve the fp4 checkpoint."""
     rc, out, _ = _run(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200",
                       "--precision", "fp4", "--batch", "8")
     assert rc == 0
-    assert "Refused by sglang_helix (Helix at fp4 weights / fp8 KV): Helix: --enable-helix with fp4 weights" in out
-    assert "fp8 weights, fp8 KV (refused at fp4/fp8)" in out
+    assert "Refused by sglang_helix" not in out and "(refused at" not in out
     helix_lines = [ln for ln in _printed_launch_lines(out) if "--enable-helix" in ln]
-    assert helix_lines and all("--model-path deepseek-ai/DeepSeek-R1 " in ln for ln in helix_lines)
-    assert "at Helix's fp8 weights / fp8 KV:" in out  # Helix against --dcp-size at the same dtypes too
+    assert helix_lines and all("--model-path ./DeepSeek-R1-fp4 " in ln for ln in helix_lines)
+    for line in helix_lines:
+        assert _assert_plugin_accepts("deepseek-r1", line) is not None
+
+
+def test_fp4_mla_projections_default_to_bf16_as_nvfp4_exports_keep_them(capsys):
+    """The header says what the MLA projections were modelled at; bf16 ones (NVIDIA's NVFP4
+    exports, the default) make Helix's attention side dearer than the paper's all-fp4 setting."""
+    common = ("--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200", "--batch", "8")
+    rc, bf16, _ = _run(capsys, *common)
+    rc4, fp4, _ = _run(capsys, *common, "--fp4-mla-projections", "fp4")
+    assert rc == rc4 == 0
+    assert "weights fp4 (MLA projections bf16), KV fp8" in bf16 and "(MLA projections fp4)" in fp4
+    helix_attention = [float(out.split("\n  Helix ")[1].split()[2]) for out in (bf16, fp4)]
+    assert helix_attention[0] > helix_attention[1]
+    rc, llama, _ = _run(capsys, "--model", "llama-70b", "--context", "128K", "--gpus", "8", "--hardware", "b200")
+    assert rc == 0 and "weights fp4, KV fp8" in llama  # GQA: no MLA projections
+
+
+def test_helix_is_ranked_at_the_kv_dtype_the_rules_accept(capsys):
+    """fp4 (nvfp4) KV pages are refused by the rules: Helix is re-evaluated at fp8 KV and compared
+    with --dcp-size at those dtypes too."""
+    rc, out, _ = _run(capsys, "--model", "deepseek-r1", "--context", "1M", "--gpus", "64", "--hardware", "gb200",
+                      "--precision", "fp4", "--kv-cache-dtype", "fp4", "--batch", "8")
+    assert rc == 0
+    assert "Refused by sglang_helix (Helix at fp4 weights / fp4 KV): Helix: --kv-cache-dtype nvfp4" in out
+    assert "fp4 weights, fp8 KV (refused at fp4/fp4)" in out
+    helix_lines = [ln for ln in _printed_launch_lines(out) if "--enable-helix" in ln]
+    assert helix_lines and all("--kv-cache-dtype fp8_e4m3 " in ln for ln in helix_lines)
+    assert "at Helix's fp4 weights / fp8 KV:" in out  # Helix against --dcp-size at the same dtypes too
 
 
 def test_the_winner_gets_its_line_when_it_is_not_helix(capsys):

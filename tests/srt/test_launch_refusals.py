@@ -136,7 +136,7 @@ def _model_dir(tmp, name: str, config: dict | None):
 
 
 # Planner sweeps: models x hardware x precision x context x GPUs, with and without a latency
-# bound; DeepSeek-R1 at fp4 is refused by the rules (quantized MLA weights) and must not be printed.
+# bound; DeepSeek-R1 and Kimi-K2 at fp4 are Helix lines on NVFP4 checkpoints (accepted by the rules).
 PLANNER_RUNS = [
     [*run, *bound]
     for model in ("deepseek-r1", "llama-405b", "llama-70b", "qwen3-235b", "kimi-k2")
@@ -233,9 +233,10 @@ def test_every_planner_line_passes_the_plugin_rules_as_sglang_parses_it(resolved
     """Each line the planner prints, parsed by SGLang's own parser with the plugin's Helix group
     (as the plugin reads a launch), gives the rules' ServerLayout and Helix flags, and passes
     check_launch (the function the plugin's late hook runs) with the model and weights it serves.
-    No printed line enables Helix with fp4 DeepSeek weights (refused by the rules)."""
+    Helix lines at fp4 MLA weights (NVFP4 checkpoints) are among them."""
     lines = resolved["lines"]
     assert any("--enable-helix" in line for line in lines) and any("--enable-helix" not in line for line in lines)
+    assert any("--enable-helix" in line and "DeepSeek-R1-fp4" in line for line in lines)
     for line, model in lines.items():
         parsed = resolved["parsed"][line]
         argv = shlex.split(line)

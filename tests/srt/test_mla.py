@@ -142,6 +142,12 @@ def test_replicate_refuses_unsupported_weights_and_wrong_group():
     mods[0].q_proj.quant_method = type("AWQLinearMethod", (), {})()
     with pytest.raises(sm.HelixMLAError, match="quantized with AWQLinearMethod"):
         sm.replicate_q_weights(mods[0], lambda t: t)
+    mods[0].q_proj.quant_method = type("ModelOptFp4LinearMethod", (), {})()  # NVFP4 MLA projections
+    mods[0].w_kc = torch.zeros(mods[1].w_kc.shape, dtype=torch.uint8)  # SGLang splits the packed bytes
+    with pytest.raises(sm.HelixMLAError, match=r"quantized W_UK/W_UV \(torch.uint8\).*"
+                                               r"ModelOptFp4LinearMethod.*NVFP4 \(MLA projections"):
+        sm.replicate_q_weights(mods[0], lambda t: t)
+    mods[0].w_kc = mods[1].w_kc
     with pytest.raises(sm.HelixMLAError, match="--tp-size"):
         sm.replicate_q_weights(mods[1], lambda t: t)  # a 1-rank "group": only H/N heads
 

@@ -54,6 +54,10 @@ CPU_FIXES = (
     CpuFix("ct-fp8-weights", "ct_fp8_fix",
            "compressed-tensors checkpoints ask torch.cuda for a compute capability: on CPU, SGLang's "
            "weight-only fp8 scheme with the torch W8A16 path instead of Marlin; other schemes refused"),
+    CpuFix("nvfp4-weights", "nvfp4_fix",
+           "NVFP4 (ModelOpt) checkpoints need CUDA fp4 kernels (Blackwell, or Marlin on SM80+) and "
+           "the NVFP4 MoE method refuses every other platform: an exact torch weight-only (W4A16) "
+           "path instead"),
     CpuFix("fp8-kv", "fp8_kv_fix",
            "KVCacheConfigurator.configure refuses fp8_e4m3 KV on CPU without AMX although "
            "torch_native and the Helix pools read fp8 pages: step over that one check"),

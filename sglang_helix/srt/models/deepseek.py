@@ -88,8 +88,9 @@ def check_helix_weights(attn: Any) -> None:
         bad.append(f"q projection quantized with {method}")
     if bad:
         raise HelixMLAError(f"--enable-helix with MLA layer {attn.layer_id}: not supported: "
-                            f"{', '.join(bad)}; Helix serves bf16/fp16/fp32 and fp8 (e4m3) "
-                            f"checkpoints: use one of those or drop --enable-helix")
+                            f"{', '.join(bad)}; Helix serves bf16/fp16/fp32, fp8 (e4m3) and NVFP4 "
+                            f"(MLA projections unquantized, as ModelOpt exports them) checkpoints: "
+                            f"use one of those or drop --enable-helix")
 
 
 def absorb_weight(attn: Any, w: torch.Tensor) -> torch.Tensor:
