@@ -77,17 +77,26 @@ def free_pages(served) -> list[int]:
     return [r["free_pages"] for r in helix_state(served)["per_kvp_rank"]]
 
 
+def _tiers(state: dict) -> list[list[dict]]:
+    """The per-KVP-rank pages of each KV tier: the device pool, and the HiCache host pool if on."""
+    return [state["per_kvp_rank"]] + ([state["host"]["per_kvp_rank"]] if "host" in state else [])
+
+
 def assert_all_pages_free(served, kvp: int) -> None:
-    """After /flush_cache: every page of every KVP rank is free again (waits for the
-    scheduler to finish releasing, 30 s at most)."""
+    """After /flush_cache: every page of every KVP rank is free again, on the device and (with
+    HiCache) on the host (waits for the scheduler to finish releasing, 30 s at most)."""
     flush_cache(served)
     deadline = time.monotonic() + 30
+
+    def all_free(tiers):
+        return all(r["free_pages"] == r["total_pages"] > 0 for ranks in tiers for r in ranks)
+
     while True:
-        ranks = helix_state(served)["per_kvp_rank"]
-        if all(r["free_pages"] == r["total_pages"] > 0 for r in ranks) or time.monotonic() > deadline:
+        tiers = _tiers(helix_state(served))
+        if all_free(tiers) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(ranks) == kvp and all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+    assert all(len(ranks) == kvp for ranks in tiers) and all_free(tiers), tiers
 
 
 def assert_every_rank_used(served) -> None:

@@ -30,6 +30,13 @@ NEXTN = ("--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(MTP_
          "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(MTP_STEPS + 1),
          *SPEC_MEM)
 EVICT_POOL = 256  # logical tokens of the GQA server: radix eviction under 8 x 50-token requests
+MLA_EVICT_POOL = 128  # SGLang's tokens for the MLA value-exchange server: 256 logical under Helix
+HICACHE = ("--enable-hierarchical-cache", "--hicache-ratio", "2")
+# the file storage tier: a storage hit is read before the request runs (wait_complete), for any
+# span of a page or more; the files go to a directory of this test session ({run_dir})
+HICACHE_FILE = ("--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
+                "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 4}')
+HICACHE_DIR = ("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "{run_dir}/hicache-files")
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,11 @@ SERVERS: dict[str, ServerSpec] = {
     # ---------------------------------------------------------------- GQA
     "qwen2-kvp2": ServerSpec(
         "qwen2", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--max-total-tokens", str(EVICT_POOL),
-                     *KVP2_TPA1),
+                     *KVP2_TPA1, *HICACHE, *HICACHE_FILE),
+        env=(HICACHE_DIR,),
         why="GQA KVP 2 x TPA 1 (Qwen2 qkv bias, QKV replicated over KVP), fp8 KV pages, chunked "
-            "prefill, radix prefix hits and eviction in a small pool, aborts, /server_info"),
+            "prefill, radix prefix hits and eviction in a small pool, HiCache write-through to "
+            "host and file tiers per KVP rank, aborts, /server_info"),
     "qwen3-kvp2-tpa2": ServerSpec(
         "qwen3", 4, ("--page-size", str(P), *HELIX, "--helix-kvp-size", "2", "--helix-tpa-size", "2"),
         why="GQA KVP 2 x TPA 2 on 4 ranks (Qwen3 per-head q/k norm, one KV head per rank)"),
@@ -71,9 +80,11 @@ SERVERS: dict[str, ServerSpec] = {
         why="MLA KVP 2, latent exchange, HOP-B 2 slices, FFN as MoE TP 1 x EP 2 on the same ranks"),
     "mla-kvp2-value": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, *HELIX, "--helix-mla-exchange", "value",
-                   "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation"),
+                   "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation",
+                   "--max-total-tokens", str(MLA_EVICT_POOL), *HICACHE, "--hicache-write-policy",
+                   "write_back"),
         why="MLA value exchange (W_UV replicated), exchange in the activation dtype, fp8 latent "
-            "pages"),
+            "pages, HiCache write-back of evicted latent pages per KVP rank in a small pool"),
     "mla-off": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--ep-size", "2"),
         why="Helix off: the CPU fixes that make SGLang serve this at all (absorbed MLA, native MoE "

@@ -60,8 +60,10 @@ REFUSALS = [
 EARLY_REFUSALS = [
     ("kvp-x-tpa-not-tp", CPU_HELIX + ["--helix-kvp-size", "2", "--helix-tpa-size", "2"],
      ["--helix-kvp-size 2 x --helix-tpa-size 2 = 4 != --tp-size 2", "set --tp-size 4"]),
-    ("hicache", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache"],
-     ["--enable-hierarchical-cache", "drop --enable-hierarchical-cache"]),
+    ("hicache-storage-mooncake", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache",
+                                              "--hicache-storage-backend", "mooncake"],
+     ["--enable-hierarchical-cache with --hicache-storage-backend mooncake",
+      "use --hicache-storage-backend file"]),
     ("mixed-chunk", CPU_HELIX + ["--page-size", "4", "--enable-mixed-chunk"],
      ["--enable-mixed-chunk", "drop --enable-mixed-chunk"]),
     ("pd-prefill", CPU_HELIX + ["--page-size", "4", "--disaggregation-mode", "prefill"],
@@ -74,7 +76,10 @@ EARLY_REFUSALS = [
     ("eagle3", CPU_HELIX + ["--speculative-algorithm", "EAGLE3"],
      ["--speculative-algorithm EAGLE3", "--speculative-algorithm NGRAM --speculative-ngram-max-bfs-breadth 1"]),
 ]
-ACCEPTED = [("bare", CPU_HELIX)]
+ACCEPTED = [("bare", CPU_HELIX),
+            ("hicache-file", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache",
+                                          "--hicache-write-policy", "write_back",
+                                          "--hicache-storage-backend", "file"])]
 
 RESOLVE_SCRIPT = r"""
 import dataclasses, io, json, logging, sys
@@ -200,6 +205,13 @@ def test_bare_enable_helix_gets_the_helix_page_size_and_passes_validation(resolv
     assert result["page_size"] == 64 and result["backends"] == ["helix", "helix"]
     assert "sglang_helix: --page-size not given; using 64 for Helix" in result["log"]
     assert "page_size=64; attention backend helix" in result["log"]
+
+
+def test_hicache_with_the_file_storage_tier_passes_validation(resolved):
+    """HiCache (write-back, file storage) resolves with Helix: the host tier per KVP rank."""
+    result = resolved["cases"]["hicache-file"]
+    assert result["ok"], result
+    assert result["page_size"] == 4 and result["backends"] == ["helix", "helix"]
 
 
 def test_layout_defaults_and_flags_are_sglangs(resolved):
