@@ -30,7 +30,6 @@ NEXTN = ("--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(MTP_
          "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(MTP_STEPS + 1),
          *SPEC_MEM)
 EVICT_POOL = 256  # logical tokens of the GQA server: radix eviction under 8 x 50-token requests
-MLA_EVICT_POOL = 128  # SGLang's tokens for the MLA value-exchange server: 256 logical under Helix
 HICACHE = ("--enable-hierarchical-cache", "--hicache-ratio", "2")
 # the file storage tier: a storage hit is read before the request runs (wait_complete), for any
 # span of a page or more; the files go to a directory of this test session ({run_dir})
@@ -80,11 +79,9 @@ SERVERS: dict[str, ServerSpec] = {
         why="MLA KVP 2, latent exchange, HOP-B 2 slices, FFN as MoE TP 1 x EP 2 on the same ranks"),
     "mla-kvp2-value": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, *HELIX, "--helix-mla-exchange", "value",
-                   "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation",
-                   "--max-total-tokens", str(MLA_EVICT_POOL), *HICACHE, "--hicache-write-policy",
-                   "write_back"),
+                   "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation"),
         why="MLA value exchange (W_UV replicated), exchange in the activation dtype, fp8 latent "
-            "pages, HiCache write-back of evicted latent pages per KVP rank in a small pool"),
+            "pages"),
     "mla-off": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--ep-size", "2"),
         why="Helix off: the CPU fixes that make SGLang serve this at all (absorbed MLA, native MoE "

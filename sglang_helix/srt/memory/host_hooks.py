@@ -58,7 +58,7 @@ def _around_build_kv_host_pool(original: Callable, *args: Any, **kwargs: Any):
 def _around_allocate_host_transfers(original: Callable, controller: Any, device_indices: torch.Tensor,
                                     *args: Any, **kwargs: Any):
     pool = helix_host_pool(controller)
-    if pool is not None and kwargs.get("start_owner") is None:
+    if pool is not None:  # the device pages' colors, whatever phase the tree supplies
         kwargs["start_owner"] = page_colors(device_indices, pool.page_size, pool.kvp)
     return original(controller, device_indices, *args, **kwargs)
 
