@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import urllib.error
 import urllib.request
 
 from helpers import E2E_PROMPT_TEXTS
@@ -66,11 +67,20 @@ def internal_state(served) -> dict:
     return ts.request_json(served.base_url + "/server_info")["internal_states"][0]
 
 
-def flush_cache(served) -> None:
-    """POST /flush_cache (answers plain text, 200 once the cache was flushed)."""
-    req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        assert resp.status == 200
+def flush_cache(served, timeout: float = 30) -> None:
+    """POST /flush_cache (answers plain text, 200 once the cache was flushed). SGLang answers 400
+    while work is pending (HiCache: backups to host or storage still in flight): retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert resp.status == 200
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def free_pages(served) -> list[int]:
