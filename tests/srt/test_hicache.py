@@ -267,6 +267,19 @@ def test_helix_backup_and_load_back_per_rank(cpu_fix, kind, kvp, dtype):
         assert rk.host.color_free_counts() == [rk.host.per_color] * kvp
 
 
+def test_backup_host_pages_take_the_device_pages_colors_whatever_phase_the_tree_passes():
+    """SGLang's tree may pass its own rotation phase (an int) as start_owner; under Helix the
+    device pages' colors decide (a phase off by one would put every page on the wrong rank)."""
+    rk = Rank("mha", torch.float32, 2, 0)
+    locs = rk.extend(3 * P)  # logical pages 0 1 2: colors 0 1 0
+
+    def original(controller, device_indices, *args, start_owner=None, **kwargs):
+        return controller.mem_pool_host.alloc(len(device_indices), start_owner=start_owner)
+
+    host_idx = host_hooks._around_allocate_host_transfers(original, rk.controller(), locs, start_owner=1)
+    assert colors_of(host_idx, 2) == colors_of(locs, 2) == [0, 1, 0]
+
+
 def test_helix_host_pool_allocation_rules():
     rk = Rank("mha", torch.float32, 2, 1)
     host, per = rk.host, rk.host.per_color
