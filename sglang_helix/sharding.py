@@ -239,3 +239,48 @@ def kv_move_is_local(tgt_loc: torch.Tensor, src_loc: torch.Tensor, page_size: in
     # a colored allocator's logical loc has its page id's color, i.e. token_owner of the loc
     return token_owner(tgt_loc.to(torch.int64), page_size, kvp) == token_owner(src_loc.to(torch.int64),
                                                                                page_size, kvp)
+
+
+# ---- HiCache host tier: host page ids colored like device page ids ---------------------
+# A host page id h has color h % KVP and sits at local host slot h // KVP of rank h % KVP, as a
+# device page id does in the device pool (ids < KVP: every rank's padding slot 0). A device page
+# of color c backs up into a host page of color c and loads back into a device page of color c,
+# so each KVP rank copies only its own pages, and the ids (the radix tree's host values) are the
+# same on every rank.
+
+
+def page_ids_of_locs(locs: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Page ids of a run of whole pages: locs [n] (n a multiple of P, each page's P locs in a row)
+    -> [n // P] int64, the id of each page once."""
+    _check_kvp_page(page_size, 1)
+    locs = torch.as_tensor(locs).to(torch.int64)
+    if locs.dim() != 1 or locs.numel() % page_size:
+        raise ValueError(f"locs must be [n] whole pages of {page_size} tokens, got shape "
+                         f"{tuple(locs.shape)}")
+    return locs[::page_size] // page_size
+
+
+def locs_of_page_ids(page_ids: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Token locs of whole pages: page ids [m] -> [m * P] int64 (page i's locs i*P .. i*P+P-1)."""
+    _check_kvp_page(page_size, 1)
+    ids = torch.as_tensor(page_ids).to(torch.int64).reshape(-1, 1)
+    return (ids * page_size + torch.arange(page_size, dtype=torch.int64, device=ids.device)).flatten()
+
+
+def owned_local_rows(locs: torch.Tensor, rank: int, page_size: int, kvp: int):
+    """The locs [n] of colored pages (device or host ids) that KVP rank `rank` stores, as rows of
+    its local pool: (owned [n] bool, rows [owned.sum()] int64 in order: slot * P + offset)."""
+    _check_kvp_page(page_size, kvp)
+    _check_rank(rank, kvp)
+    locs = torch.as_tensor(locs).to(torch.int64)
+    owned = token_owner(locs, page_size, kvp) == rank
+    return owned, local_token_index(locs[owned], page_size, kvp)
+
+
+def cyclic_colors(first_page: int, pages: int, kvp: int) -> torch.Tensor:
+    """Colors of `pages` consecutive logical pages starting at logical page `first_page`:
+    [pages] int64, (first_page + i) % KVP."""
+    _check_kvp_page(1, kvp)
+    if pages < 0 or first_page < 0:
+        raise ValueError(f"first_page={first_page} and pages={pages} must be >= 0")
+    return page_owner(torch.arange(first_page, first_page + pages, dtype=torch.int64), kvp)

@@ -1,5 +1,6 @@
 """Server features and Helix: what a Helix launch refuses among SGLang's parallelisms, caches,
-schedulers, devices and attention backends (each message names the flag and the fix).
+schedulers, devices and attention backends (each message names the flag and the fix), and what
+of HiCache it serves.
 
 Attention backends with a Helix path (the backends whose decode kernels give partial output +
 LSE; Helix serves prefill and decode with its own "helix" backend on top of them; unset means
@@ -43,13 +44,36 @@ def check_parallelism(server: ServerLayout) -> None:
 
 def check_scheduling(server: ServerLayout) -> None:
     """Caches and batch shapes the helix backend and pools do not serve."""
-    if server.enable_hierarchical_cache:
-        refuse("--enable-hierarchical-cache (HiCache) copies KV by loc across ranks' pools; drop "
-               "--enable-hierarchical-cache")
+    check_hicache(server)
     if server.enable_mixed_chunk:
         refuse("--enable-mixed-chunk mixes decode rows into extend batches, which the helix backend "
                "plans separately; drop --enable-mixed-chunk")
     check_chunked_prefill(server.chunked_prefill_size)
+
+
+HICACHE_STORAGE_BACKENDS = ("file",)  # the storage tiers Helix keeps per KVP rank
+
+
+def check_hicache(server: ServerLayout) -> None:
+    """HiCache (--enable-hierarchical-cache) serves with Helix: the host tier per KVP rank
+    (srt.memory.host_pool), write-through or write-back, and the `file` storage tier. Refused:
+    other storage backends, the buffer-only host mode, and speculative decoding with HiCache."""
+    if not server.enable_hierarchical_cache:
+        return
+    flag = "--enable-hierarchical-cache"
+    backend = server.hicache_storage_backend
+    if backend is not None and backend not in HICACHE_STORAGE_BACKENDS:
+        refuse(f"{flag} with --hicache-storage-backend {backend}: Helix writes each KVP rank's "
+               f"HiCache pages with the {' / '.join(HICACHE_STORAGE_BACKENDS)} backend only; use "
+               f"--hicache-storage-backend {HICACHE_STORAGE_BACKENDS[0]} or drop it")
+    if server.hicache_host_memory_mode != "cache":
+        refuse(f"{flag} with --hicache-host-memory-mode {server.hicache_host_memory_mode}: the "
+               f"staging-only host mode allocates host pages without their KVP owners; use "
+               f"--hicache-host-memory-mode cache")
+    if server.speculative_algorithm is not None:
+        refuse(f"{flag} with --speculative-algorithm {server.speculative_algorithm}: HiCache "
+               f"under Helix backs up the target's pages only (no draft KV, no verify tested "
+               f"against host hits); drop one of the two flags")
 
 
 def check_chunked_prefill(chunked_prefill_size: int | None) -> None:

@@ -34,6 +34,8 @@ class ServerLayout:
     kv_cache_dtype: str | None = "auto"
     chunked_prefill_size: int | None = None
     enable_hierarchical_cache: bool = False
+    hicache_storage_backend: str | None = None
+    hicache_host_memory_mode: str = "cache"
     enable_mixed_chunk: bool = False
     speculative_algorithm: str | None = None
     speculative_ngram_max_bfs_breadth: int | None = 10
@@ -72,6 +74,8 @@ SGLANG_FLAGS: tuple[tuple[tuple[str, ...], str, type], ...] = (
     (("--kv-cache-dtype",), "kv_cache_dtype", str),
     (("--chunked-prefill-size",), "chunked_prefill_size", int),
     (("--enable-hierarchical-cache", "--enable-hicache"), "enable_hierarchical_cache", bool),
+    (("--hicache-storage-backend",), "hicache_storage_backend", str),
+    (("--hicache-host-memory-mode",), "hicache_host_memory_mode", str),
     (("--enable-mixed-chunk",), "enable_mixed_chunk", bool),
     (("--speculative-algorithm",), "speculative_algorithm", str),
     (("--speculative-ngram-max-bfs-breadth",), "speculative_ngram_max_bfs_breadth", int),

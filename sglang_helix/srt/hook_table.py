@@ -46,6 +46,7 @@ _CT = "sglang.srt.layers.quantization.compressed_tensors"
 _CT_W8A16 = f"{_CT}.schemes.compressed_tensors_w8a16_fp8.CompressedTensorsW8A16Fp8"
 _FP4_LINEAR = "sglang.srt.layers.quantization.modelopt_quant.ModelOptFp4LinearMethod"
 _FP4_MOE = "sglang.srt.layers.quantization.modelopt_quant.ModelOptNvFp4FusedMoEMethod"
+_HICACHE = "sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller.HybridCacheController"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,25 @@ TABLE = (
     _row("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker."
          "_check_full_pool", "AROUND", "memory.hooks._around_check_full_pool",
          "the idle leak check counts every free page, not the min-color admission floor", "memory"),
+    _row("sglang.srt.mem_cache.hybrid_cache.hybrid_pool_assembler.build_kv_host_pool", "AROUND",
+         "memory.host_hooks._around_build_kv_host_pool", "HiCache: this rank's host pool behind "
+         "colored host page ids (1/KVP of the host pages per rank)", "memory"),
+    _row(f"{_HICACHE}.allocate_host_transfers", "AROUND",
+         "memory.host_hooks._around_allocate_host_transfers", "HiCache backup: host pages of the "
+         "device pages' colors", "memory"),
+    _row(f"{_HICACHE}.load", "AROUND", "memory.host_hooks._around_load",
+         "HiCache load-back: device pages of the host pages' colors (never the position-less "
+         "alloc)", "memory"),
+    _row(f"{_HICACHE}.alloc_prefetch_host_buffers", "AROUND",
+         "memory.host_storage._around_alloc_prefetch_host_buffers", "HiCache storage hit: host "
+         "pages of the prefetched positions' colors", "memory"),
+    _row("sglang.srt.managers.cache_controller.HiCacheController._generate_storage_config", "AROUND",
+         "memory.host_storage._around_generate_storage_config", "HiCache storage: per-rank page "
+         "files for MLA too (a Helix rank stores 1/KVP of the latent pages)", "memory"),
+    _row("sglang.srt.mem_cache.storage.backend_factory.StorageBackendFactory._create_builtin_backend",
+         "AROUND", "memory.host_storage._around_create_builtin_backend", "HiCache storage: the "
+         "file backend per Helix rank (own pages written, existence per KVP group); others "
+         "refused", "memory"),
     # ---------------------------------------------------------------- model layers
     _row("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp", "AROUND",
          "models.gqa._around_unaligned_cpu_tp", "the true head counts back where SGLang's CPU "
@@ -199,6 +219,15 @@ TABLE = (
     _cpu("sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry."
          "get_handler", "AROUND", "cpu.mla_fix._around_get_handler",
          "torch_native MLA takes the absorbed path", "absorbed-mla"),
+    _cpu("sglang.srt.mem_cache.pool_host.base.HostKVCache.__init__", "AROUND",
+         "cpu.hicache_fix._around_host_kv_init", "HiCache host pools in plain (unpinned) host "
+         "memory", "hicache"),
+    *(_cpu(f"sglang.srt.mem_cache.pool_host.{module}.{cls}.{method}", "AROUND",
+           f"cpu.hicache_fix.{fn}", f"{cls}: {what} by exact torch index copies", "hicache")
+      for module, cls in (("mha", "MHATokenToKVPoolHost"), ("mha", "AsymmetricMHATokenToKVPoolHost"),
+                          ("mla", "MLATokenToKVPoolHost"))
+      for method, fn, what in (("backup_from_device_all_layer", "_around_backup", "backup"),
+                               ("load_to_device_per_layer", "_around_load", "load back"))),
     _cpu("sglang.srt.distributed.bootstrap._init_cpu_threads_env", "AROUND",
          "cpu.threads_fix._around_init_threads", "torch threads = the rank's bound cores where "
          "SGLang does not bind", "threads"),

@@ -1,6 +1,7 @@
 """Helix state in SGLang's /server_info (internal_states[i]["helix"] and ["helix_pd"]): the AFTER
 hook on `SchedulerInternalStateController._add_memory_usage` (srt.hook_table) and the formatting
-of what it reports (per-KVP-rank KV state, speculative counters, PD transfers)."""
+of what it reports (per-KVP-rank KV state, HiCache host pages, speculative counters, PD
+transfers)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any, Optional
 from ..kv_size import KVShape, itemsize, pool_bytes
 from . import state
 from .memory.allocator import HelixPagedAllocator
+from .memory.host_hooks import helix_host_pool
 from .pd import SERVER_INFO_KEY as PD_KEY, pd_transfer_state
 
 SERVER_INFO_KEY = "helix"
 SPEC_KEY = "spec"
+HOST_KEY = "host"  # the HiCache host tier (--enable-hierarchical-cache)
 
 
 def helix_kv_state(allocator: Any) -> Optional[dict]:
@@ -97,14 +100,18 @@ def speculative_counts(scheduler: Any) -> Optional[dict]:
 
 
 def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: Any, **kwargs: Any) -> None:
-    """Adds state["helix"] (layout + per-KVP-rank KV usage, and the speculative counters when
-    speculative decoding is on) and, behind PD, state["helix_pd"]."""
+    """Adds state["helix"] (layout + per-KVP-rank KV usage, the speculative counters when
+    speculative decoding is on, the HiCache host tier's per-KVP-rank host pages when HiCache is
+    on) and, behind PD, state["helix_pd"]."""
     scheduler = getattr(controller, "scheduler", None)
     kv = helix_kv_state(getattr(scheduler, "token_to_kv_pool_allocator", None))
     if kv is not None:
         spec = speculative_counts(scheduler)
         if spec is not None:
             kv[SPEC_KEY] = spec
+        host = helix_host_pool(getattr(getattr(scheduler, "tree_cache", None), "cache_controller", None))
+        if host is not None:
+            kv[HOST_KEY] = host.state()
         state[SERVER_INFO_KEY] = kv
     transfers = pd_transfer_state()
     if transfers is not None:

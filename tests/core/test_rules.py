@@ -495,7 +495,10 @@ def test_chunked_prefill_must_stay_bounded(size, ok):
 
 
 @pytest.mark.parametrize("kw, text", [
-    (dict(enable_hierarchical_cache=True), "drop --enable-hierarchical-cache"),
+    (dict(enable_hierarchical_cache=True, hicache_storage_backend="mooncake"),
+     "--enable-hierarchical-cache with --hicache-storage-backend mooncake.*use --hicache-storage-backend file"),
+    (dict(enable_hierarchical_cache=True, hicache_host_memory_mode="buffer_only"),
+     "--enable-hierarchical-cache with --hicache-host-memory-mode buffer_only.*use --hicache-host-memory-mode cache"),
     (dict(enable_mixed_chunk=True), "drop --enable-mixed-chunk"),
     (dict(model_path="dummy"), "--enable-helix needs a real --model-path"),
     (dict(disaggregation_mode="prefill"), "start the prefill server without --enable-helix"),
@@ -508,7 +511,7 @@ def test_chunked_prefill_must_stay_bounded(size, ok):
     (dict(disaggregation_mode="decode", disaggregation_decode_retraction_backup="host_pool"),
      "--disaggregation-decode-retraction-backup host_pool .* use --disaggregation-decode-retraction-"
      "backup cpu_tensor"),
-], ids=["hicache", "mixed-chunk", "model-less", "pd-prefill", "pd-nixl", "pd-offload", "pd-host-receive",
+], ids=["hicache-mooncake", "hicache-buffer-only", "mixed-chunk", "model-less", "pd-prefill", "pd-nixl", "pd-offload", "pd-host-receive",
         "pd-backup-host-pool"])
 def test_serving_feature_refusals_need_only_the_flags(kw, text):
     """Refused by the flags-only stage (the plugin's early hook) and by the whole-launch check."""
@@ -516,6 +519,19 @@ def test_serving_feature_refusals_need_only_the_flags(kw, text):
         check_server_flags(helix(), server(**kw))
     refused(text, helix(), server(**kw))
     check_server_flags(HelixServerArgs(), server(**kw))  # Helix off: nothing refused
+
+
+def test_hicache_serves_with_helix_host_and_file_tiers():
+    """HiCache's host tier (either write policy: rules do not read it) and its file storage tier
+    pass; speculative decoding with HiCache is refused naming both flags."""
+    for backend in (None, "file"):
+        assert check_launch(helix(), server(enable_hierarchical_cache=True,
+                                            hicache_storage_backend=backend), LLAMA) is not None
+    # without --enable-hierarchical-cache the storage flags are SGLang's business
+    assert check_launch(helix(), server(hicache_storage_backend="mooncake"), LLAMA) is not None
+    refused("--enable-hierarchical-cache with --speculative-algorithm NGRAM.*drop one of the two flags",
+            helix(), server(enable_hierarchical_cache=True, speculative_algorithm="NGRAM",
+                            speculative_ngram_max_bfs_breadth=1))
 
 
 def test_pd_decode_over_mooncake_gets_the_helix_retraction_backup():
@@ -541,8 +557,8 @@ def test_server_layout_of_reads_server_args_like_objects():
 
 def test_check_argv_is_check_launch_on_the_parsed_line():
     argv = ["python", "-m", "sglang.launch_server", "--model", "m", "--tp-size", "4", "--enable-helix",
-            "--helix-kvp-size", "2", "--enable-hicache"]
-    with pytest.raises(HelixConfigError, match="drop --enable-hierarchical-cache"):
+            "--helix-kvp-size", "2", "--enable-prefill-cp"]
+    with pytest.raises(HelixConfigError, match="drop --enable-prefill-cp"):
         check_argv(argv, LLAMA)
     assert check_argv(argv[:-1], LLAMA) == check_launch(parse_helix_argv(argv), server(tp=4, device=None,
                                                                                       model_path="m"), LLAMA)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
@@ -86,28 +87,46 @@ def internal_state(served) -> dict:
     return ts.request_json(served.base_url + "/server_info")["internal_states"][0]
 
 
-def flush_cache(served) -> None:
-    """POST /flush_cache (answers plain text, 200 once the cache was flushed)."""
-    req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        assert resp.status == 200
+def flush_cache(served, timeout: float = 30) -> None:
+    """POST /flush_cache (answers plain text, 200 once the cache was flushed). SGLang answers 400
+    while work is pending (HiCache: backups to host or storage still in flight): retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert resp.status == 200
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 400 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def free_pages(served) -> list[int]:
     return [r["free_pages"] for r in helix_state(served)["per_kvp_rank"]]
 
 
+def _tiers(state: dict) -> list[list[dict]]:
+    """The per-KVP-rank pages of each KV tier: the device pool, and the HiCache host pool if on."""
+    return [state["per_kvp_rank"]] + ([state["host"]["per_kvp_rank"]] if "host" in state else [])
+
+
 def assert_all_pages_free(served, kvp: int) -> None:
-    """After /flush_cache: every page of every KVP rank is free again (waits for the
-    scheduler to finish releasing, 30 s at most)."""
+    """After /flush_cache: every page of every KVP rank is free again, on the device and (with
+    HiCache) on the host (waits for the scheduler to finish releasing, 30 s at most)."""
     flush_cache(served)
     deadline = time.monotonic() + 30
+
+    def all_free(tiers):
+        return all(r["free_pages"] == r["total_pages"] > 0 for ranks in tiers for r in ranks)
+
     while True:
-        ranks = helix_state(served)["per_kvp_rank"]
-        if all(r["free_pages"] == r["total_pages"] > 0 for r in ranks) or time.monotonic() > deadline:
+        tiers = _tiers(helix_state(served))
+        if all_free(tiers) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(ranks) == kvp and all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+    assert all(len(ranks) == kvp for ranks in tiers) and all_free(tiers), tiers
 
 
 def assert_every_rank_used(served) -> None:

@@ -61,7 +61,9 @@ class ServerFactory:
         args = spec.args
         if spec.draft == "eagle3":
             args += ("--speculative-draft-model-path", str(ensure_eagle3_draft(model)))
-        context = ts.launch_server(model, args, tp=spec.tp, env=dict(spec.env),
+        # "{run_dir}" in an env value: a directory of this session (e.g. HiCache storage files)
+        env = {k: v.replace("{run_dir}", str(self.log_dir)) for k, v in spec.env}
+        context = ts.launch_server(model, args, tp=spec.tp, env=env,
                                    timeout=START_TIMEOUT_S, log_dir=self.log_dir)
         server = context.__enter__()
         self.current = (Served(name, spec, model, server), context)

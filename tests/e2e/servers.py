@@ -34,6 +34,12 @@ NEXTN = ("--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(MTP_
 TREE = ("--speculative-num-steps", "3", "--speculative-eagle-topk", "2",
         "--speculative-num-draft-tokens", "4", "--decode-log-interval", "1", *SPEC_MEM)
 EVICT_POOL = 256  # logical tokens of the GQA server: radix eviction under 8 x 50-token requests
+HICACHE = ("--enable-hierarchical-cache", "--hicache-ratio", "2")
+# the file storage tier: a storage hit is read before the request runs (wait_complete), for any
+# span of a page or more; the files go to a directory of this test session ({run_dir})
+HICACHE_FILE = ("--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
+                "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 4}')
+HICACHE_DIR = ("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "{run_dir}/hicache-files")
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,11 @@ SERVERS: dict[str, ServerSpec] = {
     # ---------------------------------------------------------------- GQA
     "qwen2-kvp2": ServerSpec(
         "qwen2", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, "--max-total-tokens", str(EVICT_POOL),
-                     *KVP2_TPA1),
+                     *KVP2_TPA1, *HICACHE, *HICACHE_FILE),
+        env=(HICACHE_DIR,),
         why="GQA KVP 2 x TPA 1 (Qwen2 qkv bias, QKV replicated over KVP), fp8 KV pages, chunked "
-            "prefill, radix prefix hits and eviction in a small pool, aborts, /server_info"),
+            "prefill, radix prefix hits and eviction in a small pool, HiCache write-through to "
+            "host and file tiers per KVP rank, aborts, /server_info"),
     "qwen3-kvp2-tpa2": ServerSpec(
         "qwen3", 4, ("--page-size", str(P), *HELIX, "--helix-kvp-size", "2", "--helix-tpa-size", "2"),
         why="GQA KVP 2 x TPA 2 on 4 ranks (Qwen3 per-head q/k norm, one KV head per rank)"),

@@ -7,9 +7,11 @@
   concurrent requests over several pages, decodes crossing page boundaries; a shared prefix whose
   second request reports cached_tokens = the prefix floored to the page size P (not P x KVP) and
   still gives the reference (extend over a KV-sharded cached prefix); radix eviction through the
-  small pool; an abort mid-decode; /server_info: per-rank pool 1/KVP of the logical capacity, KV
-  bytes 1 per element against a plain-TP rank's, every KVP rank holding pages while requests are
-  cached and every page free after /flush_cache.
+  small pool with HiCache (write-through, host ratio 2, the file tier): evicted prefixes come back
+  from the host, and after a flush from the files, exact; an abort mid-decode; /server_info:
+  per-rank pool 1/KVP of the logical capacity, KV bytes 1 per element against a plain-TP rank's,
+  the host tier's per-rank pages, every KVP rank holding pages while requests are cached and
+  every device and host page free after /flush_cache.
 - "qwen3-kvp2-tpa2": tiny Qwen3 (per-head q/k RMSNorm) at KVP 2 x TPA 2 on 4 ranks (one KV head
   and 2 query heads per rank); fp32 KV, tolerance 1e-3 on logprobs.
 - `sglang.Engine(...)` with SGLANG_HELIX (tiny Llama, KVP 2 x TPA 1): the offline API's way in.
@@ -57,6 +59,13 @@ class TestQwen2Kvp2Fp8Kv:
         # K = 2 = N: a Helix rank holds both KV heads of half the pages, a plain-TP rank one
         # head of all of them: the same bytes (1 per element in fp8)
         check_kv_bytes(state, P, item_bytes=1)
+        # HiCache host tier: --hicache-ratio 2 of each rank's device rows, 1/KVP of the host pages
+        host = state["host"]
+        assert host["layout"] == "page_first" and host["host_bytes_per_rank"] > 0
+        assert host["local_pool_rows"] >= 2 * state["local_pool_rows"]
+        assert abs(host["logical_tokens"] - 2 * host["local_pool_rows"]) <= 2 * P
+        assert [r["kvp_rank"] for r in host["per_kvp_rank"]] == [0, 1]
+        assert "Helix KV pool" in served.log() and "hierarchical KV host pool" in served.log()
         assert_all_pages_free(served, 2)
 
     def test_concurrent_greedy_matches_the_fp8_reference(self, served):
@@ -101,11 +110,15 @@ class TestQwen2Kvp2Fp8Kv:
             assert "abort" in result["error"].lower(), result["error"]
         assert_all_pages_free(served, 2)
 
-    def test_radix_eviction_in_a_small_pool(self, served):
+    def test_hicache_tiers_bring_evicted_prefixes_back_exact(self, served):
         """8 distinct 50-token requests (40 prompt + 10 new), two at a time, through the 256-token
-        pool: finished requests stay cached until later ones need their pages, so the oldest are
-        evicted. Re-sent, the first prompt is recomputed (cached_tokens 0) while the last one is
-        still cached; all match the reference; afterwards every page of every rank is free."""
+        device pool, three rounds. Round 1 computes them all: finished requests stay cached until
+        later ones need their pages (radix eviction), and every cached page is written through to
+        a host page of its color on its KVP rank, and on to the file tier. Round 2 (the same
+        prompts): the oldest were evicted from the device and come back from the host. After
+        /flush_cache (device and host emptied; the files stay) round 3 reads the prefixes from
+        the file tier. Every answer equals the fp8 reference; afterwards every device and host
+        page of every rank is free."""
         flush_cache(served)
         prompts = decisive_prompts(served.model, distinct_prompts(2 * EVICT_PROMPTS, EVICT_PROMPT_LEN),
                                    EVICT_PROMPTS, MAX_NEW, fp8_kv=True)
@@ -113,15 +126,24 @@ class TestQwen2Kvp2Fp8Kv:
         logical = helix_state(served)["logical_tokens"]  # --max-total-tokens, in whole pages per rank
         assert EVICT_POOL - 2 * 2 * P <= logical <= EVICT_POOL
         assert sum(len(p) + MAX_NEW for p in prompts) > 1.5 * logical
-        for i in range(0, len(prompts), 2):
-            answers = ts.generate_concurrent(served.base_url, prompts[i:i + 2],
-                                             max_new_tokens=MAX_NEW, return_logprob=True)
-            assert_greedy(answers, refs[i:i + 2])
-        oldest, newest = (ts.generate(served.base_url, prompts[i], max_new_tokens=MAX_NEW,
-                                      return_logprob=True) for i in (0, -1))
-        assert oldest["meta_info"]["cached_tokens"] == 0  # evicted
-        assert newest["meta_info"]["cached_tokens"] >= EVICT_PROMPT_LEN - P  # still cached
-        assert_greedy([oldest, newest], [refs[0], refs[-1]])
+
+        def run_round() -> list[dict]:
+            answers = []
+            for i in range(0, len(prompts), 2):
+                answers += ts.generate_concurrent(served.base_url, prompts[i:i + 2],
+                                                  max_new_tokens=MAX_NEW, return_logprob=True)
+            assert_greedy(answers, refs)
+            return [a["meta_info"].get("cached_tokens_details") or {} for a in answers]
+
+        cached = EVICT_PROMPT_LEN - P  # the prompt's whole pages but the last token's
+        assert not any(run_round())  # distinct prompts: nothing cached on any tier yet
+        assert all(r["used_pages"] > 0 for r in helix_state(served)["host"]["per_kvp_rank"])
+        second = run_round()
+        assert second[0]["device"] == 0 and second[0]["host"] >= cached, second  # evicted, back
+        flush_cache(served)
+        third = run_round()
+        assert all(d["device"] == d["host"] == 0 for d in third), third
+        assert all(d["storage"] > 0 for d in third), third
         assert_all_pages_free(served, 2)
 
 

@@ -60,8 +60,10 @@ REFUSALS = [
 EARLY_REFUSALS = [
     ("kvp-x-tpa-not-tp", CPU_HELIX + ["--helix-kvp-size", "2", "--helix-tpa-size", "2"],
      ["--helix-kvp-size 2 x --helix-tpa-size 2 = 4 != --tp-size 2", "set --tp-size 4"]),
-    ("hicache", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache"],
-     ["--enable-hierarchical-cache", "drop --enable-hierarchical-cache"]),
+    ("hicache-storage-mooncake", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache",
+                                              "--hicache-storage-backend", "mooncake"],
+     ["--enable-hierarchical-cache with --hicache-storage-backend mooncake",
+      "use --hicache-storage-backend file"]),
     ("mixed-chunk", CPU_HELIX + ["--page-size", "4", "--enable-mixed-chunk"],
      ["--enable-mixed-chunk", "drop --enable-mixed-chunk"]),
     ("pd-prefill", CPU_HELIX + ["--page-size", "4", "--disaggregation-mode", "prefill"],
@@ -74,7 +76,10 @@ EARLY_REFUSALS = [
     ("standalone", CPU_HELIX + ["--speculative-algorithm", "STANDALONE"],
      ["--speculative-algorithm STANDALONE", "--speculative-algorithm NGRAM --speculative-ngram-max-bfs-breadth 1"]),
 ]
-ACCEPTED = [("bare", CPU_HELIX)]
+ACCEPTED = [("bare", CPU_HELIX),
+            ("hicache-file", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache",
+                                          "--hicache-write-policy", "write_back",
+                                          "--hicache-storage-backend", "file"])]
 
 RESOLVE_SCRIPT = r"""
 import dataclasses, io, json, logging, sys
@@ -218,6 +223,13 @@ def test_sglang_help_lists_the_helix_group(resolved):
     for flag in ("--enable-helix", "--helix-kvp-size", "--helix-tpa-size",
                  "--helix-comm-backend {a2a,ag_rs,nvshmem}", "--helix-hopb-slices"):
         assert flag in text, flag
+
+
+def test_hicache_with_the_file_storage_tier_passes_validation(resolved):
+    """HiCache (write-back, file storage) resolves with Helix: the host tier per KVP rank."""
+    result = resolved["cases"]["hicache-file"]
+    assert result["ok"], result
+    assert result["page_size"] == 4 and result["backends"] == ["helix", "helix"]
 
 
 def test_layout_defaults_and_flags_are_sglangs(resolved):

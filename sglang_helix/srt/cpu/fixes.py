@@ -67,6 +67,8 @@ CPU_FIXES = (
     CpuFix("eagle", "eagle_fix",
            "DeepSeek NEXTN (EAGLE worker) calls sgl-kernel CPU ops, CUDA cache calls and has no "
            "torch_native draft backends: exact torch versions and torch_native draft backends"),
+    CpuFix("hicache", "hicache_fix",
+           "HiCache host pools pin memory with cudaHostRegister: plain host memory instead"),
     CpuFix("pd-host-path", "pd_fix",
            "PD transfers use pinned memory, CUDA events and cudaHostRegister: the host paths instead"),
 )

@@ -54,6 +54,18 @@ class _ColoredFreeLists:
         out, self.free[color] = self.free[color][:n], self.free[color][n:]
         return out
 
+    def take(self, colors: torch.Tensor) -> Optional[torch.Tensor]:
+        """One free id of each color in `colors` [n] (host, in order), or None (nothing taken)."""
+        colors = colors.to(torch.int64)
+        need = torch.bincount(colors, minlength=self.kvp).tolist()
+        if any(n > have for n, have in zip(need, self.counts())):
+            return None
+        ids = torch.empty(colors.numel(), dtype=torch.int64, device=self.device)
+        for c, n in enumerate(need):
+            if n:
+                ids[(colors == c).nonzero().flatten().to(self.device)] = self.pop(c, n)
+        return ids
+
     def release(self, page_ids: torch.Tensor, staged: bool) -> None:
         """Return ids to their colors (page_ids [n] int64, unique)."""
         colors = page_owner(page_ids, self.kvp)
@@ -155,15 +167,12 @@ class HelixPagedAllocator(_paged_base()):
 
     def _pop_pages(self, page_index: torch.Tensor) -> Optional[torch.Tensor]:
         """Page ids for logical page indices [n] (batch order): color j % KVP each, or None."""
-        need = color_counts(page_index, self.kvp)
-        if any(n > have for n, have in zip(need, self.colors.counts())):
-            return None
-        ids = torch.empty(page_index.numel(), dtype=torch.int64, device=self.device)
-        colors = page_owner(page_index, self.kvp)
-        for c, n in enumerate(need):
-            if n:
-                ids[(colors == c).nonzero().flatten().to(self.device)] = self.colors.pop(c, n)
-        return ids
+        return self.colors.take(page_owner(page_index, self.kvp))
+
+    def alloc_colored_pages(self, colors: torch.Tensor) -> Optional[torch.Tensor]:
+        """Fresh page ids of the given colors [n] (host; HiCache load-back: each device page takes
+        the color of the host page it reloads), or None (nothing taken)."""
+        return self.colors.take(colors)
 
     def alloc_extend(
         self,
