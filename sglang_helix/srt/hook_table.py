@@ -187,6 +187,9 @@ TABLE = (
     _cpu("sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry."
          "get_handler", "AROUND", "cpu.mla_fix._around_get_handler",
          "torch_native MLA takes the absorbed path", "absorbed-mla"),
+    _cpu("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.__init__", "AFTER",
+         "cpu.dp_attention_fix._after_torch_native_init", "torch_native gets the padding rows' "
+         "seq_len DP attention asks the CPU engine's backend for (intel_amx's 1)", "dp-attention"),
     _cpu("sglang.srt.distributed.bootstrap._init_cpu_threads_env", "AROUND",
          "cpu.threads_fix._around_init_threads", "torch threads = the rank's bound cores where "
          "SGLang does not bind", "threads"),

@@ -15,7 +15,7 @@ SERVER_INFO_KEY = "helix"
 SPEC_KEY = "spec"
 
 
-def helix_kv_state(allocator: Any) -> Optional[dict]:
+def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
     """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
 
     Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
@@ -37,6 +37,10 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
     - plain_tp_kv_bytes_per_rank: (logical_tokens + page_size) x plain_tp_kv_bytes_per_token,
       what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
       padding page).
+
+    - parallel: where this Helix group sits (`parallel_layout`): its attention group among the
+      world's (DP-attention groups x PP stages), the DP-attention / PP / DP-replica sizes and
+      ranks, --tp-size, and the layers [start, end) this pool holds pages of (one PP stage's).
 
     Up to about one page per KVP rank, kv_bytes_per_rank = plain_tp_kv_bytes_per_rank x
     (K / TPA) / (KVP x ceil(K / N)): plain / KVP for MLA; equal for GQA with N <= K (plain TP
@@ -64,6 +68,7 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
         "available_tokens": int(allocator.available_size()),
         "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
                          for c, n in enumerate(counts)],
+        "parallel": parallel_layout(pool, dp_rank),
     }
     if cfg is not None:
         per_token = KVShape.of(pool, mla=cfg.mla, layers=pool.layer_num, num_kv_heads=cfg.num_kv_heads
@@ -71,6 +76,37 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
         out["plain_tp_kv_bytes_per_token"] = per_token
         out["plain_tp_kv_bytes_per_rank"] = pool_bytes(int(allocator.size), allocator.page_size, per_token)
     return out
+
+
+def parallel_layout(pool: Any, dp_rank: Any = None) -> dict:
+    """This Helix group's place in SGLang's layout: attention group a of the world's attention
+    groups (blocks of N = KVP x TPA ranks: DP-attention groups x PP stages, each one Helix group),
+    the DP-attention and PP sizes and this scheduler's ranks, its DP replica (`dp_rank`, --dp-size
+    without DP attention; None for one replica), --tp-size (the FFN's TP x EP ranks per stage),
+    and the model layers [start, end) whose pages this pool holds (one PP stage's)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    par, rt = get_parallel(), state.runtime()
+    return {
+        "attention_group": rt.attention_group if rt is not None else 0,
+        "attention_groups": rt.attention_groups if rt is not None else 1,
+        "tp_size": _width(par, "tp_size"),
+        "attn_dp_size": _width(par, "attn_dp_size"),
+        "attn_dp_rank": _width(par, "attn_dp_rank", 0),
+        "pp_size": _width(par, "pp_size"),
+        "pp_rank": _width(par, "pp_rank", 0),
+        "dp_rank": dp_rank,
+        "layers": [int(pool.start_layer), int(pool.end_layer) + 1],
+    }
+
+
+def _width(par: Any, name: str, default: int = 1) -> int:
+    """get_parallel().<name>, or `default` where this process never published it."""
+    try:
+        value = getattr(par, name)
+    except (AttributeError, RuntimeError, ValueError):
+        return default
+    return default if value is None else int(value)
 
 
 def speculative_counts(scheduler: Any) -> Optional[dict]:
@@ -100,7 +136,8 @@ def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: An
     """Adds state["helix"] (layout + per-KVP-rank KV usage, and the speculative counters when
     speculative decoding is on) and, behind PD, state["helix_pd"]."""
     scheduler = getattr(controller, "scheduler", None)
-    kv = helix_kv_state(getattr(scheduler, "token_to_kv_pool_allocator", None))
+    kv = helix_kv_state(getattr(scheduler, "token_to_kv_pool_allocator", None),
+                        getattr(scheduler, "dp_rank", None))
     if kv is not None:
         spec = speculative_counts(scheduler)
         if spec is not None:
