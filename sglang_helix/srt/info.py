@@ -38,6 +38,8 @@ def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
       what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
       padding page).
 
+    - mixed_batches: extend batches this rank planned with decode rows beside chunk rows
+      (--enable-mixed-chunk: one exchange for both).
     - parallel: where this Helix group sits (`parallel_layout`): its attention group among the
       world's (DP-attention groups x PP stages), the DP-attention / PP / DP-replica sizes and
       ranks, --tp-size, and the layers [start, end) this pool holds pages of (one PP stage's).
@@ -69,6 +71,7 @@ def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
         "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
                          for c, n in enumerate(counts)],
         "parallel": parallel_layout(pool, dp_rank),
+        "mixed_batches": rt.mixed_batches if (rt := state.runtime()) is not None else 0,
     }
     if cfg is not None:
         per_token = KVShape.of(pool, mla=cfg.mla, layers=pool.layer_num, num_kv_heads=cfg.num_kv_heads

@@ -48,6 +48,7 @@ class HelixRuntime:
     kvp_group: Any
     attention_group: int = 0
     attention_groups: int = 1
+    mixed_batches: int = 0  # extend batches with decode rows (--enable-mixed-chunk) planned here
 
 
 _RUNTIME: Optional[HelixRuntime] = None

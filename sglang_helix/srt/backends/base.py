@@ -171,15 +171,19 @@ class HelixBackendBase(_attention_backend_base()):
             forward_batch.extend_seq_lens_cpu, prefix,
             self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
             local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device), longest))
-        if not self._mixed_seen:
-            self._note_mixed(plan)
+        self._note_mixed(plan)
         return plan
 
     def _note_mixed(self, plan: ExtendPlan) -> None:
-        """Log the first batch holding decode-shaped rows (1 token over a cached prefix) beside
-        chunk rows: a mixed chunk (the log line tests and operators look for)."""
+        """Count batches holding decode-shaped rows (1 token over a cached prefix) beside chunk
+        rows, mixed chunks (/server_info helix.mixed_batches), and log the first one."""
         tails = sum(1 for n, p in zip(plan.extend_lens, plan.prefix_lens) if n == 1 and p > 0)
-        if 0 < tails < len(plan.extend_lens):
+        if not 0 < tails < len(plan.extend_lens):
+            return
+        rt = state.runtime()
+        if rt is not None:
+            rt.mixed_batches += 1
+        if not self._mixed_seen:
             self._mixed_seen = True
             logger.info("sglang_helix: mixed batch: %d decode rows (1-token extends over their "
                         "KV-sharded prefix) + %d chunk rows, one exchange", tails,
