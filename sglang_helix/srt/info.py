@@ -15,7 +15,7 @@ SERVER_INFO_KEY = "helix"
 SPEC_KEY = "spec"
 
 
-def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
+def helix_kv_state(allocator: Any) -> Optional[dict]:
     """Helix KV state for /server_info (None unless `allocator` is a HelixPagedAllocator).
 
     Free lists are identical on every rank (SPMD), so one rank reports all KVP ranks:
@@ -70,7 +70,7 @@ def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
         "available_tokens": int(allocator.available_size()),
         "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
                          for c, n in enumerate(counts)],
-        "parallel": parallel_layout(pool, dp_rank),
+        "parallel": parallel_layout(pool),
         "mixed_batches": rt.mixed_batches if (rt := state.runtime()) is not None else 0,
     }
     if cfg is not None:
@@ -81,12 +81,13 @@ def helix_kv_state(allocator: Any, dp_rank: Any = None) -> Optional[dict]:
     return out
 
 
-def parallel_layout(pool: Any, dp_rank: Any = None) -> dict:
+def parallel_layout(pool: Any) -> dict:
     """This Helix group's place in SGLang's layout: attention group a of the world's attention
     groups (blocks of N = KVP x TPA ranks: DP-attention groups x PP stages, each one Helix group),
-    the DP-attention and PP sizes and this scheduler's ranks, its DP replica (`dp_rank`, --dp-size
-    without DP attention; None for one replica), --tp-size (the FFN's TP x EP ranks per stage),
-    and the model layers [start, end) whose pages this pool holds (one PP stage's)."""
+    the DP-attention and PP sizes and this scheduler's ranks, its `dp_rank` (the rank SGLang's DP
+    controller spawned it with: a --dp-size replica; None without a DP controller), --tp-size (the
+    FFN's TP x EP ranks per stage), and the model layers [start, end) this pool holds pages of
+    (one PP stage's)."""
     from sglang.srt.runtime_context import get_parallel
 
     par, rt = get_parallel(), state.runtime()
@@ -98,12 +99,14 @@ def parallel_layout(pool: Any, dp_rank: Any = None) -> dict:
         "attn_dp_rank": _width(par, "attn_dp_rank", 0),
         "pp_size": _width(par, "pp_size"),
         "pp_rank": _width(par, "pp_rank", 0),
-        "dp_rank": dp_rank,
-        "layers": [int(pool.start_layer), int(pool.end_layer) + 1],
+        "dp_rank": _width(par, "dp_rank", None),
+        # from layer_num: SGLang passes the pool an exclusive end_layer (the model's PP range)
+        # but defaults it to the last layer (inclusive) when none is passed
+        "layers": [int(pool.start_layer), int(pool.start_layer) + int(pool.layer_num)],
     }
 
 
-def _width(par: Any, name: str, default: int = 1) -> int:
+def _width(par: Any, name: str, default: Optional[int] = 1) -> Optional[int]:
     """get_parallel().<name>, or `default` where this process never published it."""
     try:
         value = getattr(par, name)
@@ -139,8 +142,7 @@ def _after_add_memory_usage(result: Any, controller: Any, state: dict, *args: An
     """Adds state["helix"] (layout + per-KVP-rank KV usage, and the speculative counters when
     speculative decoding is on) and, behind PD, state["helix_pd"]."""
     scheduler = getattr(controller, "scheduler", None)
-    kv = helix_kv_state(getattr(scheduler, "token_to_kv_pool_allocator", None),
-                        getattr(scheduler, "dp_rank", None))
+    kv = helix_kv_state(getattr(scheduler, "token_to_kv_pool_allocator", None))
     if kv is not None:
         spec = speculative_counts(scheduler)
         if spec is not None:

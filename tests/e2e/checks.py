@@ -1,5 +1,6 @@
 """What the e2e server tests check, shared by their modules: references (computed once per
-session), greedy comparisons, /server_info Helix state, page accounting, cache flushes."""
+session), greedy comparisons, /server_info Helix state (every scheduler's), page accounting, cache
+flushes."""
 
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ def internal_state(served) -> dict:
     return ts.request_json(served.base_url + "/server_info")["internal_states"][0]
 
 
+def helix_states(served) -> list[dict]:
+    """The "helix" entry of every scheduler of /server_info: one per DP replica or DP-attention
+    group (each its own Helix group), one for a single scheduler (PP: its first stage's)."""
+    return [s["helix"] for s in ts.request_json(served.base_url + "/server_info")["internal_states"]]
+
+
 def flush_cache(served) -> None:
     """POST /flush_cache (answers plain text, 200 once the cache was flushed)."""
     req = urllib.request.Request(served.base_url + "/flush_cache", data=b"{}", method="POST")
@@ -78,16 +85,19 @@ def free_pages(served) -> list[int]:
 
 
 def assert_all_pages_free(served, kvp: int) -> None:
-    """After /flush_cache: every page of every KVP rank is free again (waits for the
-    scheduler to finish releasing, 30 s at most)."""
+    """After /flush_cache: every page of every KVP rank of every scheduler (DP replica,
+    DP-attention group) is free again (waits for the schedulers to finish releasing, 30 s at
+    most)."""
     flush_cache(served)
     deadline = time.monotonic() + 30
     while True:
-        ranks = helix_state(served)["per_kvp_rank"]
+        states = helix_states(served)
+        ranks = [r for state in states for r in state["per_kvp_rank"]]
         if all(r["free_pages"] == r["total_pages"] > 0 for r in ranks) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(ranks) == kvp and all(r["free_pages"] == r["total_pages"] > 0 for r in ranks), ranks
+    assert len(ranks) == kvp * len(states) and all(r["free_pages"] == r["total_pages"] > 0
+                                                   for r in ranks), ranks
 
 
 def assert_every_rank_used(served) -> None:
