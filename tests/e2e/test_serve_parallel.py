@@ -6,7 +6,9 @@ ranks per core):
   4): two attention groups of 2 ranks, each one Helix group (KVP 2), the MoE FFN TP 4 over all 4
   ranks; requests on both groups (SGLang pads each batch's rows to the attention TP size: the
   Helix backend's padding rows), a cached prefix within a group (`routed_dp_rank`), /server_info:
-  each group's scheduler with its own per-KVP-rank pages and its place in the layout;
+  each group's scheduler with its own per-KVP-rank pages and its place in the layout (Helix off
+  with these flags needs the plugin's CPU fix for torch_native: tests/srt/test_dp_attention_fix.py
+  on SGLang's padding step; transformers' greedy stands for Helix off here, no extra server);
 - "gqa-pp2-kvp2": pipeline parallel 2 x TP 2: each stage's TP group one Helix group, each stage's
   pool the pages of its layers, 1/KVP per rank;
 - "gqa-dp2-kvp2": DP replicas 2 x TP 2, each replica its own Helix group, and sglang-router's
