@@ -363,20 +363,27 @@ def make_exchange(name: str, group, kvp: int, *, merge=merge_partials) -> HelixE
     return _BACKENDS[name](group, kvp, merge)
 
 
-def create_kvp_groups(cfg, rank: int, group_factory=None):
-    """Create every TPA group's KVP process group (collective: call on all N ranks, same order).
+def create_kvp_groups(cfg, rank: int, group_factory=None, *, attention_groups: int = 1,
+                      attention_group: int = 0):
+    """Create every TPA group's KVP process group (collective: call on all ranks, same order).
 
-    cfg: a HelixConfig. Group t holds global ranks cfg.kvp_group_ranks(t) = [t*KVP, ...,
-    t*KVP + KVP-1], so group rank == KVP rank. Returns this rank's group (None when KVP == 1: no
-    exchange). group_factory: defaults to torch.distributed.new_group (ranks are global ranks
-    of the default group, which must be the N attention ranks).
+    cfg: a HelixConfig; rank: this rank's attention rank g (0..N-1). The default group holds
+    `attention_groups` attention-TP groups of N consecutive global ranks each (SGLang's layout:
+    PP stages x DP-attention groups; 1 without them), this rank in `attention_group`; each one is
+    its own Helix group. In attention group a, TPA group t's KVP group holds global ranks
+    a*N + cfg.kvp_group_ranks(t) = a*N + [t*KVP, ..., t*KVP + KVP-1], so group rank == KVP rank.
+    Returns this rank's group (None when KVP == 1: no exchange). group_factory: defaults to
+    torch.distributed.new_group (ranks are global ranks of the default group).
     """
     if cfg.kvp == 1:
         return None
+    if not 0 <= attention_group < attention_groups:
+        raise HelixCommError(f"attention group {attention_group} outside [0, {attention_groups})")
     factory = group_factory or dist.new_group
     mine = None
-    for tpa_rank in range(cfg.tpa):
-        group = factory(ranks=cfg.kvp_group_ranks(tpa_rank))
-        if tpa_rank == cfg.tpa_rank(rank):
-            mine = group
+    for a in range(attention_groups):
+        for tpa_rank in range(cfg.tpa):
+            group = factory(ranks=[a * cfg.world_size + g for g in cfg.kvp_group_ranks(tpa_rank)])
+            if (a, tpa_rank) == (attention_group, cfg.tpa_rank(rank)):
+                mine = group
     return mine

@@ -14,32 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .server import (
-    DEFAULT_START_TIMEOUT_S,
-    Server,
-    ServerStartError,
-    _die_with_parent,
-    free_port,
-    kill_tree,
-    launch_server,
-    log_tail,
-    request_json,
-)
+from .router import ROUTER_START_TIMEOUT_S, run_router
+from .server import DEFAULT_START_TIMEOUT_S, Server, free_port, launch_server, request_json
 
 TRANSFER_BACKEND = "mooncake_tcp"
 # SGLang's KV managers and mooncake advertise the address SGLang detects for the host (a NIC's),
 # so everything is pinned to loopback: tests never send traffic to another address.
 LOOPBACK_ENV = {"SGLANG_HOST_IP": "127.0.0.1", "HOST_IP": "127.0.0.1"}
-ROUTER_START_TIMEOUT_S = 60.0
 # Bounded failure detection for tests: SGLang's defaults wait minutes for a dead peer.
 FAST_FAILURE_ENV = {
     "SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "2",
@@ -69,46 +56,20 @@ def pd_args(mode: str, bootstrap_port: int | None = None) -> list[str]:
     return args
 
 
-def router_argv(prefill: Server, bootstrap_port: int, decode: Server, port: int) -> list[str]:
-    return [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-            "--prefill", prefill.base_url, str(bootstrap_port), "--decode", decode.base_url,
-            "--host", "127.0.0.1", "--port", str(port),
+def router_args(prefill: Server, bootstrap_port: int, decode: Server) -> list[str]:
+    """The PD router's flags (dev/router.py adds loopback host, port and metrics port)."""
+    return ["--pd-disaggregation", "--prefill", prefill.base_url, str(bootstrap_port),
+            "--decode", decode.base_url,
             # One decode server: a retry would re-send to the same (maybe dead) peer and keep the
             # client waiting for the bootstrap timeout; fail the request at once instead.
-            "--disable-retries",
-            # its metrics exporter defaults to the fixed port 29000: two routers would collide
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+            "--disable-retries"]
 
 
 @contextlib.contextmanager
 def launch_router(prefill: Server, bootstrap_port: int, decode: Server,
                   log_dir: Path, timeout: float = ROUTER_START_TIMEOUT_S) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    port = free_port()
-    log_path = log_dir / f"router-{port}.log"
-    with open(log_path, "wb") as log:
-        popen = subprocess.Popen(router_argv(prefill, bootstrap_port, decode, port), stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, preexec_fn=_die_with_parent)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_router(url, popen, log_path, timeout)
-        yield url, popen, log_path
-    finally:
-        kill_tree(popen)
-
-
-def _wait_router(url: str, popen: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise ServerStartError(f"PD router exited with {popen.returncode}; log {log_path}:\n"
-                                   f"{log_tail(log_path)}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readiness", timeout=2) as resp:
-            if resp.status == 200:  # 503 until its prefill and decode workers are healthy
-                return
-        time.sleep(0.5)
-    raise ServerStartError(f"PD router not healthy after {timeout:.0f}s; log {log_path}:\n"
-                           f"{log_tail(log_path)}")
+    with run_router(router_args(prefill, bootstrap_port, decode), log_dir, timeout) as router:
+        yield router.url, router.process, router.log_path
 
 
 @contextlib.contextmanager

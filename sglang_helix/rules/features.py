@@ -2,6 +2,11 @@
 schedulers, devices and attention backends (each message names the flag and the fix), and what
 of HiCache it serves.
 
+Served with Helix (no refusal): HiCache (check_hicache), pipeline parallel (each stage's TP group is its own Helix group),
+DP attention on MLA models (each DP-attention group of --tp-size / D ranks is one Helix group),
+DP replicas (--dp-size: one Helix group each), mixed chunked prefill (decode rows ride in the
+chunk's batch as 1-token extends over their KV-sharded prefix, one exchange for the batch).
+
 Attention backends with a Helix path (the backends whose decode kernels give partial output +
 LSE; Helix serves prefill and decode with its own "helix" backend on top of them; unset means
 "let SGLang pick", checked again once resolved):
@@ -27,9 +32,8 @@ MODEL_LESS_PATHS = ("none", "dummy")  # SGLang's model-less server
 
 
 def check_parallelism(server: ServerLayout) -> None:
-    """Helix reuses the TP ranks; SGLang's other ways of splitting attention or layers are refused."""
-    if server.pp_size > 1:
-        refuse(f"--pp-size {server.pp_size}: Helix needs pipeline parallel 1; drop --pp-size")
+    """Helix shards each attention TP group (a pipeline stage's TP group, or one DP-attention
+    group of --tp-size / D ranks); SGLang's other ways of splitting attention are refused."""
     if server.dcp_size > 1:
         refuse(f"--dcp-size {server.dcp_size}: SGLang's decode context parallel and Helix both shard "
                "the KV cache; use one of them (drop --dcp-size, Helix's KVP replaces it)")
@@ -37,17 +41,26 @@ def check_parallelism(server: ServerLayout) -> None:
         refuse("--enable-prefill-cp is not supported with Helix; drop --enable-prefill-cp")
     if server.attn_cp_size > 1:
         refuse(f"--attn-cp-size {server.attn_cp_size}: not supported with Helix; drop --attn-cp-size")
-    if server.attn_dp_size > 1:
-        refuse(f"--attn-dp-size {server.attn_dp_size}: attention data parallel changes the attention "
-               "TP group Helix shards; drop --attn-dp-size (use --dp-size replicas instead)")
+    dpa = server.attention_dp_size
+    if dpa > 1 and server.tp_size % dpa:
+        refuse(f"--attn-dp-size {dpa} does not divide --tp-size {server.tp_size}: each DP-attention "
+               f"group is one Helix group of --tp-size / {dpa} ranks; pick a divisor of --tp-size")
+
+
+def check_attention_dp(server: ServerLayout, model: ModelInfo) -> None:
+    """DP attention with Helix: DeepSeek MLA (the layout SGLang runs it for). SGLang's Llama /
+    Qwen2 attention shards over the whole TP group, not the attention TP group, and Helix's GQA
+    layers are verified only at attention TP = --tp-size, so GQA is refused."""
+    dpa = server.attention_dp_size
+    if dpa > 1 and not model.is_mla:
+        refuse(f"--attn-dp-size {dpa} (or --enable-dp-attention --dp-size {dpa}) with the GQA model "
+               f"{model.architecture}: Helix runs DP attention for DeepSeek MLA models only; drop DP "
+               f"attention (--dp-size {dpa} replicas, each its own Helix group, serve GQA)")
 
 
 def check_scheduling(server: ServerLayout) -> None:
     """Caches and batch shapes the helix backend and pools do not serve."""
     check_hicache(server)
-    if server.enable_mixed_chunk:
-        refuse("--enable-mixed-chunk mixes decode rows into extend batches, which the helix backend "
-               "plans separately; drop --enable-mixed-chunk")
     check_chunked_prefill(server.chunked_prefill_size)
 
 

@@ -25,6 +25,8 @@ class ServerLayout:
     dcp_size: int = 1
     attn_cp_size: int = 1
     attn_dp_size: int = 1
+    dp_size: int = 1
+    enable_dp_attention: bool = False
     ep_size: int = 1
     enable_prefill_cp: bool = False
     attention_backend: str | None = None
@@ -49,6 +51,25 @@ class ServerLayout:
     disaggregation_decode_host_receive_threshold: float = 1.0
     disaggregation_decode_retraction_backup: str | None = None
 
+    @property
+    def attention_dp_size(self) -> int:
+        """DP-attention groups: --attn-dp-size, or SGLang's deprecated spelling --dp-size D
+        --enable-dp-attention (which SGLang resolves to attn_dp_size = D, dp_size = 1)."""
+        if self.attn_dp_size > 1 or not self.enable_dp_attention:
+            return self.attn_dp_size
+        return self.dp_size
+
+    @property
+    def dp_replicas(self) -> int:
+        """Data-parallel replicas of the whole model (--dp-size without DP attention)."""
+        return 1 if self.enable_dp_attention and self.attn_dp_size == 1 else self.dp_size
+
+    @property
+    def attention_tp_size(self) -> int:
+        """Ranks of one attention TP group: --tp-size / the DP-attention groups (what Helix
+        shards: KVP x TPA)."""
+        return self.tp_size // max(1, self.attention_dp_size)
+
     @classmethod
     def of(cls, server_args_like: Any) -> ServerLayout:
         """Read every field off a ServerArgs-like object (missing attributes keep the default)."""
@@ -65,6 +86,8 @@ SGLANG_FLAGS: tuple[tuple[tuple[str, ...], str, type], ...] = (
     (("--dcp-size", "--decode-context-parallel-size"), "dcp_size", int),
     (("--attn-cp-size", "--attention-context-parallel-size"), "attn_cp_size", int),
     (("--attn-dp-size", "--attention-data-parallel-size"), "attn_dp_size", int),
+    (("--dp-size", "--data-parallel-size"), "dp_size", int),
+    (("--enable-dp-attention",), "enable_dp_attention", bool),
     (("--ep-size", "--expert-parallel-size", "--ep"), "ep_size", int),
     (("--enable-prefill-cp",), "enable_prefill_cp", bool),
     (("--attention-backend",), "attention_backend", str),

@@ -5,9 +5,11 @@ defaults
   MLA  -> TPA 1, KVP = TP, --helix-mla-exchange latent (config.DEFAULT_MLA_EXCHANGE).
   GQA  -> TPA = the largest t with t <= K, K % t == 0, H % t == 0, TP % t == 0; KVP = TP / t.
   Only one of the two sizes given -> the other is TP / given.
+  TP here is the attention TP size: --tp-size, or --tp-size / D with D DP-attention groups (each
+  group is its own Helix group; the FFN keeps TP x EP over all --tp-size ranks).
 refusals (each message names the flag and the fix)
-  KVP x TPA != --tp-size; a size not dividing --tp-size; TPA > KV heads; heads not divisible by
-  TPA or by TP; TPA != 1 for MLA; --ep-size not dividing --tp-size and the routed experts;
+  KVP x TPA != the attention TP size; a size not dividing it; TPA > KV heads; heads not
+  divisible by TPA or by TP; TPA != 1 for MLA; --ep-size not dividing --tp-size and the routed experts;
   --helix-mla-exchange for GQA.
 """
 
@@ -20,15 +22,26 @@ from .refusal import refuse
 from .server import ServerLayout
 
 
+def tp_words(server: ServerLayout) -> str:
+    """How the attention TP size reads in a message: "--tp-size 4", or under DP attention
+    "--tp-size 8 / 2 DP-attention groups = 4"."""
+    dpa = server.attention_dp_size
+    if dpa <= 1:
+        return f"--tp-size {server.tp_size}"
+    return f"--tp-size {server.tp_size} / {dpa} DP-attention groups = {server.attention_tp_size}"
+
+
 def check_sizes_vs_tp(helix: HelixServerArgs, server: ServerLayout) -> None:
     """The refusals on the sizes that need only the flags (no model)."""
-    kvp, tpa, tp = helix.helix_kvp_size, helix.helix_tpa_size, server.tp_size
+    kvp, tpa, tp = helix.helix_kvp_size, helix.helix_tpa_size, server.attention_tp_size
+    scale = server.tp_size // tp
     if kvp is not None and tpa is not None and kvp * tpa != tp:
-        refuse(f"--helix-kvp-size {kvp} x --helix-tpa-size {tpa} = {kvp * tpa} != --tp-size {tp}: "
-               f"Helix reuses the TP ranks; set --tp-size {kvp * tpa} or sizes whose product is {tp}")
+        refuse(f"--helix-kvp-size {kvp} x --helix-tpa-size {tpa} = {kvp * tpa} != {tp_words(server)}: "
+               f"Helix reuses the attention TP ranks; set --tp-size {kvp * tpa * scale} or sizes "
+               f"whose product is {tp}")
     for flag, given in (("--helix-kvp-size", kvp), ("--helix-tpa-size", tpa)):
         if given is not None and tp % given:
-            refuse(f"{flag} {given} does not divide --tp-size {tp}; pick a divisor of {tp}")
+            refuse(f"{flag} {given} does not divide {tp_words(server)}; pick a divisor of {tp}")
     check_ep(server)
 
 
@@ -37,7 +50,7 @@ def check_ep(server: ServerLayout, experts: int = 0) -> None:
     ep, tp, also = server.ep_size, server.tp_size, f" and the {experts} routed experts" * bool(experts)
     if ep < 1 or tp % ep or (experts and experts % ep):
         refuse(f"--ep-size {ep} must divide --tp-size {tp}{also}: with Helix the FFN runs as TP x EP "
-               f"on the same N = KVP x TPA = {tp} ranks; pick such an --ep-size (1 = no EP)")
+               f"on the same {tp} ranks as attention; pick such an --ep-size (1 = no EP)")
 
 
 def default_tpa(tp_size: int, model: ModelInfo) -> int:
@@ -51,7 +64,7 @@ def default_tpa(tp_size: int, model: ModelInfo) -> int:
 def helix_config(helix: HelixServerArgs, server: ServerLayout, model: ModelInfo) -> HelixConfig:
     """The HelixConfig of a launch: sizes resolved and checked against the model's heads.
     `server.page_size` must be resolved (the whole-launch check applies Helix's default)."""
-    kvp, tpa = _resolve_sizes(helix, server.tp_size, model)
+    kvp, tpa = _resolve_sizes(helix, server.attention_tp_size, model)
     return HelixConfig(
         kvp=kvp, tpa=tpa, num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
         mla=model.is_mla, page_size=server.page_size or 1, comm_backend=helix.helix_comm_backend,

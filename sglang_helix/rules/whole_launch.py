@@ -15,8 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..config import HelixConfig
-from .features import (check_attention_backends, check_device, check_model_path, check_parallelism,
-                       check_scheduling)
+from .features import (check_attention_backends, check_attention_dp, check_device, check_model_path,
+                       check_parallelism, check_scheduling)
 from .flags import HelixServerArgs
 from .kv_cache import check_kv_cache_dtype, check_page_size, helix_page_size
 from .model import ModelInfo, check_architecture, check_mla_weights
@@ -54,6 +54,7 @@ def check_launch(helix: HelixServerArgs, server: ServerLayout, model: ModelInfo,
     check_architecture(model)
     check_speculative(server, is_mla=model.is_mla)
     check_attention_backends(server, model)
+    check_attention_dp(server, model)
     check_ep(server, model.num_experts)
     check_page_size(server.page_size)
     check_mla_weights(model, weights)

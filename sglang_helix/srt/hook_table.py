@@ -228,6 +228,9 @@ TABLE = (
                           ("mla", "MLATokenToKVPoolHost"))
       for method, fn, what in (("backup_from_device_all_layer", "_around_backup", "backup"),
                                ("load_to_device_per_layer", "_around_load", "load back"))),
+    _cpu("sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend.__init__", "AFTER",
+         "cpu.dp_attention_fix._after_torch_native_init", "torch_native gets the padding rows' "
+         "seq_len DP attention asks the CPU engine's backend for (intel_amx's 1)", "dp-attention"),
     _cpu("sglang.srt.distributed.bootstrap._init_cpu_threads_env", "AROUND",
          "cpu.threads_fix._around_init_threads", "torch threads = the rank's bound cores where "
          "SGLang does not bind", "threads"),

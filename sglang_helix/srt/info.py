@@ -41,6 +41,12 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
       what a plain-TP rank allocates for the same logical capacity (SGLang's pools carry one
       padding page).
 
+    - mixed_batches: extend batches this rank planned with decode rows beside chunk rows
+      (--enable-mixed-chunk: one exchange for both).
+    - parallel: where this Helix group sits (`parallel_layout`): its attention group among the
+      world's (DP-attention groups x PP stages), the DP-attention / PP / DP-replica sizes and
+      ranks, --tp-size, and the layers [start, end) this pool holds pages of (one PP stage's).
+
     Up to about one page per KVP rank, kv_bytes_per_rank = plain_tp_kv_bytes_per_rank x
     (K / TPA) / (KVP x ceil(K / N)): plain / KVP for MLA; equal for GQA with N <= K (plain TP
     already splits the KV heads N ways); plain x K / N for GQA with N > K.
@@ -67,6 +73,8 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
         "available_tokens": int(allocator.available_size()),
         "per_kvp_rank": [{"kvp_rank": c, "total_pages": per, "free_pages": n, "used_pages": per - n}
                          for c, n in enumerate(counts)],
+        "parallel": parallel_layout(pool),
+        "mixed_batches": rt.mixed_batches if (rt := state.runtime()) is not None else 0,
     }
     if cfg is not None:
         per_token = KVShape.of(pool, mla=cfg.mla, layers=pool.layer_num, num_kv_heads=cfg.num_kv_heads
@@ -74,6 +82,40 @@ def helix_kv_state(allocator: Any) -> Optional[dict]:
         out["plain_tp_kv_bytes_per_token"] = per_token
         out["plain_tp_kv_bytes_per_rank"] = pool_bytes(int(allocator.size), allocator.page_size, per_token)
     return out
+
+
+def parallel_layout(pool: Any) -> dict:
+    """This Helix group's place in SGLang's layout: attention group a of the world's attention
+    groups (blocks of N = KVP x TPA ranks: DP-attention groups x PP stages, each one Helix group),
+    the DP-attention and PP sizes and this scheduler's ranks, its `dp_rank` (the rank SGLang's DP
+    controller spawned it with: a --dp-size replica; None without a DP controller), --tp-size (the
+    FFN's TP x EP ranks per stage), and the model layers [start, end) this pool holds pages of
+    (one PP stage's)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    par, rt = get_parallel(), state.runtime()
+    return {
+        "attention_group": rt.attention_group if rt is not None else 0,
+        "attention_groups": rt.attention_groups if rt is not None else 1,
+        "tp_size": _width(par, "tp_size"),
+        "attn_dp_size": _width(par, "attn_dp_size"),
+        "attn_dp_rank": _width(par, "attn_dp_rank", 0),
+        "pp_size": _width(par, "pp_size"),
+        "pp_rank": _width(par, "pp_rank", 0),
+        "dp_rank": _width(par, "dp_rank", None),
+        # from layer_num: SGLang passes the pool an exclusive end_layer (the model's PP range)
+        # but defaults it to the last layer (inclusive) when none is passed
+        "layers": [int(pool.start_layer), int(pool.start_layer) + int(pool.layer_num)],
+    }
+
+
+def _width(par: Any, name: str, default: Optional[int] = 1) -> Optional[int]:
+    """get_parallel().<name>, or `default` where this process never published it."""
+    try:
+        value = getattr(par, name)
+    except (AttributeError, RuntimeError, ValueError):
+        return default
+    return default if value is None else int(value)
 
 
 def speculative_counts(scheduler: Any) -> Optional[dict]:

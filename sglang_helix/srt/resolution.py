@@ -12,7 +12,8 @@ and running it first:
   resolved, the HF config is loaded but no weights): `rules.check_launch` on the resolved
   settings and the model's config, PD hook liveness; stores the HelixConfig on ServerArgs
   (srt.state.CONFIG_ATTR), declares `prefill/decode_attention_backend = "helix"`, the PD
-  retraction backup and the CUDA-graph phases, and logs the resolved layout once.
+  retraction backup and the CUDA-graph phases, and logs the resolved layout once (with the
+  attention groups: DP attention and PP stages each shard their own TP group the same way).
 Every refusal is a HelixConfigError naming the flag and the fix.
 """
 
@@ -109,7 +110,7 @@ def late_validation(server_args: Any, previous: Callable[[Any], None], *,
     declare_resolution(server_args, "sglang_helix", prefill_attention_backend="helix",
                        decode_attention_backend="helix",
                        cuda_graph_config=graph_config(helix_cfg, view))
-    logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf, server.ep_size))
+    logger.info("sglang_helix: Helix layout %s", describe_serving(helix_cfg, hf, server))
     logger.info("sglang_helix: prefill chunks of at most %s tokens (--chunked-prefill-size)",
                 view.chunked_prefill_size)
 
@@ -130,11 +131,17 @@ def graph_config(helix_cfg: Any, view: Any):
     return config
 
 
-def describe_serving(helix_cfg: Any, hf: dict, ep_size: int = 1) -> str:
-    """The helix_cfg line logged once: N, KVP, TPA, FFN TP/EP, page size, backend."""
+def describe_serving(helix_cfg: Any, hf: dict, server: ServerLayout = ServerLayout()) -> str:
+    """The helix_cfg line logged once: N, KVP, TPA, the attention groups (DP attention, PP stages)
+    and DP replicas, FFN TP/EP, page size, backend."""
     n = helix_cfg.world_size
+    tp, ep = max(server.tp_size, n), server.ep_size
     experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or 0
-    ffn = (f"MoE TP {n // ep_size} x EP {ep_size} = {n} ({int(experts)} experts)" if experts
-           else f"dense TP = {n}")
-    return (f"{describe(helix_cfg)}; N={n} = KVP {helix_cfg.kvp} x TPA {helix_cfg.tpa}; FFN {ffn}; "
-            f"page_size={helix_cfg.page_size}; attention backend helix (prefill + decode)")
+    ffn = (f"MoE TP {tp // ep} x EP {ep} = {tp} ({int(experts)} experts)" if experts
+           else f"dense TP = {tp}")
+    groups = [f"{count} {what}" for count, what in ((server.attention_dp_size, "DP-attention groups"),
+                                                   (server.pp_size, "PP stages"),
+                                                   (server.dp_replicas, "DP replicas")) if count > 1]
+    where = f" in each of {' x '.join(groups)}" if groups else ""
+    return (f"{describe(helix_cfg)}; N={n} = KVP {helix_cfg.kvp} x TPA {helix_cfg.tpa}{where}; "
+            f"FFN {ffn}; page_size={helix_cfg.page_size}; attention backend helix (prefill + decode)")

@@ -227,7 +227,7 @@ def test_ep_size_dividing_tp_and_experts_accepted(tp, ep):
 @pytest.mark.parametrize("tp, ep", [(4, 3), (2, 4), (4, 8), (4, 0)])
 def test_refuse_ep_size_not_dividing_tp(tp, ep):
     refused(rf"--ep-size {ep} must divide --tp-size {tp}.*FFN runs as TP x EP on the same "
-            rf"N = KVP x TPA = {tp} ranks; pick such an --ep-size", helix(), server(tp=tp, ep_size=ep),
+            rf"{tp} ranks as attention; pick such an --ep-size", helix(), server(tp=tp, ep_size=ep),
             DSV3_MOE)
 
 
@@ -262,9 +262,45 @@ def test_refuse_prefill_cp():
     refused(r"--enable-prefill-cp", helix(), server(enable_prefill_cp=True))
 
 
-def test_refuse_attn_cp_and_attn_dp():
+def test_refuse_attn_cp():
     refused(r"--attn-cp-size 2", helix(), server(attn_cp_size=2))
-    refused(r"--attn-dp-size 2", helix(), server(attn_dp_size=2))
+
+
+@pytest.mark.parametrize("spelling", [dict(attn_dp_size=2), dict(dp_size=2, enable_dp_attention=True)],
+                         ids=["attn-dp-size", "enable-dp-attention"])
+def test_dp_attention_shards_each_attention_group_on_mla(spelling):
+    """DP attention of D groups: each group of --tp-size / D ranks is one Helix group (KVP x TPA =
+    TP / D; SGLang's deprecated spelling --enable-dp-attention --dp-size D reads the same); the FFN
+    keeps --ep-size over all --tp-size ranks."""
+    layout = server(tp=8, ep_size=8, **spelling)
+    assert (layout.attention_dp_size, layout.attention_tp_size, layout.dp_replicas) == (2, 4, 1)
+    cfg = check_launch(helix(), layout, DSV3)
+    assert (cfg.kvp, cfg.tpa, cfg.world_size) == (4, 1, 4)
+    assert check_launch(helix(helix_kvp_size=4), layout, DSV3).kvp == 4
+    refused(r"--helix-kvp-size 8 x --helix-tpa-size 1 = 8 != --tp-size 8 / 2 DP-attention groups = 4"
+            r".*set --tp-size 16", helix(helix_kvp_size=8, helix_tpa_size=1), layout, DSV3)
+    refused(r"--attn-dp-size 3 does not divide --tp-size 8", helix(), server(tp=8, attn_dp_size=3), DSV3)
+
+
+def test_refuse_dp_attention_on_gqa():
+    refused(r"--attn-dp-size 2 .* with the GQA model LlamaForCausalLM: Helix runs DP attention for "
+            r"DeepSeek MLA models only.*--dp-size 2 replicas", helix(), server(tp=8, attn_dp_size=2))
+
+
+def test_dp_replicas_and_pipeline_stages_keep_the_tp_layout():
+    """--dp-size without DP attention (replicas) and --pp-size: each replica's / stage's TP group
+    is one Helix group of --tp-size ranks."""
+    replicas = server(tp=4, dp_size=2)
+    assert (replicas.dp_replicas, replicas.attention_tp_size) == (2, 4)
+    assert check_launch(helix(), replicas, LLAMA).world_size == 4
+    assert check_launch(helix(), server(tp=4, pp_size=2), LLAMA).world_size == 4
+    assert check_launch(helix(), server(tp=4, pp_size=2), DSV3).kvp == 4
+
+
+def test_mixed_chunk_is_served():
+    """Decode rows ride in a chunk's batch as 1-token extends over their KV-sharded prefix."""
+    for model in (LLAMA, DSV3):
+        assert check_launch(helix(), server(enable_mixed_chunk=True, chunked_prefill_size=16), model)
 
 
 @pytest.mark.parametrize("algo", ["STANDALONE", "DFLASH"])
@@ -345,8 +381,6 @@ def test_refuse_ngram_trees():
         check_launch(helix(), layout_from_argv(argv), LLAMA)
 
 
-def test_refuse_pipeline_parallel():
-    refused(r"--pp-size 2", helix(), server(pp_size=2))
 
 
 @pytest.mark.parametrize("kv", ["mxfp8", "nvfp4", "fp4_mx_block16"])
@@ -499,7 +533,6 @@ def test_chunked_prefill_must_stay_bounded(size, ok):
      "--enable-hierarchical-cache with --hicache-storage-backend mooncake.*use --hicache-storage-backend file"),
     (dict(enable_hierarchical_cache=True, hicache_host_memory_mode="buffer_only"),
      "--enable-hierarchical-cache with --hicache-host-memory-mode buffer_only.*use --hicache-host-memory-mode cache"),
-    (dict(enable_mixed_chunk=True), "drop --enable-mixed-chunk"),
     (dict(model_path="dummy"), "--enable-helix needs a real --model-path"),
     (dict(disaggregation_mode="prefill"), "start the prefill server without --enable-helix"),
     (dict(disaggregation_mode="decode", disaggregation_transfer_backend="nixl"),
@@ -511,7 +544,7 @@ def test_chunked_prefill_must_stay_bounded(size, ok):
     (dict(disaggregation_mode="decode", disaggregation_decode_retraction_backup="host_pool"),
      "--disaggregation-decode-retraction-backup host_pool .* use --disaggregation-decode-retraction-"
      "backup cpu_tensor"),
-], ids=["hicache-mooncake", "hicache-buffer-only", "mixed-chunk", "model-less", "pd-prefill", "pd-nixl", "pd-offload", "pd-host-receive",
+], ids=["hicache-mooncake", "hicache-buffer-only", "model-less", "pd-prefill", "pd-nixl", "pd-offload", "pd-host-receive",
         "pd-backup-host-pool"])
 def test_serving_feature_refusals_need_only_the_flags(kw, text):
     """Refused by the flags-only stage (the plugin's early hook) and by the whole-launch check."""

@@ -1,5 +1,6 @@
 """What the e2e server tests check, shared by their modules: references (computed once per
-session), greedy comparisons, /server_info Helix state, page accounting, cache flushes."""
+session), greedy comparisons, /server_info Helix state (every scheduler's), page accounting, cache
+flushes."""
 
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ def internal_state(served) -> dict:
     return ts.request_json(served.base_url + "/server_info")["internal_states"][0]
 
 
+def helix_states(served) -> list[dict]:
+    """The "helix" entry of every scheduler of /server_info: one per DP replica or DP-attention
+    group (each its own Helix group), one for a single scheduler (PP: its first stage's)."""
+    return [s["helix"] for s in ts.request_json(served.base_url + "/server_info")["internal_states"]]
+
+
 def flush_cache(served, timeout: float = 30) -> None:
     """POST /flush_cache (answers plain text, 200 once the cache was flushed). SGLang answers 400
     while work is pending (HiCache: backups to host or storage still in flight): retried."""
@@ -113,8 +120,9 @@ def _tiers(state: dict) -> list[list[dict]]:
 
 
 def assert_all_pages_free(served, kvp: int) -> None:
-    """After /flush_cache: every page of every KVP rank is free again, on the device and (with
-    HiCache) on the host (waits for the scheduler to finish releasing, 30 s at most)."""
+    """After /flush_cache: every page of every KVP rank of every scheduler (DP replica,
+    DP-attention group) is free again, on the device and (with HiCache) on the host (waits for the
+    schedulers to finish releasing, 30 s at most)."""
     flush_cache(served)
     deadline = time.monotonic() + 30
 
@@ -122,7 +130,8 @@ def assert_all_pages_free(served, kvp: int) -> None:
         return all(r["free_pages"] == r["total_pages"] > 0 for ranks in tiers for r in ranks)
 
     while True:
-        tiers = _tiers(helix_state(served))
+        states = helix_states(served)
+        tiers = [ranks for state in states for ranks in _tiers(state)]
         if all_free(tiers) or time.monotonic() > deadline:
             break
         time.sleep(0.5)

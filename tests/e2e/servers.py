@@ -40,6 +40,11 @@ HICACHE = ("--enable-hierarchical-cache", "--hicache-ratio", "2")
 HICACHE_FILE = ("--hicache-storage-backend", "file", "--hicache-storage-prefetch-policy", "wait_complete",
                 "--hicache-storage-backend-extra-config", '{"prefetch_threshold": 4}')
 HICACHE_DIR = ("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", "{run_dir}/hicache-files")
+MIXED = ("--enable-mixed-chunk",)  # decode rows ride in a prefill chunk's batch
+# 4 ranks on the 2 cores (SGLang binds one core per rank; a core may serve two ranks)
+BIND4 = (("SGLANG_CPU_OMP_THREADS_BIND", "0|1|0|1"),)
+# SGLang's DeepSeek layout as users spell it (SGLang resolves it to --attn-dp-size 2, --dp-size 1)
+DPA2 = ("--enable-dp-attention", "--dp-size", "2")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,14 @@ SERVERS: dict[str, ServerSpec] = {
         why="GQA KVP 2 x TPA 1 (Qwen2 qkv bias, QKV replicated over KVP), fp8 KV pages, chunked "
             "prefill, radix prefix hits and eviction in a small pool, HiCache write-through to "
             "host and file tiers per KVP rank, aborts, /server_info"),
+    "gqa-pp2-kvp2": ServerSpec(
+        "gqa", 2, ("--page-size", str(P), *CHUNK, "--pp-size", "2", *KVP2_TPA1), env=BIND4,
+        why="pipeline parallel 2 x TP 2 (4 ranks): each stage's TP group is one Helix group, its "
+            "pool holding its layers' pages 1/KVP per rank"),
+    "gqa-dp2-kvp2": ServerSpec(
+        "gqa", 2, ("--page-size", str(P), *CHUNK, "--dp-size", "2", *KVP2_TPA1), env=BIND4,
+        why="DP replicas 2 x TP 2 (4 ranks), each its own Helix group; sglang-router's "
+            "cache-aware policy in front (dp-aware)"),
     "qwen3-kvp2-tpa2": ServerSpec(
         "qwen3", 4, ("--page-size", str(P), *HELIX, "--helix-kvp-size", "2", "--helix-tpa-size", "2"),
         why="GQA KVP 2 x TPA 2 on 4 ranks (Qwen3 per-head q/k norm, one KV head per rank)"),
@@ -85,8 +98,13 @@ SERVERS: dict[str, ServerSpec] = {
     # ---------------------------------------------------------------- MLA (DeepSeek-V3-style)
     "mla-kvp2": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *HELIX, "--helix-hopb-slices", "2",
-                   "--ep-size", "2"),
-        why="MLA KVP 2, latent exchange, HOP-B 2 slices, FFN as MoE TP 1 x EP 2 on the same ranks"),
+                   "--ep-size", "2", *MIXED),
+        why="MLA KVP 2, latent exchange, HOP-B 2 slices, FFN as MoE TP 1 x EP 2 on the same ranks, "
+            "mixed chunks (decode rows in a prefill chunk's batch)"),
+    "mla-dpa2-kvp2": ServerSpec(
+        "mla", 4, ("--page-size", str(P), *CHUNK, *DPA2, *HELIX), env=BIND4,
+        why="DP attention 2 x attention TP 2 (4 ranks): each DP-attention group one Helix group "
+            "(KVP 2), the MoE FFN TP 4 over all ranks"),
     "mla-kvp2-value": ServerSpec(
         "mla", 2, ("--page-size", str(P), *CHUNK, *FP8_KV, *HELIX, "--helix-mla-exchange", "value",
                    "--helix-hopb-slices", "2", "--helix-exchange-dtype", "activation"),

@@ -5,9 +5,10 @@ transformers' fp32 greedy on the same weights (logprobs within 1e-3; fp8 KV page
 rounds the cached KV through fp8, within 2e-3):
 
 - "mla-kvp2": Helix KVP 2, latent exchange, HOP-B 2 slices (3 concurrent requests decode as
-  2 + 1), FFN as MoE TP 1 x EP 2 on the same 2 ranks: OpenAI endpoints, Helix state in
-  /server_info, the replicated q projection + W_UK, greedy, a radix-cached shared prefix whose
-  cached-token count is the prefix floored to the page size;
+  2 + 1), FFN as MoE TP 1 x EP 2 on the same 2 ranks, --enable-mixed-chunk: OpenAI endpoints,
+  Helix state in /server_info, the replicated q projection + W_UK, greedy, a radix-cached shared
+  prefix whose cached-token count is the prefix floored to the page size, a request decoding in
+  the batches of other prompts' prefill chunks (mixed batches);
 - "mla-kvp2-value": --helix-mla-exchange value (W_UV replicated, values exchanged),
   --helix-exchange-dtype activation, fp8_e4m3 latent pages (1 byte per element, 1/KVP of plain
   TP's latent bytes per rank); each rank's torch threads and peak RSS;
@@ -19,10 +20,12 @@ rounds the cached KV through fp8, within 2e-3):
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from checks import (assert_all_pages_free, assert_every_rank_used,
                     assert_greedy, check_kv_bytes, flush_cache, helix_state, internal_state,
-                    prompt_ids, references, run_shared_prefix, shared_prefix_pair)
+                    prompt_ids, references, run_shared_prefix, shared_prefix_pair, wait_for)
 from helpers import e2e_marks
 from servers import P
 
@@ -32,6 +35,7 @@ from sglang_helix.dev.tiny_models import ensure_tiny_model
 pytestmark = e2e_marks(600)
 
 MAX_NEW = 12
+MIXED_LONG = 32  # new tokens of the request decoding while the others prefill
 SHARED = 22  # tokens a follow-up request shares with an earlier one (not a page multiple)
 
 
@@ -80,6 +84,30 @@ class TestHelixKvp2HopbEp(_Greedy):
         assert [r["kvp_rank"] for r in state["per_kvp_rank"]] == [0, 1]
         # plain TP replicates the latent on both ranks; a Helix rank's buffers hold half the pages
         check_kv_bytes(state, P)
+
+    def test_mixed_chunk_decode_rows_ride_in_prefill_chunks(self, served):
+        """--enable-mixed-chunk: a request decoding while two prompts arrive (the 44-token one in 3
+        chunks of 16) decodes in the chunks' batches, each decode row a 1-token extend over its
+        KV-sharded prefix in the batch's one exchange (logged); all the reference's tokens
+        (no logprobs: SGLang mixes only requests that ask for none)."""
+        prompts = prompt_ids(served.model)
+        long_ref = references(served.model, prompts[2:], MIXED_LONG)[0]
+        refs = references(served.model, prompts[:2], MAX_NEW)
+        flush_cache(served)
+        mixed_before = helix_state(served)["mixed_batches"]
+        answers: dict = {}
+        decoding = threading.Thread(target=lambda: answers.update(
+            long=ts.generate(served.base_url, prompts[2], max_new_tokens=MIXED_LONG)))
+        decoding.start()
+        wait_for(lambda: any(r["used_pages"] for r in helix_state(served)["per_kvp_rank"]), 60,
+                 "the first request's prefill")
+        chunked = ts.generate_concurrent(served.base_url, prompts[:2], max_new_tokens=MAX_NEW)
+        decoding.join(timeout=120)
+        assert ts.output_ids(answers["long"]) == long_ref.tokens
+        assert [ts.output_ids(a) for a in chunked] == [r.tokens for r in refs]
+        assert helix_state(served)["mixed_batches"] > mixed_before  # counted by the helix backend
+        assert "sglang_helix: mixed batch: " in served.log()
+        assert_all_pages_free(served, 2)
 
     def test_helix_mla_path_and_ep_split_are_live(self, served):
         log = served.log()

@@ -5,7 +5,8 @@ HelixGQABackend with its KVP group from create_kvp_groups, prefills a ragged bat
 forward_extend, decodes several steps (crossing page boundaries, staggered append) through
 init_forward_metadata + forward_decode, then prefills a second chunk over the cached (not
 page-aligned) prefix (partial attention over local prefix pages + one exchange + merge with the
-chunk's causal attention), then verifies chain drafts (a TARGET_VERIFY batch: each request's n
+chunk's causal attention; one request's row is decode-shaped, 1 token over its prefix, as in a
+mixed chunk, and the batch carries padding rows, as under DP attention), then verifies chain drafts (a TARGET_VERIFY batch: each request's n
 drafts attend its committed tokens and the drafts before them; draft trees:
 tests/srt/test_spec_tree_ranks.py). Every output is compared with fp32 full attention over
 the whole sequence for the rank's head slice [g*H/N, (g+1)*H/N). One run stores fp8_e4m3 pages
@@ -137,7 +138,8 @@ def _rank_main(rank: int, world: int, kvp: int, tpa: int, fp8: bool = False):
     return max(errs), dec_shape
 
 
-NEW = [5, 3, 9, 1]  # chunk lengths appended after the cached (decoded) prefix
+NEW = [5, 3, 9, 1]  # chunk lengths after the cached (decoded) prefix; the last a decode-shaped row
+PAD = 2  # padding rows appended to that batch, as DP attention pads to the attention TP size
 
 
 def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, layer, rk, rv) -> float:
@@ -151,15 +153,18 @@ def _extend_over_prefix(backend, alloc, r2t, lens, keys, vals, g, cfg, rank, lay
     for i, n in enumerate(NEW):
         r2t[i, int(lens[i]) : int(lens[i]) + n] = locs[start : start + n].to(torch.int32)
         start += n
-    qn = torch.randn(int(new.sum()), H, D, generator=g)
-    kn, vn = torch.randn(int(new.sum()), K, D, generator=g), torch.randn(int(new.sum()), K, DV, generator=g)
-    batch = SimpleNamespace(forward_mode=_Mode(False), out_cache_loc=locs, extend_prefix_lens_cpu=lens.clone(),
-                            extend_seq_lens_cpu=new, req_pool_indices=req_idx)
+    rows = int(new.sum()) + PAD  # DP attention pads the rows (no request; their KV to slot 0)
+    qn = torch.randn(rows, H, D, generator=g)
+    kn, vn = torch.randn(rows, K, D, generator=g), torch.randn(rows, K, DV, generator=g)
+    batch = SimpleNamespace(forward_mode=_Mode(False), out_cache_loc=torch.cat([locs, locs.new_zeros(PAD)]),
+                            extend_prefix_lens_cpu=lens.clone(), extend_seq_lens_cpu=new, req_pool_indices=req_idx)
     backend.init_forward_metadata(batch)
+    assert backend._mixed_seen  # request 3's 1-token row over its prefix rides with the chunks
     q_heads = slice(tpa_rank * H // cfg.tpa, (tpa_rank + 1) * H // cfg.tpa)
     kv_heads = slice(tpa_rank * K // cfg.tpa, (tpa_rank + 1) * K // cfg.tpa)
     out = backend.forward_extend(qn[:, q_heads].reshape(len(qn), -1), kn[:, kv_heads], vn[:, kv_heads],
                                  layer, batch).view(len(qn), -1, DV)
+    assert out.shape[0] == rows and not out[rows - PAD:].any()  # padding rows attend nothing
     heads, group, errs, start = slice(rank * H // world, (rank + 1) * H // world), H // K, [], 0
     for i, n in enumerate(NEW):
         k_all = rk(torch.cat([keys[i], kn[start : start + n]])).repeat_interleave(group, 1)[:, heads]
@@ -244,6 +249,20 @@ def test_create_kvp_groups_orders_ranks():
     mine = create_kvp_groups(cfg, 3, group_factory=lambda ranks: made.append(ranks) or tuple(ranks))
     assert made == [[0, 1], [2, 3]] and mine == (2, 3)
     assert create_kvp_groups(HelixConfig(kvp=1, tpa=2, num_heads=4, num_kv_heads=2), 1) is None
+
+
+def test_create_kvp_groups_in_every_attention_group():
+    """DP attention / PP: the world holds several attention groups of N consecutive ranks; every
+    rank creates every group's KVP groups (collective), keeping its own attention group's."""
+    from sglang_helix.comm import HelixCommError, create_kvp_groups
+
+    made = []
+    cfg = HelixConfig(kvp=2, tpa=2, num_heads=4, num_kv_heads=2)
+    mine = create_kvp_groups(cfg, 1, group_factory=lambda ranks: made.append(ranks) or tuple(ranks),
+                             attention_groups=2, attention_group=1)
+    assert made == [[0, 1], [2, 3], [4, 5], [6, 7]] and mine == (4, 5)
+    with pytest.raises(HelixCommError, match="attention group 2 outside"):
+        create_kvp_groups(cfg, 1, group_factory=lambda ranks: None, attention_groups=2, attention_group=2)
 
 
 SGLANG_CHECKS = {"backend: helix registered once, with its CLI choice": """

@@ -56,6 +56,9 @@ REFUSALS = [
      ["--attention-backend flex_attention", "use --attention-backend torch_native or triton"]),
     ("ngram-default-breadth", CPU_HELIX + ["--page-size", "4", "--speculative-algorithm", "NGRAM"],
      ["--speculative-ngram-max-bfs-breadth 10", "set --speculative-ngram-max-bfs-breadth 1"]),
+    ("dp-attention-gqa", ["--device", "cpu", "--attention-backend", "torch_native", "--tp-size", "4",
+                          "--enable-helix", "--enable-dp-attention", "--dp-size", "2"],
+     ["--attn-dp-size 2", "Helix runs DP attention for DeepSeek MLA models only", "--dp-size 2 replicas"]),
 ]
 EARLY_REFUSALS = [
     ("kvp-x-tpa-not-tp", CPU_HELIX + ["--helix-kvp-size", "2", "--helix-tpa-size", "2"],
@@ -64,8 +67,6 @@ EARLY_REFUSALS = [
                                               "--hicache-storage-backend", "mooncake"],
      ["--enable-hierarchical-cache with --hicache-storage-backend mooncake",
       "use --hicache-storage-backend file"]),
-    ("mixed-chunk", CPU_HELIX + ["--page-size", "4", "--enable-mixed-chunk"],
-     ["--enable-mixed-chunk", "drop --enable-mixed-chunk"]),
     ("pd-prefill", CPU_HELIX + ["--page-size", "4", "--disaggregation-mode", "prefill"],
      ["--disaggregation-mode prefill", "start the prefill server without --enable-helix"]),
     ("unchunked", CPU_HELIX + ["--page-size", "4", "--chunked-prefill-size", "-1"],
@@ -79,7 +80,10 @@ EARLY_REFUSALS = [
 ACCEPTED = [("bare", CPU_HELIX),
             ("hicache-file", CPU_HELIX + ["--page-size", "4", "--enable-hierarchical-cache",
                                           "--hicache-write-policy", "write_back",
-                                          "--hicache-storage-backend", "file"])]
+                                          "--hicache-storage-backend", "file"]),
+            ("pp", CPU_HELIX + ["--page-size", "4", "--pp-size", "2"]),
+            ("dp-replicas", CPU_HELIX + ["--page-size", "4", "--dp-size", "2"]),
+            ("mixed-chunk", CPU_HELIX + ["--page-size", "4", "--enable-mixed-chunk"])]
 
 RESOLVE_SCRIPT = r"""
 import dataclasses, io, json, logging, sys
@@ -230,6 +234,16 @@ def test_hicache_with_the_file_storage_tier_passes_validation(resolved):
     result = resolved["cases"]["hicache-file"]
     assert result["ok"], result
     assert result["page_size"] == 4 and result["backends"] == ["helix", "helix"]
+
+
+@pytest.mark.parametrize("case_id, where", [("pp", " in each of 2 PP stages;"),
+                                            ("dp-replicas", " in each of 2 DP replicas;"),
+                                            ("mixed-chunk", "N=2 = KVP 1 x TPA 2; FFN dense TP = 2")])
+def test_pipeline_stages_dp_replicas_and_mixed_chunk_pass_validation(resolved, case_id, where):
+    """Served with Helix (no refusal): the layout line says each stage / replica is one Helix group."""
+    result = resolved["cases"][case_id]
+    assert result["ok"], result
+    assert result["backends"] == ["helix", "helix"] and where in result["log"], result["log"]
 
 
 def test_layout_defaults_and_flags_are_sglangs(resolved):

@@ -166,6 +166,22 @@ def test_init_runtime_once(monkeypatch):
         state.init_runtime(layout, 3, group_factory=lambda ranks: None)
 
 
+@pytest.mark.parametrize("attn_tp, attn_rank, world, rank, groups", [
+    (4, 3, 4, 3, (1, 0)),  # TP 4
+    (2, 1, 4, 3, (2, 1)),  # DP attention 2 x attention TP 2 (or PP 2 x TP 2): second group
+    (2, 0, 8, 6, (4, 3)),  # PP 2 x DP attention 2 x attention TP 2
+])
+def test_attention_group_of_sglangs_layout(attn_tp, attn_rank, world, rank, groups):
+    assert state.attention_group_of(attn_tp, attn_rank, world, rank, attn_tp) == groups
+
+
+def test_attention_group_of_refuses_other_layouts():
+    with pytest.raises(state.HelixRuntimeError, match="attention TP size 2 .* != Helix KVP x TPA = 4"):
+        state.attention_group_of(2, 0, 4, 0, 4)
+    with pytest.raises(state.HelixRuntimeError, match="not SGLang's layout"):
+        state.attention_group_of(2, 0, 4, 1, 2)
+
+
 SGLANG_CHECKS = {
     "models: the GQA init hooks bind quant_config and prefix by name": """
 import inspect, pkgutil

@@ -96,6 +96,7 @@ class HelixBackendBase(_attention_backend_base()):
             device=self.device)
         self._planned = None  # the ForwardBatch the current metadata was planned for
         self.extend_plan: Optional[ExtendPlan] = None
+        self._mixed_seen = False  # a mixed batch was logged (_note_mixed)
 
     @classmethod
     def pool_type(cls) -> type:
@@ -161,12 +162,32 @@ class HelixBackendBase(_attention_backend_base()):
         self._planned = forward_batch  # held, so its id cannot be recycled while it counts
 
     def _plan_extend(self, forward_batch: Any) -> ExtendPlan:
+        """An extend batch, a mixed one included (--enable-mixed-chunk: SGLang runs it as EXTEND,
+        each decode row a 1-token extend over its seq_len - 1 cached tokens, so its prefix is
+        attended page-sharded like a chunk's, in the batch's one exchange)."""
         prefix = forward_batch.extend_prefix_lens_cpu
         longest = max((int(n) for n in prefix), default=0) if prefix is not None else 0
-        return plan_extend(
+        plan = plan_extend(
             forward_batch.extend_seq_lens_cpu, prefix,
             self.cfg.kvp_rank(self.rank), self.cfg.page_size, self.cfg.kvp,
             local_tables=lambda lens: self._local_tables(forward_batch, lens.to(self.device), longest))
+        self._note_mixed(plan)
+        return plan
+
+    def _note_mixed(self, plan: ExtendPlan) -> None:
+        """Count batches holding decode-shaped rows (1 token over a cached prefix) beside chunk
+        rows, mixed chunks (/server_info helix.mixed_batches), and log the first one."""
+        tails = sum(1 for n, p in zip(plan.extend_lens, plan.prefix_lens) if n == 1 and p > 0)
+        if not 0 < tails < len(plan.extend_lens):
+            return
+        rt = state.runtime()
+        if rt is not None:
+            rt.mixed_batches += 1
+        if not self._mixed_seen:
+            self._mixed_seen = True
+            logger.info("sglang_helix: mixed batch: %d decode rows (1-token extends over their "
+                        "KV-sharded prefix) + %d chunk rows, one exchange", tails,
+                        len(plan.extend_lens) - tails)
 
     def _local_tables(self, forward_batch: Any, lens: torch.Tensor, longest: Optional[int] = None):
         """This rank's local page table for lengths `lens` [B]; `longest`: their max as a host int
@@ -214,6 +235,11 @@ class HelixBackendBase(_attention_backend_base()):
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return GRAPH_SEQ_LEN_FILL
 
+    def get_cpu_graph_seq_len_fill_value(self) -> int:
+        """DP attention pads a batch's rows to a multiple of the attention TP size on the CPU
+        engine too (ForwardBatch._pad_inputs_to_size): the same valid fill as for graphs."""
+        return GRAPH_SEQ_LEN_FILL
+
     # ---- run -------------------------------------------------------------------
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
@@ -228,6 +254,14 @@ class HelixBackendBase(_attention_backend_base()):
         if save_kv_cache and k is not None:
             self._store(k, v, layer, forward_batch)
         q3, k_new, v_new, k_pages, v_pages = self._extend_inputs(q, k, v, layer)
+        rows = plan.starts[-1]
+        if q3.shape[0] > rows:  # DP attention padded the rows (no request): they attend nothing
+            return self._padded(self._extend(q3[:rows], k_new[:rows], v_new[:rows], plan, k_pages,
+                                             v_pages, layer, kwargs), q3.shape[0])
+        return self._extend(q3, k_new, v_new, plan, k_pages, v_pages, layer, kwargs)
+
+    def _extend(self, q3, k_new, v_new, plan, k_pages, v_pages, layer, kwargs):
+        """helix_extend of the plan's rows -> [T, H/N * Dv]."""
         k_scale, v_scale = self.kv_scales(layer)
         out = helix_extend(q3, k_new, v_new, plan, k_pages, v_pages, layer.scaling,
                            kvp_rank=self.cfg.kvp_rank(self.rank),
@@ -236,6 +270,11 @@ class HelixBackendBase(_attention_backend_base()):
                            k_scale=k_scale, v_scale=v_scale,
                            partial_dtype=partial_dtype(self.cfg.exchange_dtype, q3.dtype))
         return out.reshape(out.shape[0], -1)
+
+    @staticmethod
+    def _padded(out: torch.Tensor, rows: int) -> torch.Tensor:
+        """out [T', X] with zero rows appended up to `rows` (the padding rows' attention output)."""
+        return torch.cat([out, out.new_zeros(rows - out.shape[0], out.shape[1])])
 
     def _store(self, k, v, layer, forward_batch) -> None:
         self.pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,

@@ -69,6 +69,10 @@ CPU_FIXES = (
            "torch_native draft backends: exact torch versions and torch_native draft backends"),
     CpuFix("hicache", "hicache_fix",
            "HiCache host pools pin memory with cudaHostRegister: plain host memory instead"),
+    CpuFix("dp-attention", "dp_attention_fix",
+           "DP attention pads batches and asks the attention backend for the padding rows' seq_len, "
+           "which torch_native does not define: intel_amx's value (1)",
+           "SGLANG_HELIX_CPU_DP_ATTENTION_FIX"),
     CpuFix("pd-host-path", "pd_fix",
            "PD transfers use pinned memory, CUDA events and cudaHostRegister: the host paths instead"),
 )

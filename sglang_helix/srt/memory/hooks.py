@@ -40,10 +40,10 @@ def _rank_of(cfg: HelixConfig) -> int:
     from sglang.srt.runtime_context import get_parallel
 
     par = get_parallel()
-    if par.attn_tp_size != cfg.world_size:
+    if par.attn_tp_size != cfg.world_size:  # the rules make them equal (--tp-size / DP attention)
         raise HelixPoolError(f"attention TP size {par.attn_tp_size} != KVP x TPA = {cfg.world_size}; "
-                             f"set --tp-size {cfg.world_size} (no DP attention / attention CP with Helix)")
-    return par.attn_tp_rank
+                             f"set --tp-size to {cfg.world_size} x the DP-attention size")
+    return par.attn_tp_rank  # the Helix rank g inside this rank's attention TP group
 
 
 def _check_plain_model(kvc: Any) -> None:
