@@ -133,6 +133,16 @@ def pytest_collection_modifyitems(session, config, items):
                      key=lambda item: order[item.get_closest_marker("server").args[0]])
     for i, item in zip(slots, grouped):
         items[i] = item
+    _LAST_SERVER_TEST[:] = [items[slots[-1]].nodeid]
+
+
+_LAST_SERVER_TEST: list[str] = []
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After the session's last server test, stop its server (not idle through the rest)."""
+    if _FACTORY and _LAST_SERVER_TEST == [item.nodeid]:
+        _FACTORY[0].release()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -134,12 +134,9 @@ SERVERS: dict[str, ServerSpec] = {
     "mla-fp8-off": ServerSpec(
         "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16),
         why="Helix off on the same checkpoint: the CPU fp8 path alone, held to the same bound"),
-    "qwen3-fp8-kvp2": ServerSpec(
-        "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *KVP2_TPA1),
-        why="block-fp8 GQA: QKV rebuilt TPA ways from the fp8 shards + scales"),
     "qwen3-fp8-tpa2": ServerSpec(
         "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
-        why="block-fp8 GQA at KVP 1 x TPA 2 (heads only)"),
+        why="block-fp8 GQA at KVP 1 x TPA 2: QKV rebuilt TPA ways from the fp8 shards + block scales"),
     "gqa-fp8-tensor-kvp2": ServerSpec(
         "gqa-fp8-tensor", 2, ("--page-size", str(P), *CHUNK, *BF16, *KVP2_TPA1),
         why="per-tensor fp8 (AutoFP8) Llama at KVP 2 x TPA 1: the CPU fp8 path keeps each QKV / "

@@ -30,7 +30,6 @@ from helpers import e2e_marks
 from servers import P
 
 from sglang_helix.dev import server as ts
-from sglang_helix.dev.tiny_models import ensure_tiny_model
 
 pytestmark = e2e_marks(600)
 
@@ -154,14 +153,3 @@ class TestHelixOffCpuFixes(_Greedy):
         state = internal_state(served)
         assert "helix" not in state
         assert ts.request_json(served.base_url + "/server_info")["ep_size"] == 2
-
-
-def test_sglang_alone_cannot_prefill_this_mla_shape_on_cpu(exclusive_cpu, tiny_cache):
-    """SGLang's own torch_native MLA prefill (the plugin's absorbed-MLA fix opted out) attends the
-    latent pool as k/v and dies on kv_lora_rank != qk_nope_head_dim: why srt.cpu.mla_fix exists."""
-    model = ensure_tiny_model("mla", tiny_cache)
-    with pytest.raises(ts.ServerStartError) as info:
-        with ts.launch_server(model, ["--page-size", str(P)], tp=1, timeout=300,
-                              env={"SGLANG_HELIX_CPU_MLA_FIX": "0"}):
-            pass
-    assert "Expected size for first two dimensions of batch2 tensor" in str(info.value)
