@@ -131,9 +131,6 @@ SERVERS: dict[str, ServerSpec] = {
     "mla-fp8-kvp2": ServerSpec(
         "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX),
         why="block-fp8 DeepSeek-style checkpoint: fp8 replicated q projection, W_UK from fp8"),
-    "mla-fp8-off": ServerSpec(
-        "mla-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16),
-        why="Helix off on the same checkpoint: the CPU fp8 path alone, held to the same bound"),
     "qwen3-fp8-tpa2": ServerSpec(
         "qwen3-fp8", 2, ("--page-size", str(P), *CHUNK, *BF16, *HELIX, "--helix-kvp-size", "1"),
         why="block-fp8 GQA at KVP 1 x TPA 2: QKV rebuilt TPA ways from the fp8 shards + block scales"),

@@ -5,8 +5,9 @@ formats of real fp8 checkpoints (dev.fp8_models), bf16 activations (SGLang's fp8
 bf16 / fp16 only), page 4, chunked prefill 16. Block fp8, DeepSeek-V3 / Qwen3-FP8's format
 (float8_e4m3fn weights + fp32 `weight_scale_inv` per 128 x 128 block, `quant_method: fp8`):
 - "mla-fp8-kvp2" (DeepSeek-V3-style MLA + MoE, fp8 experts) at KVP 2: the replicated q projection
-  is an fp8 ReplicatedLinear, W_UK comes from the fp8 kv_b_proj; "mla-fp8-off": the same
-  checkpoint with Helix off (the CPU fp8 path alone);
+  is an fp8 ReplicatedLinear, W_UK comes from the fp8 kv_b_proj (Helix off on the same
+  checkpoint, the CPU fp8 path alone, was measured within the same bounds and left the suite to
+  keep it under 25 minutes: docs/usage.md section 4);
 - "qwen3-fp8-tpa2" (GQA at KVP 1 x TPA 2: QKV rebuilt TPA ways from the fp8 shards + block
   scales; the replicated fp8 QKV of KVP 2 x TPA 1 is served by "gqa-fp8-tensor-kvp2" below).
 The formats of most FP8 Llama / Qwen checkpoints (the CPU paths of srt.cpu.fp8_fix / ct_fp8_fix):
@@ -108,12 +109,6 @@ class TestMlaFp8Kvp2:
     def test_fp8_q_projection_replicated(self, served):
         assert ("replicated q projection + W_UK (all heads) in 3 MLA layers (Fp8LinearMethod q "
                 "projection, W_UK bfloat16 -> bfloat16)") in served.log()
-
-
-@pytest.mark.server("mla-fp8-off")
-def test_mla_fp8_helix_off_held_to_the_fp32_reference(served):
-    assert "Helix layout" not in served.log()
-    assert_held_to_the_reference(served)
 
 
 @pytest.mark.server("qwen3-fp8-tpa2")
