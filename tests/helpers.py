@@ -83,3 +83,17 @@ def fake_runner(cfg, pool, req_to_token, *, context_len: int, kv_lora_rank: int 
         device=device, dtype=dtype or torch.float32, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
         token_to_kv_pool=pool, server_args=SimpleNamespace(**{CONFIG_ATTR: cfg}),
         model_config=SimpleNamespace(context_len=context_len, kv_lora_rank=kv_lora_rank))
+
+
+def tree_mask(parents: list[int]):
+    """[n, n] bool ancestor-or-self mask of a draft tree given each node's parent (-1: the root),
+    the mask SGLang's tree verify attends under."""
+    import torch
+
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i, i] = True
+        if p >= 0:
+            mask[i] |= mask[p]
+    return mask

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tree_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,22 +150,11 @@ def test_move_protocol_equals_an_unsharded_move(pages, page_size, kvp, seed, dat
 # ---------------------------------------------------------------- tree verify
 
 
-def sglang_tree(parents: list[int]) -> torch.Tensor:
-    """[n, n] ancestor-or-self mask of a tree given each node's parent (-1: the root)."""
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        if p >= 0:
-            mask[i] |= mask[p]
-    return mask
-
-
 TREES = [[-1, 0, 0, 1, 2, 3], [-1, 0, 1, 2, 3, 4], [-1, 0, 0, 0, 1, 1]]
 
 
 def test_tree_masks_from_both_layouts():
-    masks = torch.stack([sglang_tree(p) for p in TREES])
+    masks = torch.stack([tree_mask(p) for p in TREES])
     lens = [5, 0, 9]
     assert torch.equal(spec_tree.tree_masks(masks.reshape(-1), lens, 6), masks)  # QLEN_ONLY
     full = torch.cat([torch.cat([torch.ones(6, length, dtype=torch.bool), m], 1).reshape(-1)
@@ -178,7 +168,7 @@ def test_tree_masks_from_both_layouts():
 @pytest.mark.parametrize("hq, hk, scale_kv", [(4, 2, (1.0, 1.0)), (3, 1, (0.5, 2.0)), (2, 2, (1.0, 1.0))])
 def test_tree_chunk_attention_matches_attention_over_ancestors(hq, hk, scale_kv):
     g = torch.Generator().manual_seed(hq)
-    masks = torch.stack([sglang_tree(p) for p in TREES])
+    masks = torch.stack([tree_mask(p) for p in TREES])
     bs, n = masks.shape[:2]
     q, k, v = (torch.randn(bs * n, h, 5, generator=g) for h in (hq, hk, hk))
     out, lse = spec_tree.tree_chunk_attention_lse(q, k, v, masks, 0.3, k_scale=scale_kv[0], v_scale=scale_kv[1])
@@ -196,7 +186,7 @@ def test_helix_extend_verifies_a_tree_over_a_paged_prefix():
     from sglang_helix.dev.paged import build_local_paged_cache
 
     g = torch.Generator().manual_seed(7)
-    masks = torch.stack([sglang_tree(p) for p in TREES])
+    masks = torch.stack([tree_mask(p) for p in TREES])
     bs, n, hq, hk, d, page = masks.shape[0], masks.shape[1], 4, 2, 8, 4
     prefix = [9, 4, 13]
     keys = [torch.randn(length, hk, d, generator=g) for length in prefix]

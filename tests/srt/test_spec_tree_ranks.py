@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import NEEDS_SGLANG
+from helpers import NEEDS_SGLANG, tree_mask
 
 from sglang_helix.config import HelixConfig
 from sglang_helix.ranks import run_ranks
@@ -48,16 +48,6 @@ class _Mode:
 
     def is_idle(self):
         return False
-
-
-def _tree_mask(parents):
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        mask[i, i] = True
-        if p >= 0:
-            mask[i] |= mask[p]
-    return mask
 
 
 def _dense(q, keys, vals, scale):
@@ -132,7 +122,7 @@ def _verify_tree(r: _Rank, lens):
     n, bs = len(PARENTS), len(lens)
     locs = r.alloc_cols(lens, n)
     k, v = r.write(locs)  # the verify forward stores every node's KV at its slot (its owner keeps it)
-    mask = _tree_mask(PARENTS)
+    mask = tree_mask(PARENTS)
     spec = SimpleNamespace(draft_token_num=n, custom_mask=mask.repeat(bs, 1, 1).reshape(-1))
     batch = SimpleNamespace(forward_mode=_Mode(False, verify=True), out_cache_loc=locs, seq_lens=lens.clone(),
                             seq_lens_cpu=lens.clone(), req_pool_indices=torch.arange(bs), spec_info=spec)
