@@ -6,8 +6,8 @@ bf16 / fp16 only), page 4, chunked prefill 16. Block fp8, DeepSeek-V3 / Qwen3-FP
 (float8_e4m3fn weights + fp32 `weight_scale_inv` per 128 x 128 block, `quant_method: fp8`):
 - "mla-fp8-kvp2" (DeepSeek-V3-style MLA + MoE, fp8 experts) at KVP 2: the replicated q projection
   is an fp8 ReplicatedLinear, W_UK comes from the fp8 kv_b_proj (Helix off on the same
-  checkpoint, the CPU fp8 path alone, was measured within the same bounds and left the suite to
-  keep it under 25 minutes: docs/usage.md section 4);
+  checkpoint, the CPU fp8 path alone, measured once within the same bounds: docs/usage.md
+  section 4);
 - "qwen3-fp8-tpa2" (GQA at KVP 1 x TPA 2: QKV rebuilt TPA ways from the fp8 shards + block
   scales; the replicated fp8 QKV of KVP 2 x TPA 1 is served by "gqa-fp8-tensor-kvp2" below).
 The formats of most FP8 Llama / Qwen checkpoints (the CPU paths of srt.cpu.fp8_fix / ct_fp8_fix):
