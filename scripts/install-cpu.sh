@@ -15,7 +15,7 @@ $PY -m pip install -q -r requirements-cpu.txt
 # CPU build (TCP transport).
 $PY -m pip install -q sglang-router==0.3.2 mooncake-transfer-engine-non-cuda==0.3.13.post1
 # This package with its extras (pyproject.toml): dev (sglang_helix.dev: transformers, tokenizers,
-# safetensors, psutil), test (pytest, pytest-timeout, hypothesis, triton, matplotlib), bench
+# safetensors, psutil), test (pytest, pytest-timeout, pytest-xdist, hypothesis, triton, matplotlib), bench
 # (benchmarks/: matplotlib, tqdm, datasets).
 # transformers and tokenizers are pinned above (requirements-cpu.txt); pip adds what is missing.
 $PY -m pip install -q -e ".[dev,test,bench]"

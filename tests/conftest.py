@@ -1,6 +1,8 @@
 import os
 
+import pytest
 import torch
+from helpers import SUMMARY_KEY, write_summary
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so set it before any kernel import.
 if not torch.cuda.is_available():
@@ -10,3 +12,16 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 # session, before any test module imports SGLang, so the order tests run in cannot change it.
 if not torch.cuda.is_available():
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+
+
+_E2E_SUMMARY: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist controller: keep the e2e worker's server timings (tests/e2e/conftest.py)."""
+    _E2E_SUMMARY.extend(getattr(node, "workeroutput", {}).get(SUMMARY_KEY, []))
+
+
+def pytest_terminal_summary(terminalreporter):
+    write_summary(terminalreporter, _E2E_SUMMARY)

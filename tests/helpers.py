@@ -97,3 +97,15 @@ def tree_mask(parents: list[int]):
         if p >= 0:
             mask[i] |= mask[p]
     return mask
+
+
+SUMMARY_KEY = "e2e_servers"  # the factory's timing lines, from a pytest-xdist worker
+
+
+def write_summary(terminalreporter, lines: list[str]) -> None:
+    """The factory's timing lines at the end of a run (growth stays visible)."""
+    if lines:
+        terminalreporter.write_sep("=", "e2e servers (start: launch to healthy, overlapping the "
+                                        "previous row's tests)")
+        for line in lines:
+            terminalreporter.write_line(line)

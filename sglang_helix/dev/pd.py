@@ -4,7 +4,7 @@
         out = generate(pd.router_url, [1, 2, 3], max_new_tokens=8)
 
 starts, as separate process trees on free loopback ports: a prefill server (Helix off), a decode
-server, and SGLang's PD router (`python -m sglang_router.launch_router --pd-disaggregation`).
+server, and SGLang's PD router (sglang-router `--pd-disaggregation`, dev/router.py).
 KV moves over SGLang's mooncake backend with the TCP transport (`mooncake_tcp`; the PyPI package
 mooncake-transfer-engine-non-cuda, which needs Debian's libibverbs1 even for TCP). Everything is
 killed (whole trees, checked) on exit, also when start-up fails.
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .router import ROUTER_START_TIMEOUT_S, run_router
-from .server import DEFAULT_START_TIMEOUT_S, Server, free_port, launch_server, request_json
+from .server import (DEFAULT_START_TIMEOUT_S, Server, free_port, kill_tree, request_json, start_server,
+                     wait_healthy)
 
 TRANSFER_BACKEND = "mooncake_tcp"
 # SGLang's KV managers and mooncake advertise the address SGLang detects for the host (a NIC's),
@@ -33,6 +34,9 @@ FAST_FAILURE_ENV = {
     "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2",
     "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "60",
     "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "60",
+    # a decode frees the pages of a failed transfer once the prefill acks that it stopped writing
+    # them, or after this many seconds (30 by default): a dead prefill never acks
+    "SGLANG_DISAGGREGATION_DEFERRED_DECODE_KV_RELEASE_TIMEOUT": "5",
 }
 
 
@@ -94,12 +98,16 @@ def launch_pd(
     env = {**LOOPBACK_ENV, **(env or {})}
     bootstrap = free_port()
     with contextlib.ExitStack() as stack:
-        prefill = stack.enter_context(launch_server(
-            model_path, [*common_args, *pd_args("prefill", bootstrap), *prefill_args],
-            tp=prefill_tp, env=env, log_dir=logs, timeout=timeout))
-        decode = stack.enter_context(launch_server(
-            model_path, [*common_args, *pd_args("decode"), *decode_args],
-            tp=decode_tp, env=env, log_dir=logs, timeout=timeout))
+        # both start at once (the decode needs the prefill only when a request comes), so their
+        # start-ups overlap
+        prefill = start_server(model_path, [*common_args, *pd_args("prefill", bootstrap), *prefill_args],
+                               tp=prefill_tp, env=env, log_dir=logs)
+        stack.callback(kill_tree, prefill.process)
+        decode = start_server(model_path, [*common_args, *pd_args("decode"), *decode_args],
+                              tp=decode_tp, env=env, log_dir=logs)
+        stack.callback(kill_tree, decode.process)
+        for server in (prefill, decode):
+            wait_healthy(server, timeout)
         url, router, router_log = stack.enter_context(launch_router(prefill, bootstrap, decode, logs))
         yield PDDeployment(prefill, decode, url, router, router_log, bootstrap)
 

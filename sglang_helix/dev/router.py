@@ -1,5 +1,5 @@
-"""SGLang's router (`python -m sglang_router.launch_router`, the sglang-router package) on loopback
-for tests and demos: in front of data-parallel replicas with its cache-aware policy, or in front of
+"""SGLang's router (sglang-router's Rust router, started through `router_main`: its own launcher
+minus an import of all of SGLang) on loopback for tests and demos: in front of data-parallel replicas with its cache-aware policy, or in front of
 a PD pair (dev/pd.py).
 
     with launch_cache_aware_router([server.base_url], dp_aware=True, log_dir=logs) as router:
@@ -41,7 +41,7 @@ class Router:
 
 def router_argv(args: Sequence[str], port: int) -> list[str]:
     """The router command line: `args` (workers, policy) on loopback `port`."""
-    return [sys.executable, "-m", "sglang_router.launch_router", *args,
+    return [sys.executable, "-m", "sglang_helix.dev.router_main", *args,
             "--host", "127.0.0.1", "--port", str(port),
             # its metrics exporter defaults to the fixed port 29000: two routers would collide
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]

@@ -18,8 +18,9 @@ same flag in `extra_args` (the last occurrence wins in argparse). SGLANG_HELIX /
 from the caller's environment are not passed on unless given in `env`.
 
 API:
-    with launch_server(model_path, ["--page-size", "4"], tp=2) as server:
+    with launch_server(model_path, ["--page-size", "4"], tp=2) as server:   # start, wait, kill
         out = generate(server.base_url, input_ids=[[1, 2, 3]], max_new_tokens=8)
+    server = start_server(model_path, tp=2)   # returns at once: start several, then wait_healthy
     run_engine(model_path, [[1, 2, 3]], max_new_tokens=8, tp=1)   # offline sglang.Engine
 """
 
@@ -230,8 +231,9 @@ class Server:
     tp: int
     log_path: Path
     process: subprocess.Popen
-    start_s: float = 0.0
+    start_s: float = 0.0  # seconds from the launch to the first healthy answer
     argv: list[str] = field(default_factory=list)
+    started_at: float = 0.0  # time.monotonic() at the launch
 
     def log(self, chars: int = LOG_TAIL_CHARS) -> str:
         return log_tail(self.log_path, chars)
@@ -245,6 +247,37 @@ def server_argv(model_path: str | os.PathLike[str], port: int, tp: int,
         "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(port),
         "--tp-size", str(tp), *CPU_DEFAULT_ARGS, *map(str, extra_args),
     ]
+
+
+def start_server(
+    model_path: str | os.PathLike[str],
+    extra_args: Sequence[str] = (),
+    *,
+    tp: int = 1,
+    env: Mapping[str, str] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> Server:
+    """Start an SGLang server on a free port and return at once (not yet healthy).
+
+    The caller owns the process tree: `wait_healthy` it, and `kill_tree(server.process)` it
+    always. Starting several before waiting overlaps their start-up (a server's start is mostly
+    interpreter imports, one process at a time in its launcher). The log goes to `log_dir`
+    (default: a temp dir) as sglang-<port>.log.
+    """
+    port = free_port()
+    log_path = Path(log_dir or tempfile.mkdtemp(prefix="sglang_helix_server_")) / f"sglang-{port}.log"
+    argv = server_argv(model_path, port, tp, extra_args)
+    started_at = time.monotonic()
+    with open(log_path, "wb") as log:
+        log.write(("$ " + " ".join(argv) + "\n").encode())
+        log.flush()
+        popen = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=child_env(tp, env), start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    return Server(f"http://127.0.0.1:{port}", port, tp, log_path, popen, argv=argv,
+                  started_at=started_at)
 
 
 @contextlib.contextmanager
@@ -262,25 +295,12 @@ def launch_server(
     Raises ServerStartError (with the log tail) if the server exits or is not healthy within
     `timeout` seconds. The log goes to `log_dir` (default: a temp dir) as sglang-<port>.log.
     """
-    port = free_port()
-    log_path = Path(log_dir or tempfile.mkdtemp(prefix="sglang_helix_server_")) / f"sglang-{port}.log"
-    argv = server_argv(model_path, port, tp, extra_args)
-    t0 = time.monotonic()
-    with open(log_path, "wb") as log:
-        log.write(("$ " + " ".join(argv) + "\n").encode())
-        log.flush()
-        popen = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env(tp, env), start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    server = Server(f"http://127.0.0.1:{port}", port, tp, log_path, popen, argv=argv)
+    server = start_server(model_path, extra_args, tp=tp, env=env, log_dir=log_dir)
     try:
         wait_healthy(server, timeout)
-        server.start_s = time.monotonic() - t0
         yield server
     finally:
-        kill_tree(popen)
+        kill_tree(server.process)
 
 
 def wait_healthy(server: Server, timeout: float) -> None:
@@ -305,6 +325,7 @@ def wait_healthy(server: Server, timeout: float) -> None:
         try:
             with urllib.request.urlopen(server.base_url + "/health", timeout=5) as resp:
                 if resp.status == 200:
+                    server.start_s = time.monotonic() - server.started_at
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass  # not listening yet, or 503 while warming up

@@ -1,13 +1,17 @@
 """One server factory for the whole e2e suite (tests/e2e/servers.py lists every configuration).
 
 - `@pytest.mark.server("name")` on a test or class: the `served` fixture yields that running
-  server; its tests run next to each other (collection order is grouped by configuration), so
-  each configuration starts once per session;
-- one server alive at a time (2 cores): asking for another configuration stops the current one;
-  fixtures that launch processes of their own (PD deployments, the offline Engine, a start that
-  must fail) take `exclusive_cpu` first, which stops it too;
+  server; its tests run next to each other (collection order is grouped by configuration, and
+  the e2e tests that launch processes of their own come after them), so each configuration
+  starts once per session;
+- while one configuration serves its tests, the next one in that order is already starting
+  (a start is mostly interpreter imports, one launcher process at a time, leaving CPU idle):
+  at most two servers exist, the one in use and the next; asking for a configuration stops the
+  one in use. Fixtures that launch processes of their own (PD deployments, the offline Engine)
+  take `exclusive_cpu` first, which stops both;
 - transformers references are computed once per (model, prompts, length) in the session;
-- at the end, each server's start time and lifetime is printed (growth stays visible).
+- at the end, each server's start time, the time tests waited for it, and its time in use are
+  printed (growth stays visible).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from servers import SERVERS, ServerSpec
+from helpers import SUMMARY_KEY, write_summary
+from servers import E2E_COMMON, SERVERS, ServerSpec
 
 from sglang_helix.dev import server as ts
 from sglang_helix.dev.eagle3_training import ensure_eagle3_draft
@@ -28,7 +33,7 @@ START_TIMEOUT_S = 300
 
 @dataclass
 class Served:
-    """A running configuration: its name, spec, model directory and SGLang server."""
+    """A configuration's SGLang server: its name, spec, model directory and server."""
 
     name: str
     spec: ServerSpec
@@ -44,41 +49,72 @@ class Served:
 
 
 @dataclass
+class Timing:
+    start_s: float = 0.0  # launch -> healthy
+    waited_s: float = 0.0  # what the tests spent blocked on it
+    alive_s: float = 0.0  # healthy and in use
+    starts: int = 0
+
+
+@dataclass
 class ServerFactory:
-    """Starts configurations by name, at most one alive; records start and alive seconds."""
+    """Starts configurations by name: the one in use plus the next one of `order`, starting."""
 
     cache: Path
     log_dir: Path
-    current: tuple[Served, object] | None = None
-    timings: dict[str, list[float]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # configurations in test order
+    current: Served | None = None
+    next: Served | None = None  # started, not yet waited for
+    in_use_since: float = 0.0
+    timings: dict[str, Timing] = field(default_factory=dict)
 
     def get(self, name: str) -> Served:
-        if self.current is not None and self.current[0].name == name:
-            return self.current[0]
-        self.release()
+        if self.current is not None and self.current.name == name:
+            return self.current
+        self.release(keep_next=True)
+        if self.next is not None and self.next.name == name:
+            served, self.next = self.next, None
+        else:
+            self._stop_next()
+            served = self._start(name)
+        self.current = served
+        later = self.order[self.order.index(name) + 1:] if name in self.order else []
+        if later and self.next is None:
+            self.next = self._start(later[0])
+        waited_from = time.monotonic()
+        ts.wait_healthy(served.server, START_TIMEOUT_S)
+        timing = self.timings[name]
+        timing.waited_s += time.monotonic() - waited_from
+        timing.start_s += served.server.start_s
+        self.in_use_since = time.monotonic()
+        return served
+
+    def release(self, keep_next: bool = False) -> None:
+        """Stop the configuration in use (and the one starting, unless `keep_next`)."""
+        if self.current is not None:
+            served, self.current = self.current, None
+            self.timings[served.name].alive_s += time.monotonic() - self.in_use_since
+            ts.kill_tree(served.server.process)
+        if not keep_next:
+            self._stop_next()
+
+    def _start(self, name: str) -> Served:
         spec = SERVERS[name]
         model = ensure_tiny_model(spec.model, self.cache)
-        args = spec.args
+        args = (*E2E_COMMON, *spec.args)
         if spec.draft == "eagle3":
             args += ("--speculative-draft-model-path", str(ensure_eagle3_draft(model)))
         # "{run_dir}" in an env value: a directory of this session (e.g. HiCache storage files)
         env = {k: v.replace("{run_dir}", str(self.log_dir)) for k, v in spec.env}
-        context = ts.launch_server(model, args, tp=spec.tp, env=env,
-                                   timeout=START_TIMEOUT_S, log_dir=self.log_dir)
-        server = context.__enter__()
-        self.current = (Served(name, spec, model, server), context)
-        start_s, alive_s, starts = self.timings.get(name, (0.0, 0.0, 0))
+        server = ts.start_server(model, args, tp=spec.tp, env=env, log_dir=self.log_dir)
         # a second start means its tests were not grouped (e.g. a -k selection): shown at the end
-        self.timings[name] = [start_s + server.start_s, alive_s - time.monotonic(), starts + 1]
-        return self.current[0]
+        self.timings.setdefault(name, Timing()).starts += 1
+        return Served(name, spec, model, server)
 
-    def release(self) -> None:
-        if self.current is None:
-            return
-        served, context = self.current
-        self.current = None
-        self.timings[served.name][1] += time.monotonic()
-        context.__exit__(None, None, None)
+    def _stop_next(self) -> None:
+        if self.next is not None:
+            served, self.next = self.next, None
+            ts.kill_tree(served.server.process)
 
 
 _FACTORY: list[ServerFactory] = []
@@ -91,7 +127,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server_factory(tiny_cache, tmp_path_factory):
-    factory = ServerFactory(tiny_cache, tmp_path_factory.mktemp("e2e-server-logs"))
+    factory = ServerFactory(tiny_cache, tmp_path_factory.mktemp("e2e-server-logs"), order=_ORDER)
     _FACTORY.append(factory)
     yield factory
     factory.release()
@@ -108,7 +144,7 @@ def served(request, server_factory) -> Served:
 
 @pytest.fixture
 def exclusive_cpu(server_factory) -> None:
-    """Stop the factory's server before a fixture launches processes of its own."""
+    """Stop the factory's servers before a fixture launches processes of its own."""
     server_factory.release()
 
 
@@ -116,42 +152,67 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "server(name): the e2e server configuration a test uses")
 
 
+def _server_name(item) -> str | None:
+    marker = item.get_closest_marker("server")
+    return marker.args[0] if marker is not None else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(session, config, items):
     """Group the e2e tests of each configuration (first appearance order), so every
-    configuration starts once; tests without a marker keep their module's place."""
-    slots = [i for i, item in enumerate(items) if item.get_closest_marker("server") is not None]
-    if not slots:
+    configuration starts once, and put the tests that launch processes of their own
+    (`exclusive_cpu` / `server_factory` without a marker) after them, so they never stop a
+    server that later tests need; every other test keeps its place. Under pytest-xdist
+    (`--dist loadgroup`) all of them run on one worker, in this order."""
+    slots = [i for i, item in enumerate(items) if _server_name(item) is not None
+             or {"exclusive_cpu", "server_factory"} & set(item.fixturenames)]
+    marked = [items[i] for i in slots if _server_name(items[i]) is not None]
+    if not marked:
         return
-    unknown = {m.args[0] for m in (items[i].get_closest_marker("server") for i in slots)} - set(SERVERS)
+    unknown = {_server_name(item) for item in marked} - set(SERVERS)
     if unknown:
         raise pytest.UsageError(f"unknown e2e server configuration(s) {sorted(unknown)}: "
                                 f"add them to tests/e2e/servers.py")
-    order: dict[str, int] = {}
-    for i in slots:
-        order.setdefault(items[i].get_closest_marker("server").args[0], len(order))
-    grouped = sorted((items[i] for i in slots),
-                     key=lambda item: order[item.get_closest_marker("server").args[0]])
-    for i, item in zip(slots, grouped):
+    order = list(dict.fromkeys(_server_name(item) for item in marked))
+    grouped = sorted(marked, key=lambda item: order.index(_server_name(item)))
+    own = [items[i] for i in slots if _server_name(items[i]) is None]
+    for i, item in zip(slots, grouped + own):
         items[i] = item
-    _LAST_SERVER_TEST[:] = [items[slots[-1]].nodeid]
+        item.add_marker(pytest.mark.xdist_group("e2e-servers"))
+    _ORDER[:] = order
+    _LAST_SERVER_TEST[:] = [grouped[-1]]
 
 
-_LAST_SERVER_TEST: list[str] = []
+_ORDER: list[str] = []  # configurations in the order their tests run (the factory starts the next)
+_LAST_SERVER_TEST: list[pytest.Item] = []
 
 
 def pytest_runtest_teardown(item, nextitem):
     """After the session's last server test, stop its server (not idle through the rest)."""
-    if _FACTORY and _LAST_SERVER_TEST == [item.nodeid]:
+    if _FACTORY and _LAST_SERVER_TEST and _LAST_SERVER_TEST[0] is item:
         _FACTORY[0].release()
 
 
-def pytest_terminal_summary(terminalreporter):
+def summary_lines() -> list[str]:
+    """Each configuration's start, wait and use times (empty if no server ran)."""
     if not _FACTORY or not _FACTORY[0].timings:
-        return
+        return []
     timings = _FACTORY[0].timings
-    terminalreporter.write_sep("=", f"e2e servers: {len(timings)} configurations")
-    for name, (start_s, alive_s, starts) in sorted(timings.items(), key=lambda kv: -kv[1][1]):
-        again = f"  (started {starts} times: its tests were not grouped)" * (starts > 1)
-        terminalreporter.write_line(f"{start_s:6.1f}s start {alive_s:6.1f}s in use  {name}{again}")
-    total = sum(t[0] for t in timings.values())
-    terminalreporter.write_line(f"{total:7.1f}s spent starting servers")
+    lines = []
+    for name, t in sorted(timings.items(), key=lambda kv: -kv[1].alive_s):
+        again = f"  (started {t.starts} times: its tests were not grouped)" * (t.starts > 1)
+        lines.append(f"{t.start_s:6.1f}s start {t.waited_s:6.1f}s waited {t.alive_s:6.1f}s in use  "
+                     f"{name}{again}")
+    lines.append(f"{sum(t.waited_s for t in timings.values()):7.1f}s waited for servers to start")
+    return lines
+
+
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker, hand the lines to the controller (tests/conftest.py prints them)."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[SUMMARY_KEY] = summary_lines()
+
+
+def pytest_terminal_summary(terminalreporter):
+    write_summary(terminalreporter, summary_lines())

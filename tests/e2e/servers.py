@@ -1,11 +1,12 @@
 """Every real-server configuration of the e2e suite, once: one row per distinct launch.
 
 A test asks for a configuration by name (`@pytest.mark.server("mla-kvp2")`); the e2e conftest
-starts it once for every test that names it (tests are grouped by configuration), keeps one
-server alive at a time (2 cores), and prints each server's start time at the end of the run.
+starts it once for every test that names it (tests are grouped by configuration), starts the
+next row while one serves its tests (at most two alive), and prints each row's start, wait and
+use times at the end of the run.
 Rows differ in what they launch; tests that differ only in what they send share a row. PD
-deployments and the offline Engine have their own fixtures (several processes per launch) and
-are listed in PD_DEPLOYMENTS / in tests/e2e/test_serve_gqa.py.
+deployments and the offline Engine have their own fixtures (several processes per launch), in
+tests/e2e/test_serve_pd.py and tests/e2e/test_serve_gqa.py; they run after every row's tests.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ MIXED = ("--enable-mixed-chunk",)  # decode rows ride in a prefill chunk's batch
 BIND4 = (("SGLANG_CPU_OMP_THREADS_BIND", "0|1|0|1"),)
 # SGLang's DeepSeek layout as users spell it (SGLang resolves it to --attn-dp-size 2, --dp-size 1)
 DPA2 = ("--enable-dp-attention", "--dp-size", "2")
+
+
+# Every e2e server: SGLang's warm-up request (a short generate before /health turns 200) proves
+# nothing the tests' own first request does not, and costs ~4 s per start on 2 cores.
+E2E_COMMON = ("--skip-server-warmup",)
 
 
 @dataclass(frozen=True)
@@ -148,3 +154,4 @@ SERVERS: dict[str, ServerSpec] = {
         why="NVFP4 (ModelOpt) DeepSeek-style checkpoint: bf16 MLA projections replicated, NVFP4 "
             "o_proj / MLPs / experts (EP 2) on the CPU weight-only path"),
 }
+

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 from checks import references, wait_for
 from helpers import E2E_PROMPT_TEXTS
+from servers import E2E_COMMON
 
 from sglang_helix.dev import server as ts
 from sglang_helix.srt.pd import HOLD_ENV, SERVER_INFO_KEY
@@ -68,7 +69,7 @@ pytestmark = [
 PAGE = 4
 KVP = 2
 MAX_NEW = 8
-COMMON = ["--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
+COMMON = [*E2E_COMMON, "--page-size", str(PAGE), "--mem-fraction-static", "0.3"]
 HELIX_DECODE = ["--enable-helix", "--helix-kvp-size", str(KVP),
                 "--disaggregation-decode-enable-radix-cache"]
 # a pool small enough for the retraction test; the other GQA tests fit in it
@@ -234,14 +235,17 @@ class TestGQA:
         result = start_held_request(pd.router_url, p1, hold)
         ts.kill_tree(pd.decode.process)
         release(hold)
-        assert_failed_within(result)
-        assert healthy(pd.prefill.base_url)
-
-        # 2. the prefill still serves: a new decode server and router, a correct answer
         with contextlib.ExitStack() as stack:
-            decode = stack.enter_context(ts.launch_server(
-                model, [*COMMON, *pd_args("decode"), *GQA_DECODE],
-                tp=2, env={**LOOPBACK_ENV, **env}, log_dir=logs))
+            # 2.'s decode server starts while the prefill detects the dead one (it meets the
+            # prefill only through the router, afterwards)
+            decode = ts.start_server(model, [*COMMON, *pd_args("decode"), *GQA_DECODE],
+                                     tp=2, env={**LOOPBACK_ENV, **env}, log_dir=logs)
+            stack.callback(ts.kill_tree, decode.process)
+            assert_failed_within(result)
+            assert healthy(pd.prefill.base_url)
+
+            # 2. the prefill still serves: a new decode server and router, a correct answer
+            ts.wait_healthy(decode, ts.DEFAULT_START_TIMEOUT_S)
             url, _, _ = stack.enter_context(launch_router(pd.prefill, pd.bootstrap_port, decode, logs))
             assert ts.output_ids(ts.generate(url, p2, max_new_tokens=MAX_NEW)) == ref
             pages_free = free_pages(decode.base_url)
