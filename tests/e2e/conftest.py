@@ -80,7 +80,10 @@ class ServerFactory:
         self.current = served
         later = self.order[self.order.index(name) + 1:] if name in self.order else []
         if later and self.next is None:
-            self.next = self._start(later[0])
+            try:
+                self.next = self._start(later[0])
+            except Exception:  # noqa: BLE001 - not this test's failure: its own tests start it
+                self.next = None  # again and report why
         waited_from = time.monotonic()
         ts.wait_healthy(served.server, START_TIMEOUT_S)
         timing = self.timings[name]
