@@ -21,7 +21,7 @@ API:
     with launch_server(model_path, ["--page-size", "4"], tp=2) as server:   # start, wait, kill
         out = generate(server.base_url, input_ids=[[1, 2, 3]], max_new_tokens=8)
     server = start_server(model_path, tp=2)   # returns at once: start several, then wait_healthy
-    run_engine(model_path, [[1, 2, 3]], max_new_tokens=8, tp=1)   # offline sglang.Engine
+    engine.run_engine(model_path, [[1, 2, 3]], max_new_tokens=8, tp=1)   # dev/engine.py: sglang.Engine
 """
 
 from __future__ import annotations
@@ -84,11 +84,19 @@ class RequestError(HelixError):
 # ---------------------------------------------------------------- environment / ports
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port returned: servers starting together bind later
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (bind to port 0). Never a hard-coded number."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port the OS reports free right now (bind to port 0), never one this process was given
+    before (a server started a moment ago may not listen yet). Never a hard-coded number."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def child_env(tp: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -430,17 +438,3 @@ def output_ids(answer: Mapping[str, Any]) -> list[int]:
     if logprobs is None:
         raise KeyError(f"no output_ids in /generate answer: keys {sorted(answer)}")
     return [int(entry[1]) for entry in logprobs]
-
-
-def throughput(base_url: str, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> float:
-    """Generated tokens per second for `prompts` sent concurrently (greedy, EOS ignored)."""
-    t0 = time.monotonic()
-    answers = generate_concurrent(base_url, prompts, max_new_tokens=max_new_tokens)
-    dt = time.monotonic() - t0
-    return sum(len(output_ids(a)) for a in answers) / dt
-
-
-# ---------------------------------------------------------------- offline Engine
-
-# `import sglang` reaches `from sgl_kernel import ...` before Engine.__init__ loads plugins, so
-# the CPU stand-in is installed first (a no-op where a real sgl_kernel exists).
