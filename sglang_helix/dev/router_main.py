@@ -1,8 +1,8 @@
 """`python -m sglang_helix.dev.router_main ARGS`: sglang-router's own launcher (the argument parser
 and Rust router of `python -m sglang_router.launch_router`) without its import of the Python mini
-load balancer, which imports all of SGLang at module level: ~8 s of CPU per router start on the
-2-core dev VM (`python -X importtime -c "import sglang_router.launch_router"`), for a debugging
-mode (`--mini-lb`) these tools never use and refuse here.
+load balancer, which imports all of SGLang at module level: 7.4-7.6 s of CPU per router start
+on the 2-core dev VM (`/usr/bin/time python -c "import sglang_router.launch_router"`, user + sys),
+for a debugging mode (`--mini-lb`) these tools never use and refuse here.
 """
 
 from __future__ import annotations

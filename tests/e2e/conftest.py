@@ -28,9 +28,6 @@ from sglang_helix.dev import server as ts
 from sglang_helix.dev.eagle3_training import ensure_eagle3_draft
 from sglang_helix.dev.tiny_models import ensure_tiny_model
 
-START_TIMEOUT_S = 300
-
-
 @dataclass
 class Served:
     """A configuration's SGLang server: its name, spec, model directory and server."""
@@ -81,11 +78,11 @@ class ServerFactory:
         later = self.order[self.order.index(name) + 1:] if name in self.order else []
         if later and self.next is None:
             try:
-                self.next = self._start(later[0])
+                self.next = self._start(later[0])  # its model is built here, during this start
             except Exception:  # noqa: BLE001 - not this test's failure: its own tests start it
                 self.next = None  # again and report why
         waited_from = time.monotonic()
-        ts.wait_healthy(served.server, START_TIMEOUT_S)
+        ts.wait_healthy(served.server, ts.DEFAULT_START_TIMEOUT_S)
         timing = self.timings[name]
         timing.waited_s += time.monotonic() - waited_from
         timing.start_s += served.server.start_s
@@ -176,8 +173,9 @@ def pytest_collection_modifyitems(session, config, items):
     if unknown:
         raise pytest.UsageError(f"unknown e2e server configuration(s) {sorted(unknown)}: "
                                 f"add them to tests/e2e/servers.py")
-    order = list(dict.fromkeys(_server_name(item) for item in marked))
-    grouped = sorted(marked, key=lambda item: order.index(_server_name(item)))
+    first = {name: i for i, name in enumerate(dict.fromkeys(_server_name(item) for item in marked))}
+    order = list(first)
+    grouped = sorted(marked, key=lambda item: first[_server_name(item)])
     own = [items[i] for i in slots if _server_name(items[i]) is None]
     for i, item in zip(slots, grouped + own):
         items[i] = item

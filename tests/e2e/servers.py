@@ -49,7 +49,8 @@ DPA2 = ("--enable-dp-attention", "--dp-size", "2")
 
 
 # Every e2e server: SGLang's warm-up request (a short generate before /health turns 200) proves
-# nothing the tests' own first request does not, and costs ~4 s per start on 2 cores.
+# nothing the tests' own first request does not, and took ~4 s per start on 2 cores (its
+# /generate and "ready to roll" lines in a server log).
 E2E_COMMON = ("--skip-server-warmup",)
 
 

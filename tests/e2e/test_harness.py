@@ -23,7 +23,7 @@ print("sglang imported:", any(m == "sglang" or m.startswith("sglang.") for m in 
                     reason="sglang-router not installed (scripts/install-cpu.sh)")
 def test_router_main_parses_sglang_routers_flags_without_importing_sglang():
     """router_main runs sglang-router's own parser (its --help lists the router's flags) and
-    never imports SGLang (~8 s of CPU per router start through launch_router)."""
+    never imports SGLang (its import costs ~7.5 s of CPU per router start, dev/router_main.py)."""
     run = subprocess.run([sys.executable, "-c", ROUTER_PROBE, "--help"], capture_output=True,
                          text=True, timeout=120, check=True)
     assert "--pd-disaggregation" in run.stdout and "--policy" in run.stdout
