@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .router import ROUTER_START_TIMEOUT_S, run_router
-from .server import (DEFAULT_START_TIMEOUT_S, Server, free_port, kill_tree, request_json, start_server,
+from .ports import free_port
+from .server import (DEFAULT_START_TIMEOUT_S, Server, kill_tree, request_json, start_server,
                      wait_healthy)
 
 TRANSFER_BACKEND = "mooncake_tcp"

@@ -25,7 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import ServerStartError, _die_with_parent, free_port, kill_tree, log_tail
+from .ports import free_port
+from .server import ServerStartError, _die_with_parent, kill_tree, log_tail
 
 ROUTER_START_TIMEOUT_S = 60.0
 

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..srt.cpu.env import apply_cpu_env
+from .ports import free_port
 from ..errors import HelixError
 
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -82,21 +82,6 @@ class RequestError(HelixError):
 
 
 # ---------------------------------------------------------------- environment / ports
-
-
-_HANDED_OUT: set[int] = set()  # ports free_port returned: servers starting together bind later
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (bind to port 0), never one this process was given
-    before (a server started a moment ago may not listen yet). Never a hard-coded number."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def child_env(tp: int, env: Mapping[str, str] | None = None) -> dict[str, str]:

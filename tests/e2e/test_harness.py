@@ -35,3 +35,16 @@ def test_router_main_refuses_the_mini_load_balancer():
 
     with pytest.raises(SystemExit, match="--mini-lb: run `python -m sglang_router.launch_router`"):
         router_main.main(["--mini-lb", "--worker-urls", "http://127.0.0.1:1"])
+
+
+def test_free_port_is_below_the_ephemeral_range_and_never_repeats():
+    """Ports the kernel may hand to bind(0) or an outgoing connection meanwhile are avoided."""
+    import socket
+
+    from sglang_helix.dev.ports import PORT_FLOOR, _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(PORT_FLOOR <= port < _ephemeral_low() for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # free when handed out
